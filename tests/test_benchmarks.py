@@ -1,0 +1,22 @@
+"""The benchmark scripts still run (a seconds-long smoke run, not a measurement)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_quick_bench_runs() -> None:
+    """`make bench QUICK=1` prints a table with this project's figure."""
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "run.py"), "--quick"],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    ).stdout
+    assert "| mpubsub (this) |" in out
+    assert "# Machine:" in out
