@@ -1,0 +1,483 @@
+"""The broker: one thread, one selectors loop, routing frames it never unpickles."""
+
+from __future__ import annotations
+
+import collections
+import errno
+import ipaddress
+import logging
+import multiprocessing
+import os
+import selectors
+import shutil
+import signal
+import socket
+import struct
+import tempfile
+import threading
+import time
+from typing import Any, Deque, Dict, List, Optional, Set, Tuple
+
+from . import _protocol as proto
+from ._credentials import family_of
+from .errors import AuthenticationError, ProtocolError
+
+logger = logging.getLogger("mpubsub.broker")
+
+_RECV_SIZE = 256 * 1024
+_SEND_CHUNK = 256 * 1024
+_ROUTE_CACHE_SIZE = 4096
+DEFAULT_MAX_BUFFER = 32 * 1024 * 1024
+_PONG = proto.frame(proto.PONG, b"")
+
+# Handshake states, in order; ACTIVE clients exchange protocol frames.
+_ANSWER, _PEER_CHALLENGE, _PEER_VERDICT, _HELLO, _ACTIVE = range(5)
+
+
+class _Client:
+    """One connection, from its first byte to its close."""
+
+    def __init__(self, sock: socket.socket, number: int, deadline: float) -> None:
+        self.sock = sock
+        self.name = f"client {number} ({_peer_name(sock)})"
+        self.state = _ANSWER
+        self.deadline = deadline
+        self.challenge = b""
+        self.handshake = bytearray()
+        self.decoder: Optional[proto.FrameDecoder] = None
+        self.out: Deque[bytes] = collections.deque()
+        self.out_size = 0
+        self.writing = False
+        self.subs: Set[bytes] = set()
+
+
+def _peer_name(sock: socket.socket) -> str:
+    try:
+        if sock.family == socket.AF_UNIX:
+            creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+            return f"pid {struct.unpack('3i', creds)[0]}"
+        host, port = sock.getpeername()[:2]
+        return f"{host}:{port}"
+    except OSError:
+        return "gone"
+
+
+class Broker:
+    """Forwards each message to the connected pub-subs subscribed to its topic.
+
+    *address* and *authkey* follow ``multiprocessing.connection``: a path is
+    a Unix socket, ``(host, port)`` a TCP address (port 0 picks a free one),
+    ``None`` a fresh Unix socket in a private temporary directory; a ``None``
+    authkey is ``multiprocessing.current_process().authkey``. The socket is
+    bound here, so ``address`` is known before ``start()``.
+
+    Guarantees: a peer must complete the multiprocessing handshake within
+    *timeout* seconds, without delaying anyone; a message is sent only to
+    clients subscribed to its topic (or a prefix of it), never back to its
+    sender, in the order the sender published; a client whose unsent
+    messages exceed *max_buffer* bytes is disconnected with a WARNING;
+    anything malformed closes that one connection with a WARNING.
+    """
+
+    def __init__(
+        self,
+        address: Any = None,
+        authkey: Optional[bytes] = None,
+        backlog: int = 128,
+        timeout: float = 5.0,
+        *,
+        max_message_size: int = proto.DEFAULT_MAX_MESSAGE,
+        max_buffer: int = DEFAULT_MAX_BUFFER,
+    ) -> None:
+        if max_buffer < max_message_size:
+            raise ValueError("max_buffer must be at least max_message_size")
+        self._authkey = authkey if authkey is not None else multiprocessing.current_process().authkey
+        self._timeout = timeout
+        self._max_message = max_message_size
+        self._max_buffer = max_buffer
+        self._tmpdir: Optional[str] = None
+        self._listener = self._listen(address, backlog)
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_w.setblocking(False)
+        self._stopping = False
+        self._clients: Dict[int, _Client] = {}
+        self._subs: Dict[bytes, Set[_Client]] = {}
+        self._routes: Dict[bytes, Tuple[_Client, ...]] = {}
+        self._dirty: Set[_Client] = set()
+        self._count = 0
+        self._selector: Optional[selectors.BaseSelector] = None
+
+    @property
+    def address(self) -> Any:
+        """The address clients connect to (with the actual port for port 0)."""
+        address = self._listener.getsockname()
+        if self._listener.family == socket.AF_UNIX:
+            return address if isinstance(address, str) else address.decode()
+        return tuple(address[:2])
+
+    def _listen(self, address: Any, backlog: int) -> socket.socket:
+        if address is None:
+            self._tmpdir = tempfile.mkdtemp(prefix="mpubsub-")
+            address = os.path.join(self._tmpdir, "broker.sock")
+        family = family_of(address)
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            if family == socket.AF_UNIX:
+                _remove_stale_socket(address)
+            else:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                _warn_if_exposed(address[0])
+            sock.bind(address)
+            sock.listen(backlog)
+            sock.setblocking(False)
+        except BaseException:
+            sock.close()
+            self._remove_tmpdir()
+            raise
+        return sock
+
+    def stop(self) -> None:
+        """Make ``start()`` return soon; safe from a signal handler or another thread."""
+        self._stopping = True
+        try:
+            self._wake_w.send(b"x")
+        except OSError:
+            pass  # already woken, or closed
+
+    def start(self) -> None:
+        """Serve until ``stop()``, SIGINT or SIGTERM, then close everything."""
+        handlers = self._catch_signals()
+        self._selector = selectors.DefaultSelector()
+        self._selector.register(self._listener, selectors.EVENT_READ)
+        self._selector.register(self._wake_r, selectors.EVENT_READ)
+        logger.info("broker listening on %s", self.address)
+        try:
+            self._serve()
+        finally:
+            self._close_all()
+            for signum, handler in handlers.items():
+                signal.signal(signum, handler)
+            logger.info("broker stopped")
+
+    def _catch_signals(self) -> Dict[int, Any]:
+        if threading.current_thread() is not threading.main_thread():
+            return {}
+
+        def handler(signum: int, frame: object) -> None:
+            self.stop()
+
+        return {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def _serve(self) -> None:
+        assert self._selector is not None
+        select = self._selector.select
+        clients = self._clients
+        next_expiry = time.monotonic() + 1.0
+        while not self._stopping:
+            for key, events in select(0.5):
+                sock = key.fileobj
+                if sock is self._listener:
+                    self._accept()
+                elif sock is self._wake_r:
+                    self._wake_r.recv(64)
+                else:
+                    client = clients.get(key.fd)
+                    if client is None:
+                        continue
+                    if events & selectors.EVENT_READ:
+                        self._read(client)
+                    if events & selectors.EVENT_WRITE and client.sock.fileno() >= 0:
+                        self._write(client)
+            if self._dirty:
+                self._flush_dirty()
+            now = time.monotonic()
+            if now >= next_expiry:
+                self._expire_handshakes(now)
+                next_expiry = now + 0.5
+
+    # --- connections --------------------------------------------------------
+
+    def _accept(self) -> None:
+        for _ in range(64):
+            try:
+                sock, _addr = self._listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    logger.error("refusing connections: %s", exc.strerror)
+                    return
+                raise
+            sock.setblocking(False)
+            self._count += 1
+            client = _Client(sock, self._count, time.monotonic() + self._timeout)
+            frame, client.challenge = proto.new_challenge()
+            try:
+                sock.send(frame)
+            except OSError:
+                sock.close()
+                continue
+            self._clients[sock.fileno()] = client
+            assert self._selector is not None
+            self._selector.register(sock, selectors.EVENT_READ)
+
+    def _drop(self, client: _Client, level: int, reason: str) -> None:
+        if client.sock.fileno() < 0:
+            return
+        logger.log(level, "closing %s: %s", client.name, reason)
+        fd = client.sock.fileno()
+        assert self._selector is not None
+        self._selector.unregister(client.sock)
+        client.sock.close()
+        del self._clients[fd]
+        self._dirty.discard(client)
+        for topic in list(client.subs):
+            self._unsubscribe(client, topic)
+        client.out.clear()
+
+    def _expire_handshakes(self, now: float) -> None:
+        late = [c for c in self._clients.values() if c.state != _ACTIVE and c.deadline <= now]
+        for client in late:
+            self._drop(client, logging.WARNING, "no complete handshake in time")
+
+    # --- input ---------------------------------------------------------------
+
+    def _read(self, client: _Client) -> None:
+        try:
+            data = client.sock.recv(_RECV_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self._drop(client, logging.DEBUG, f"receive failed: {exc.strerror}")
+            return
+        if not data:
+            level = logging.DEBUG if client.state == _ACTIVE else logging.INFO
+            self._drop(client, level, "connection closed by peer")
+            return
+        try:
+            if client.state < _HELLO:
+                data = self._handshake(client, data)
+            if data and client.decoder is not None:
+                self._handle(client, client.decoder.feed(data))
+        except AuthenticationError as exc:
+            self._drop(client, logging.WARNING, f"authentication failed: {exc}")
+        except ProtocolError as exc:
+            self._reject(client, str(exc))
+
+    def _reject(self, client: _Client, reason: str) -> None:
+        if client.state >= _HELLO:
+            try:
+                client.sock.send(proto.frame(proto.ERROR, reason.encode()))
+            except OSError:
+                pass
+        self._drop(client, logging.WARNING, f"protocol error: {reason}")
+
+    def _handshake(self, client: _Client, data: bytes) -> bytes:
+        """Advance the handshake with *data*; return what follows it."""
+        buf = client.handshake
+        buf += data
+        while client.state < _HELLO and len(buf) >= 4:
+            (size,) = proto.MP_LEN.unpack_from(buf)
+            if not 0 <= size <= proto.HANDSHAKE_MAX:
+                raise ProtocolError(f"handshake message of {size} bytes")
+            if len(buf) < 4 + size:
+                return b""
+            message = bytes(buf[4 : 4 + size])
+            del buf[: 4 + size]
+            self._handshake_step(client, message)
+        if client.state == _HELLO:
+            data, client.handshake = bytes(buf), bytearray()
+            client.decoder = proto.FrameDecoder(self._max_message)
+            return data
+        return b""
+
+    def _handshake_step(self, client: _Client, message: bytes) -> None:
+        if client.state == _ANSWER:
+            try:
+                proto.verify_answer(self._authkey, client.challenge, message)
+            except AuthenticationError:
+                self._send_now(client, proto.mp_frame(proto.FAILURE_MSG))
+                raise
+            self._send_now(client, proto.mp_frame(proto.WELCOME_MSG))
+            client.state = _PEER_CHALLENGE
+        elif client.state == _PEER_CHALLENGE:
+            self._send_now(client, proto.answer_challenge(self._authkey, message))
+            client.state = _PEER_VERDICT
+        elif message == proto.WELCOME_MSG:
+            client.state = _HELLO
+        else:
+            raise AuthenticationError("the client refused the broker's key")
+
+    def _send_now(self, client: _Client, data: bytes) -> None:
+        # Handshake replies are tiny and the peer is waiting for them: the
+        # socket buffer is empty, so a short send means a broken peer.
+        if client.sock.send(data) != len(data):
+            raise ProtocolError("peer does not read the handshake")
+
+    def _handle(self, client: _Client, frames: List[Tuple[int, bytes]]) -> None:
+        for kind, frame in frames:
+            if client.state != _ACTIVE:
+                self._hello(client, kind, frame)
+            elif kind == proto.PUB:
+                self._route(client, frame)
+            elif kind == proto.SUB:
+                topic = frame[5:]
+                proto.decode_topic(topic)
+                if topic not in client.subs:
+                    client.subs.add(topic)
+                    self._subs.setdefault(topic, set()).add(client)
+                    self._routes.clear()
+            elif kind == proto.UNSUB:
+                self._unsubscribe(client, frame[5:])
+            elif kind == proto.PING:
+                client.out.append(_PONG)
+                client.out_size += len(_PONG)
+                self._dirty.add(client)
+            else:
+                raise ProtocolError(f"unexpected frame type {kind}")
+
+    def _hello(self, client: _Client, kind: int, frame: bytes) -> None:
+        if kind != proto.HELLO:
+            raise ProtocolError("expected HELLO")
+        version = proto.hello_version(frame)
+        if version != proto.VERSION:
+            raise ProtocolError(
+                f"unsupported protocol version {version}; this broker speaks {proto.VERSION}"
+            )
+        body = proto.WELCOME_BODY.pack(proto.VERSION, self._max_message)
+        self._send_now(client, proto.frame(proto.WELCOME, body))
+        client.state = _ACTIVE
+        logger.debug("%s connected", client.name)
+
+    def _unsubscribe(self, client: _Client, topic: bytes) -> None:
+        client.subs.discard(topic)
+        holders = self._subs.get(topic)
+        if holders is not None and client in holders:
+            holders.discard(client)
+            if not holders:
+                del self._subs[topic]
+            self._routes.clear()
+
+    # --- routing and output ------------------------------------------------
+
+    def _route(self, sender: _Client, frame: bytes) -> None:
+        topic, _payload = proto.split_pub(frame)
+        targets = self._routes.get(topic)
+        if targets is None:
+            targets = self._compute_route(topic)
+        size = len(frame)
+        dirty = self._dirty
+        for target in targets:
+            if target is sender:
+                continue
+            target.out.append(frame)
+            target.out_size += size
+            dirty.add(target)
+
+    def _compute_route(self, topic: bytes) -> Tuple[_Client, ...]:
+        if topic:
+            proto.decode_topic(topic)  # a malformed topic must not reach anyone
+            found: Set[_Client] = set()
+            for prefix in proto.topic_prefixes(topic):
+                found.update(self._subs.get(prefix, ()))
+            route = tuple(found)
+        else:  # broadcast
+            route = tuple(c for c in self._clients.values() if c.state == _ACTIVE)
+        if len(self._routes) >= _ROUTE_CACHE_SIZE:
+            self._routes.clear()
+        self._routes[topic] = route
+        return route
+
+    def _flush_dirty(self) -> None:
+        dirty, self._dirty = self._dirty, set()
+        for client in dirty:
+            if client.out_size > self._max_buffer:
+                self._drop(
+                    client,
+                    logging.WARNING,
+                    f"slow consumer: {client.out_size} bytes waiting, "
+                    f"over the limit of {self._max_buffer}",
+                )
+            elif not client.writing:
+                self._write(client)
+
+    def _write(self, client: _Client) -> None:
+        out = client.out
+        while out:
+            if len(out) == 1 or len(out[0]) >= _SEND_CHUNK:
+                data = out.popleft()
+            else:
+                parts, size = [], 0
+                while out and size < _SEND_CHUNK:
+                    parts.append(out.popleft())
+                    size += len(parts[-1])
+                data = b"".join(parts)
+            try:
+                sent = client.sock.send(data)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError as exc:
+                self._drop(client, logging.DEBUG, f"send failed: {exc.strerror}")
+                return
+            client.out_size -= sent
+            if sent < len(data):
+                out.appendleft(data[sent:])
+                break
+        self._want_write(client, bool(out))
+
+    def _want_write(self, client: _Client, want: bool) -> None:
+        if want != client.writing:
+            client.writing = want
+            events = selectors.EVENT_READ | (selectors.EVENT_WRITE if want else 0)
+            assert self._selector is not None
+            self._selector.modify(client.sock, events)
+
+    def _close_all(self) -> None:
+        for client in list(self._clients.values()):
+            self._drop(client, logging.DEBUG, "broker stopping")
+        if self._selector is not None:
+            self._selector.close()
+        path = self.address if self._listener.family == socket.AF_UNIX else None
+        self._listener.close()
+        if path and not path.startswith("\0"):
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+        self._remove_tmpdir()
+        self._wake_r.close()
+        self._wake_w.close()
+
+    def _remove_tmpdir(self) -> None:
+        if self._tmpdir is not None:
+            shutil.rmtree(self._tmpdir, ignore_errors=True)
+            self._tmpdir = None
+
+
+def _remove_stale_socket(path: str) -> None:
+    """Unlink a socket file nobody listens on; refuse one that is alive."""
+    if path.startswith("\0") or not os.path.exists(path):
+        return
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except ConnectionRefusedError:
+        os.unlink(path)
+        logger.info("removed stale socket file %s", path)
+        return
+    except OSError:
+        return  # not a socket, or not ours: let bind() report it
+    finally:
+        probe.close()
+    raise OSError(errno.EADDRINUSE, f"a broker is already listening on {path}")
+
+
+def _warn_if_exposed(host: str) -> None:
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = host == "localhost"
+    if not loopback:
+        logger.warning(
+            "listening on %s: messages travel in plain text; use trusted networks only", host
+        )

@@ -1,0 +1,473 @@
+"""NetPubSub: a PubSub whose messages also travel through a Broker."""
+
+from __future__ import annotations
+
+import collections
+import logging
+import multiprocessing
+import os
+import pickle
+import random
+import select
+import socket
+import threading
+import time
+from typing import Any, Deque, List, Optional, Set, Tuple, Type, Union
+
+from . import _protocol as proto
+from ._credentials import connect_socket, read_credentials
+from ._pubsub import ErrorHandler, PubSub, as_topic
+from .errors import AuthenticationError, ProtocolError
+from .typing import Subscriber, Topic
+
+logger = logging.getLogger("mpubsub.net")
+
+#: A topic whose last element is this is delivered locally only.
+LOCAL_SUFFIX = "*local"
+
+#: Messages kept for the broker while reconnecting; past it the oldest go.
+DEFAULT_MAX_QUEUED = 10_000
+
+_RECV_SIZE = 256 * 1024
+_BACKOFF_MIN, _BACKOFF_MAX = 0.05, 5.0
+_TOPIC_CACHE_SIZE = 4096
+
+_PING = proto.frame(proto.PING, b"")
+
+# Connection states. OFFLINE: never connected, or disconnect() was called.
+_OFFLINE, _CONNECTED, _RECONNECTING = "offline", "connected", "reconnecting"
+
+
+class NetPubSub(PubSub):
+    """A PubSub connected to a Broker, so that pub-subs in other processes share messages.
+
+    While connected, ``publish`` sends the message to the broker (which
+    passes it to every other pub-sub subscribed to the topic, never back to
+    this one) and then delivers it to the local subscribers. A topic whose
+    last element is ``'*local'`` stays local. Messages from the broker are
+    delivered by ``poll()`` or ``wait_forever()``, in the calling thread.
+
+    If the broker goes away, the pub-sub keeps working locally and reconnects
+    by itself (backing off from 50 ms to 5 s, re-reading its credentials
+    file if it came from ``from_file``), then re-sends its subscriptions.
+    Meanwhile up to *max_queued* published messages wait for the broker;
+    past that the oldest are dropped, with one WARNING per outage. Delivery
+    is at most once: what was in flight when the connection broke is lost.
+
+    ``publish`` is thread-safe and blocks only while the broker does not
+    read (backpressure); call ``poll`` from one thread at a time.
+    """
+
+    def __init__(
+        self,
+        address: Any,
+        authkey: Optional[bytes] = None,
+        *,
+        timeout: float = 5.0,
+        max_queued: int = DEFAULT_MAX_QUEUED,
+        on_error: Optional[ErrorHandler] = None,
+    ) -> None:
+        super().__init__(on_error=on_error)
+        self._timeout = timeout
+        self._io = threading.RLock()
+        self._sock: Optional[socket.socket] = None
+        self._state = _OFFLINE
+        self._decoder = proto.FrameDecoder(proto.DEFAULT_MAX_MESSAGE + 16)
+        self._inbox: Deque[bytes] = collections.deque()
+        self._queue: Deque[bytes] = collections.deque(maxlen=max_queued)
+        self._dropped = 0
+        self._pongs = 0
+        self._remote: Set[bytes] = set()
+        self._max_message = proto.DEFAULT_MAX_MESSAGE
+        self._backoff = _BACKOFF_MIN
+        self._next_attempt = 0.0
+        self._encoded: dict[Tuple[str, ...], bytes] = {}
+        self._decoded: dict[bytes, Tuple[str, ...]] = {}
+        self._credentials: Optional[Union[str, os.PathLike[str]]] = None
+        self._address: Any = None
+        self._authkey = b""
+        self.set_broker(address, authkey)
+
+    @classmethod
+    def from_file(cls: Type[NetPubSub], path: Union[str, os.PathLike[str]], **kwargs: Any) -> NetPubSub:
+        """A pub-sub for the broker whose ``(address, authkey)`` pickle is at *path*.
+
+        The file is read again at each reconnection. It must not be writable
+        by group or others (CredentialsError).
+        """
+        address, authkey = read_credentials(path)
+        pubsub = cls(address, authkey, **kwargs)
+        pubsub._credentials = path
+        return pubsub
+
+    # --- connection ----------------------------------------------------------
+
+    def set_broker(self, address: Any, authkey: Optional[bytes] = None) -> None:
+        """Use another broker from the next ``connect()``; RuntimeError while connected."""
+        if self._state != _OFFLINE:
+            raise RuntimeError("Cannot change broker on a connected pub-sub")
+        self._address = address
+        self._authkey = authkey if authkey is not None else multiprocessing.current_process().authkey
+        self._credentials = None
+
+    @property
+    def connected(self) -> bool:
+        """True while a connection to the broker is up."""
+        return self._sock is not None
+
+    def connect(self) -> None:
+        """Connect to the broker, or raise (OSError, AuthenticationError, ProtocolError)."""
+        with self._io:
+            if self._state != _OFFLINE:
+                raise RuntimeError("Already connected")
+            self._open()
+            self._state = _CONNECTED
+
+    def disconnect(self) -> None:
+        """Close the connection and stop reconnecting; RuntimeError if not connected."""
+        with self._io:
+            if self._state == _OFFLINE:
+                raise RuntimeError("Not connected")
+            self._state = _OFFLINE
+            self._queue.clear()
+            self._close()
+
+    def __enter__(self) -> NetPubSub:
+        if self._state == _OFFLINE:
+            self.connect()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._state != _OFFLINE:
+            self.disconnect()
+
+    def fileno(self) -> int:
+        """The connection's descriptor, readable when ``poll()`` has work.
+
+        It changes when the pub-sub reconnects: register it again after a
+        ``poll()`` that found the connection lost (``connected`` is False).
+        """
+        sock = self._sock
+        if sock is None:
+            raise RuntimeError("Not connected")
+        return sock.fileno()
+
+    def _open(self) -> None:
+        if self._credentials is not None:
+            self._address, self._authkey = read_credentials(self._credentials)
+        sock = connect_socket(self._address, self._timeout)
+        try:
+            max_message = _handshake(sock, self._authkey)
+        except BaseException:
+            sock.close()
+            raise
+        sock.setblocking(False)
+        self._sock = sock
+        self._max_message = max_message
+        self._decoder = proto.FrameDecoder(max_message + 16)
+        self._remote = set()
+        self._sync_subscriptions()
+        logger.debug("connected to broker at %s", self._address)
+
+    def _close(self) -> None:
+        sock, self._sock = self._sock, None
+        if sock is not None:
+            sock.close()
+
+    def _lost(self, reason: str) -> None:
+        """The connection broke under us: carry on locally and reconnect."""
+        self._close()
+        if self._state == _CONNECTED:
+            logger.warning("lost the broker at %s (%s); reconnecting", self._address, reason)
+            self._state = _RECONNECTING
+            self._backoff = _BACKOFF_MIN
+            self._next_attempt = time.monotonic() + self._backoff
+            self._dropped = 0
+
+    def _try_reconnect(self) -> bool:
+        """One reconnection attempt if it is due; True once connected."""
+        if time.monotonic() < self._next_attempt:
+            return False
+        try:
+            self._open()
+        except (OSError, AuthenticationError, ProtocolError, ValueError) as exc:
+            self._backoff = min(self._backoff * 2, _BACKOFF_MAX)
+            self._next_attempt = time.monotonic() + self._backoff * random.uniform(0.5, 1.0)
+            logger.debug("reconnection failed: %s", exc)
+            return False
+        self._state = _CONNECTED
+        logger.warning("reconnected to the broker at %s", self._address)
+        queued = list(self._queue)
+        self._queue.clear()
+        for frame in queued:
+            self._write(frame)
+        return self._sock is not None
+
+    # --- subscriptions -------------------------------------------------------
+
+    def add_subscriber(self, topic: Topic, subscriber: Subscriber, *, weak: bool = True) -> None:
+        """As PubSub.add_subscriber; the broker learns of new topics at once."""
+        self._encode_topic(as_topic(topic))  # TypeError now, not when it travels
+        super().add_subscriber(topic, subscriber, weak=weak)
+        self._sync_subscriptions()
+
+    def remove_subscriber(self, topic: Topic, subscriber: Subscriber) -> None:
+        """As PubSub.remove_subscriber; the broker learns of unused topics at once."""
+        super().remove_subscriber(topic, subscriber)
+        self._sync_subscriptions()
+
+    def clear_subscribers(self) -> None:
+        """As PubSub.clear_subscribers; the broker stops sending anything."""
+        super().clear_subscribers()
+        self._sync_subscriptions()
+
+    def _sync_subscriptions(self) -> None:
+        with self._io:
+            if self._sock is None:
+                return
+            wanted = {
+                self._encode_topic(t)
+                for t in self._routes.subs
+                if not (t and t[-1] == LOCAL_SUFFIX)
+            }
+            frames = [proto.frame(proto.SUB, t) for t in wanted - self._remote]
+            frames += [proto.frame(proto.UNSUB, t) for t in self._remote - wanted]
+            if frames:
+                self._remote = wanted
+                self._write(b"".join(frames))
+
+    # --- publishing ------------------------------------------------------------
+
+    def publish(self, topic: Topic, **message: Any) -> None:
+        """Send *message* to the broker (unless the topic is local), then deliver it here.
+
+        Raises before anyone gets the message if it cannot be pickled, or
+        (ValueError) if it is larger than the broker accepts.
+        """
+        if topic.__class__ is not tuple:
+            topic = as_topic(topic)
+        if self._state != _OFFLINE and not (topic and topic[-1] == LOCAL_SUFFIX):
+            self._send(self._encode(topic, message))  # type: ignore[arg-type]
+        PubSub.publish(self, topic, **message)
+
+    def _encode(self, topic: Tuple[str, ...], message: dict[str, Any]) -> bytes:
+        payload = pickle.dumps(message, protocol=5)
+        encoded = self._encode_topic(topic)
+        size = 4 + len(encoded) + len(payload)
+        if size > self._max_message:
+            raise ValueError(
+                f"message of {size} bytes exceeds the broker's limit of {self._max_message} bytes"
+            )
+        return proto.pub_frame(encoded, payload)
+
+    def _encode_topic(self, topic: Tuple[str, ...]) -> bytes:
+        encoded = self._encoded.get(topic)
+        if encoded is None:
+            encoded = proto.encode_topic(topic)
+            if len(self._encoded) >= _TOPIC_CACHE_SIZE:
+                self._encoded.clear()
+            self._encoded[topic] = encoded
+        return encoded
+
+    def _send(self, frame: bytes) -> None:
+        with self._io:
+            if self._sock is None and self._state == _RECONNECTING:
+                self._try_reconnect()
+            if self._sock is not None:
+                self._write(frame)
+            else:
+                self._enqueue(frame)
+
+    def _enqueue(self, frame: bytes) -> None:
+        if self._state != _RECONNECTING:
+            return
+        if len(self._queue) == self._queue.maxlen:
+            if not self._dropped:
+                logger.warning(
+                    "broker unreachable: %d messages queued, dropping the oldest", len(self._queue)
+                )
+            self._dropped += 1
+        self._queue.append(frame)
+
+    def _write(self, data: bytes) -> None:
+        """Send all of *data*, reading what arrives meanwhile (called with the lock)."""
+        sock = self._sock
+        view = memoryview(data)
+        while view and sock is not None:
+            try:
+                view = view[sock.send(view) :]
+            except (BlockingIOError, InterruptedError):
+                readable, _, _ = select.select([sock], [sock], [], self._timeout)
+                if readable:
+                    self._read_available()
+                    sock = self._sock
+            except OSError as exc:
+                self._lost(exc.strerror or str(exc))
+                self._enqueue(data)
+                return
+
+    def flush(self) -> bool:
+        """Push what waits for the broker and wait until the broker has handled it.
+
+        Once this returns True, the broker has every subscription change and
+        every message published before the call. False if the broker is out
+        of reach (messages stay queued); TimeoutError if it does not answer.
+        """
+        with self._io:
+            if self._sock is None and self._state == _RECONNECTING:
+                self._try_reconnect()
+            self._sync_subscriptions()
+            if self._sock is None:
+                return False
+            self._pongs = 0
+            self._write(_PING)
+            deadline = time.monotonic() + self._timeout
+            while not self._pongs:
+                sock = self._sock
+                if sock is None:
+                    return False
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError("the broker did not answer in time")
+                select.select([sock], [], [], remaining)
+                self._read_available()
+            return True
+
+    # --- receiving -----------------------------------------------------------
+
+    def poll(self, timeout: Optional[float] = 0) -> bool:
+        """Deliver the messages that arrived from the broker; True if there were any.
+
+        Waits up to *timeout* seconds (None: until something arrives) for the
+        first one. While the broker is away this is also where reconnection
+        happens. RuntimeError if the pub-sub is not connected at all.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            with self._io:
+                if self._state == _OFFLINE:
+                    raise RuntimeError("Not connected")
+                if self._sock is None:
+                    self._try_reconnect()
+                self._sync_subscriptions()
+                if self._sock is not None:
+                    self._read_available()
+                frames = list(self._inbox)
+                self._inbox.clear()
+                sock, next_attempt = self._sock, self._next_attempt
+            if frames:
+                self._dispatch(frames)
+                return True
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                return False
+            if sock is None:
+                pause = max(0.0, next_attempt - time.monotonic())
+                time.sleep(pause if remaining is None else min(pause, remaining))
+                continue
+            try:
+                select.select([sock], [], [], remaining)
+            except (OSError, ValueError):
+                continue  # closed by another thread; the next round sees why
+
+    def wait_forever(self) -> None:
+        """Deliver messages from the broker until ``disconnect()`` (from a subscriber)."""
+        while self._state != _OFFLINE:
+            self.poll(None)
+        raise RuntimeError("Not connected")
+
+    def _read_available(self) -> None:
+        sock = self._sock
+        while sock is not None:
+            try:
+                data = sock.recv(_RECV_SIZE)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                self._lost(exc.strerror or str(exc))
+                return
+            if not data:
+                self._lost("connection closed by the broker")
+                return
+            try:
+                frames = self._decoder.feed(data)
+            except ProtocolError as exc:
+                self._lost(f"protocol error: {exc}")
+                return
+            for kind, frame in frames:
+                if kind == proto.PUB:
+                    self._inbox.append(frame)
+                elif kind == proto.PONG:
+                    self._pongs += 1
+                elif kind == proto.ERROR:
+                    logger.error("broker error: %s", frame[5:].decode(errors="replace"))
+            if len(data) < _RECV_SIZE:
+                return
+
+    def _dispatch(self, frames: List[bytes]) -> None:
+        for frame in frames:
+            try:
+                encoded, payload = proto.split_pub(frame)
+                topic = self._decoded.get(encoded)
+                if topic is None:
+                    topic = proto.decode_topic(encoded)
+                    if len(self._decoded) >= _TOPIC_CACHE_SIZE:
+                        self._decoded.clear()
+                    self._decoded[encoded] = topic
+                message = pickle.loads(payload)
+            except Exception as exc:  # one bad message must not stop the others
+                logger.error("dropping a message that cannot be decoded: %s", exc)
+                continue
+            PubSub.publish(self, topic, **message)
+
+
+def _handshake(sock: socket.socket, authkey: bytes) -> int:
+    """multiprocessing's mutual challenge, then HELLO; the broker's maximum message size."""
+    try:
+        return _exchange(sock, authkey)
+    except BlockingIOError:  # SO_RCVTIMEO expired
+        raise TimeoutError("the broker did not complete the handshake in time") from None
+
+
+def _exchange(sock: socket.socket, authkey: bytes) -> int:
+    challenge = _recv_mp(sock)
+    sock.sendall(proto.answer_challenge(authkey, challenge))
+    if _recv_mp(sock) != proto.WELCOME_MSG:
+        raise AuthenticationError("digest sent was rejected")
+    framed, message = proto.new_challenge()
+    sock.sendall(framed)
+    try:
+        proto.verify_answer(authkey, message, _recv_mp(sock))
+    except AuthenticationError:
+        sock.sendall(proto.mp_frame(proto.FAILURE_MSG))
+        raise
+    sock.sendall(proto.mp_frame(proto.WELCOME_MSG))
+    sock.sendall(proto.frame(proto.HELLO, proto.HELLO_BODY.pack(proto.VERSION)))
+    header = _recv_exact(sock, 5)
+    size, kind = proto.HEADER.unpack(header)
+    if size > 4096:
+        raise ProtocolError("the broker's answer to HELLO is too long")
+    body = _recv_exact(sock, size)
+    if kind == proto.ERROR:
+        raise ProtocolError(f"the broker refused: {body.decode(errors='replace')}")
+    if kind != proto.WELCOME or len(body) != proto.WELCOME_BODY.size:
+        raise ProtocolError("the broker did not answer HELLO")
+    _version, max_message = proto.WELCOME_BODY.unpack(body)
+    return int(max_message)
+
+
+def _recv_mp(sock: socket.socket) -> bytes:
+    (size,) = proto.MP_LEN.unpack(_recv_exact(sock, 4))
+    if not 0 <= size <= proto.HANDSHAKE_MAX:
+        raise ProtocolError("the peer does not speak multiprocessing's handshake")
+    return _recv_exact(sock, size)
+
+
+def _recv_exact(sock: socket.socket, size: int) -> bytes:
+    data = b""
+    while len(data) < size:
+        chunk = sock.recv(size - len(data))
+        if not chunk:
+            raise ConnectionResetError("the broker closed the connection during the handshake")
+        data += chunk
+    return data

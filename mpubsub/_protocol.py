@@ -1,0 +1,198 @@
+"""The wire protocol between NetPubSub and Broker.
+
+A connection starts with multiprocessing.connection's challenge/response
+(in its frames: a 4-byte signed big-endian length, then the bytes), the
+broker challenging first, then the client. Both the legacy HMAC-MD5 form
+(Python < 3.12) and the ``{digest}`` form of Python 3.12+ are understood.
+
+Then every frame is a 5-byte header (``!IB``: body length, frame type)
+and the body. The client's first frame is HELLO (its protocol version); the
+broker answers WELCOME (its version and its maximum message size) or ERROR
+(a UTF-8 reason, then it closes). After that:
+
+- SUB / UNSUB (client -> broker): body is an encoded topic.
+- PING (client -> broker, empty): the broker answers PONG once it has
+  handled everything the client sent before, so a client knows its
+  subscriptions are in place.
+- PUB (both ways): ``!I`` topic length, the encoded topic, then the message
+  pickled by the publisher. The broker reads only the topic; it forwards
+  the frame unchanged and never unpickles anything.
+
+A topic is encoded as each element in UTF-8 (surrogates passed through),
+followed by the byte 0xFF, which never occurs in UTF-8. So ``()`` is
+``b''``, and the encoding of every prefix of a topic is a byte prefix of
+the topic's encoding ending in 0xFF, which lets the broker route on bytes.
+"""
+
+from __future__ import annotations
+
+import hmac
+import os
+import struct
+from typing import List, Tuple
+
+from .errors import AuthenticationError, ProtocolError
+
+VERSION = 1
+
+HELLO, WELCOME, ERROR, SUB, UNSUB, PUB, PING, PONG = range(1, 9)
+FRAME_TYPES = frozenset((HELLO, WELCOME, ERROR, SUB, UNSUB, PUB, PING, PONG))
+
+HEADER = struct.Struct("!IB")
+TOPIC_LEN = struct.Struct("!I")
+HELLO_BODY = struct.Struct("!H")
+WELCOME_BODY = struct.Struct("!HQ")
+SEP = b"\xff"
+
+# Largest message accepted by default (pickled bytes plus the topic).
+DEFAULT_MAX_MESSAGE = 16 * 1024 * 1024
+
+# --- multiprocessing.connection's handshake --------------------------------
+
+CHALLENGE = b"#CHALLENGE#"
+WELCOME_MSG = b"#WELCOME#"
+FAILURE_MSG = b"#FAILURE#"
+HANDSHAKE_MAX = 256  # multiprocessing refuses longer handshake messages too
+MP_LEN = struct.Struct("!i")
+_DIGESTS = frozenset((b"md5", b"sha256", b"sha384", b"sha3_256", b"sha3_384"))
+_LEGACY_LENGTHS = (20, 16)  # Python < 3.12: 20-byte challenges, 16-byte MD5 answers
+
+
+def mp_frame(data: bytes) -> bytes:
+    """Frame *data* as multiprocessing.connection's ``send_bytes`` does."""
+    return MP_LEN.pack(len(data)) + data
+
+
+def new_challenge() -> Tuple[bytes, bytes]:
+    """Return (the challenge to send, the message the answer must sign)."""
+    message = b"{sha256}" + os.urandom(40)
+    return mp_frame(CHALLENGE + message), message
+
+
+def _digest_and_payload(message: bytes) -> Tuple[str, bytes]:
+    if len(message) in _LEGACY_LENGTHS:
+        return "", message
+    if message.startswith(b"{"):
+        end = message.find(b"}", 1, 12)
+        if end > 0 and message[1:end] in _DIGESTS:
+            return message[1:end].decode("ascii"), message[end + 1 :]
+    raise AuthenticationError("unsupported challenge or response format")
+
+
+def verify_answer(authkey: bytes, message: bytes, answer: bytes) -> None:
+    """Raise AuthenticationError unless *answer* signs *message* with *authkey*."""
+    digest, mac = _digest_and_payload(answer)
+    expected = hmac.new(authkey, message, digest or "md5").digest()
+    if not hmac.compare_digest(expected, mac):
+        raise AuthenticationError("digest received was wrong")
+
+
+def answer_challenge(authkey: bytes, challenge: bytes) -> bytes:
+    """Return the framed answer to a peer's ``#CHALLENGE#`` message."""
+    if not challenge.startswith(CHALLENGE):
+        raise ProtocolError("expected an authentication challenge")
+    message = challenge[len(CHALLENGE) :]
+    digest = _digest_and_payload(message)[0]
+    mac = hmac.new(authkey, message, digest or "md5").digest()
+    return mp_frame(b"{%s}%s" % (digest.encode(), mac) if digest else mac)
+
+
+# --- topics and frames ---------------------------------------------------------
+
+
+def encode_topic(topic: Tuple[str, ...]) -> bytes:
+    """Encode a topic tuple; TypeError if an element is not a string."""
+    try:
+        return b"".join([e.encode("utf-8", "surrogatepass") + SEP for e in topic])
+    except AttributeError:
+        raise TypeError("topic elements must be strings to travel to a broker") from None
+
+
+def decode_topic(data: bytes) -> Tuple[str, ...]:
+    """Decode an encoded topic; ProtocolError if it is malformed."""
+    if not data:
+        return ()
+    if not data.endswith(SEP):
+        raise ProtocolError("malformed topic")
+    try:
+        return tuple(e.decode("utf-8", "surrogatepass") for e in data[:-1].split(SEP))
+    except UnicodeDecodeError:
+        raise ProtocolError("malformed topic") from None
+
+
+def topic_prefixes(data: bytes) -> List[bytes]:
+    """The encodings of a topic's prefixes, itself first, ``b''`` last."""
+    prefixes = [data]
+    end = len(data) - 1  # the separator closing the last element
+    while end >= 0:
+        end = data.rfind(SEP, 0, end)
+        prefixes.append(data[: end + 1])
+    return prefixes
+
+
+def frame(kind: int, body: bytes) -> bytes:
+    """One frame: the header and *body*."""
+    return HEADER.pack(len(body), kind) + body
+
+
+def pub_frame(topic: bytes, payload: bytes) -> bytes:
+    """A PUB frame for an encoded topic and a pickled message."""
+    return HEADER.pack(4 + len(topic) + len(payload), PUB) + TOPIC_LEN.pack(len(topic)) + topic + payload
+
+
+def split_pub(frame: bytes) -> Tuple[bytes, bytes]:
+    """Split a whole PUB frame into (encoded topic, payload); ProtocolError if malformed."""
+    if len(frame) < 9:
+        raise ProtocolError("truncated PUB frame")
+    (n,) = TOPIC_LEN.unpack_from(frame, 5)
+    if n > len(frame) - 9:
+        raise ProtocolError("PUB frame topic overruns the frame")
+    return frame[9 : 9 + n], frame[9 + n :]
+
+
+class FrameDecoder:
+    """Cut a byte stream into frames, whatever the chunking.
+
+    ``feed(data)`` returns ``(type, frame)`` for every frame completed by
+    *data*, the frame whole (header included: the body starts at offset 5),
+    and keeps the rest for the next call. Anything malformed raises
+    ProtocolError, and nothing else: an unknown type, or a body over
+    *max_body* bytes (checked from the header, before the body arrives).
+    """
+
+    def __init__(self, max_body: int) -> None:
+        self.max_body = max_body
+        self._buf = bytearray()
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received and not yet part of a complete frame."""
+        return len(self._buf)
+
+    def feed(self, data: bytes) -> List[Tuple[int, bytes]]:
+        buf = self._buf
+        buf += data
+        frames = []
+        pos, end = 0, len(buf)
+        unpack = HEADER.unpack_from
+        while end - pos >= 5:
+            size, kind = unpack(buf, pos)
+            if kind not in FRAME_TYPES:
+                raise ProtocolError(f"unknown frame type {kind}")
+            if size > self.max_body:
+                raise ProtocolError(f"frame of {size} bytes exceeds the limit of {self.max_body}")
+            if end - pos - 5 < size:
+                break
+            frames.append((kind, bytes(buf[pos : pos + 5 + size])))
+            pos += 5 + size
+        del buf[:pos]
+        return frames
+
+
+def hello_version(frame: bytes) -> int:
+    """The version in a whole HELLO frame; ProtocolError if malformed."""
+    if len(frame) != 5 + HELLO_BODY.size:
+        raise ProtocolError("malformed HELLO frame")
+    version: int = HELLO_BODY.unpack_from(frame, 5)[0]
+    return version
+

@@ -1,0 +1,98 @@
+"""The broker, and ``python -m mpubsub.broker``: a standalone broker.
+
+The standalone broker writes its ``(address, authkey)`` pickle to FILE
+(mode 0600: it holds a secret) for clients to read with
+``NetPubSub.from_file``, serves until SIGINT or SIGTERM, then removes FILE.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import secrets
+import sys
+from typing import List, Optional
+
+from ._broker import DEFAULT_MAX_BUFFER, Broker
+from ._credentials import parse_address, write_credentials
+from ._protocol import DEFAULT_MAX_MESSAGE
+
+__all__ = ["DEFAULT_MAX_BUFFER", "DEFAULT_MAX_MESSAGE", "Broker", "main"]
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m mpubsub.broker",
+        description="Run a broker and write its (address, authkey) pickle to FILE, "
+        "for clients to read with NetPubSub.from_file(FILE).",
+    )
+    parser.add_argument("file", metavar="FILE", help="where to write the address and authkey")
+    parser.add_argument("--overwrite", action="store_true", help="replace FILE if it exists")
+    parser.add_argument(
+        "--address",
+        metavar="ADDR",
+        help="a Unix socket path, or HOST:PORT for TCP (default: a private Unix socket)",
+    )
+    parser.add_argument(
+        "--max-message-size",
+        type=int,
+        default=DEFAULT_MAX_MESSAGE,
+        metavar="BYTES",
+        help="largest message accepted (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--max-buffer",
+        type=int,
+        default=DEFAULT_MAX_BUFFER,
+        metavar="BYTES",
+        help="unsent bytes a client may lag behind before it is disconnected "
+        "(default: %(default)s)",
+    )
+    parser.add_argument(
+        "--handshake-timeout",
+        type=float,
+        default=5.0,
+        metavar="SECONDS",
+        help="time a new connection has to authenticate (default: %(default)s)",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log every connection")
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    """Run the standalone broker; exit with a one-line message on a user mistake."""
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(name)s %(levelname)s: %(message)s",
+    )
+    if not args.overwrite and os.path.lexists(args.file):
+        sys.exit(f"error: {args.file} already exists; pass --overwrite to replace it")
+    authkey = secrets.token_bytes(32)
+    address = parse_address(args.address) if args.address else None
+    try:
+        broker = Broker(
+            address,
+            authkey,
+            timeout=args.handshake_timeout,
+            max_message_size=args.max_message_size,
+            max_buffer=args.max_buffer,
+        )
+    except (OSError, ValueError) as exc:
+        sys.exit(f"error: cannot start the broker: {exc}")
+    try:
+        write_credentials(args.file, broker.address, authkey, overwrite=args.overwrite)
+    except OSError as exc:
+        sys.exit(f"error: cannot write {args.file}: {exc.strerror or exc}")
+    try:
+        broker.start()
+    finally:
+        try:
+            os.unlink(args.file)
+        except FileNotFoundError:
+            pass
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,100 @@
+"""Fixtures: real broker processes on real sockets, always stopped."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator, List, Optional, Tuple
+
+import pytest
+
+from mpubsub._credentials import read_credentials
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def wait_for(condition: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> Any:
+    """Poll *condition* until it is truthy; fail the test after *timeout* seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = condition()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.01)
+
+
+class BrokerProcess:
+    """A standalone broker (``python -m mpubsub.broker``) in a child process."""
+
+    def __init__(self, credentials: Path, address: Optional[str], extra: List[str]) -> None:
+        self.credentials = credentials
+        self.log = credentials.with_suffix(".log")
+        self.args = [sys.executable, "-m", "mpubsub.broker", str(credentials), "-v", *extra]
+        if address:
+            self.args += ["--address", address]
+        self.proc: Optional[subprocess.Popen[bytes]] = None
+
+    def start(self) -> BrokerProcess:
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(self.args, stdout=log, stderr=log, cwd=ROOT)
+        wait_for(self._ready, what="the broker's credentials file")
+        return self
+
+    def _ready(self) -> bool:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            pytest.fail(f"broker exited with {self.proc.returncode}: {self.log.read_text()}")
+        return self.credentials.exists()
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def creds(self) -> Tuple[Any, bytes]:
+        return read_credentials(self.credentials)
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.kill(self.proc.pid, sig)
+            self.proc.wait(timeout=10)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def output(self) -> str:
+        return self.log.read_text()
+
+
+@pytest.fixture
+def broker_factory(tmp_path: Path) -> Iterator[Callable[..., BrokerProcess]]:
+    """Start brokers on demand; every one is stopped at the end of the test."""
+    started: List[BrokerProcess] = []
+
+    def start(address: Optional[str] = None, *extra: str, name: str = "broker") -> BrokerProcess:
+        broker = BrokerProcess(tmp_path / f"{name}.pckl", address, list(extra))
+        started.append(broker)
+        return broker.start()
+
+    yield start
+    for broker in started:
+        broker.stop()
+
+
+@pytest.fixture(params=["unix", "tcp"])
+def broker(request: pytest.FixtureRequest, broker_factory: Callable[..., BrokerProcess], tmp_path: Path) -> BrokerProcess:
+    """A broker on a Unix socket, then on TCP 127.0.0.1."""
+    address = str(tmp_path / "b.sock") if request.param == "unix" else "127.0.0.1:0"
+    return broker_factory(address)

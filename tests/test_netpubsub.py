@@ -1,0 +1,315 @@
+"""Tests for mpubsub._netpubsub: NetPubSub against real broker processes."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import selectors
+import threading
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterator, List, Tuple
+
+import pytest
+
+import mpubsub
+import mpubsub.net
+from mpubsub import AuthenticationError, CredentialsError, NetPubSub
+from mpubsub.errors import MPubSubError
+
+from .conftest import BrokerProcess, wait_for
+
+Received = List[Tuple[Tuple[str, ...], Dict[str, Any]]]
+
+
+class Recording(NetPubSub):
+    """A NetPubSub that also records every message the broker sent it."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.wire: List[bytes] = []
+
+    def _dispatch(self, frames: List[bytes]) -> None:
+        self.wire.extend(frames)
+        super()._dispatch(frames)
+
+
+@pytest.fixture
+def connect(broker: BrokerProcess) -> Iterator[Callable[..., NetPubSub]]:
+    """Make connected pub-subs for the broker; all are disconnected at the end."""
+    made: List[NetPubSub] = []
+
+    def make(cls: type = NetPubSub) -> NetPubSub:
+        pubsub: NetPubSub = cls.from_file(broker.credentials)
+        pubsub.connect()
+        made.append(pubsub)
+        return pubsub
+
+    yield make
+    for pubsub in made:
+        if pubsub._state != "offline":
+            pubsub.disconnect()
+
+
+def collect(received: Received) -> Callable[..., None]:
+    def subscriber(topic: Tuple[str, ...], **message: Any) -> None:
+        received.append((topic, message))
+
+    return subscriber
+
+
+def poll_until(pubsub: NetPubSub, condition: Callable[[], Any], what: str = "messages") -> None:
+    """Deliver what arrives until *condition* holds (or fail after a deadline)."""
+
+    def step() -> Any:
+        pubsub.poll(0.05)
+        return condition()
+
+    wait_for(step, what=what)
+
+
+def test_public_names() -> None:
+    """The 0.0.1 names exist: mpubsub.net.PubSub is NetPubSub, mpubsub.broker has Broker, main."""
+    import mpubsub.broker
+
+    assert mpubsub.net.PubSub is NetPubSub
+    assert mpubsub.broker.Broker is mpubsub.Broker
+    assert callable(mpubsub.broker.main)
+    assert issubclass(NetPubSub, mpubsub.PubSub)
+    assert issubclass(CredentialsError, MPubSubError)
+
+
+def test_delivery_no_echo(connect: Callable[..., NetPubSub]) -> None:
+    """A message reaches the other pub-sub once, and local subscribers once, never echoed."""
+    alice, bob = connect(Recording), connect()
+    here: Received = []
+    there: Received = []
+    sub_here, sub_there = collect(here), collect(there)
+    alice.add_subscriber("news", sub_here)
+    bob.add_subscriber("news", sub_there)
+    bob.flush()
+    alice.publish("news", n=1)
+    poll_until(bob, lambda: there)
+    assert there == [(("news",), {"n": 1})]
+    assert here == [(("news",), {"n": 1})]
+    bob.publish("news", n=2)  # alice's sentinel: after it, nothing else may arrive
+    poll_until(alice, lambda: len(here) == 2)
+    assert here == [(("news",), {"n": 1}), (("news",), {"n": 2})]
+    assert len(alice.wire) == 1  # bob's message only: alice's own never came back
+
+
+def test_local_topic_stays_local(connect: Callable[..., NetPubSub]) -> None:
+    """A topic ending in '*local' is delivered in its pub-sub only."""
+    alice, bob = connect(), connect(Recording)
+    here: Received = []
+    there: Received = []
+    sub_here, sub_there = collect(here), collect(there)
+    alice.add_subscriber(None, sub_here)
+    bob.add_subscriber(None, sub_there)
+    bob.flush()
+    alice.publish(("x", "*local"), secret=1)
+    alice.publish("done")
+    poll_until(bob, lambda: there)
+    assert there == [(("done",), {})]
+    assert here == [(("x", "*local"), {"secret": 1}), (("done",), {})]
+
+
+def test_routing_by_subscription(connect: Callable[..., NetPubSub]) -> None:
+    """Hierarchy, catch-all and broadcast hold across the network; others get nothing."""
+    pub = connect()
+    parent, catch_all, other = connect(Recording), connect(Recording), connect(Recording)
+    got: Dict[str, Received] = {"parent": [], "all": [], "other": []}
+    subs = {name: collect(lst) for name, lst in got.items()}
+    parent.add_subscriber("a", subs["parent"])
+    catch_all.add_subscriber(None, subs["all"])
+    other.add_subscriber(("z", "y"), subs["other"])
+    for p in (parent, catch_all, other):
+        p.flush()
+    pub.publish(("a", "b"), n=1)
+    pub.publish("z", n=2)  # a parent of ('z', 'y'): not for 'other'
+    pub.publish(None, n=3)  # broadcast: everyone
+    poll_until(other, lambda: got["other"])
+    poll_until(parent, lambda: len(got["parent"]) == 2)
+    poll_until(catch_all, lambda: len(got["all"]) == 3)
+    assert got["parent"] == [(("a", "b"), {"n": 1}), ((), {"n": 3})]
+    assert got["all"] == [(("a", "b"), {"n": 1}), (("z",), {"n": 2}), ((), {"n": 3})]
+    assert got["other"] == [((), {"n": 3})]
+    assert len(other.wire) == 1  # the broker did not send it the others
+
+
+def test_unsubscribe_stops_remote_delivery(connect: Callable[..., NetPubSub]) -> None:
+    """After the last subscriber of a topic goes, the broker stops sending it."""
+    pub, sub = connect(), connect(Recording)
+    got: Received = []
+    fn = collect(got)
+    sub.add_subscriber("t", fn)
+    sub.add_subscriber("sentinel", fn)
+    sub.remove_subscriber("t", fn)
+    pub.publish("t", n=1)
+    pub.publish("sentinel")
+    poll_until(sub, lambda: got)
+    assert got == [(("sentinel",), {})]
+    assert len(sub.wire) == 1
+
+
+def test_unpicklable_raises_before_delivery(connect: Callable[..., NetPubSub]) -> None:
+    """A message that cannot be pickled raises and reaches no subscriber."""
+    alice = connect()
+    got: Received = []
+    fn = collect(got)
+    alice.add_subscriber("t", fn)
+    with pytest.raises((pickle.PicklingError, AttributeError, TypeError)):
+        alice.publish("t", f=lambda: None)
+    assert got == []
+    alice.publish("t", ok=True)
+    assert got == [(("t",), {"ok": True})]
+
+
+def test_oversized_message_is_refused(connect: Callable[..., NetPubSub]) -> None:
+    """publish raises ValueError for a message over the broker's limit; all stays usable."""
+    alice, bob = connect(), connect()
+    got: Received = []
+    fn = collect(got)
+    bob.add_subscriber("t", fn)
+    with pytest.raises(ValueError, match=r"^message of \d+ bytes exceeds the broker's limit"):
+        alice.publish("t", blob=b"x" * (17 * 1024 * 1024))
+    alice.publish("t", small=1)
+    poll_until(bob, lambda: got)
+    assert got == [(("t",), {"small": 1})]
+
+
+def test_wrong_key(broker: BrokerProcess, connect: Callable[..., NetPubSub]) -> None:
+    """A wrong key raises AuthenticationError; connected clients carry on."""
+    address, _ = broker.creds()
+    good, other = connect(), connect()
+    got: Received = []
+    fn = collect(got)
+    other.add_subscriber("t", fn)
+    with pytest.raises(AuthenticationError):
+        NetPubSub(address, b"wrong key").connect()
+    good.publish("t")
+    poll_until(other, lambda: got)
+
+
+def test_from_file_refuses_unsafe_credentials(broker: BrokerProcess, tmp_path: Path) -> None:
+    """Credentials that group or others can write are refused with a clear error."""
+    unsafe = tmp_path / "unsafe.pckl"
+    unsafe.write_bytes(broker.credentials.read_bytes())
+    unsafe.chmod(0o662)
+    with pytest.raises(CredentialsError, match=r"others can write it \(mode 662\)$"):
+        NetPubSub.from_file(unsafe)
+    with pytest.raises(CredentialsError, match=r"No such file or directory$"):
+        NetPubSub.from_file(tmp_path / "missing.pckl")
+
+
+def test_from_file_refuses_pickled_code(tmp_path: Path) -> None:
+    """A credentials file that would run code when unpickled is refused, not run."""
+    marker = tmp_path / "ran"
+
+    class Evil:
+        def __reduce__(self) -> Tuple[Any, Tuple[str]]:
+            return (os.system, (f"touch {marker}",))
+
+    path = tmp_path / "evil.pckl"
+    path.write_bytes(pickle.dumps((Evil(), b"key")))
+    path.chmod(0o600)
+    with pytest.raises(CredentialsError, match="is not an"):
+        NetPubSub.from_file(path)
+    assert not marker.exists()
+
+
+def test_fileno_drives_a_selector(connect: Callable[..., NetPubSub]) -> None:
+    """fileno() is readable when poll() has messages to deliver."""
+    alice, bob = connect(), connect()
+    got: Received = []
+    fn = collect(got)
+    bob.add_subscriber("t", fn)
+    with selectors.DefaultSelector() as sel:
+        sel.register(bob.fileno(), selectors.EVENT_READ)
+        alice.publish("t", n=1)
+        assert sel.select(timeout=10)
+    assert bob.poll() is True
+    assert got == [(("t",), {"n": 1})]
+    assert bob.poll() is False
+
+
+def test_context_manager_and_states(broker: BrokerProcess) -> None:
+    """The context manager connects and disconnects; misuse raises RuntimeError."""
+    address, authkey = broker.creds()
+    pubsub = NetPubSub(address, authkey)
+    with pytest.raises(RuntimeError, match=r"^Not connected$"):
+        pubsub.poll()
+    with pubsub:
+        assert pubsub.connected
+        with pytest.raises(RuntimeError, match=r"^Already connected$"):
+            pubsub.connect()
+        with pytest.raises(RuntimeError, match=r"^Cannot change broker on a connected pub-sub$"):
+            pubsub.set_broker(address, authkey)
+    assert not pubsub.connected
+    with pytest.raises(RuntimeError, match=r"^Not connected$"):
+        pubsub.disconnect()
+
+
+def test_disconnected_publish_is_local(broker: BrokerProcess) -> None:
+    """Before connect(), publish delivers locally only, as in 0.0.1."""
+    pubsub = NetPubSub.from_file(broker.credentials)
+    got: Received = []
+    fn = collect(got)
+    pubsub.add_subscriber("t", fn)
+    pubsub.publish("t", n=1)
+    assert got == [(("t",), {"n": 1})]
+
+
+def test_subscriber_publishing_from_poll(connect: Callable[..., NetPubSub]) -> None:
+    """A subscriber may publish while poll delivers (an echo service)."""
+    client, echo = connect(), connect()
+    replies: Received = []
+    reply_fn = collect(replies)
+
+    def echo_fn(topic: Tuple[str, ...], **message: Any) -> None:
+        echo.publish("pong", **message)
+
+    echo.add_subscriber("ping", echo_fn)
+    client.add_subscriber("pong", reply_fn)
+    echo.flush()
+    stop = threading.Event()
+    server = threading.Thread(target=lambda: [echo.poll(0.05) for _ in iter(stop.is_set, True)])
+    server.start()
+    try:
+        for i in range(50):
+            client.publish("ping", i=i)
+            poll_until(client, lambda i=i: len(replies) == i + 1)  # type: ignore[misc]
+    finally:
+        stop.set()
+        server.join(timeout=10)
+    assert [m["i"] for _, m in replies] == list(range(50))
+
+
+def test_reconnects_after_broker_restart(
+    broker_factory: Callable[..., BrokerProcess], tmp_path: Path
+) -> None:
+    """Killed and restarted with a new key, the broker gets its clients back by themselves."""
+    address = str(tmp_path / "r.sock")
+    first = broker_factory(address, name="restart")
+    sub, pub = NetPubSub.from_file(first.credentials), NetPubSub.from_file(first.credentials)
+    got: Received = []
+    fn = collect(got)
+    sub.add_subscriber("t", fn)
+    with sub, pub:
+        pub.publish("t", n=0)
+        poll_until(sub, lambda: got)
+        first.kill()
+        sub.poll(0.1)
+        assert not sub.connected
+        pub.publish("local-only-while-down", n=1)  # queued, must not raise
+        second = broker_factory(address, "--overwrite", name="restart")
+        assert second.creds()[1] != b""
+        n = [1]
+
+        def resumed() -> bool:
+            n[0] += 1
+            pub.publish("t", n=n[0])
+            sub.poll(0.05)
+            return len(got) > 1
+
+        wait_for(resumed, what="traffic to resume")
+        assert sub.connected and pub.connected
