@@ -16,8 +16,8 @@ test: $(STAMP)
 	$(PY) -m pytest
 
 lint: $(STAMP)
-	$(PY) -m ruff check mpubsub tests benchmarks
-	$(PY) -m ruff format --check mpubsub tests benchmarks
+	$(PY) -m ruff check mpubsub tests benchmarks examples
+	$(PY) -m ruff format --check mpubsub tests benchmarks examples
 	$(PY) -m mypy
 
 bench: $(STAMP)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import errno
 import ipaddress
 import logging
@@ -91,7 +92,9 @@ class Broker:
     ) -> None:
         if max_buffer < max_message_size:
             raise ValueError("max_buffer must be at least max_message_size")
-        self._authkey = authkey if authkey is not None else multiprocessing.current_process().authkey
+        self._authkey = (
+            authkey if authkey is not None else multiprocessing.current_process().authkey
+        )
         self._timeout = timeout
         self._max_message = max_message_size
         self._max_buffer = max_buffer
@@ -139,10 +142,8 @@ class Broker:
     def stop(self) -> None:
         """Make ``start()`` return soon; safe from a signal handler or another thread."""
         self._stopping = True
-        try:
+        with contextlib.suppress(OSError):  # already woken, or closed
             self._wake_w.send(b"x")
-        except OSError:
-            pass  # already woken, or closed
 
     def start(self) -> None:
         """Serve until ``stop()``, SIGINT or SIGTERM, then close everything."""
@@ -266,10 +267,8 @@ class Broker:
 
     def _reject(self, client: _Client, reason: str) -> None:
         if client.state >= _HELLO:
-            try:
+            with contextlib.suppress(OSError):  # best effort: the peer may be gone
                 client.sock.send(proto.frame(proto.ERROR, reason.encode()))
-            except OSError:
-                pass
         self._drop(client, logging.WARNING, f"protocol error: {reason}")
 
     def _handshake(self, client: _Client, data: bytes) -> bytes:
@@ -440,10 +439,8 @@ class Broker:
         path = self.address if self._listener.family == socket.AF_UNIX else None
         self._listener.close()
         if path and not path.startswith("\0"):
-            try:
+            with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
-            except FileNotFoundError:
-                pass
         self._remove_tmpdir()
         self._wake_r.close()
         self._wake_w.close()

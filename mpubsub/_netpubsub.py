@@ -89,7 +89,9 @@ class NetPubSub(PubSub):
         self.set_broker(address, authkey)
 
     @classmethod
-    def from_file(cls: Type[NetPubSub], path: Union[str, os.PathLike[str]], **kwargs: Any) -> NetPubSub:
+    def from_file(
+        cls: Type[NetPubSub], path: Union[str, os.PathLike[str]], **kwargs: Any
+    ) -> NetPubSub:
         """A pub-sub for the broker whose ``(address, authkey)`` pickle is at *path*.
 
         The file is read again at each reconnection. It must not be writable
@@ -107,7 +109,9 @@ class NetPubSub(PubSub):
         if self._state != _OFFLINE:
             raise RuntimeError("Cannot change broker on a connected pub-sub")
         self._address = address
-        self._authkey = authkey if authkey is not None else multiprocessing.current_process().authkey
+        self._authkey = (
+            authkey if authkey is not None else multiprocessing.current_process().authkey
+        )
         self._credentials = None
 
     @property
@@ -247,7 +251,7 @@ class NetPubSub(PubSub):
         if topic.__class__ is not tuple:
             topic = as_topic(topic)
         if self._state != _OFFLINE and not (topic and topic[-1] == LOCAL_SUFFIX):
-            self._send(self._encode(topic, message))  # type: ignore[arg-type]
+            self._send(self._encode(topic, message))
         PubSub.publish(self, topic, **message)
 
     def _encode(self, topic: Tuple[str, ...], message: dict[str, Any]) -> bytes:
@@ -422,14 +426,16 @@ class NetPubSub(PubSub):
 
 
 def _handshake(sock: socket.socket, authkey: bytes) -> int:
-    """multiprocessing's mutual challenge, then HELLO; the broker's maximum message size."""
+    """Authenticate, then say HELLO; return the broker's maximum message size."""
     try:
-        return _exchange(sock, authkey)
+        authenticate(sock, authkey)
+        return _hello(sock)
     except BlockingIOError:  # SO_RCVTIMEO expired
         raise TimeoutError("the broker did not complete the handshake in time") from None
 
 
-def _exchange(sock: socket.socket, authkey: bytes) -> int:
+def authenticate(sock: socket.socket, authkey: bytes) -> None:
+    """multiprocessing.connection's mutual challenge, as its Client does it."""
     challenge = _recv_mp(sock)
     sock.sendall(proto.answer_challenge(authkey, challenge))
     if _recv_mp(sock) != proto.WELCOME_MSG:
@@ -442,9 +448,11 @@ def _exchange(sock: socket.socket, authkey: bytes) -> int:
         sock.sendall(proto.mp_frame(proto.FAILURE_MSG))
         raise
     sock.sendall(proto.mp_frame(proto.WELCOME_MSG))
+
+
+def _hello(sock: socket.socket) -> int:
     sock.sendall(proto.frame(proto.HELLO, proto.HELLO_BODY.pack(proto.VERSION)))
-    header = _recv_exact(sock, 5)
-    size, kind = proto.HEADER.unpack(header)
+    size, kind = proto.HEADER.unpack(_recv_exact(sock, 5))
     if size > 4096:
         raise ProtocolError("the broker's answer to HELLO is too long")
     body = _recv_exact(sock, size)

@@ -137,7 +137,12 @@ def frame(kind: int, body: bytes) -> bytes:
 
 def pub_frame(topic: bytes, payload: bytes) -> bytes:
     """A PUB frame for an encoded topic and a pickled message."""
-    return HEADER.pack(4 + len(topic) + len(payload), PUB) + TOPIC_LEN.pack(len(topic)) + topic + payload
+    return (
+        HEADER.pack(4 + len(topic) + len(payload), PUB)
+        + TOPIC_LEN.pack(len(topic))
+        + topic
+        + payload
+    )
 
 
 def split_pub(frame: bytes) -> Tuple[bytes, bytes]:
@@ -195,4 +200,3 @@ def hello_version(frame: bytes) -> int:
         raise ProtocolError("malformed HELLO frame")
     version: int = HELLO_BODY.unpack_from(frame, 5)[0]
     return version
-

@@ -8,6 +8,7 @@ The standalone broker writes its ``(address, authkey)`` pickle to FILE
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import secrets
@@ -88,10 +89,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     try:
         broker.start()
     finally:
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(args.file)
-        except FileNotFoundError:
-            pass
 
 
 if __name__ == "__main__":

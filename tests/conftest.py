@@ -43,14 +43,15 @@ class BrokerProcess:
     def start(self) -> BrokerProcess:
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(self.args, stdout=log, stderr=log, cwd=ROOT)
-        wait_for(self._ready, what="the broker's credentials file")
+        wait_for(self._ready, what="the broker to listen")
         return self
 
     def _ready(self) -> bool:
         assert self.proc is not None
         if self.proc.poll() is not None:
             pytest.fail(f"broker exited with {self.proc.returncode}: {self.log.read_text()}")
-        return self.credentials.exists()
+        # The broker writes its credentials, then logs that it listens.
+        return "broker listening on" in self.output()
 
     @property
     def pid(self) -> int:
@@ -94,7 +95,9 @@ def broker_factory(tmp_path: Path) -> Iterator[Callable[..., BrokerProcess]]:
 
 
 @pytest.fixture(params=["unix", "tcp"])
-def broker(request: pytest.FixtureRequest, broker_factory: Callable[..., BrokerProcess], tmp_path: Path) -> BrokerProcess:
+def broker(
+    request: pytest.FixtureRequest, broker_factory: Callable[..., BrokerProcess], tmp_path: Path
+) -> BrokerProcess:
     """A broker on a Unix socket, then on TCP 127.0.0.1."""
     address = str(tmp_path / "b.sock") if request.param == "unix" else "127.0.0.1:0"
     return broker_factory(address)

@@ -7,11 +7,12 @@ import pickle
 import selectors
 import threading
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Tuple, Type
 
 import pytest
 
 import mpubsub
+import mpubsub.broker
 import mpubsub.net
 from mpubsub import AuthenticationError, CredentialsError, NetPubSub
 from mpubsub.errors import MPubSubError
@@ -38,8 +39,8 @@ def connect(broker: BrokerProcess) -> Iterator[Callable[..., NetPubSub]]:
     """Make connected pub-subs for the broker; all are disconnected at the end."""
     made: List[NetPubSub] = []
 
-    def make(cls: type = NetPubSub) -> NetPubSub:
-        pubsub: NetPubSub = cls.from_file(broker.credentials)
+    def make(cls: Type[NetPubSub] = NetPubSub) -> NetPubSub:
+        pubsub = cls.from_file(broker.credentials)
         pubsub.connect()
         made.append(pubsub)
         return pubsub
@@ -69,8 +70,6 @@ def poll_until(pubsub: NetPubSub, condition: Callable[[], Any], what: str = "mes
 
 def test_public_names() -> None:
     """The 0.0.1 names exist: mpubsub.net.PubSub is NetPubSub, mpubsub.broker has Broker, main."""
-    import mpubsub.broker
-
     assert mpubsub.net.PubSub is NetPubSub
     assert mpubsub.broker.Broker is mpubsub.Broker
     assert callable(mpubsub.broker.main)
@@ -81,6 +80,7 @@ def test_public_names() -> None:
 def test_delivery_no_echo(connect: Callable[..., NetPubSub]) -> None:
     """A message reaches the other pub-sub once, and local subscribers once, never echoed."""
     alice, bob = connect(Recording), connect()
+    assert isinstance(alice, Recording)
     here: Received = []
     there: Received = []
     sub_here, sub_there = collect(here), collect(there)
@@ -100,6 +100,7 @@ def test_delivery_no_echo(connect: Callable[..., NetPubSub]) -> None:
 def test_local_topic_stays_local(connect: Callable[..., NetPubSub]) -> None:
     """A topic ending in '*local' is delivered in its pub-sub only."""
     alice, bob = connect(), connect(Recording)
+    assert isinstance(bob, Recording)
     here: Received = []
     there: Received = []
     sub_here, sub_there = collect(here), collect(there)
@@ -116,7 +117,8 @@ def test_local_topic_stays_local(connect: Callable[..., NetPubSub]) -> None:
 def test_routing_by_subscription(connect: Callable[..., NetPubSub]) -> None:
     """Hierarchy, catch-all and broadcast hold across the network; others get nothing."""
     pub = connect()
-    parent, catch_all, other = connect(Recording), connect(Recording), connect(Recording)
+    parent, catch_all, other = connect(), connect(), connect(Recording)
+    assert isinstance(other, Recording)
     got: Dict[str, Received] = {"parent": [], "all": [], "other": []}
     subs = {name: collect(lst) for name, lst in got.items()}
     parent.add_subscriber("a", subs["parent"])
@@ -139,6 +141,7 @@ def test_routing_by_subscription(connect: Callable[..., NetPubSub]) -> None:
 def test_unsubscribe_stops_remote_delivery(connect: Callable[..., NetPubSub]) -> None:
     """After the last subscriber of a topic goes, the broker stops sending it."""
     pub, sub = connect(), connect(Recording)
+    assert isinstance(sub, Recording)
     got: Received = []
     fn = collect(got)
     sub.add_subscriber("t", fn)

@@ -1,0 +1,340 @@
+"""Tests for mpubsub._broker: a broker no client can stall or break."""
+
+from __future__ import annotations
+
+import glob
+import hmac
+import multiprocessing.connection as mpc
+import os
+import pickle
+import shutil
+import socket
+import struct
+import subprocess
+import threading
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+
+import pytest
+
+from mpubsub import AuthenticationError, Broker, NetPubSub, ProtocolError
+from mpubsub import _protocol as proto
+from mpubsub._credentials import connect_socket
+from mpubsub._netpubsub import authenticate
+
+from .conftest import BrokerProcess, wait_for
+
+Received = List[Dict[str, Any]]
+
+
+@pytest.fixture
+def clients() -> Iterator[List[NetPubSub]]:
+    """NetPubSubs made by a test, all disconnected at its end."""
+    made: List[NetPubSub] = []
+    yield made
+    for pubsub in made:
+        if pubsub._state != "offline":
+            pubsub.disconnect()
+
+
+def connected(broker: BrokerProcess, made: List[NetPubSub]) -> NetPubSub:
+    pubsub = NetPubSub.from_file(broker.credentials)
+    pubsub.connect()
+    made.append(pubsub)
+    return pubsub
+
+
+def assert_serving(broker: BrokerProcess, made: List[NetPubSub]) -> None:
+    """The broker is alive and still carries a message between two new clients."""
+    assert broker.proc is not None and broker.proc.poll() is None
+    pub, sub = connected(broker, made), connected(broker, made)
+    got: Received = []
+
+    def fn(topic: Tuple[str, ...], **message: Any) -> None:
+        got.append(message)
+
+    sub.add_subscriber("alive", fn)
+    sub.flush()
+    pub.publish("alive", ok=True)
+    wait_for(lambda: sub.poll(0.05) or got, what="a message through the broker")
+
+
+def closed_by_peer(sock: socket.socket) -> bool:
+    """True once the peer has closed: reads reach EOF (or a reset)."""
+    try:
+        while sock.recv(65536):
+            pass
+    except BlockingIOError:
+        return False
+    except ConnectionResetError:
+        return True
+    return True
+
+
+def test_stuck_subscriber_beside_fast_one(
+    broker_factory: Callable[..., BrokerProcess], clients: List[NetPubSub]
+) -> None:
+    """A fast subscriber gets all 20,000 1 KiB messages; the stuck one is cut off."""
+    broker = broker_factory(None, "--max-message-size", "1048576", "--max-buffer", "4194304")
+    stuck, fast, pub = (connected(broker, clients) for _ in range(3))
+    count = [0]
+
+    def on_message(topic: Tuple[str, ...], **message: Any) -> None:
+        count[0] += 1
+
+    stuck.add_subscriber("data", on_message)  # and never polls
+    stuck.flush()
+    fast.add_subscriber("data", on_message)
+    fast.flush()
+    done = threading.Event()
+    reader = threading.Thread(target=lambda: [fast.poll(0.05) for _ in iter(done.is_set, True)])
+    reader.start()
+    try:
+        blob = b"x" * 1024
+        for i in range(20_000):
+            pub.publish("data", i=i, blob=blob)
+        wait_for(lambda: count[0] >= 20_000, timeout=60, what="all 20,000 messages")
+    finally:
+        done.set()
+        reader.join(timeout=10)
+    assert count[0] == 20_000
+    assert "slow consumer" in broker.output()
+    assert_serving(broker, clients)
+
+
+def test_silent_peers_do_not_delay_others(
+    broker_factory: Callable[..., BrokerProcess], clients: List[NetPubSub]
+) -> None:
+    """Silent unauthenticated connections never block a connect, and are dropped in time."""
+    broker = broker_factory("127.0.0.1:0", "--handshake-timeout", "1")
+    address, _ = broker.creds()
+    silent = [socket.create_connection(address) for _ in range(50)]
+    try:
+        assert_serving(broker, clients)  # while all 50 are connected and silent
+        for sock in silent:
+            sock.setblocking(False)
+        wait_for(lambda: all(closed_by_peer(s) for s in silent), what="silent peers dropped")
+    finally:
+        for sock in silent:
+            sock.close()
+    assert "no complete handshake in time" in broker.output()
+
+
+def test_port_scan_does_not_kill_the_broker(
+    broker: BrokerProcess, clients: List[NetPubSub]
+) -> None:
+    """Connections closed at once, politely or with a reset, leave the broker serving."""
+    address, _ = broker.creds()
+    for i in range(100):
+        sock = connect_socket(address, 5)
+        if i % 2:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.close()
+    assert_serving(broker, clients)
+
+
+@pytest.mark.parametrize(
+    "garbage",
+    [os.urandom(4096), b"\x7f\xff\xff\xff" + b"x" * 100, b"\x00\x00\x00\x05abc"],
+    ids=["random", "huge-length", "truncated"],
+)
+def test_garbage_before_auth(
+    broker: BrokerProcess, clients: List[NetPubSub], garbage: bytes
+) -> None:
+    """Bytes that are no handshake close that connection only."""
+    address, _ = broker.creds()
+    with connect_socket(address, 5) as sock:
+        sock.sendall(garbage)
+        if len(garbage) < 20:
+            sock.shutdown(socket.SHUT_WR)
+        sock.setblocking(False)
+        wait_for(lambda: closed_by_peer(sock), what="the broker to close the connection")
+    assert_serving(broker, clients)
+
+
+@pytest.mark.parametrize(
+    ("frame", "reason"),
+    [
+        (b"\x00\x00\x00\x03\x63abc", "unknown frame type 99"),
+        (proto.HEADER.pack(1 << 30, proto.PUB), "exceeds the limit"),
+        (proto.frame(proto.PUB, b"\x00\x00\x01\x00ab"), "PUB frame topic overruns the frame"),
+        (proto.pub_frame(b"no separator", b"x"), "malformed topic"),
+        (proto.frame(proto.HELLO, b"\x00\x01"), "unexpected frame type 1"),
+    ],
+    ids=["unknown-type", "oversized", "overrun", "bad-topic", "second-hello"],
+)
+def test_bad_frames_after_auth(
+    broker: BrokerProcess, clients: List[NetPubSub], frame: bytes, reason: str
+) -> None:
+    """A malformed frame from an authenticated client closes it alone, with a log line."""
+    bystander = connected(broker, clients)
+    got: Received = []
+
+    def fn(topic: Tuple[str, ...], **message: Any) -> None:
+        got.append(message)
+
+    bystander.add_subscriber(None, fn)
+    bystander.flush()
+    offender = connected(broker, clients)
+    with offender._io:
+        offender._write(frame)
+    wait_for(lambda: reason in broker.output(), what=f"the log line {reason!r}")
+    assert got == []
+    assert_serving(broker, clients)
+
+
+def test_wrong_protocol_version(
+    broker: BrokerProcess, clients: List[NetPubSub], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client speaking another version gets a clear ProtocolError; the broker carries on."""
+    monkeypatch.setattr(proto, "VERSION", 99)
+    pubsub = NetPubSub.from_file(broker.credentials)
+    with pytest.raises(
+        ProtocolError,
+        match=r"^the broker refused: unsupported protocol version 99; this broker speaks 1$",
+    ):
+        pubsub.connect()
+    monkeypatch.undo()
+    assert_serving(broker, clients)
+
+
+def test_malicious_pickle_is_never_run_by_the_broker(
+    broker: BrokerProcess, clients: List[NetPubSub], tmp_path: Path
+) -> None:
+    """A pickle that runs code when loaded, sent to a topic nobody wants, runs nowhere."""
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self) -> Tuple[Any, Tuple[str]]:
+            return (os.system, (f"touch {marker}",))
+
+    attacker = connected(broker, clients)
+    frame = proto.pub_frame(proto.encode_topic(("nobody",)), pickle.dumps(Evil()))
+    with attacker._io:
+        attacker._write(frame)
+    assert attacker.flush()  # the broker has handled the frame
+    assert not marker.exists()
+    assert_serving(broker, clients)
+
+
+def test_large_message_arrives_intact(broker: BrokerProcess, clients: List[NetPubSub]) -> None:
+    """A 4 MiB message below the limit travels unchanged."""
+    pub, sub = connected(broker, clients), connected(broker, clients)
+    got: Received = []
+
+    def fn(topic: Tuple[str, ...], **message: Any) -> None:
+        got.append(message)
+
+    sub.add_subscriber("big", fn)
+    sub.flush()
+    blob = os.urandom(4 * 1024 * 1024)
+    pub.publish("big", blob=blob)
+    wait_for(lambda: sub.poll(0.1) or got, what="the large message")
+    assert got == [{"blob": blob}]
+
+
+# --- multiprocessing compatibility --------------------------------------------
+
+
+def test_multiprocessing_client_authenticates(broker: BrokerProcess) -> None:
+    """multiprocessing.connection.Client passes the handshake; with a wrong key it fails."""
+    address, authkey = broker.creds()
+    mpc.Client(address, authkey=authkey).close()
+    with pytest.raises(AuthenticationError):
+        mpc.Client(address, authkey=b"wrong")
+
+
+def find_python(version: str) -> Optional[str]:
+    """A working interpreter of that version, from pyenv or the PATH."""
+    candidates = sorted(glob.glob(os.path.expanduser(f"~/.pyenv/versions/{version}.*/bin/python3")))
+    candidates.append(shutil.which(f"python{version}") or "")
+    for python in candidates:
+        if python and subprocess.run([python, "-c", ""], capture_output=True).returncode == 0:
+            return python
+    return None
+
+
+@pytest.mark.parametrize("version", ["3.9", "3.12", "3.13"])
+def test_other_pythons_authenticate(broker: BrokerProcess, version: str) -> None:
+    """Python 3.12+'s {sha256} handshake and older Pythons' MD5 one are both accepted."""
+    python = find_python(version)
+    if python is None:
+        pytest.skip(f"python{version} is not installed")
+    address, authkey = broker.creds()
+    code = (
+        "import sys, multiprocessing.connection as c;"
+        f"c.Client({address!r}, authkey={authkey!r}).close();"
+        f"c.Client({address!r}, authkey=b'bad')"
+    )
+    result = subprocess.run([python, "-c", code], capture_output=True, text=True, timeout=30)
+    assert "AuthenticationError" in result.stderr
+    assert result.stderr.count("Traceback") == 1  # the first Client succeeded
+
+
+def test_challenge_forms() -> None:
+    """Answers to legacy and {digest} challenges are the HMACs multiprocessing expects."""
+    key = b"secret"
+    legacy = os.urandom(20)
+    framed = proto.answer_challenge(key, proto.CHALLENGE + legacy)
+    assert framed[4:] == hmac.new(key, legacy, "md5").digest()
+    modern = b"{sha256}" + os.urandom(40)
+    framed = proto.answer_challenge(key, proto.CHALLENGE + modern)
+    assert framed[4:] == b"{sha256}" + hmac.new(key, modern, "sha256").digest()
+    proto.verify_answer(key, modern, hmac.new(key, modern, "md5").digest())
+    with pytest.raises(AuthenticationError):
+        proto.verify_answer(b"other", modern, framed[4:])
+
+
+def test_raw_handshake_then_hello(broker: BrokerProcess) -> None:
+    """The sequence a client speaks: authenticate, HELLO, WELCOME with the size limit."""
+    address, authkey = broker.creds()
+    with connect_socket(address, 5) as sock:
+        authenticate(sock, authkey)
+        sock.sendall(proto.frame(proto.HELLO, proto.HELLO_BODY.pack(proto.VERSION)))
+        header = sock.recv(5 + proto.WELCOME_BODY.size, socket.MSG_WAITALL)
+    _size, kind = proto.HEADER.unpack_from(header)
+    assert kind == proto.WELCOME
+    assert proto.WELCOME_BODY.unpack_from(header, 5) == (1, proto.DEFAULT_MAX_MESSAGE)
+
+
+def test_in_process_broker_stops_and_cleans_up(tmp_path: Path) -> None:
+    """Broker() binds at once, start() serves until stop(), then its socket file is gone."""
+    path = str(tmp_path / "inproc.sock")
+    broker = Broker(path, b"key")
+    assert broker.address == path and os.path.exists(path)
+    thread = threading.Thread(target=broker.start)
+    thread.start()
+    try:
+        with NetPubSub(path, b"key") as pubsub:
+            assert pubsub.flush()
+    finally:
+        broker.stop()
+        thread.join(timeout=10)
+    assert not thread.is_alive()
+    assert not os.path.exists(path)
+
+
+def test_default_address_is_private_unix_socket() -> None:
+    """Broker() with no address listens on a fresh Unix socket, removed with its directory."""
+    broker = Broker(authkey=b"k")
+    path = broker.address
+    assert isinstance(path, str) and os.path.exists(path)
+    broker.stop()
+    broker.start()  # returns at once: already stopped
+    assert not os.path.exists(os.path.dirname(path))
+
+
+def test_live_socket_is_not_stolen(tmp_path: Path) -> None:
+    """A second broker on a live socket path fails; a stale one is replaced."""
+    path = str(tmp_path / "s.sock")
+    first = Broker(path, b"k")
+    with pytest.raises(OSError, match="already listening"):
+        Broker(path, b"k")
+    first.stop()
+    first.start()
+    stale = socket.socket(socket.AF_UNIX)
+    stale.bind(path)  # a socket file with nobody listening
+    stale.close()
+    second = Broker(path, b"k")
+    second.stop()
+    second.start()

@@ -1,0 +1,74 @@
+"""Tests for mpubsub.broker's command line: ``python -m mpubsub.broker``."""
+
+from __future__ import annotations
+
+import signal
+import stat
+import subprocess
+import sys
+from pathlib import Path
+from typing import Callable
+
+import pytest
+
+from mpubsub import NetPubSub
+
+from .conftest import BrokerProcess
+
+BROKER = [sys.executable, "-m", "mpubsub.broker"]
+
+
+def run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*BROKER, *args], capture_output=True, text=True, timeout=30)
+
+
+def test_help() -> None:
+    """--help describes the file and the options, and exits 0."""
+    result = run("--help")
+    assert result.returncode == 0
+    for option in ("FILE", "--overwrite", "--address", "--max-message-size"):
+        assert option in result.stdout
+
+
+def test_existing_file_needs_overwrite(tmp_path: Path) -> None:
+    """An existing file is left alone: one line on stderr and a non-zero exit."""
+    path = tmp_path / "taken.pckl"
+    path.write_bytes(b"keep me")
+    result = run(str(path))
+    assert result.returncode != 0
+    assert result.stderr == f"error: {path} already exists; pass --overwrite to replace it\n"
+    assert path.read_bytes() == b"keep me"
+
+
+def test_unusable_address_is_one_line(tmp_path: Path) -> None:
+    """An address the broker cannot listen on is reported without a traceback."""
+    result = run(str(tmp_path / "c.pckl"), "--address", str(tmp_path / "no" / "dir.sock"))
+    assert result.returncode != 0
+    assert result.stderr.startswith("error: cannot start the broker: ")
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_credentials_file_lifecycle(
+    broker_factory: Callable[..., BrokerProcess], sig: signal.Signals
+) -> None:
+    """The file is 0600 and works with from_file; a signal stops the broker and removes it."""
+    broker = broker_factory()
+    assert stat.S_IMODE(broker.credentials.stat().st_mode) == 0o600
+    with NetPubSub.from_file(broker.credentials) as pubsub:
+        assert pubsub.flush()
+    assert broker.proc is not None
+    broker.proc.send_signal(sig)
+    assert broker.proc.wait(timeout=10) == 0
+    assert not broker.credentials.exists()
+    assert "Traceback" not in broker.output()
+
+
+def test_overwrite_replaces_file(
+    broker_factory: Callable[..., BrokerProcess], tmp_path: Path
+) -> None:
+    """--overwrite replaces a leftover file with fresh credentials."""
+    (tmp_path / "broker.pckl").write_bytes(b"stale")
+    broker = broker_factory(None, "--overwrite")
+    with NetPubSub.from_file(broker.credentials) as pubsub:
+        assert pubsub.flush()
