@@ -25,7 +25,7 @@ from .errors import AuthenticationError, ProtocolError
 
 logger = logging.getLogger("mpubsub.broker")
 
-_RECV_SIZE = 256 * 1024
+_RECV_SIZE = 64 * 1024
 _SEND_CHUNK = 256 * 1024
 _ROUTE_CACHE_SIZE = 4096
 DEFAULT_MAX_BUFFER = 32 * 1024 * 1024

@@ -33,25 +33,6 @@ def family_of(address: Any) -> socket.AddressFamily:
     raise ValueError(f"unsupported broker address {address!r}: use a socket path or (host, port)")
 
 
-def connect_socket(address: Any, timeout: float) -> socket.socket:
-    """A blocking socket connected to *address*, with send/receive timeouts."""
-    sock = socket.socket(family_of(address), socket.SOCK_STREAM)
-    try:
-        sock.settimeout(timeout)
-        sock.connect(address)
-        sock.settimeout(None)
-        # Kernel-level timeouts bound the blocking handshake reads as well.
-        timeval = int(timeout).to_bytes(8, "little") + int(timeout % 1 * 1e6).to_bytes(8, "little")
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
-        if sock.family != socket.AF_UNIX:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
-
-
 class _PlainUnpickler(pickle.Unpickler):
     """Builds plain tuples, strings, bytes and ints; refuses every global."""
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import atexit
 import collections
+import contextlib
 import logging
 import multiprocessing
 import os
@@ -12,10 +14,12 @@ import select
 import socket
 import threading
 import time
-from typing import Any, Deque, List, Optional, Set, Tuple, Type, Union
+import weakref
+from typing import Any, Deque, Dict, List, Optional, Set, Tuple, Type, Union
 
 from . import _protocol as proto
-from ._credentials import connect_socket, read_credentials
+from ._connect import connect_socket, handshake
+from ._credentials import read_credentials
 from ._pubsub import ErrorHandler, PubSub, as_topic
 from .errors import AuthenticationError, ProtocolError
 from .typing import Subscriber, Topic
@@ -28,7 +32,14 @@ LOCAL_SUFFIX = "*local"
 #: Messages kept for the broker while reconnecting; past it the oldest go.
 DEFAULT_MAX_QUEUED = 10_000
 
-_RECV_SIZE = 256 * 1024
+_RECV_SIZE = 64 * 1024
+# Publishes closer together than this are batched and sent by a writer
+# thread (fewer syscalls and wake-ups along the way); a lone publish is sent
+# at once by the publishing thread, so it never waits.
+_BURST_WINDOW = 0.0001
+# Batched bytes past which publish sends them itself (and so blocks while
+# the broker does not read: backpressure).
+_BATCH_LIMIT = 1024 * 1024
 _BACKOFF_MIN, _BACKOFF_MAX = 0.05, 5.0
 _TOPIC_CACHE_SIZE = 4096
 
@@ -77,6 +88,12 @@ class NetPubSub(PubSub):
         self._queue: Deque[bytes] = collections.deque(maxlen=max_queued)
         self._dropped = 0
         self._pongs = 0
+        self._pending: List[bytes] = []
+        self._pending_size = 0
+        self._last_send = 0.0
+        self._kick = threading.Event()
+        self._writer: Optional[threading.Thread] = None
+        self._subs_changed = False
         self._remote: Set[bytes] = set()
         self._max_message = proto.DEFAULT_MAX_MESSAGE
         self._backoff = _BACKOFF_MIN
@@ -87,6 +104,7 @@ class NetPubSub(PubSub):
         self._address: Any = None
         self._authkey = b""
         self.set_broker(address, authkey)
+        _LIVE.add(self)
 
     @classmethod
     def from_file(
@@ -132,9 +150,11 @@ class NetPubSub(PubSub):
         with self._io:
             if self._state == _OFFLINE:
                 raise RuntimeError("Not connected")
+            self._write_pending()
             self._state = _OFFLINE
             self._queue.clear()
             self._close()
+            self._kick.set()  # the writer thread ends
 
     def __enter__(self) -> NetPubSub:
         if self._state == _OFFLINE:
@@ -161,7 +181,7 @@ class NetPubSub(PubSub):
             self._address, self._authkey = read_credentials(self._credentials)
         sock = connect_socket(self._address, self._timeout)
         try:
-            max_message = _handshake(sock, self._authkey)
+            max_message = handshake(sock, self._authkey)
         except BaseException:
             sock.close()
             raise
@@ -187,6 +207,9 @@ class NetPubSub(PubSub):
             self._backoff = _BACKOFF_MIN
             self._next_attempt = time.monotonic() + self._backoff
             self._dropped = 0
+        frames, self._pending, self._pending_size = self._pending, [], 0
+        for frame in frames:
+            self._enqueue(frame)
 
     def _try_reconnect(self) -> bool:
         """One reconnection attempt if it is due; True once connected."""
@@ -203,8 +226,8 @@ class NetPubSub(PubSub):
         logger.warning("reconnected to the broker at %s", self._address)
         queued = list(self._queue)
         self._queue.clear()
-        for frame in queued:
-            self._write(frame)
+        if queued and not self._write(b"".join(queued)):
+            self._queue.extend(queued)
         return self._sock is not None
 
     # --- subscriptions -------------------------------------------------------
@@ -225,8 +248,13 @@ class NetPubSub(PubSub):
         super().clear_subscribers()
         self._sync_subscriptions()
 
+    def _commit(self, subs: Dict[Tuple[str, ...], Any]) -> None:
+        super()._commit(subs)
+        self._subs_changed = True  # garbage-collected subscribers change it too
+
     def _sync_subscriptions(self) -> None:
         with self._io:
+            self._subs_changed = False
             if self._sock is None:
                 return
             wanted = {
@@ -250,19 +278,17 @@ class NetPubSub(PubSub):
         """
         if topic.__class__ is not tuple:
             topic = as_topic(topic)
-        if self._state != _OFFLINE and not (topic and topic[-1] == LOCAL_SUFFIX):
-            self._send(self._encode(topic, message))
+        if self._state is not _OFFLINE and (not topic or topic[-1] != LOCAL_SUFFIX):
+            payload = pickle.dumps(message, protocol=5)
+            encoded = self._encoded.get(topic) or self._encode_topic(topic)
+            size = 4 + len(encoded) + len(payload)
+            if size > self._max_message:
+                raise ValueError(
+                    f"message of {size} bytes exceeds the broker's limit of "
+                    f"{self._max_message} bytes"
+                )
+            self._send(proto.PUB_HEADER.pack(size, proto.PUB, len(encoded)) + encoded + payload)
         PubSub.publish(self, topic, **message)
-
-    def _encode(self, topic: Tuple[str, ...], message: dict[str, Any]) -> bytes:
-        payload = pickle.dumps(message, protocol=5)
-        encoded = self._encode_topic(topic)
-        size = 4 + len(encoded) + len(payload)
-        if size > self._max_message:
-            raise ValueError(
-                f"message of {size} bytes exceeds the broker's limit of {self._max_message} bytes"
-            )
-        return proto.pub_frame(encoded, payload)
 
     def _encode_topic(self, topic: Tuple[str, ...]) -> bytes:
         encoded = self._encoded.get(topic)
@@ -275,11 +301,51 @@ class NetPubSub(PubSub):
 
     def _send(self, frame: bytes) -> None:
         with self._io:
-            if self._sock is None and self._state == _RECONNECTING:
-                self._try_reconnect()
-            if self._sock is not None:
-                self._write(frame)
-            else:
+            sock = self._sock
+            if sock is None:
+                if not (
+                    self._state is _RECONNECTING and self._try_reconnect() and self._write(frame)
+                ):
+                    self._enqueue(frame)
+                return
+            now = time.monotonic()
+            burst = now - self._last_send < _BURST_WINDOW
+            self._last_send = now
+            if burst or self._pending:
+                self._batch(frame)
+                return
+            try:
+                sent = sock.send(frame)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError as exc:
+                self._lost(exc.strerror or str(exc))
+                self._enqueue(frame)
+                return
+            if sent != len(frame) and not self._write(frame[sent:]):
+                self._enqueue(frame)
+
+    def _batch(self, frame: bytes) -> None:
+        self._pending.append(frame)
+        self._pending_size += len(frame)
+        if self._pending_size >= _BATCH_LIMIT:
+            self._write_pending()
+        elif not self._kick.is_set():
+            self._kick.set()
+            if self._writer is None:
+                self._writer = threading.Thread(
+                    target=_writer_main,
+                    args=(weakref.ref(self), self._kick),
+                    name="mpubsub-writer",
+                    daemon=True,
+                )
+                self._writer.start()
+
+    def _write_pending(self) -> None:
+        """Send the batched publishes (called with the lock held)."""
+        frames, self._pending, self._pending_size = self._pending, [], 0
+        if frames and not self._write(b"".join(frames)):
+            for frame in frames:
                 self._enqueue(frame)
 
     def _enqueue(self, frame: bytes) -> None:
@@ -293,11 +359,16 @@ class NetPubSub(PubSub):
             self._dropped += 1
         self._queue.append(frame)
 
-    def _write(self, data: bytes) -> None:
-        """Send all of *data*, reading what arrives meanwhile (called with the lock)."""
+    def _write(self, data: bytes) -> bool:
+        """Send all of *data*, reading what arrives meanwhile; False if the connection broke.
+
+        Called with the lock held. Blocks only while the broker does not read.
+        """
         sock = self._sock
         view = memoryview(data)
-        while view and sock is not None:
+        while view:
+            if sock is None:
+                return False
             try:
                 view = view[sock.send(view) :]
             except (BlockingIOError, InterruptedError):
@@ -307,8 +378,8 @@ class NetPubSub(PubSub):
                     sock = self._sock
             except OSError as exc:
                 self._lost(exc.strerror or str(exc))
-                self._enqueue(data)
-                return
+                return False
+        return True
 
     def flush(self) -> bool:
         """Push what waits for the broker and wait until the broker has handled it.
@@ -324,6 +395,7 @@ class NetPubSub(PubSub):
             if self._sock is None:
                 return False
             self._pongs = 0
+            self._write_pending()
             self._write(_PING)
             deadline = time.monotonic() + self._timeout
             while not self._pongs:
@@ -347,32 +419,38 @@ class NetPubSub(PubSub):
         happens. RuntimeError if the pub-sub is not connected at all.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
+        waited = False
         while True:
-            with self._io:
-                if self._state == _OFFLINE:
-                    raise RuntimeError("Not connected")
-                if self._sock is None:
-                    self._try_reconnect()
-                self._sync_subscriptions()
-                if self._sock is not None:
-                    self._read_available()
-                frames = list(self._inbox)
-                self._inbox.clear()
-                sock, next_attempt = self._sock, self._next_attempt
+            frames, sock, next_attempt = self._receive(read=waited)
             if frames:
                 self._dispatch(frames)
                 return True
-            remaining = None if deadline is None else deadline - time.monotonic()
-            if remaining is not None and remaining <= 0:
+            if waited and deadline is not None and time.monotonic() >= deadline:
                 return False
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
             if sock is None:
                 pause = max(0.0, next_attempt - time.monotonic())
                 time.sleep(pause if remaining is None else min(pause, remaining))
-                continue
-            try:
-                select.select([sock], [], [], remaining)
-            except (OSError, ValueError):
-                continue  # closed by another thread; the next round sees why
+            else:
+                # Closed by another thread meanwhile? Reading next tells why.
+                with contextlib.suppress(OSError, ValueError):
+                    select.select([sock], [], [], remaining)
+            waited = True
+
+    def _receive(self, read: bool) -> Tuple[List[bytes], Optional[socket.socket], float]:
+        """Reconnect or sync if needed, read if asked; what waits to be delivered."""
+        with self._io:
+            if self._state == _OFFLINE:
+                raise RuntimeError("Not connected")
+            if self._sock is None:
+                self._try_reconnect()
+            elif self._subs_changed:
+                self._sync_subscriptions()
+            if read and self._sock is not None:
+                self._read_available()
+            frames = list(self._inbox)
+            self._inbox.clear()
+            return frames, self._sock, self._next_attempt
 
     def wait_forever(self) -> None:
         """Deliver messages from the broker until ``disconnect()`` (from a subscriber)."""
@@ -425,57 +503,28 @@ class NetPubSub(PubSub):
             PubSub.publish(self, topic, **message)
 
 
-def _handshake(sock: socket.socket, authkey: bytes) -> int:
-    """Authenticate, then say HELLO; return the broker's maximum message size."""
-    try:
-        authenticate(sock, authkey)
-        return _hello(sock)
-    except BlockingIOError:  # SO_RCVTIMEO expired
-        raise TimeoutError("the broker did not complete the handshake in time") from None
+def _writer_main(ref: weakref.ReferenceType[NetPubSub], kick: threading.Event) -> None:
+    """Send what a pub-sub batched, until it disconnects or is garbage-collected."""
+    while True:
+        kick.wait(1.0)
+        pubsub = ref()
+        if pubsub is None:
+            return
+        with pubsub._io:
+            kick.clear()
+            pubsub._write_pending()
+            if pubsub._state is _OFFLINE:
+                pubsub._writer = None
+                return
+        del pubsub
 
 
-def authenticate(sock: socket.socket, authkey: bytes) -> None:
-    """multiprocessing.connection's mutual challenge, as its Client does it."""
-    challenge = _recv_mp(sock)
-    sock.sendall(proto.answer_challenge(authkey, challenge))
-    if _recv_mp(sock) != proto.WELCOME_MSG:
-        raise AuthenticationError("digest sent was rejected")
-    framed, message = proto.new_challenge()
-    sock.sendall(framed)
-    try:
-        proto.verify_answer(authkey, message, _recv_mp(sock))
-    except AuthenticationError:
-        sock.sendall(proto.mp_frame(proto.FAILURE_MSG))
-        raise
-    sock.sendall(proto.mp_frame(proto.WELCOME_MSG))
+# Publishes still batched when the interpreter exits are sent first.
+_LIVE: weakref.WeakSet[NetPubSub] = weakref.WeakSet()
 
 
-def _hello(sock: socket.socket) -> int:
-    sock.sendall(proto.frame(proto.HELLO, proto.HELLO_BODY.pack(proto.VERSION)))
-    size, kind = proto.HEADER.unpack(_recv_exact(sock, 5))
-    if size > 4096:
-        raise ProtocolError("the broker's answer to HELLO is too long")
-    body = _recv_exact(sock, size)
-    if kind == proto.ERROR:
-        raise ProtocolError(f"the broker refused: {body.decode(errors='replace')}")
-    if kind != proto.WELCOME or len(body) != proto.WELCOME_BODY.size:
-        raise ProtocolError("the broker did not answer HELLO")
-    _version, max_message = proto.WELCOME_BODY.unpack(body)
-    return int(max_message)
-
-
-def _recv_mp(sock: socket.socket) -> bytes:
-    (size,) = proto.MP_LEN.unpack(_recv_exact(sock, 4))
-    if not 0 <= size <= proto.HANDSHAKE_MAX:
-        raise ProtocolError("the peer does not speak multiprocessing's handshake")
-    return _recv_exact(sock, size)
-
-
-def _recv_exact(sock: socket.socket, size: int) -> bytes:
-    data = b""
-    while len(data) < size:
-        chunk = sock.recv(size - len(data))
-        if not chunk:
-            raise ConnectionResetError("the broker closed the connection during the handshake")
-        data += chunk
-    return data
+@atexit.register
+def _flush_at_exit() -> None:
+    for pubsub in list(_LIVE):
+        with pubsub._io:
+            pubsub._write_pending()

@@ -39,6 +39,7 @@ HELLO, WELCOME, ERROR, SUB, UNSUB, PUB, PING, PONG = range(1, 9)
 FRAME_TYPES = frozenset((HELLO, WELCOME, ERROR, SUB, UNSUB, PUB, PING, PONG))
 
 HEADER = struct.Struct("!IB")
+PUB_HEADER = struct.Struct("!IBI")  # the header and the topic length of a PUB frame
 TOPIC_LEN = struct.Struct("!I")
 HELLO_BODY = struct.Struct("!H")
 WELCOME_BODY = struct.Struct("!HQ")

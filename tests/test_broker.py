@@ -11,6 +11,7 @@ import shutil
 import socket
 import struct
 import subprocess
+import sys
 import threading
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
@@ -19,12 +20,12 @@ import pytest
 
 from mpubsub import AuthenticationError, Broker, NetPubSub, ProtocolError
 from mpubsub import _protocol as proto
-from mpubsub._credentials import connect_socket
-from mpubsub._netpubsub import authenticate
+from mpubsub._connect import authenticate, connect_socket
 
 from .conftest import BrokerProcess, wait_for
 
 Received = List[Dict[str, Any]]
+HELPERS = Path(__file__).resolve().parent / "helpers"
 
 
 @pytest.fixture
@@ -74,31 +75,47 @@ def closed_by_peer(sock: socket.socket) -> bool:
 def test_stuck_subscriber_beside_fast_one(
     broker_factory: Callable[..., BrokerProcess], clients: List[NetPubSub]
 ) -> None:
-    """A fast subscriber gets all 20,000 1 KiB messages; the stuck one is cut off."""
-    broker = broker_factory(None, "--max-message-size", "1048576", "--max-buffer", "4194304")
-    stuck, fast, pub = (connected(broker, clients) for _ in range(3))
-    count = [0]
+    """A fast subscriber process gets all 20,000 1 KiB messages; the stuck one is cut off."""
+    broker = broker_factory(None, "--max-message-size", "1048576", "--max-buffer", "8388608")
+    stuck, pub = connected(broker, clients), connected(broker, clients)
+    stuck.add_subscriber("data", lambda topic, **message: None, weak=False)
+    stuck.flush()  # and never polls
+    acked = [0]
 
-    def on_message(topic: Tuple[str, ...], **message: Any) -> None:
-        count[0] += 1
+    def on_ack(topic: Tuple[str, ...], received: int) -> None:
+        acked[0] = received
 
-    stuck.add_subscriber("data", on_message)  # and never polls
-    stuck.flush()
-    fast.add_subscriber("data", on_message)
-    fast.flush()
-    done = threading.Event()
-    reader = threading.Thread(target=lambda: [fast.poll(0.05) for _ in iter(done.is_set, True)])
-    reader.start()
+    pub.add_subscriber("ack", on_ack)
+    pub.flush()
+    fast = subprocess.Popen(
+        [
+            sys.executable,
+            str(HELPERS / "subscriber.py"),
+            str(broker.credentials),
+            "data",
+            "20000",
+            "500",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
+        assert fast.stdout is not None
+        assert fast.stdout.readline() == "ready\n"
         blob = b"x" * 1024
-        for i in range(20_000):
-            pub.publish("data", i=i, blob=blob)
-        wait_for(lambda: count[0] >= 20_000, timeout=60, what="all 20,000 messages")
+        for seq in range(20_000):
+            # A healthy subscriber keeps up: stay at most 2,000 messages ahead of it.
+            while seq - acked[0] > 2000:
+                pub.poll(0.05)
+                assert fast.poll() is None, "the fast subscriber exited"
+            pub.publish("data", seq=seq, blob=blob)
+        out, _ = fast.communicate(timeout=60)
     finally:
-        done.set()
-        reader.join(timeout=10)
-    assert count[0] == 20_000
-    assert "slow consumer" in broker.output()
+        if fast.poll() is None:
+            fast.kill()
+            fast.wait()
+    assert out == "received 20000 in order\n"
+    wait_for(lambda: "slow consumer" in broker.output(), what="the slow consumer log line")
     assert_serving(broker, clients)
 
 

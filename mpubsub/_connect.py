@@ -1,0 +1,85 @@
+"""The client's side of a connection: connect, authenticate, say HELLO (blocking)."""
+
+from __future__ import annotations
+
+import socket
+from typing import Any
+
+from . import _protocol as proto
+from ._credentials import family_of
+from .errors import AuthenticationError, ProtocolError
+
+
+def connect_socket(address: Any, timeout: float) -> socket.socket:
+    """A blocking socket connected to *address*, with send/receive timeouts."""
+    sock = socket.socket(family_of(address), socket.SOCK_STREAM)
+    try:
+        sock.settimeout(timeout)
+        sock.connect(address)
+        sock.settimeout(None)
+        # Kernel-level timeouts bound the blocking handshake reads as well.
+        timeval = int(timeout).to_bytes(8, "little") + int(timeout % 1 * 1e6).to_bytes(8, "little")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
+        if sock.family != socket.AF_UNIX:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def handshake(sock: socket.socket, authkey: bytes) -> int:
+    """Authenticate, then say HELLO; return the broker's maximum message size."""
+    try:
+        authenticate(sock, authkey)
+        return _hello(sock)
+    except BlockingIOError:  # SO_RCVTIMEO expired
+        raise TimeoutError("the broker did not complete the handshake in time") from None
+
+
+def authenticate(sock: socket.socket, authkey: bytes) -> None:
+    """multiprocessing.connection's mutual challenge, as its Client does it."""
+    challenge = _recv_mp(sock)
+    sock.sendall(proto.answer_challenge(authkey, challenge))
+    if _recv_mp(sock) != proto.WELCOME_MSG:
+        raise AuthenticationError("digest sent was rejected")
+    framed, message = proto.new_challenge()
+    sock.sendall(framed)
+    try:
+        proto.verify_answer(authkey, message, _recv_mp(sock))
+    except AuthenticationError:
+        sock.sendall(proto.mp_frame(proto.FAILURE_MSG))
+        raise
+    sock.sendall(proto.mp_frame(proto.WELCOME_MSG))
+
+
+def _hello(sock: socket.socket) -> int:
+    sock.sendall(proto.frame(proto.HELLO, proto.HELLO_BODY.pack(proto.VERSION)))
+    size, kind = proto.HEADER.unpack(_recv_exact(sock, 5))
+    if size > 4096:
+        raise ProtocolError("the broker's answer to HELLO is too long")
+    body = _recv_exact(sock, size)
+    if kind == proto.ERROR:
+        raise ProtocolError(f"the broker refused: {body.decode(errors='replace')}")
+    if kind != proto.WELCOME or len(body) != proto.WELCOME_BODY.size:
+        raise ProtocolError("the broker did not answer HELLO")
+    _version, max_message = proto.WELCOME_BODY.unpack(body)
+    return int(max_message)
+
+
+def _recv_mp(sock: socket.socket) -> bytes:
+    (size,) = proto.MP_LEN.unpack(_recv_exact(sock, 4))
+    if not 0 <= size <= proto.HANDSHAKE_MAX:
+        raise ProtocolError("the peer does not speak multiprocessing's handshake")
+    return _recv_exact(sock, size)
+
+
+def _recv_exact(sock: socket.socket, size: int) -> bytes:
+    data = b""
+    while len(data) < size:
+        chunk = sock.recv(size - len(data))
+        if not chunk:
+            raise ConnectionResetError("the broker closed the connection during the handshake")
+        data += chunk
+    return data
