@@ -1,6 +1,7 @@
 # The single source of truth for building, testing and measuring mpubsub.
 PYTHON ?= python3
 VENV ?= .venv
+CREDENTIALS ?= $(HOME)/.mpubsub.pckl
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
@@ -19,6 +20,9 @@ lint: $(STAMP)
 	$(PY) -m ruff check mpubsub tests benchmarks examples
 	$(PY) -m ruff format --check mpubsub tests benchmarks examples
 	$(PY) -m mypy
+
+run: $(STAMP)
+	$(PY) -m mpubsub.broker --overwrite $(CREDENTIALS)
 
 bench: $(STAMP)
 	$(PY) benchmarks/run.py $(if $(QUICK),--quick)

@@ -28,6 +28,7 @@ logger = logging.getLogger("mpubsub.broker")
 _RECV_SIZE = 64 * 1024
 _SEND_CHUNK = 256 * 1024
 _ROUTE_CACHE_SIZE = 4096
+_ACCEPT_PAUSE = 0.5
 DEFAULT_MAX_BUFFER = 32 * 1024 * 1024
 _PONG = proto.frame(proto.PONG, b"")
 
@@ -108,6 +109,7 @@ class Broker:
         self._routes: Dict[bytes, Tuple[_Client, ...]] = {}
         self._dirty: Set[_Client] = set()
         self._count = 0
+        self._accept_again = 0.0  # when accepting resumes after running out of descriptors
         self._selector: Optional[selectors.BaseSelector] = None
 
     @property
@@ -192,6 +194,9 @@ class Broker:
             if self._dirty:
                 self._flush_dirty()
             now = time.monotonic()
+            if self._accept_again and now >= self._accept_again:
+                self._accept_again = 0.0
+                self._selector.register(self._listener, selectors.EVENT_READ)
             if now >= next_expiry:
                 self._expire_handshakes(now)
                 next_expiry = now + 0.5
@@ -205,10 +210,15 @@ class Broker:
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
-                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    logger.error("refusing connections: %s", exc.strerror)
-                    return
-                raise
+                if exc.errno not in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    raise
+                # Out of descriptors: stop accepting for a moment (the backlog
+                # waits, then overflows) and keep serving the connected ones.
+                logger.error("refusing new connections for %.1f s: %s", _ACCEPT_PAUSE, exc.strerror)
+                assert self._selector is not None
+                self._selector.unregister(self._listener)
+                self._accept_again = time.monotonic() + _ACCEPT_PAUSE
+                return
             sock.setblocking(False)
             self._count += 1
             client = _Client(sock, self._count, time.monotonic() + self._timeout)

@@ -21,7 +21,7 @@ from . import _protocol as proto
 from ._connect import connect_socket, handshake
 from ._credentials import read_credentials
 from ._pubsub import ErrorHandler, PubSub, as_topic
-from .errors import AuthenticationError, ProtocolError
+from .errors import MPubSubError, ProtocolError
 from .typing import Subscriber, Topic
 
 logger = logging.getLogger("mpubsub.net")
@@ -217,7 +217,7 @@ class NetPubSub(PubSub):
             return False
         try:
             self._open()
-        except (OSError, AuthenticationError, ProtocolError, ValueError) as exc:
+        except (OSError, MPubSubError, ValueError) as exc:
             self._backoff = min(self._backoff * 2, _BACKOFF_MAX)
             self._next_attempt = time.monotonic() + self._backoff * random.uniform(0.5, 1.0)
             logger.debug("reconnection failed: %s", exc)
@@ -453,10 +453,17 @@ class NetPubSub(PubSub):
             return frames, self._sock, self._next_attempt
 
     def wait_forever(self) -> None:
-        """Deliver messages from the broker until ``disconnect()`` (from a subscriber)."""
+        """Deliver messages from the broker until a subscriber calls ``disconnect()``.
+
+        RuntimeError if the pub-sub is not connected to begin with.
+        """
+        self.poll(0)
         while self._state != _OFFLINE:
-            self.poll(None)
-        raise RuntimeError("Not connected")
+            try:
+                self.poll(None)
+            except RuntimeError:
+                if self._state != _OFFLINE:
+                    raise  # not ours: from a subscriber's error handler
 
     def _read_available(self) -> None:
         sock = self._sock

@@ -32,10 +32,13 @@ def wait_for(condition: Callable[[], Any], timeout: float = 10.0, what: str = "c
 class BrokerProcess:
     """A standalone broker (``python -m mpubsub.broker``) in a child process."""
 
-    def __init__(self, credentials: Path, address: Optional[str], extra: List[str]) -> None:
+    def __init__(
+        self, credentials: Path, address: Optional[str], extra: List[str], prefix: List[str]
+    ) -> None:
         self.credentials = credentials
         self.log = credentials.with_suffix(".log")
-        self.args = [sys.executable, "-m", "mpubsub.broker", str(credentials), "-v", *extra]
+        broker = [sys.executable, "-m", "mpubsub.broker", str(credentials), "-v", *extra]
+        self.args = [*prefix, *broker]
         if address:
             self.args += ["--address", address]
         self.proc: Optional[subprocess.Popen[bytes]] = None
@@ -84,8 +87,13 @@ def broker_factory(tmp_path: Path) -> Iterator[Callable[..., BrokerProcess]]:
     """Start brokers on demand; every one is stopped at the end of the test."""
     started: List[BrokerProcess] = []
 
-    def start(address: Optional[str] = None, *extra: str, name: str = "broker") -> BrokerProcess:
-        broker = BrokerProcess(tmp_path / f"{name}.pckl", address, list(extra))
+    def start(
+        address: Optional[str] = None,
+        *extra: str,
+        name: str = "broker",
+        prefix: Tuple[str, ...] = (),
+    ) -> BrokerProcess:
+        broker = BrokerProcess(tmp_path / f"{name}.pckl", address, list(extra), list(prefix))
         started.append(broker)
         return broker.start()
 

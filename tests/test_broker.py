@@ -137,6 +137,51 @@ def test_silent_peers_do_not_delay_others(
     assert "no complete handshake in time" in broker.output()
 
 
+def test_out_of_descriptors(
+    broker_factory: Callable[..., BrokerProcess], clients: List[NetPubSub]
+) -> None:
+    """Out of descriptors, the broker refuses new clients with a log line and serves the rest."""
+    if shutil.which("prlimit") is None:
+        pytest.skip("prlimit is not installed")
+    broker = broker_factory(None, prefix=("prlimit", "--nofile=40:40"))
+    pub = connected(broker, clients)
+    sub = connected(broker, clients)
+    got: Received = []
+
+    def fn(topic: Tuple[str, ...], **message: Any) -> None:
+        got.append(message)
+
+    sub.add_subscriber("t", fn)
+    sub.flush()
+    refused = 0
+    while refused < 2 and len(clients) < 60:
+        extra = NetPubSub.from_file(broker.credentials, timeout=0.5)
+        try:
+            extra.connect()
+        except OSError:
+            refused += 1
+            continue
+        clients.append(extra)
+    assert refused > 0
+    assert "refusing new connections" in broker.output()
+    pub.publish("t", n=1)
+    wait_for(lambda: sub.poll(0.05) or got, what="delivery while out of descriptors")
+    for extra in clients[2:]:
+        extra.disconnect()
+    del clients[2:]
+    wait_for(lambda: _connects(broker, clients), what="accepting to resume")
+
+
+def _connects(broker: BrokerProcess, made: List[NetPubSub]) -> bool:
+    pubsub = NetPubSub.from_file(broker.credentials, timeout=0.5)
+    try:
+        pubsub.connect()
+    except OSError:
+        return False
+    made.append(pubsub)
+    return True
+
+
 def test_port_scan_does_not_kill_the_broker(
     broker: BrokerProcess, clients: List[NetPubSub]
 ) -> None:

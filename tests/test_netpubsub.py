@@ -316,3 +316,23 @@ def test_reconnects_after_broker_restart(
 
         wait_for(resumed, what="traffic to resume")
         assert sub.connected and pub.connected
+
+
+def test_wait_forever_until_disconnect(connect: Callable[..., NetPubSub]) -> None:
+    """wait_forever delivers until a subscriber disconnects, then returns."""
+    pub, sub = connect(), connect()
+    got: Received = []
+
+    def until_stop(topic: Tuple[str, ...], **message: Any) -> None:
+        got.append((topic, message))
+        if topic == ("stop",):
+            sub.disconnect()
+
+    sub.add_subscriber(None, until_stop)
+    sub.flush()
+    pub.publish("data", n=1)
+    pub.publish("stop")
+    sub.wait_forever()
+    assert got == [(("data",), {"n": 1}), (("stop",), {})]
+    with pytest.raises(RuntimeError, match=r"^Not connected$"):
+        sub.wait_forever()
