@@ -174,7 +174,6 @@ class Broker:
     def _serve(self) -> None:
         assert self._selector is not None
         select = self._selector.select
-        clients = self._clients
         next_expiry = time.monotonic() + 1.0
         while not self._stopping:
             for key, events in select(0.5):
@@ -184,9 +183,9 @@ class Broker:
                 elif sock is self._wake_r:
                     self._wake_r.recv(64)
                 else:
-                    client = clients.get(key.fd)
-                    if client is None:
-                        continue
+                    client = key.data
+                    if client.sock.fileno() < 0:
+                        continue  # dropped earlier in this round
                     if events & selectors.EVENT_READ:
                         self._read(client)
                     if events & selectors.EVENT_WRITE and client.sock.fileno() >= 0:
@@ -230,7 +229,7 @@ class Broker:
                 continue
             self._clients[sock.fileno()] = client
             assert self._selector is not None
-            self._selector.register(sock, selectors.EVENT_READ)
+            self._selector.register(sock, selectors.EVENT_READ, client)
 
     def _drop(self, client: _Client, level: int, reason: str) -> None:
         if client.sock.fileno() < 0:
@@ -439,7 +438,7 @@ class Broker:
             client.writing = want
             events = selectors.EVENT_READ | (selectors.EVENT_WRITE if want else 0)
             assert self._selector is not None
-            self._selector.modify(client.sock, events)
+            self._selector.modify(client.sock, events, client)
 
     def _close_all(self) -> None:
         for client in list(self._clients.values()):

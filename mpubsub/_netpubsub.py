@@ -494,9 +494,11 @@ class NetPubSub(PubSub):
                 return
 
     def _dispatch(self, frames: List[bytes]) -> None:
+        unpack = proto.TOPIC_LEN.unpack_from
         for frame in frames:
             try:
-                encoded, payload = proto.split_pub(frame)
+                end = 9 + unpack(frame, 5)[0]  # the broker checked the frame's layout
+                encoded, payload = frame[9:end], frame[end:]
                 topic = self._decoded.get(encoded)
                 if topic is None:
                     topic = proto.decode_topic(encoded)

@@ -29,7 +29,7 @@ from __future__ import annotations
 import hmac
 import os
 import struct
-from typing import List, Tuple
+from typing import List, Tuple, Union
 
 from .errors import AuthenticationError, ProtocolError
 
@@ -177,22 +177,30 @@ class FrameDecoder:
 
     def feed(self, data: bytes) -> List[Tuple[int, bytes]]:
         buf = self._buf
-        buf += data
+        if buf:
+            buf += data
+            frames, used = self._split(buf)
+            del buf[:used]
+        else:  # the usual case: parse the bytes as received, without copying them first
+            frames, used = self._split(data)
+            buf += memoryview(data)[used:]
+        return frames
+
+    def _split(self, data: Union[bytes, bytearray]) -> Tuple[List[Tuple[int, bytes]], int]:
         frames = []
-        pos, end = 0, len(buf)
+        pos, end = 0, len(data)
         unpack = HEADER.unpack_from
         while end - pos >= 5:
-            size, kind = unpack(buf, pos)
+            size, kind = unpack(data, pos)
             if kind not in FRAME_TYPES:
                 raise ProtocolError(f"unknown frame type {kind}")
             if size > self.max_body:
                 raise ProtocolError(f"frame of {size} bytes exceeds the limit of {self.max_body}")
             if end - pos - 5 < size:
                 break
-            frames.append((kind, bytes(buf[pos : pos + 5 + size])))
+            frames.append((kind, bytes(data[pos : pos + 5 + size])))
             pos += 5 + size
-        del buf[:pos]
-        return frames
+        return frames, pos
 
 
 def hello_version(frame: bytes) -> int:
