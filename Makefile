@@ -1,11 +1,24 @@
-# The single source of truth for building, testing and measuring mpubsub.
+# The single source of truth for building, testing, measuring and installing mpubsub.
 PYTHON ?= python3
 VENV ?= .venv
-CREDENTIALS ?= $(HOME)/.mpubsub.pckl
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+SOURCES := mpubsub mpubsubd tests benchmarks examples
 
-.PHONY: test lint run bench install clean
+# make install: a self-contained copy of the package and its daemon's
+# dependencies under $(LIBDIR), run by the system's Python (as systemd
+# would run it: not a Python under /root or /home).
+PREFIX ?= /usr/local
+SYSCONFDIR ?= /etc
+UNITDIR ?= $(PREFIX)/lib/systemd/system
+INSTALL_PYTHON ?= /usr/bin/python3
+LIBDIR := $(PREFIX)/lib/mpubsub
+DESTDIR ?=
+
+# make run: a broker for a newcomer who is not root, its files in the checkout.
+RUNDIR ?= $(CURDIR)/.run
+
+.PHONY: test test-systemd lint run bench install uninstall clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -16,16 +29,47 @@ $(STAMP): pyproject.toml
 test: $(STAMP)
 	$(PY) -m pytest
 
+test-systemd: $(STAMP)
+	$(PY) -m pytest -m systemd tests/test_systemd.py
+
 lint: $(STAMP)
-	$(PY) -m ruff check mpubsub tests benchmarks examples
-	$(PY) -m ruff format --check mpubsub tests benchmarks examples
+	$(PY) -m ruff check $(SOURCES)
+	$(PY) -m ruff format --check $(SOURCES)
 	$(PY) -m mypy
 
 run: $(STAMP)
-	$(PY) -m mpubsub.broker --overwrite $(CREDENTIALS)
+	@mkdir -p $(RUNDIR)
+	@printf '[mpubsubd]\naddress = %s\ncredentials = %s\npidfile = %s\nlog_file = %s\n' \
+	  $(RUNDIR)/broker.sock $(RUNDIR)/broker.pckl $(RUNDIR)/mpubsubd.pid $(RUNDIR)/mpubsubd.log \
+	  > $(RUNDIR)/mpubsubd.conf
+	@echo "Credentials: $(RUNDIR)/broker.pckl. Connect with:"
+	@echo "  $(PY) -c \"from mpubsub import NetPubSub; p = NetPubSub.from_file('$(RUNDIR)/broker.pckl'); p.connect(); print(p.flush())\""
+	$(VENV)/bin/mpubsubd --foreground -c $(RUNDIR)/mpubsubd.conf
 
 bench: $(STAMP)
 	$(PY) benchmarks/run.py $(if $(QUICK),--quick)
 
+install:
+	$(INSTALL_PYTHON) -m pip install --quiet --root-user-action=ignore --no-compile --upgrade \
+	  --target "$(DESTDIR)$(LIBDIR)" '.[daemon]'
+	install -d "$(DESTDIR)$(PREFIX)/bin"
+	printf '#!/bin/sh\n# mpubsubd, as installed by mpubsub'"'"'s make install\nPYTHONPATH="$(LIBDIR)" exec $(INSTALL_PYTHON) -m mpubsubd "$$@"\n' \
+	  > "$(DESTDIR)$(PREFIX)/bin/mpubsubd"
+	chmod 755 "$(DESTDIR)$(PREFIX)/bin/mpubsubd"
+	install -d "$(DESTDIR)$(UNITDIR)"
+	sed 's|/usr/local/bin/mpubsubd|$(PREFIX)/bin/mpubsubd|' packaging/systemd/mpubsubd.service \
+	  > "$(DESTDIR)$(UNITDIR)/mpubsubd.service"
+	chmod 644 "$(DESTDIR)$(UNITDIR)/mpubsubd.service"
+	install -d "$(DESTDIR)$(SYSCONFDIR)/mpubsub" "$(DESTDIR)$(SYSCONFDIR)/logrotate.d"
+	test -e "$(DESTDIR)$(SYSCONFDIR)/mpubsub/mpubsubd.conf" || \
+	  install -m 644 etc/mpubsubd.conf "$(DESTDIR)$(SYSCONFDIR)/mpubsub/mpubsubd.conf"
+	install -m 644 etc/logrotate.d/mpubsubd "$(DESTDIR)$(SYSCONFDIR)/logrotate.d/mpubsubd"
+
+uninstall:
+	rm -rf "$(DESTDIR)$(LIBDIR)"
+	rm -f "$(DESTDIR)$(PREFIX)/bin/mpubsubd" "$(DESTDIR)$(UNITDIR)/mpubsubd.service" \
+	  "$(DESTDIR)$(SYSCONFDIR)/logrotate.d/mpubsubd"
+	@echo "kept $(SYSCONFDIR)/mpubsub/mpubsubd.conf (remove it by hand if unwanted)"
+
 clean:
-	rm -rf $(VENV) .bench-venv build *.egg-info .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .bench-venv .run build *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -9,6 +9,7 @@ import ipaddress
 import logging
 import multiprocessing
 import os
+import resource
 import selectors
 import shutil
 import signal
@@ -17,7 +18,7 @@ import struct
 import tempfile
 import threading
 import time
-from typing import Any, Deque, Dict, List, Optional, Set, Tuple
+from typing import Any, Callable, Deque, Dict, List, Optional, Set, Tuple
 
 from . import _protocol as proto
 from ._credentials import family_of
@@ -109,6 +110,7 @@ class Broker:
         self._routes: Dict[bytes, Tuple[_Client, ...]] = {}
         self._dirty: Set[_Client] = set()
         self._count = 0
+        self._scheduled: Deque[Callable[[], None]] = collections.deque()
         self._accept_again = 0.0  # when accepting resumes after running out of descriptors
         self._selector: Optional[selectors.BaseSelector] = None
 
@@ -141,6 +143,17 @@ class Broker:
             raise
         return sock
 
+    def close(self) -> None:
+        """Stop listening and remove the socket file, without serving (idempotent)."""
+        if self._listener.fileno() >= 0:
+            self._close_all()
+
+    def schedule(self, callback: Callable[[], None]) -> None:
+        """Run *callback* in the broker's loop soon; safe from a signal handler or a thread."""
+        self._scheduled.append(callback)
+        with contextlib.suppress(OSError):
+            self._wake_w.send(b"x")
+
     def stop(self) -> None:
         """Make ``start()`` return soon; safe from a signal handler or another thread."""
         self._stopping = True
@@ -150,6 +163,7 @@ class Broker:
     def start(self) -> None:
         """Serve until ``stop()``, SIGINT or SIGTERM, then close everything."""
         handlers = self._catch_signals()
+        _raise_file_limit()
         self._selector = selectors.DefaultSelector()
         self._selector.register(self._listener, selectors.EVENT_READ)
         self._selector.register(self._wake_r, selectors.EVENT_READ)
@@ -182,6 +196,8 @@ class Broker:
                     self._accept()
                 elif sock is self._wake_r:
                     self._wake_r.recv(64)
+                    while self._scheduled:
+                        self._scheduled.popleft()()
                 else:
                     client = key.data
                     if client.sock.fileno() < 0:
@@ -458,6 +474,16 @@ class Broker:
         if self._tmpdir is not None:
             shutil.rmtree(self._tmpdir, ignore_errors=True)
             self._tmpdir = None
+
+
+def _raise_file_limit() -> None:
+    """Allow as many descriptors as the hard limit does: one per client."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+    logger.info("open file limit: %s", "unlimited" if soft == resource.RLIM_INFINITY else soft)
 
 
 def _remove_stale_socket(path: str) -> None:

@@ -9,7 +9,7 @@ import pickle
 import socket
 import stat
 import tempfile
-from typing import Any, Tuple, Union
+from typing import Any, Optional, Tuple, Union
 
 from .errors import CredentialsError
 
@@ -72,9 +72,17 @@ def read_credentials(path: Union[str, os.PathLike[str]]) -> Tuple[Address, bytes
 
 
 def write_credentials(
-    path: Union[str, os.PathLike[str]], address: Address, authkey: bytes, *, overwrite: bool
+    path: Union[str, os.PathLike[str]],
+    address: Address,
+    authkey: bytes,
+    *,
+    overwrite: bool,
+    gid: Optional[int] = None,
 ) -> None:
-    """Write the credentials with mode 0600, atomically; FileExistsError unless *overwrite*."""
+    """Write the credentials atomically; FileExistsError unless *overwrite*.
+
+    The file is 0600, or 0640 and group *gid* when given: it holds a secret.
+    """
     path = os.fspath(path)
     if not overwrite and os.path.lexists(path):
         raise FileExistsError(errno.EEXIST, "file exists", path)
@@ -82,6 +90,9 @@ def write_credentials(
     fd, tmp = tempfile.mkstemp(prefix=".credentials-", dir=directory)  # mode 0600
     try:
         with os.fdopen(fd, "wb") as f:
+            if gid is not None:
+                os.fchown(f.fileno(), -1, gid)
+                os.fchmod(f.fileno(), 0o640)
             pickle.dump((address, authkey), f, protocol=4)
         if overwrite:
             os.replace(tmp, path)

@@ -1,0 +1,5 @@
+"""``python -m mpubsubd``."""
+
+from ._main import main
+
+main()

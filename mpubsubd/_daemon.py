@@ -1,0 +1,277 @@
+"""Run the broker as mpubsubd: in the foreground for systemd, or as a classic daemon."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import logging.handlers
+import os
+import secrets
+import signal
+import socket
+import sys
+from typing import Callable, Optional
+
+from mpubsub import Broker, __version__
+from mpubsub._credentials import write_credentials
+
+from ._config import Config, ConfigError, read_authkey
+
+logger = logging.getLogger("mpubsubd")
+
+_FILE_FORMAT = "%(asctime)s %(name)s[%(process)d] %(levelname)s: %(message)s"
+_JOURNAL_FORMAT = "%(levelname)s %(name)s: %(message)s"  # the journal adds time and pid
+
+
+class StartupError(Exception):
+    """mpubsubd cannot start; the message is the one line the user sees."""
+
+
+def run_foreground(config: Config) -> None:
+    """Serve until SIGTERM/SIGINT, logging to stderr and speaking sd_notify."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(_JOURNAL_FORMAT))
+    _use_handler(handler, config)
+    import daemon.pidfile  # noqa: PLC0415  (checked by the caller: a clear error if missing)
+
+    check_pidfile(config.pidfile)
+    pidfile = daemon.pidfile.TimeoutPIDLockFile(config.pidfile, 0)
+    _make_dirs(config, log_dir=False)
+    _acquire(pidfile, config.pidfile)
+    try:
+        _serve(config, ready=lambda: sd_notify("READY=1\nSTATUS=serving"), reopen=None)
+    finally:
+        pidfile.release()
+
+
+def run_daemon(config: Config) -> None:
+    """Fork a classic daemon; return once it serves, or raise StartupError saying why not."""
+    check_pidfile(config.pidfile)
+    _make_dirs(config, log_dir=True)
+    handler = _log_file(config)
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the daemon-to-be: python-daemon forks twice more and detaches
+        os.close(read_end)
+        code = 1
+        try:
+            code = _daemon_child(config, handler, write_end)
+        finally:
+            os._exit(code)
+    os.close(write_end)
+    handler.close()
+    with os.fdopen(read_end, "rb") as pipe:
+        report = pipe.readline().decode(errors="replace").strip()
+    os.waitpid(pid, 0)
+    if report != "READY":
+        raise StartupError(report.removeprefix("ERROR ") or "the daemon exited before it was ready")
+
+
+def _daemon_child(config: Config, handler: logging.Handler, pipe: int) -> int:
+    launcher = _Launcher(pipe)
+    import daemon  # noqa: PLC0415
+    import daemon.pidfile  # noqa: PLC0415
+
+    stream = getattr(handler, "stream", None)
+    context = daemon.DaemonContext(
+        working_directory="/",
+        umask=0o022,
+        detach_process=True,
+        pidfile=daemon.pidfile.TimeoutPIDLockFile(config.pidfile, 0),
+        files_preserve=[pipe, stream],
+        # The broker handles SIGTERM and SIGINT itself, and mpubsubd SIGHUP.
+        signal_map={signal.SIGTTIN: None, signal.SIGTTOU: None, signal.SIGTSTP: None},
+    )
+    try:
+        context.open()
+    except Exception as exc:  # lockfile's AlreadyLocked, an unusable directory...
+        launcher.tell(f"ERROR cannot lock pidfile {config.pidfile}: {_reason(exc)}")
+        return 1
+    _use_handler(handler, config)
+    try:
+        _serve(config, ready=lambda: launcher.tell("READY"), reopen=handler)
+    except (StartupError, ConfigError) as exc:
+        logger.error("%s", exc)
+        launcher.tell(f"ERROR {exc}")
+        return 1
+    except Exception:
+        logger.exception("mpubsubd failed")
+        launcher.tell(f"ERROR unexpected failure, see {config.log_file}")
+        return 1
+    finally:
+        context.close()
+    return 0
+
+
+def _serve(config: Config, ready: Callable[[], object], reopen: Optional[logging.Handler]) -> None:
+    authkey = read_authkey(config.authkey_file) if config.authkey_file else secrets.token_bytes(32)
+    try:
+        broker = Broker(
+            config.broker_address,
+            authkey,
+            timeout=config.handshake_timeout,
+            max_message_size=config.max_message_size,
+            max_buffer=config.max_buffer,
+        )
+    except OSError as exc:
+        raise StartupError(f"cannot listen on {config.address}: {_reason(exc)}") from None
+    try:
+        _secure_socket(broker, config.gid)
+        write_credentials(
+            config.credentials, broker.address, authkey, overwrite=True, gid=config.gid
+        )
+    except OSError as exc:
+        broker.close()
+        raise StartupError(f"cannot write {config.credentials}: {_reason(exc)}") from None
+
+    def on_hangup() -> None:
+        sd_notify("RELOADING=1")
+        if isinstance(reopen, logging.handlers.WatchedFileHandler):
+            reopen.reopenIfNeeded()
+            logger.info("SIGHUP: reopened the log file %s", config.log_file)
+        else:
+            logger.info("SIGHUP: nothing to reopen, logging to stderr")
+        sd_notify("READY=1")
+
+    signal.signal(signal.SIGHUP, lambda signum, frame: broker.schedule(on_hangup))
+    logger.info("mpubsubd %s serving; clients read %s", __version__, config.credentials)
+    ready()
+    try:
+        broker.start()
+    finally:
+        sd_notify("STOPPING=1")
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(config.credentials)
+        logger.info("mpubsubd stopped")
+
+
+def check_pidfile(path: str) -> None:
+    """Refuse to start beside a live mpubsubd; remove the pidfile of a dead one."""
+    try:
+        with open(path, encoding="ascii", errors="replace") as f:
+            text = f.read(64).strip()
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise StartupError(f"cannot read pidfile {path}: {_reason(exc)}") from None
+    if text.isdigit() and _is_mpubsubd(int(text)):
+        raise StartupError(f"mpubsubd is already running (pid {text}, pidfile {path})")
+    os.unlink(path)
+    logger.warning("removed stale pidfile %s (pid %s is not running)", path, text or "?")
+
+
+def _is_mpubsubd(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # alive, someone else's: do not take its place
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return b"mpubsubd" in f.read()
+    except OSError:
+        return True
+
+
+def _acquire(pidfile: object, path: str) -> None:
+    try:
+        pidfile.acquire()  # type: ignore[attr-defined]
+    except Exception as exc:  # lockfile's AlreadyLocked and LockFailed
+        raise StartupError(f"cannot lock pidfile {path}: {_reason(exc)}") from None
+
+
+def _make_dirs(config: Config, *, log_dir: bool) -> None:
+    """Create missing directories: runtime ones for root (and GROUP), the log one for root."""
+    runtime = [config.credentials, config.pidfile]
+    if isinstance(config.broker_address, str):
+        runtime.append(config.broker_address)
+    wanted = {os.path.dirname(p): config.gid for p in runtime}
+    if log_dir:
+        wanted.setdefault(os.path.dirname(config.log_file), None)
+    for directory, gid in sorted(wanted.items()):
+        if os.path.isdir(directory):
+            continue  # the administrator's (or systemd's RuntimeDirectory=): leave it as it is
+        try:
+            os.makedirs(directory, exist_ok=True)
+            if gid is not None:
+                os.chown(directory, -1, gid)
+            os.chmod(directory, 0o755 if gid is None else 0o750)
+        except OSError as exc:
+            raise StartupError(f"cannot create directory {directory}: {_reason(exc)}") from None
+
+
+def _secure_socket(broker: Broker, gid: Optional[int]) -> None:
+    """A Unix socket only root (and GROUP, when set) may connect to."""
+    address = broker.address
+    if not isinstance(address, str) or address.startswith("\0"):
+        return
+    if gid is None:
+        os.chmod(address, 0o600)
+    else:
+        os.chown(address, -1, gid)
+        os.chmod(address, 0o660)
+
+
+def _log_file(config: Config) -> logging.Handler:
+    try:
+        handler = logging.handlers.WatchedFileHandler(config.log_file)
+    except OSError as exc:
+        raise StartupError(f"cannot open log_file {config.log_file}: {_reason(exc)}") from None
+    handler.setFormatter(logging.Formatter(_FILE_FORMAT))
+    return handler
+
+
+def _use_handler(handler: logging.Handler, config: Config) -> None:
+    root = logging.getLogger()
+    for old in root.handlers[:]:
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(config.level)
+
+
+def sd_notify(message: str) -> bool:
+    """Tell systemd about our state when it asked (NOTIFY_SOCKET); True if sent."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return False
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.connect(address)
+            sock.sendall(message.encode())
+    except OSError as exc:
+        logger.warning("cannot notify systemd at %s: %s", address, _reason(exc))
+        return False
+    return True
+
+
+class _Launcher:
+    """The pipe to the waiting launcher: one line, READY or ERROR, then closed."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd: Optional[int] = fd
+
+    def tell(self, line: str) -> None:
+        fd, self.fd = self.fd, None
+        if fd is not None:  # only once: the descriptor's number may be reused after
+            with contextlib.suppress(OSError):  # the launcher may be gone
+                os.write(fd, line.encode() + b"\n")
+            os.close(fd)
+
+
+def _reason(exc: BaseException) -> str:
+    return (exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)) or type(
+        exc
+    ).__name__
+
+
+__all__ = [
+    "ConfigError",
+    "StartupError",
+    "check_pidfile",
+    "run_daemon",
+    "run_foreground",
+    "sd_notify",
+]

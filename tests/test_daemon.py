@@ -1,0 +1,330 @@
+"""Tests for mpubsubd._daemon: the daemon really forks, locks, serves and cleans up."""
+
+from __future__ import annotations
+
+import grp
+import os
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional, Tuple
+
+import pytest
+
+from mpubsub import Broker, CredentialsError, NetPubSub
+
+from .conftest import wait_for
+
+ROOT = Path(__file__).resolve().parent.parent
+MPUBSUBD = [sys.executable, "-m", "mpubsubd"]
+
+
+class Daemon:
+    """An mpubsubd configuration in a directory of its own, and the daemons started on it."""
+
+    def __init__(self, base: Path) -> None:
+        self.base = base
+        self.run = base / "run"
+        self.config = base / "mpubsubd.conf"
+        self.credentials = self.run / "broker.pckl"
+        self.pidfile = self.run / "mpubsubd.pid"
+        self.socket = self.run / "broker.sock"
+        self.log = base / "log" / "mpubsubd.log"
+        self.pids: List[int] = []
+        self.procs: List[subprocess.Popen[str]] = []
+        self.configure()
+
+    def configure(self, **extra: str) -> None:
+        lines = [
+            "[mpubsubd]",
+            f"address = {self.socket}",
+            f"credentials = {self.credentials}",
+            f"pidfile = {self.pidfile}",
+            f"log_file = {self.log}",
+            *(f"{key} = {value}" for key, value in extra.items()),
+        ]
+        self.config.write_text("\n".join(lines) + "\n")
+
+    def launch(self, *args: str) -> subprocess.CompletedProcess[str]:
+        """Run the launcher; it returns once the daemon serves (or failed)."""
+        result = subprocess.run(
+            [*MPUBSUBD, "-c", str(self.config), *args], capture_output=True, text=True, timeout=60
+        )
+        if result.returncode == 0:
+            self.pids.append(self.pid())
+        return result
+
+    def foreground(self, env: Optional[Dict[str, str]] = None) -> subprocess.Popen[str]:
+        proc = subprocess.Popen(
+            [*MPUBSUBD, "-f", "-c", str(self.config)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, **(env or {})},
+        )
+        self.procs.append(proc)
+        return proc
+
+    def pid(self) -> int:
+        return int(self.pidfile.read_text().strip())
+
+    def started(self) -> int:
+        """Launch a daemon that must start; its pid."""
+        result = self.launch()
+        assert result.returncode == 0, result.stderr
+        return self.pid()
+
+    def signal(self, signum: int) -> int:
+        """Send *signum* to the running daemon and wait until it is gone; its pid."""
+        pid = self.pid()
+        os.kill(pid, signum)
+        wait_for(lambda: not _alive(pid), what=f"pid {pid} to exit")
+        return pid
+
+    def stop_all(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+        for pid in self.pids:
+            if _alive(pid):
+                os.kill(pid, signal.SIGTERM)
+                try:
+                    wait_for(lambda pid=pid: not _alive(pid), what=f"pid {pid} to exit")  # type: ignore[misc]
+                except BaseException:
+                    os.kill(pid, signal.SIGKILL)
+                    raise
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie is gone for our purposes (the daemon's parent reaps it later).
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().split(")")[-1].split()[0] != "Z"
+
+
+@pytest.fixture
+def mpubsubd() -> Iterator[Daemon]:
+    """A daemon configuration in a world-traversable temporary directory, always stopped."""
+    base = Path(tempfile.mkdtemp(prefix="mpubsubd-test-"))
+    base.chmod(0o755)  # nobody must reach it in the group test
+    daemon = Daemon(base)
+    try:
+        yield daemon
+    finally:
+        daemon.stop_all()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def exchange(credentials: Path) -> None:
+    """Two clients made with from_file pass a message through the broker."""
+    with NetPubSub.from_file(credentials) as sub, NetPubSub.from_file(credentials) as pub:
+        got: List[Tuple[Tuple[str, ...], Any]] = []
+
+        def fn(topic: Tuple[str, ...], **message: Any) -> None:
+            got.append((topic, message))
+
+        sub.add_subscriber("hello", fn)
+        sub.flush()
+        pub.publish("hello", n=1)
+        wait_for(lambda: sub.poll(0.05) or got, what="a message through mpubsubd")
+        assert got == [(("hello",), {"n": 1})]
+
+
+def test_daemonizes_and_serves(mpubsubd: Daemon) -> None:
+    """The launcher returns when the daemon serves; it runs apart, with 0600 root credentials."""
+    result = mpubsubd.launch()
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+    pid = mpubsubd.pid()
+    assert _alive(pid)
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().split(")")[-1].split()
+    assert int(fields[1]) != os.getpid()  # parent: not us (it detached)
+    assert int(fields[3]) != os.getsid(0)  # a session of its own, detached from ours
+    assert int(fields[3]) != pid  # forked twice: not a session leader, no terminal ever
+    info = mpubsubd.credentials.stat()
+    assert stat.S_IMODE(info.st_mode) == 0o600 and info.st_uid == 0
+    assert stat.S_ISSOCK(mpubsubd.socket.stat().st_mode)
+    exchange(mpubsubd.credentials)
+    assert "serving" in mpubsubd.log.read_text()
+
+
+def test_second_instance_refused(mpubsubd: Daemon) -> None:
+    """A second mpubsubd on the same pidfile names the first and leaves it alone."""
+    assert mpubsubd.launch().returncode == 0
+    pid = mpubsubd.pid()
+    second = subprocess.run(
+        [*MPUBSUBD, "-c", str(mpubsubd.config)], capture_output=True, text=True, timeout=60
+    )
+    assert second.returncode != 0
+    assert second.stderr == (
+        f"mpubsubd: mpubsubd is already running (pid {pid}, pidfile {mpubsubd.pidfile})\n"
+    )
+    foreground = mpubsubd.foreground()
+    _, err = foreground.communicate(timeout=30)
+    assert foreground.returncode != 0 and f"(pid {pid}," in err
+    assert mpubsubd.pid() == pid and _alive(pid)
+    exchange(mpubsubd.credentials)
+
+
+def test_recovers_after_kill_9(mpubsubd: Daemon) -> None:
+    """After SIGKILL, the stale pidfile and socket are replaced at the next start."""
+    mpubsubd.started()
+    old = mpubsubd.signal(signal.SIGKILL)
+    assert mpubsubd.pidfile.exists() and mpubsubd.socket.exists()
+    assert mpubsubd.started() != old
+    exchange(mpubsubd.credentials)
+
+
+def test_sigterm_cleans_up(mpubsubd: Daemon) -> None:
+    """SIGTERM stops the daemon and removes its pidfile, socket and credentials."""
+    mpubsubd.started()
+    mpubsubd.signal(signal.SIGTERM)
+    assert not mpubsubd.pidfile.exists()
+    assert not mpubsubd.socket.exists()
+    assert not mpubsubd.credentials.exists()
+    assert "mpubsubd stopped" in mpubsubd.log.read_text()
+
+
+def test_sighup_reopens_log(mpubsubd: Daemon) -> None:
+    """After logrotate renames the log, SIGHUP starts a new file and says so in it."""
+    assert mpubsubd.launch().returncode == 0
+    rotated = mpubsubd.log.with_suffix(".log.1")
+    mpubsubd.log.rename(rotated)
+    os.kill(mpubsubd.pid(), signal.SIGHUP)
+    wait_for(mpubsubd.log.exists, what="a new log file")
+    wait_for(lambda: "reopened the log file" in mpubsubd.log.read_text(), what="the SIGHUP line")
+    assert "serving" in rotated.read_text()
+
+
+def test_foreground_speaks_sd_notify(mpubsubd: Daemon) -> None:
+    """With -f and NOTIFY_SOCKET: READY=1 once serving, RELOADING=1 on SIGHUP, STOPPING=1."""
+    address = str(mpubsubd.base / "notify.sock")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
+        notify.bind(address)
+        notify.settimeout(30)
+        proc = mpubsubd.foreground({"NOTIFY_SOCKET": address})
+        assert notify.recv(4096).startswith(b"READY=1")
+        assert mpubsubd.pid() == proc.pid  # the lock is held in the foreground too
+        exchange(mpubsubd.credentials)
+        proc.send_signal(signal.SIGHUP)
+        assert notify.recv(4096) == b"RELOADING=1"
+        assert notify.recv(4096) == b"READY=1"
+        proc.send_signal(signal.SIGTERM)
+        assert notify.recv(4096) == b"STOPPING=1"
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0
+    assert "INFO mpubsubd: mpubsubd 0.1.0 serving" in err
+    assert not mpubsubd.pidfile.exists()
+
+
+def test_bad_config_starts_nothing(mpubsubd: Daemon) -> None:
+    """An invalid log_level is one line naming the key; nothing is started."""
+    mpubsubd.configure(log_level="LOUD")
+    result = mpubsubd.launch()
+    assert result.returncode != 0
+    assert result.stderr == (
+        f"mpubsubd: {mpubsubd.config}: log_level: 'LOUD' is not one of "
+        "DEBUG, INFO, WARNING, ERROR, CRITICAL\n"
+    )
+    assert not mpubsubd.pidfile.exists() and not mpubsubd.run.exists()
+
+
+def test_address_in_use_is_reported(mpubsubd: Daemon) -> None:
+    """A socket another broker listens on makes the launcher fail with the reason."""
+    mpubsubd.run.mkdir()
+    other = Broker(str(mpubsubd.socket), b"k")
+    try:
+        result = mpubsubd.launch()
+    finally:
+        other.close()
+    assert result.returncode != 0
+    assert result.stderr.startswith(f"mpubsubd: cannot listen on {mpubsubd.socket}: ")
+    assert "already listening" in result.stderr
+    assert not mpubsubd.pidfile.exists()
+
+
+def test_group_members_connect_others_cannot(mpubsubd: Daemon) -> None:
+    """With group set, nobody cannot read the credentials, but nobody in the group connects."""
+    if shutil.which("setpriv") is None or not os.path.exists("/usr/bin/python3"):
+        pytest.skip("needs setpriv and Debian's /usr/bin/python3")
+    group = grp.getgrgid(100).gr_name  # 'users', present on Debian
+    mpubsubd.configure(group=group)
+    assert mpubsubd.launch().returncode == 0
+    info = mpubsubd.credentials.stat()
+    assert stat.S_IMODE(info.st_mode) == 0o640 and info.st_gid == 100
+    lib = mpubsubd.base / "lib"
+    shutil.copytree(ROOT / "mpubsub", lib / "mpubsub")
+    code = (
+        "import sys; from mpubsub import NetPubSub, CredentialsError\n"
+        "try:\n"
+        f"    p = NetPubSub.from_file({str(mpubsubd.credentials)!r})\n"
+        "except CredentialsError as e:\n"
+        "    sys.exit(str(e))\n"
+        "p.connect(); print('flushed', p.flush()); p.disconnect()\n"
+    )
+
+    def as_nobody(*groups: str) -> subprocess.CompletedProcess[str]:
+        ids = ["--groups", ",".join(groups)] if groups else ["--clear-groups"]
+        return subprocess.run(
+            ["setpriv", "--reuid=nobody", "--regid=nogroup", *ids, "/usr/bin/python3", "-c", code],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={"PYTHONPATH": str(lib), "PATH": "/usr/bin:/bin"},
+            cwd="/",
+        )
+
+    outsider = as_nobody()
+    assert outsider.returncode != 0
+    assert "permission denied" in outsider.stderr
+    member = as_nobody("100")
+    assert member.returncode == 0, member.stderr
+    assert member.stdout == "flushed True\n"
+    with pytest.raises(CredentialsError):  # and the library refuses others' writable files
+        os.chmod(mpubsubd.credentials, 0o660)
+        NetPubSub.from_file(mpubsubd.credentials)
+
+
+def test_version_and_missing_dependency() -> None:
+    """--version prints the version; without python-daemon the error names the extra."""
+    version = subprocess.run([*MPUBSUBD, "--version"], capture_output=True, text=True)
+    assert version.stdout == "mpubsubd 0.1.0\n"
+    code = "import sys; sys.modules['daemon'] = None; from mpubsubd._main import main; main([])"
+    missing = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert missing.returncode != 0
+    assert missing.stderr == (
+        "mpubsubd: python-daemon is not installed: "
+        "install the daemon extra, pip install 'mpubsub[daemon]'\n"
+    )
+
+
+def test_unit_passes_systemd_analyze(tmp_path: Path) -> None:
+    """The shipped unit, pointed at an existing mpubsubd, verifies without a warning."""
+    if shutil.which("systemd-analyze") is None:
+        pytest.skip("systemd-analyze is not installed")
+    unit = (ROOT / "packaging" / "systemd" / "mpubsubd.service").read_text()
+    executable = Path(sys.executable).parent / "mpubsubd"
+    (tmp_path / "mpubsubd.service").write_text(
+        unit.replace("/usr/local/bin/mpubsubd", str(executable))
+    )
+    result = subprocess.run(
+        ["systemd-analyze", "verify", str(tmp_path / "mpubsubd.service")],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0
+    assert result.stdout + result.stderr == ""
