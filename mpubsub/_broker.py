@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import errno
 import ipaddress
+import json
 import logging
 import multiprocessing
 import os
@@ -22,6 +24,7 @@ from typing import Any, Callable, Deque, Dict, List, Optional, Set, Tuple
 
 from . import _protocol as proto
 from ._credentials import family_of
+from ._stats import BrokerStatistics, Counters
 from .errors import AuthenticationError, ProtocolError
 
 logger = logging.getLogger("mpubsub.broker")
@@ -110,6 +113,8 @@ class Broker:
         self._routes: Dict[bytes, Tuple[_Client, ...]] = {}
         self._dirty: Set[_Client] = set()
         self._count = 0
+        self._stats = Counters()
+        self._snapshot: Optional[Tuple[float, bytes]] = None
         self._scheduled: Deque[Callable[[], None]] = collections.deque()
         self._accept_again = 0.0  # when accepting resumes after running out of descriptors
         self._selector: Optional[selectors.BaseSelector] = None
@@ -213,6 +218,7 @@ class Broker:
                 self._accept_again = 0.0
                 self._selector.register(self._listener, selectors.EVENT_READ)
             if now >= next_expiry:
+                self._stats.tick(now)
                 self._expire_handshakes(now)
                 next_expiry = now + 0.5
 
@@ -230,6 +236,7 @@ class Broker:
                 # Out of descriptors: stop accepting for a moment (the backlog
                 # waits, then overflows) and keep serving the connected ones.
                 logger.error("refusing new connections for %.1f s: %s", _ACCEPT_PAUSE, exc.strerror)
+                self._stats.refused += 1
                 assert self._selector is not None
                 self._selector.unregister(self._listener)
                 self._accept_again = time.monotonic() + _ACCEPT_PAUSE
@@ -264,6 +271,7 @@ class Broker:
     def _expire_handshakes(self, now: float) -> None:
         late = [c for c in self._clients.values() if c.state != _ACTIVE and c.deadline <= now]
         for client in late:
+            self._stats.refused += 1
             self._drop(client, logging.WARNING, "no complete handshake in time")
 
     # --- input ---------------------------------------------------------------
@@ -286,11 +294,13 @@ class Broker:
             if data and client.decoder is not None:
                 self._handle(client, client.decoder.feed(data))
         except AuthenticationError as exc:
+            self._stats.refused += 1
             self._drop(client, logging.WARNING, f"authentication failed: {exc}")
         except ProtocolError as exc:
             self._reject(client, str(exc))
 
     def _reject(self, client: _Client, reason: str) -> None:
+        self._stats.refused += 1
         if client.state >= _HELLO:
             with contextlib.suppress(OSError):  # best effort: the peer may be gone
                 client.sock.send(proto.frame(proto.ERROR, reason.encode()))
@@ -354,9 +364,9 @@ class Broker:
             elif kind == proto.UNSUB:
                 self._unsubscribe(client, frame[5:])
             elif kind == proto.PING:
-                client.out.append(_PONG)
-                client.out_size += len(_PONG)
-                self._dirty.add(client)
+                self._reply(client, _PONG)
+            elif kind == proto.STATS:
+                self._reply(client, self._stats_reply())
             else:
                 raise ProtocolError(f"unexpected frame type {kind}")
 
@@ -372,6 +382,37 @@ class Broker:
         self._send_now(client, proto.frame(proto.WELCOME, body))
         client.state = _ACTIVE
         logger.debug("%s connected", client.name)
+
+    def _reply(self, client: _Client, frame: bytes) -> None:
+        client.out.append(frame)
+        client.out_size += len(frame)
+        self._dirty.add(client)
+
+    def _stats_reply(self) -> bytes:
+        # Computed at most ten times a second, however often clients ask.
+        now = time.monotonic()
+        if self._snapshot is None or now - self._snapshot[0] > 0.1:
+            body = json.dumps(dataclasses.asdict(self.statistics())).encode()
+            self._snapshot = (now, proto.frame(proto.STATS_REPLY, body))
+        return self._snapshot[1]
+
+    def statistics(self) -> BrokerStatistics:
+        """A snapshot of the broker's figures (call it from the broker's own thread)."""
+        active = [c for c in self._clients.values() if c.state == _ACTIVE]
+        stats = self._stats
+        return BrokerStatistics(
+            uptime=time.monotonic() - stats.started,
+            clients=len(active),
+            subscriptions=sum(len(c.subs) for c in active),
+            messages_in=stats.messages_in,
+            bytes_in=stats.bytes_in,
+            messages_out=stats.messages_out,
+            bytes_out=stats.bytes_out,
+            messages_per_second=stats.rate,
+            slow_consumers=stats.slow_consumers,
+            refused=stats.refused,
+            largest_buffer=max((c.out_size for c in active), default=0),
+        )
 
     def _unsubscribe(self, client: _Client, topic: bytes) -> None:
         client.subs.discard(topic)
@@ -391,12 +432,17 @@ class Broker:
             targets = self._compute_route(topic)
         size = len(frame)
         dirty = self._dirty
+        stats = self._stats
+        stats.messages_in += 1
+        stats.bytes_in += size
         for target in targets:
             if target is sender:
                 continue
             target.out.append(frame)
             target.out_size += size
             dirty.add(target)
+            stats.messages_out += 1
+            stats.bytes_out += size
 
     def _compute_route(self, topic: bytes) -> Tuple[_Client, ...]:
         if topic:
@@ -416,6 +462,7 @@ class Broker:
         dirty, self._dirty = self._dirty, set()
         for client in dirty:
             if client.out_size > self._max_buffer:
+                self._stats.slow_consumers += 1
                 self._drop(
                     client,
                     logging.WARNING,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import atexit
 import collections
 import contextlib
+import json
 import logging
 import multiprocessing
 import os
@@ -44,6 +45,7 @@ _BACKOFF_MIN, _BACKOFF_MAX = 0.05, 5.0
 _TOPIC_CACHE_SIZE = 4096
 
 _PING = proto.frame(proto.PING, b"")
+_STATS = proto.frame(proto.STATS, b"")
 
 # Connection states. OFFLINE: never connected, or disconnect() was called.
 _OFFLINE, _CONNECTED, _RECONNECTING = "offline", "connected", "reconnecting"
@@ -87,7 +89,7 @@ class NetPubSub(PubSub):
         self._inbox: Deque[bytes] = collections.deque()
         self._queue: Deque[bytes] = collections.deque(maxlen=max_queued)
         self._dropped = 0
-        self._pongs = 0
+        self._replies: Dict[int, bytes] = {}  # the last answer of each kind
         self._pending: List[bytes] = []
         self._pending_size = 0
         self._last_send = 0.0
@@ -388,26 +390,35 @@ class NetPubSub(PubSub):
         every message published before the call. False if the broker is out
         of reach (messages stay queued); TimeoutError if it does not answer.
         """
+        return self._ask(proto.PONG, _PING) is not None
+
+    def broker_statistics(self) -> Optional[Dict[str, Any]]:
+        """The broker's figures (see ``BrokerStatistics``), or None if it is out of reach."""
+        reply = self._ask(proto.STATS_REPLY, _STATS)
+        return None if reply is None else dict(json.loads(reply[5:]))
+
+    def _ask(self, kind: int, request: bytes) -> Optional[bytes]:
+        """Send *request* after everything pending; wait for the broker's reply of *kind*."""
         with self._io:
             if self._sock is None and self._state == _RECONNECTING:
                 self._try_reconnect()
             self._sync_subscriptions()
             if self._sock is None:
-                return False
-            self._pongs = 0
+                return None
+            self._replies.pop(kind, None)
             self._write_pending()
-            self._write(_PING)
+            self._write(request)
             deadline = time.monotonic() + self._timeout
-            while not self._pongs:
+            while kind not in self._replies:
                 sock = self._sock
                 if sock is None:
-                    return False
+                    return None
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise TimeoutError("the broker did not answer in time")
                 select.select([sock], [], [], remaining)
                 self._read_available()
-            return True
+            return self._replies.pop(kind)
 
     # --- receiving -----------------------------------------------------------
 
@@ -486,8 +497,8 @@ class NetPubSub(PubSub):
             for kind, frame in frames:
                 if kind == proto.PUB:
                     self._inbox.append(frame)
-                elif kind == proto.PONG:
-                    self._pongs += 1
+                elif kind in (proto.PONG, proto.STATS_REPLY):
+                    self._replies[kind] = frame
                 elif kind == proto.ERROR:
                     logger.error("broker error: %s", frame[5:].decode(errors="replace"))
             if len(data) < _RECV_SIZE:

@@ -14,6 +14,8 @@ broker answers WELCOME (its version and its maximum message size) or ERROR
 - PING (client -> broker, empty): the broker answers PONG once it has
   handled everything the client sent before, so a client knows its
   subscriptions are in place.
+- STATS (client -> broker, empty): the broker answers STATS_REPLY, its
+  figures as a JSON object, to that client only; routing is not touched.
 - PUB (both ways): ``!I`` topic length, the encoded topic, then the message
   pickled by the publisher. The broker reads only the topic; it forwards
   the frame unchanged and never unpickles anything.
@@ -35,8 +37,8 @@ from .errors import AuthenticationError, ProtocolError
 
 VERSION = 1
 
-HELLO, WELCOME, ERROR, SUB, UNSUB, PUB, PING, PONG = range(1, 9)
-FRAME_TYPES = frozenset((HELLO, WELCOME, ERROR, SUB, UNSUB, PUB, PING, PONG))
+HELLO, WELCOME, ERROR, SUB, UNSUB, PUB, PING, PONG, STATS, STATS_REPLY = range(1, 11)
+FRAME_TYPES = frozenset(range(1, 11))
 
 HEADER = struct.Struct("!IB")
 PUB_HEADER = struct.Struct("!IBI")  # the header and the topic length of a PUB frame

@@ -44,7 +44,7 @@ class BrokerProcess:
         self.proc: Optional[subprocess.Popen[bytes]] = None
 
     def start(self) -> BrokerProcess:
-        with open(self.log, "ab") as log:
+        with open(self.log, "wb") as log:  # a fresh log: readiness is read from it
             self.proc = subprocess.Popen(self.args, stdout=log, stderr=log, cwd=ROOT)
         wait_for(self._ready, what="the broker to listen")
         return self

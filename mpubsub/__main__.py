@@ -1,0 +1,5 @@
+"""``python -m mpubsub``: the mpubsub command."""
+
+from ._cli import main
+
+main()

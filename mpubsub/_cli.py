@@ -1,0 +1,234 @@
+"""The ``mpubsub`` command: publish, subscribe and inspect a broker from a shell."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+from ._netpubsub import NetPubSub
+from .errors import AuthenticationError, MPubSubError, ProtocolError
+
+DEFAULT_CREDENTIALS = "/run/mpubsub/broker.pckl"
+
+
+class CliError(Exception):
+    """A mistake or a failure, told to the user in one line."""
+
+
+def parse_topic(text: str) -> Tuple[str, ...]:
+    """``a/b/c`` is ``('a', 'b', 'c')``; ``/`` (or nothing) is the catch-all ``()``."""
+    text = text.strip("/")
+    return tuple(text.split("/")) if text else ()
+
+
+def format_topic(topic: Tuple[str, ...]) -> str:
+    return "/".join(topic) or "/"
+
+
+def parse_message(pairs: List[str], whole: Optional[str]) -> Dict[str, Any]:
+    """KEY=VALUE pairs, each VALUE JSON if it parses as JSON, else a string."""
+    message: Dict[str, Any] = {}
+    if whole is not None:
+        try:
+            message = json.loads(whole)
+        except ValueError as exc:
+            raise CliError(f"--json: not valid JSON: {exc}") from None
+        if not isinstance(message, dict):
+            raise CliError("--json: expected a JSON object, such as '{\"n\": 1}'")
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise CliError(f"bad argument {pair!r}: expected KEY=VALUE")
+        try:
+            message[key] = json.loads(value)
+        except ValueError:
+            message[key] = value
+    return message
+
+
+def connect(path: str) -> NetPubSub:
+    """A pub-sub connected to the broker of the credentials file at *path*."""
+    try:
+        pubsub = NetPubSub.from_file(path)
+    except MPubSubError as exc:
+        raise CliError(str(exc)) from None
+    address = pubsub._address
+    try:
+        pubsub.connect()
+    except AuthenticationError:
+        raise CliError(
+            f"the broker at {address} refused the key in {path} (a stale credentials file?)"
+        ) from None
+    except (FileNotFoundError, ConnectionRefusedError) as exc:
+        raise CliError(
+            f"cannot reach the broker at {address}: {exc.strerror} (is it running?)"
+        ) from None
+    except (OSError, ProtocolError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise CliError(f"cannot reach the broker at {address}: {reason}") from None
+    return pubsub
+
+
+def cmd_pub(args: argparse.Namespace) -> None:
+    message = parse_message(args.pairs, args.json)
+    topic = parse_topic(args.topic)
+    with connect(args.credentials) as pubsub:
+        try:
+            pubsub.publish(topic, **message)
+        except (ValueError, TypeError) as exc:
+            raise CliError(str(exc)) from None
+        if not pubsub.flush():
+            raise CliError("the broker went away before the message left")
+
+
+def format_line(topic: Tuple[str, ...], message: Dict[str, Any], as_json: bool) -> str:
+    if as_json:
+        return json.dumps({"topic": list(topic), "message": message}, default=repr)
+    fields = " ".join(f"{key}={value!r}" for key, value in message.items())
+    return f"{format_topic(topic)} {fields}" if fields else format_topic(topic)
+
+
+def cmd_sub(args: argparse.Namespace) -> None:
+    topics = sorted({parse_topic(t) for t in args.topics} or {()}, key=len)
+    # 'a' already covers 'a/b': subscribing to both would print such messages twice.
+    topics = [t for i, t in enumerate(topics) if not any(t[: len(p)] == p for p in topics[:i])]
+    received = [0]
+
+    def show(topic: Tuple[str, ...], **message: Any) -> None:
+        print(format_line(topic, message, args.json), flush=True)
+        received[0] += 1
+
+    with connect(args.credentials) as pubsub:
+        pubsub.on_error = _reraise  # a closed stdout must end the command, not be logged
+        for topic in topics:
+            pubsub.add_subscriber(topic, show)
+        pubsub.flush()
+        while args.count is None or received[0] < args.count:
+            pubsub.poll(1.0)
+
+
+def _reraise(topic: Tuple[str, ...], subscriber: Any, exc: Exception) -> None:
+    raise exc
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    days, hours = divmod(hours, 24)
+    return " ".join(f"{n}{u}" for n, u in ((days, "d"), (hours, "h"), (minutes, "m")) if n) + (
+        f" {secs}s" if days or hours or minutes else f"{secs}s"
+    )
+
+
+def _size(count: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if count < 1024 or unit == "GiB":
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1024
+    return str(count)
+
+
+_FIGURES: List[Tuple[str, str, Callable[[Any], str]]] = [
+    ("uptime", "uptime", _duration),
+    ("clients", "clients", str),
+    ("subscriptions", "subscriptions", str),
+    ("messages in", "messages_in", str),
+    ("bytes in", "bytes_in", _size),
+    ("messages out", "messages_out", str),
+    ("bytes out", "bytes_out", _size),
+    ("messages/s", "messages_per_second", lambda v: f"{v:.1f}"),
+    ("slow consumers cut", "slow_consumers", str),
+    ("connections refused", "refused", str),
+    ("largest client buffer", "largest_buffer", _size),
+]
+
+
+def cmd_stats(args: argparse.Namespace) -> None:
+    with connect(args.credentials) as pubsub:
+        while True:
+            stats = pubsub.broker_statistics()
+            if stats is None:
+                raise CliError("the broker went away")
+            if args.json:
+                print(json.dumps(stats), flush=True)
+            else:
+                width = max(len(label) for label, _, _ in _FIGURES)
+                for label, key, show in _FIGURES:
+                    print(f"{label:<{width}}  {show(stats[key])}")
+                print(flush=True)
+            if args.watch is None:
+                return
+            time.sleep(args.watch)
+
+
+def cmd_ping(args: argparse.Namespace) -> None:
+    with connect(args.credentials) as pubsub:
+        for i in range(args.count):
+            started = time.perf_counter()
+            if not pubsub.flush():
+                raise CliError("the broker went away")
+            elapsed = (time.perf_counter() - started) * 1000
+            print(f"broker at {pubsub._address}: round trip {elapsed:.3f} ms", flush=True)
+            if i + 1 < args.count:
+                time.sleep(args.interval)
+
+
+def _parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "-c",
+        "--credentials",
+        metavar="PATH",
+        default=os.environ.get("MPUBSUB_CREDENTIALS", DEFAULT_CREDENTIALS),
+        help="the broker's credentials file (default: $MPUBSUB_CREDENTIALS or %(default)s)",
+    )
+    parser = argparse.ArgumentParser(
+        prog="mpubsub", description="Publish, subscribe and inspect an mpubsub broker."
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    pub = commands.add_parser("pub", parents=[common], help="publish one message")
+    pub.add_argument("topic", metavar="TOPIC", help="elements separated by '/'; '/' broadcasts")
+    pub.add_argument("pairs", metavar="KEY=VALUE", nargs="*", help="VALUE is JSON, or a string")
+    pub.add_argument("--json", metavar="OBJECT", help="the whole message as a JSON object")
+    pub.set_defaults(func=cmd_pub)
+
+    sub = commands.add_parser("sub", parents=[common], help="print messages as they arrive")
+    sub.add_argument("topics", metavar="TOPIC", nargs="*", help="default: every topic")
+    sub.add_argument("--count", type=int, metavar="N", help="exit after N messages")
+    sub.add_argument("--json", action="store_true", help="one JSON object per line")
+    sub.set_defaults(func=cmd_sub)
+
+    stats = commands.add_parser("stats", parents=[common], help="the broker's figures")
+    stats.add_argument("--json", action="store_true", help="as one JSON object")
+    stats.add_argument("--watch", type=float, metavar="SECONDS", help="repeat every SECONDS")
+    stats.set_defaults(func=cmd_stats)
+
+    ping = commands.add_parser("ping", parents=[common], help="round-trip time to the broker")
+    ping.add_argument("--count", type=int, default=1, metavar="N", help="pings (default: 1)")
+    ping.add_argument("--interval", type=float, default=1.0, metavar="SECONDS")
+    ping.set_defaults(func=cmd_ping)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    """Run one subcommand; errors are one line on stderr and exit status 1."""
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="mpubsub: %(message)s")
+    func: Callable[[argparse.Namespace], None] = args.func
+    try:
+        func(args)
+    except CliError as exc:
+        sys.exit(f"mpubsub: {exc}")
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except BrokenPipeError:
+        # The reader went away (| head): stop quietly, and keep Python from
+        # complaining when it flushes stdout at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(0)

@@ -1,0 +1,53 @@
+"""The broker's figures: counters kept by its loop, and the snapshot it reports."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class BrokerStatistics:
+    """A snapshot of a broker's figures (``Broker.statistics()``, ``mpubsub stats``)."""
+
+    uptime: float  #: seconds since the broker started
+    clients: int  #: connected, authenticated clients
+    subscriptions: int  #: topics subscribed to, summed over the clients
+    messages_in: int  #: messages received from publishers
+    bytes_in: int  #: their size, in bytes
+    messages_out: int  #: deliveries to subscribers (one message to three clients: three)
+    bytes_out: int  #: their size, in bytes
+    messages_per_second: float  #: messages received per second, over the last second or so
+    slow_consumers: int  #: clients disconnected for falling too far behind
+    refused: int  #: connections refused: bad key, handshake too slow, bad input, no descriptors
+    largest_buffer: int  #: bytes waiting for the most lagging client, now
+
+
+class Counters:
+    """What the loop counts as it goes; cheap attribute increments on the hot path."""
+
+    __slots__ = (
+        "_last_count",
+        "_last_time",
+        "bytes_in",
+        "bytes_out",
+        "messages_in",
+        "messages_out",
+        "rate",
+        "refused",
+        "slow_consumers",
+        "started",
+    )
+
+    def __init__(self) -> None:
+        self.started = self._last_time = time.monotonic()
+        self.messages_in = self.bytes_in = self.messages_out = self.bytes_out = 0
+        self.slow_consumers = self.refused = self._last_count = 0
+        self.rate = 0.0
+
+    def tick(self, now: float) -> None:
+        """Update the message rate (called about twice a second)."""
+        elapsed = now - self._last_time
+        if elapsed >= 1.0:
+            self.rate = (self.messages_in - self._last_count) / elapsed
+            self._last_count, self._last_time = self.messages_in, now
