@@ -18,7 +18,7 @@ DESTDIR ?=
 # make run: a broker for a newcomer who is not root, its files in the checkout.
 RUNDIR ?= $(CURDIR)/.run
 
-.PHONY: test test-systemd lint run bench install uninstall clean
+.PHONY: test test-systemd soak lint run bench install uninstall clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -31,6 +31,10 @@ test: $(STAMP)
 
 test-systemd: $(STAMP)
 	$(PY) -m pytest -m systemd tests/test_systemd.py
+
+# The load and fault tests at ten times the size, and longer fuzzing (minutes).
+soak: $(STAMP)
+	MPUBSUB_SOAK=1 $(PY) -m pytest --timeout=1800 tests/test_load.py tests/test_protocol.py
 
 lint: $(STAMP)
 	$(PY) -m ruff check $(SOURCES)

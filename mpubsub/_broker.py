@@ -89,7 +89,7 @@ class Broker:
         self,
         address: Any = None,
         authkey: Optional[bytes] = None,
-        backlog: int = 128,
+        backlog: int = 1024,
         timeout: float = 5.0,
         *,
         max_message_size: int = proto.DEFAULT_MAX_MESSAGE,

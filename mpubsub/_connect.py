@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import struct
 from typing import Any
 
 from . import _protocol as proto
@@ -11,16 +12,21 @@ from .errors import AuthenticationError, ProtocolError
 
 
 def connect_socket(address: Any, timeout: float) -> socket.socket:
-    """A blocking socket connected to *address*, with send/receive timeouts."""
+    """A blocking socket connected to *address*; *timeout* bounds connect and every read.
+
+    The timeouts are the kernel's (SO_SNDTIMEO, SO_RCVTIMEO): a blocking
+    connect then waits for room in a busy broker's backlog, up to *timeout*,
+    where a Python-level timeout would fail at once on a Unix socket.
+    """
     sock = socket.socket(family_of(address), socket.SOCK_STREAM)
     try:
-        sock.settimeout(timeout)
-        sock.connect(address)
-        sock.settimeout(None)
-        # Kernel-level timeouts bound the blocking handshake reads as well.
-        timeval = int(timeout).to_bytes(8, "little") + int(timeout % 1 * 1e6).to_bytes(8, "little")
+        timeval = struct.pack("@ll", int(timeout), int(timeout % 1 * 1e6))
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
+        try:
+            sock.connect(address)
+        except BlockingIOError:
+            raise TimeoutError(f"the broker at {address} did not accept in time") from None
         if sock.family != socket.AF_UNIX:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     except BaseException:

@@ -11,10 +11,16 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, List, Optional, Tuple
 
 import pytest
+from hypothesis import settings
 
 from mpubsub._credentials import read_credentials
 
 ROOT = Path(__file__).resolve().parent.parent
+
+# make soak fuzzes fifty times longer than make test.
+settings.register_profile("soak", max_examples=5000)
+if os.environ.get("MPUBSUB_SOAK") == "1":
+    settings.load_profile("soak")
 
 
 def wait_for(condition: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> Any:
@@ -109,3 +115,31 @@ def broker(
     """A broker on a Unix socket, then on TCP 127.0.0.1."""
     address = str(tmp_path / "b.sock") if request.param == "unix" else "127.0.0.1:0"
     return broker_factory(address)
+
+
+HELPERS = Path(__file__).resolve().parent / "helpers"
+
+
+@pytest.fixture
+def helpers() -> Iterator[Callable[..., subprocess.Popen[str]]]:
+    """Start helper processes (tests/helpers/NAME.py ARGS...); all are killed at the end."""
+    started: List[subprocess.Popen[str]] = []
+
+    def start(name: str, *args: Any) -> subprocess.Popen[str]:
+        proc = subprocess.Popen(
+            [sys.executable, str(HELPERS / f"{name}.py"), *map(str, args)],
+            stdout=subprocess.PIPE,
+            text=True,
+            cwd=ROOT,
+        )
+        started.append(proc)
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert line == "ready\n", f"{name} did not start: {line!r}"
+        return proc
+
+    yield start
+    for proc in started:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate()

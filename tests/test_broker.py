@@ -94,6 +94,7 @@ def test_stuck_subscriber_beside_fast_one(
             str(broker.credentials),
             "data",
             "20000",
+            "--ack-every",
             "500",
         ],
         stdout=subprocess.PIPE,

@@ -1,0 +1,105 @@
+"""Tests for mpubsub._protocol, fuzzed with hypothesis: only ProtocolError escapes."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+from typing import Iterator, List, Tuple
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mpubsub import AuthenticationError, Broker, ProtocolError, _broker
+from mpubsub import _protocol as proto
+
+topics = st.lists(st.text(max_size=8), max_size=4).map(tuple)
+frames = st.one_of(
+    st.builds(proto.pub_frame, topics.map(proto.encode_topic), st.binary(max_size=64)),
+    st.builds(proto.frame, st.sampled_from(sorted(proto.FRAME_TYPES)), st.binary(max_size=64)),
+)
+
+
+def chunked(data: bytes, cuts: List[int]) -> Iterator[bytes]:
+    """*data* cut at the given offsets (taken modulo its length)."""
+    points = sorted({c % (len(data) + 1) for c in cuts} | {0, len(data)})
+    for start, end in zip(points, points[1:]):
+        yield data[start:end]
+
+
+@given(st.binary(max_size=2048), st.lists(st.integers(0, 4096), max_size=8))
+def test_decoder_raises_only_protocol_error(data: bytes, cuts: List[int]) -> None:
+    """Arbitrary bytes, arbitrarily chunked: frames or ProtocolError, nothing else."""
+    decoder = proto.FrameDecoder(max_body=1024)
+    try:
+        for chunk in chunked(data, cuts):
+            for kind, frame in decoder.feed(chunk):
+                assert kind in proto.FRAME_TYPES and len(frame) >= 5
+    except ProtocolError:
+        pass
+
+
+@given(st.lists(frames, max_size=12), st.lists(st.integers(0, 4096), max_size=12))
+def test_valid_streams_decode_the_same_whatever_the_chunking(
+    stream: List[bytes], cuts: List[int]
+) -> None:
+    """A stream of valid frames decodes to exactly those frames, however it arrives."""
+    decoder = proto.FrameDecoder(max_body=1 << 20)
+    decoded: List[Tuple[int, bytes]] = []
+    for chunk in chunked(b"".join(stream), cuts):
+        decoded += decoder.feed(chunk)
+    assert [frame for _, frame in decoded] == stream
+    assert decoder.buffered == 0
+
+
+@given(topics)
+def test_topics_round_trip_and_prefixes(topic: Tuple[str, ...]) -> None:
+    """Any tuple of strings encodes and decodes back; its prefixes are its byte prefixes."""
+    encoded = proto.encode_topic(topic)
+    assert proto.decode_topic(encoded) == topic
+    expected = [proto.encode_topic(topic[:n]) for n in range(len(topic), -1, -1)]
+    assert proto.topic_prefixes(encoded) == expected
+
+
+@given(st.binary(max_size=64))
+def test_decode_topic_raises_only_protocol_error(data: bytes) -> None:
+    """A malformed encoded topic is a ProtocolError."""
+    with contextlib.suppress(ProtocolError):
+        proto.decode_topic(data)
+
+
+def test_encode_topic_refuses_non_strings() -> None:
+    """Topic elements that are not strings cannot travel."""
+    with pytest.raises(TypeError, match=r"^topic elements must be strings"):
+        proto.encode_topic(("a", 1))  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="module")
+def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
+    """A broker whose handshake state machine is driven directly, without its loop."""
+    instance = Broker(str(tmp_path_factory.mktemp("fuzz") / "b.sock"), b"key")
+    yield instance
+    instance.close()
+
+
+@settings(deadline=None)
+@given(st.binary(max_size=600), st.lists(st.integers(0, 1024), max_size=8), st.booleans())
+def test_handshake_raises_only_protocol_errors(
+    broker: Broker, data: bytes, cuts: List[int], answer_first: bool
+) -> None:
+    """The handshake, fed arbitrary chunks (after a right answer or not), fails cleanly."""
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        ours.setblocking(False)
+        client = _broker._Client(ours, 1, deadline=0.0)
+        _, client.challenge = proto.new_challenge()
+        stream = data
+        if answer_first:  # a valid first step, then garbage
+            stream = proto.answer_challenge(b"key", proto.CHALLENGE + client.challenge) + data
+        try:
+            for chunk in chunked(stream, cuts):
+                rest = broker._handshake(client, chunk)
+                if rest and client.decoder is not None:
+                    client.decoder.feed(rest)
+        except (ProtocolError, AuthenticationError):
+            pass
