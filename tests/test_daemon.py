@@ -12,7 +12,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import pytest
 
@@ -328,3 +328,25 @@ def test_unit_passes_systemd_analyze(tmp_path: Path) -> None:
     )
     assert result.returncode == 0
     assert result.stdout + result.stderr == ""
+
+
+def test_clients_survive_daemon_restart(mpubsubd: Daemon, helpers: Callable[..., Any]) -> None:
+    """mpubsubd stopped and started again under traffic: its clients carry on by themselves."""
+    mpubsubd.started()
+    count = 2000
+    sub = helpers("subscriber", mpubsubd.credentials, "data", count, "--gaps", "--seconds", 300)
+    pub = helpers("publisher", mpubsubd.credentials, "data", count, "p", "--pause", 0.001)
+
+    def delivered() -> int:
+        with NetPubSub.from_file(mpubsubd.credentials) as watcher:
+            stats = watcher.broker_statistics()
+        return 0 if stats is None else int(stats["messages_out"])
+
+    wait_for(lambda: delivered() > count // 4, what="traffic before the restart")
+    mpubsubd.signal(signal.SIGTERM)
+    mpubsubd.started()  # a new key: the clients re-read the credentials file
+    assert pub.communicate(timeout=300)[0] == f"sent {count}\n"
+    wait_for(lambda: delivered() > 0, what="traffic after the restart")
+    sub.send_signal(signal.SIGTERM)
+    out, _ = sub.communicate(timeout=60)
+    assert out.endswith(" in order\n"), out
