@@ -20,6 +20,8 @@ import json
 import multiprocessing as mp
 import os
 import pickle
+import shutil
+import signal
 import statistics
 import sys
 import tempfile
@@ -151,16 +153,82 @@ class ZmqClient:
         self.context.destroy(linger=0)
 
 
+class Redis(System):
+    """A private redis-server on a Unix socket, through redis-py; messages pickled."""
+
+    def __init__(self, workdir: str) -> None:
+        super().__init__(workdir)
+        self.path = os.path.join(workdir, "redis.sock")
+
+    def broker_main(self) -> None:
+        server = shutil.which("redis-server") or "redis-server"
+        os.execv(
+            server,
+            [
+                server,
+                "--port",
+                "0",
+                "--unixsocket",
+                self.path,
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                self.workdir,
+                "--logfile",
+                os.path.join(self.workdir, "redis.log"),
+            ],
+        )
+
+    def client(self) -> Any:
+        import redis  # noqa: PLC0415
+
+        for _ in range(500):
+            if os.path.exists(self.path):
+                break
+            time.sleep(0.01)
+        return RedisClient(redis.Redis(unix_socket_path=self.path))
+
+
+class RedisClient:
+    def __init__(self, connection: Any) -> None:
+        self.connection = connection
+        self.pubsub = connection.pubsub(ignore_subscribe_messages=True)
+        self.callbacks: Dict[bytes, Callable[..., None]] = {}
+
+    def subscribe(self, topic: str, callback: Callable[..., None]) -> None:
+        self.callbacks[topic.encode()] = callback
+        self.pubsub.subscribe(topic)
+
+    def publish(self, topic: str, **message: Any) -> None:
+        self.connection.publish(topic, pickle.dumps(message, protocol=5))
+
+    def poll(self, timeout: float) -> None:
+        item = self.pubsub.get_message(timeout=timeout)
+        while item is not None:
+            self.callbacks[item["channel"]](
+                (item["channel"].decode(),), **pickle.loads(item["data"])
+            )
+            item = self.pubsub.get_message(timeout=0)
+
+    def close(self) -> None:
+        self.pubsub.close()
+        self.connection.close()
+
+
 def make_system(name: str, workdir: str) -> System:
     if name == "zmq":
         return Zmq(workdir)
+    if name == "redis":
+        return Redis(workdir)
     return Mpubsub(workdir, legacy=name == "v001")
 
 
 # --- scenarios --------------------------------------------------------------------
 
 
-def subscriber_main(system: System, count: int, ready: Any, results: Any) -> None:
+def subscriber_main(system: System, count: int, stall: float, ready: Any, results: Any) -> None:
     client = system.client()
     seen = [0, 0.0]
 
@@ -172,18 +240,30 @@ def subscriber_main(system: System, count: int, ready: Any, results: Any) -> Non
         seen[1] = time.monotonic()
 
     client.subscribe("bench", on_data)
-    deadline = time.monotonic() + 120
+    while not ready.is_set():
+        client.poll(0.05)
+    deadline = time.monotonic() + stall + 5  # what has not come by then is lost
     while seen[0] < count and time.monotonic() < deadline:
         client.poll(0.05)
     results.put((seen[1], seen[0]))
     client.close()
 
 
-def throughput(system: System, subscribers: int, count: int, size: int) -> Dict[str, Any]:
+class Stalled(Exception):
+    """The system stopped moving (mpubsub 0.0.1 stalls when a client does not read)."""
+
+
+def _stalled(signum: int, frame: object) -> None:
+    raise Stalled
+
+
+def throughput(
+    system: System, subscribers: int, count: int, size: int, stall: float
+) -> Dict[str, Any]:
     results = CTX.Queue()
     readies = [CTX.Event() for _ in range(subscribers)]
     procs = [
-        CTX.Process(target=subscriber_main, args=(system, count, ready, results))
+        CTX.Process(target=subscriber_main, args=(system, count, stall, ready, results))
         for ready in readies
     ]
     for proc in procs:
@@ -197,10 +277,19 @@ def throughput(system: System, subscribers: int, count: int, size: int) -> Dict[
         if time.monotonic() > deadline:
             raise RuntimeError("subscribers did not come up")
     started = time.monotonic()
-    for seq in range(count):
-        client.publish("bench", seq=seq, data=data)
-    ends = [results.get(timeout=300) for _ in procs]
-    elapsed = max(end for end, _ in ends) - started
+    signal.signal(signal.SIGALRM, _stalled)
+    signal.setitimer(signal.ITIMER_REAL, stall)
+    try:
+        for seq in range(count):
+            client.publish("bench", seq=seq, data=data)
+    except Stalled:
+        for proc in procs:
+            proc.kill()
+        return {"deliveries_per_s": 0.0, "stalled": 1, "lost": subscribers * count}
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+    ends = [results.get(timeout=stall + 60) for _ in procs]
+    elapsed = max(end for end, _ in ends) - started if any(n for _, n in ends) else 1.0
     received = sum(n for _, n in ends)
     for proc in procs:
         proc.join(timeout=30)
@@ -260,10 +349,83 @@ def rtt(system: System, count: int) -> Dict[str, Any]:
     }
 
 
+def scale_main(system: System, clients: int, count: int, ready: Any, results: Any) -> None:
+    """Hold *clients* subscribers in this process; report each delivery's latency."""
+    import selectors  # noqa: PLC0415
+
+    latencies: List[float] = []
+    subscribers = [system.client() for _ in range(clients)]
+    seen = [0]
+
+    def on_data(topic: Tuple[str, ...], seq: int, sent: float) -> None:
+        if seq < 0:
+            ready.set()
+            return
+        latencies.append(time.monotonic() - sent)
+        seen[0] += 1
+
+    with selectors.DefaultSelector() as selector:
+        for subscriber in subscribers:
+            subscriber.subscribe("bench", on_data)
+            selector.register(subscriber.pubsub.fileno(), selectors.EVENT_READ, subscriber)
+        deadline = time.monotonic() + 120
+        while seen[0] < clients * count and time.monotonic() < deadline:
+            for key, _ in selector.select(0.1):
+                key.data.poll(0)
+    results.put(latencies)
+    for subscriber in subscribers:
+        subscriber.close()
+
+
+def broker_cpu(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().split(")")[-1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def scale(system: System, broker_pid: int, subscribers: int, count: int) -> Dict[str, Any]:
+    """Paced messages to many subscribers: broker CPU per message, and latency."""
+    processes = min(subscribers, 4)
+    shares = [subscribers // processes + (i < subscribers % processes) for i in range(processes)]
+    results = CTX.Queue()
+    readies = [CTX.Event() for _ in shares]
+    procs = [
+        CTX.Process(target=scale_main, args=(system, share, count, ready, results))
+        for share, ready in zip(shares, readies)
+    ]
+    for proc in procs:
+        proc.start()
+    client = system.client()
+    deadline = time.monotonic() + 60
+    while not all(r.is_set() for r in readies):
+        client.publish("bench", seq=-1, sent=0.0)
+        client.poll(0.02)
+        if time.monotonic() > deadline:
+            raise RuntimeError("subscribers did not come up")
+    time.sleep(0.5)  # let the warm-up messages drain
+    cpu = broker_cpu(broker_pid)
+    for seq in range(count):
+        client.publish("bench", seq=seq, sent=time.monotonic())
+        time.sleep(0.005)
+    latencies = sorted(x for _ in procs for x in results.get(timeout=300))
+    cpu = broker_cpu(broker_pid) - cpu
+    for proc in procs:
+        proc.join(timeout=30)
+    client.close()
+    return {
+        "broker_cpu_us_per_message": cpu / count * 1e6,
+        "latency_p50_us": statistics.median(latencies) * 1e6,
+        "latency_p99_us": latencies[int(len(latencies) * 0.99)] * 1e6,
+        "lost": subscribers * count - len(latencies),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--system", choices=["this", "v001", "zmq"], required=True)
-    parser.add_argument("--scenario", choices=["throughput", "rtt"], required=True)
+    parser.add_argument("--system", choices=["this", "v001", "zmq", "redis"], required=True)
+    parser.add_argument("--scenario", choices=["throughput", "rtt", "scale"], required=True)
+    parser.add_argument("--idle", type=int, default=0, help="idle clients connected meanwhile")
+    parser.add_argument("--stall", type=float, default=30, help="seconds before giving up")
     parser.add_argument("--subscribers", type=int, default=1)
     parser.add_argument("--count", type=int, default=50_000)
     parser.add_argument("--size", type=int, default=64)
@@ -273,10 +435,16 @@ def main() -> None:
         broker = CTX.Process(target=system.broker_main, daemon=True)
         broker.start()
         try:
+            idle = [system.client() for _ in range(args.idle)]
             if args.scenario == "throughput":
-                result = throughput(system, args.subscribers, args.count, args.size)
+                result = throughput(system, args.subscribers, args.count, args.size, args.stall)
+            elif args.scenario == "scale":
+                assert broker.pid is not None
+                result = scale(system, broker.pid, args.subscribers, args.count)
             else:
                 result = rtt(system, args.count)
+            for client in idle:
+                client.close()
         finally:
             broker.terminate()
             broker.join(timeout=10)

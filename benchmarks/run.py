@@ -1,11 +1,13 @@
-"""``make bench``: this project beside mpubsub 0.0.1 and a pyzmq proxy, in one run.
+"""``make bench``: this project beside its peers, measured in one run.
 
-mpubsub 0.0.1 is imported as ``mpubsub`` too, so it lives in its own
-virtualenv (``.bench-venv``, with pyzmq beside it). Every measurement runs
-in a fresh interpreter; the rounds alternate between the systems so that
-the machine's noise hits them alike, and the median of the rounds is
-reported with its ratio to 0.0.1 and to the pyzmq proxy. The tables are
-printed and written to ``benchmarks/results/latest.md``.
+Peers: mpubsub 0.0.1 (imported as ``mpubsub`` too, so it lives in its own
+virtualenv, ``.bench-venv``, with the others), blinker and PyPubSub in
+process; a pyzmq XSUB/XPUB proxy and Redis pub/sub (redis-py, when a
+``redis-server`` binary exists) across processes. Every measurement runs in
+fresh processes; the rounds alternate between the systems so that the
+machine's noise hits them alike; each figure is the median of the rounds,
+printed with its ratio to 0.0.1 and to the pyzmq proxy. The tables go to
+``benchmarks/results/latest.md`` and a chart to ``latest.png``.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import datetime
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -24,49 +27,59 @@ from typing import Any, Dict, List, Optional, Tuple
 
 HERE = Path(__file__).resolve().parent
 BASELINE_VENV = HERE.parent / ".bench-venv"
-BASELINE_PACKAGES = ["mpubsub==0.0.1", "pyzmq"]
-RESULTS = HERE / "results" / "latest.md"
+PEERS = ["mpubsub==0.0.1", "pyzmq", "blinker", "pypubsub", "redis", "matplotlib"]
+RESULTS = HERE / "results"
 
-THIS, V001, ZMQ = "mpubsub (this)", "mpubsub 0.0.1", "pyzmq XSUB/XPUB proxy"
+THIS, V001, ZMQ, REDIS = "mpubsub (this)", "mpubsub 0.0.1", "pyzmq proxy", "Redis pub/sub"
+BLINKER, PYPUBSUB = "blinker", "PyPubSub"
+LOCAL_SYSTEMS = {THIS: "this", V001: "v001", BLINKER: "blinker", PYPUBSUB: "pypubsub"}
+LOCAL = [
+    ("1/1", "1 subscriber, 1-level topic"),
+    ("1/3", "1 subscriber, 3-level topic"),
+    ("10/1", "10 subscribers, 1-level topic"),
+    ("10/3", "10 subscribers, 3-level topic"),
+]
 
-# (title, scenario arguments, figure, unit, higher is better)
-REMOTE = [
+# (title, remote.py arguments, figure, unit, higher is better)
+Remote = Tuple[str, List[str], str, str, bool]
+REMOTE: List[Remote] = [
+    ("1 -> 1, 64 B", ["throughput"], "deliveries_per_s", "msg/s", True),
     (
-        "1 publisher -> 1 subscriber",
-        ["throughput", "--subscribers", "1"],
-        "deliveries_per_s",
-        "msg/s",
-        True,
-    ),
-    (
-        "1 publisher -> 4 subscribers",
+        "1 -> 4, 64 B",
         ["throughput", "--subscribers", "4"],
         "deliveries_per_s",
         "deliveries/s",
         True,
     ),
-    ("round trip, median", ["rtt"], "rtt_p50_us", "us", False),
-    ("round trip, p99", ["rtt"], "rtt_p99_us", "us", False),
+    ("round trip p50", ["rtt"], "rtt_p50_us", "us", False),
+    ("round trip p99", ["rtt"], "rtt_p99_us", "us", False),
+    ("1 -> 1, 1 KiB", ["throughput", "--size", "1024"], "deliveries_per_s", "msg/s", True),
+    ("1 -> 1, 64 KiB", ["throughput", "--size", "65536"], "deliveries_per_s", "msg/s", True),
+    (
+        "1 -> 1, 100 idle clients",
+        ["throughput", "--idle", "100", "--stall", "5"],
+        "deliveries_per_s",
+        "msg/s",
+        True,
+    ),
 ]
+SCALE = [1, 10, 100, 500]
 
 
-def baseline_python() -> Path:
-    """The baseline's interpreter, creating its virtualenv the first time."""
+def peers_python() -> Path:
+    """The peers' interpreter, creating their virtualenv the first time."""
     python = BASELINE_VENV / "bin" / "python"
     stamp = BASELINE_VENV / ".installed"
-    wanted = "\n".join(BASELINE_PACKAGES) + "\n"
+    wanted = "\n".join(PEERS) + "\n"
     if not stamp.exists() or stamp.read_text() != wanted:
         venv.create(BASELINE_VENV, with_pip=True, clear=True)
-        subprocess.run(
-            [str(python), "-m", "pip", "install", "--quiet", *BASELINE_PACKAGES], check=True
-        )
+        subprocess.run([str(python), "-m", "pip", "install", "--quiet", *PEERS], check=True)
         stamp.write_text(wanted)
     return python
 
 
 def run_json(python: Path, script: str, *args: str) -> Dict[str, Any]:
-    # -I keeps the project's source tree off sys.path, so each interpreter
-    # imports its own installed mpubsub.
+    # -I keeps the project's tree off sys.path: each interpreter imports its own mpubsub.
     out = subprocess.run(
         [str(python), "-I", str(HERE / script), *args],
         check=True,
@@ -90,8 +103,8 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}"
 
 
-def ratio(value: float, base: Optional[float]) -> str:
-    return f"{value / base:.2f}x" if base else "-"
+def ratio(value: Optional[float], base: Optional[float]) -> str:
+    return f"{value / base:.2f}x" if value and base else "-"
 
 
 class Bench:
@@ -99,13 +112,15 @@ class Bench:
         self.quick = quick
         self.rounds = 1 if quick else rounds
         this = Path(sys.executable)
-        if quick:
-            self.local = {THIS: this}
-            self.remote = {THIS: (this, "this")}
-        else:
-            baseline = baseline_python()
-            self.local = {THIS: this, V001: baseline}
-            self.remote = {THIS: (this, "this"), V001: (baseline, "v001"), ZMQ: (baseline, "zmq")}
+        self.pythons = {THIS: this}
+        self.remote = {THIS: "this"}
+        if not quick:
+            peers = peers_python()
+            self.pythons.update({V001: peers, BLINKER: peers, PYPUBSUB: peers, ZMQ: peers})
+            self.remote.update({V001: "v001", ZMQ: "zmq"})
+            if shutil.which("redis-server"):
+                self.pythons[REDIS] = peers
+                self.remote[REDIS] = "redis"
         self.samples: Dict[Tuple[str, str], List[float]] = {}
 
     def add(self, system: str, key: str, value: float) -> None:
@@ -115,67 +130,148 @@ class Bench:
         values = self.samples.get((system, key))
         return statistics.median(values) if values else None
 
+    def count(self, args: List[str]) -> str:
+        if args[0] == "rtt":
+            return "200" if self.quick else "1000"
+        size = int(args[args.index("--size") + 1]) if "--size" in args else 64
+        full = min(15_000, 20_000_000 // size)  # at most 20 MB per run
+        return "500" if self.quick else str(full)
+
     def measure(self) -> None:
-        number = "2000" if self.quick else "200000"
-        count = {
-            "throughput": "2000" if self.quick else "50000",
-            "rtt": "200" if self.quick else "3000",
-        }
         for _ in range(self.rounds):
-            for system, python in self.local.items():
-                result = run_json(python, "local_publish.py", "--number", number)
-                self.add(system, "publish_ns", result["publish_ns"])
-                self.add(system, "call_ns", result["call_ns"])
-            for _title, args, _key, _unit, _ in REMOTE[:3]:
-                for system, (python, name) in self.remote.items():
+            for system, name in LOCAL_SYSTEMS.items():
+                if system in self.pythons:
+                    number = "2000" if self.quick else "50000"
                     result = run_json(
-                        python,
+                        self.pythons[system],
+                        "local_publish.py",
+                        "--system",
+                        name,
+                        "--number",
+                        number,
+                        "--repeat",
+                        "3",
+                    )
+                    for key, value in result.items():
+                        self.add(system, f"local:{key}", value)
+            scenarios = {" ".join(args): args for _, args, _, _, _ in REMOTE}
+            for args in scenarios.values():
+                for system, name in self.remote.items():
+                    result = run_json(
+                        self.pythons[system],
                         "remote.py",
                         "--system",
                         name,
                         "--scenario",
                         args[0],
                         "--count",
-                        count[args[0]],
+                        self.count(args),
                         *args[1:],
                     )
                     for key, value in result.items():
                         self.add(system, f"{' '.join(args)}:{key}", value)
+            for subscribers in SCALE[:2] if self.quick else SCALE:
+                result = run_json(
+                    self.pythons[THIS],
+                    "remote.py",
+                    "--system",
+                    "this",
+                    "--scenario",
+                    "scale",
+                    "--subscribers",
+                    str(subscribers),
+                    "--count",
+                    "20" if self.quick else "100",
+                )
+                for key, value in result.items():
+                    self.add(THIS, f"scale {subscribers}:{key}", value)
 
     def report(self) -> str:
         date = datetime.date.today().isoformat()
         lines = [f"Measured {date} on {machine()}; median of {self.rounds} round(s).", ""]
-        lines += ["## Local publish (two-level topic, one subscriber)", ""]
-        lines += ["| system | ns per publish | vs 0.0.1 |", "|---|---:|---:|"]
-        base = self.median(V001, "publish_ns")
-        for system in self.local:
-            value = self.median(system, "publish_ns")
-            assert value is not None
-            lines.append(f"| {system} | {value:.0f} | {ratio(value, base)} |")
-        floor = self.median(THIS, "call_ns")
-        lines += [f"| plain function call (floor) | {floor:.0f} | - |", ""]
-        lines += ["## Remote, through a broker (64-byte payload, Unix sockets)", ""]
+        lines += ["## In process: ns per publish", ""]
+        lines += [
+            "| scenario | "
+            + " | ".join(s for s in LOCAL_SYSTEMS if s in self.pythons)
+            + " | this vs 0.0.1 | plain call |"
+        ]
+        lines += ["|---" * (len([s for s in LOCAL_SYSTEMS if s in self.pythons]) + 3) + "|"]
+        for key, title in LOCAL:
+            values = [self.median(s, f"local:{key}") for s in LOCAL_SYSTEMS if s in self.pythons]
+            cells = " | ".join(f"{v:,.0f}" for v in values if v is not None)
+            base = self.median(V001, f"local:{key}")
+            floor = self.median(THIS, "local:call") or 0
+            lines.append(f"| {title} | {cells} | {ratio(values[0], base)} | {floor:.0f} |")
+        lines += ["", "## Across processes, through a broker (Unix sockets)", ""]
         lines += [
             "| scenario | system | figure | vs 0.0.1 | vs pyzmq |",
             "|---|---|---:|---:|---:|",
         ]
         for title, args, key, unit, _higher in REMOTE:
             full = f"{' '.join(args)}:{key}"
-            v001, zmq = self.median(V001, full), self.median(ZMQ, full)
             for system in self.remote:
                 value = self.median(system, full)
-                assert value is not None
-                lines.append(
-                    f"| {title} | {system} | {value:,.0f} {unit} | {ratio(value, v001)} "
-                    f"| {ratio(value, zmq)} |"
-                )
+                lost = self.median(system, f"{' '.join(args)}:lost")
+                shown = "stalled" if not value else f"{value:,.0f} {unit}"
+                if lost:
+                    shown += f" ({lost:,.0f} lost)"
+                versus = [ratio(value, self.median(base, full)) for base in (V001, ZMQ)]
+                lines.append(f"| {title} | {system} | {shown} | {versus[0]} | {versus[1]} |")
+        count = "20" if self.quick else "100"
+        lines += ["", f"## Scale: one publisher, {count} messages paced 5 ms apart", ""]
+        lines += [
+            "| subscribers | broker CPU per message | latency p50 | latency p99 |",
+            "|---:|---:|---:|---:|",
+        ]
+        for subscribers in SCALE:
+            cpu = self.median(THIS, f"scale {subscribers}:broker_cpu_us_per_message")
+            p50 = self.median(THIS, f"scale {subscribers}:latency_p50_us")
+            p99 = self.median(THIS, f"scale {subscribers}:latency_p99_us")
+            if cpu is not None and p50 is not None and p99 is not None:
+                lines.append(f"| {subscribers} | {cpu:,.0f} us | {p50:,.0f} us | {p99:,.0f} us |")
         return "\n".join(lines) + "\n"
+
+    def chart(self, path: Path) -> None:
+        """Bars per scenario, one colour per system (matplotlib, from the peers' venv)."""
+        data: Dict[str, Any] = {
+            "machine": machine(),
+            "date": datetime.date.today().isoformat(),
+            "panels": [],
+        }
+        for key, title in LOCAL:
+            data["panels"].append(
+                {
+                    "title": f"in process: {title}",
+                    "unit": "ns per publish",
+                    "higher": False,
+                    "bars": {
+                        s: self.median(s, f"local:{key}")
+                        for s in LOCAL_SYSTEMS
+                        if s in self.pythons
+                    },
+                }
+            )
+        for title, args, key, unit, higher in REMOTE:
+            full = f"{' '.join(args)}:{key}"
+            data["panels"].append(
+                {
+                    "title": title,
+                    "unit": unit,
+                    "higher": higher,
+                    "bars": {s: self.median(s, full) for s in self.remote},
+                }
+            )
+        spec = RESULTS / "latest.json"
+        spec.write_text(json.dumps(data, indent=1))
+        subprocess.run(
+            [str(peers_python()), str(HERE / "chart.py"), str(spec), str(path)], check=True
+        )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="a seconds-long smoke run")
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     bench = Bench(args.quick, args.rounds)
     print(f"# Machine: {machine()}", flush=True)
@@ -183,8 +279,9 @@ def main() -> None:
     report = bench.report()
     print(report)
     if not args.quick:
-        RESULTS.parent.mkdir(exist_ok=True)
-        RESULTS.write_text("# mpubsub benchmarks\n\n" + report)
+        RESULTS.mkdir(exist_ok=True)
+        (RESULTS / "latest.md").write_text("# mpubsub benchmarks\n\n" + report)
+        bench.chart(RESULTS / "latest.png")
 
 
 if __name__ == "__main__":

@@ -191,6 +191,7 @@ class FrameDecoder:
     def _split(self, data: Union[bytes, bytearray]) -> Tuple[List[Tuple[int, bytes]], int]:
         frames = []
         pos, end = 0, len(data)
+        view = memoryview(data)  # one copy per frame, whether data is bytes or a bytearray
         unpack = HEADER.unpack_from
         while end - pos >= 5:
             size, kind = unpack(data, pos)
@@ -200,8 +201,12 @@ class FrameDecoder:
                 raise ProtocolError(f"frame of {size} bytes exceeds the limit of {self.max_body}")
             if end - pos - 5 < size:
                 break
-            frames.append((kind, bytes(data[pos : pos + 5 + size])))
+            if pos == 0 and 5 + size == end and type(data) is bytes:
+                frames.append((kind, data))  # exactly one frame: no copy at all
+            else:
+                frames.append((kind, bytes(view[pos : pos + 5 + size])))
             pos += 5 + size
+        view.release()  # the bytearray may be resized next
         return frames, pos
 
 
