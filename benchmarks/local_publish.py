@@ -15,7 +15,7 @@ import sys
 import timeit
 from typing import Any, Callable, Dict, List, Tuple
 
-SCENARIOS = [(1, 1), (1, 3), (10, 1), (10, 3)]  # (subscribers, topic depth)
+SCENARIOS = [(1, 1), (1, 2), (1, 3), (10, 1), (10, 3)]  # (subscribers, topic depth)
 
 
 def make_subscribers(count: int) -> List[Callable[..., None]]:

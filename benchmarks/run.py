@@ -35,6 +35,7 @@ BLINKER, PYPUBSUB = "blinker", "PyPubSub"
 LOCAL_SYSTEMS = {THIS: "this", V001: "v001", BLINKER: "blinker", PYPUBSUB: "pypubsub"}
 LOCAL = [
     ("1/1", "1 subscriber, 1-level topic"),
+    ("1/2", "1 subscriber, 2-level topic"),
     ("1/3", "1 subscriber, 3-level topic"),
     ("10/1", "10 subscribers, 1-level topic"),
     ("10/3", "10 subscribers, 3-level topic"),
