@@ -16,7 +16,6 @@ import selectors
 import shutil
 import signal
 import socket
-import struct
 import tempfile
 import threading
 import time
@@ -24,6 +23,9 @@ from typing import Any, Callable, Deque, Dict, List, Optional, Set, Tuple
 
 from . import _protocol as proto
 from ._credentials import family_of
+from ._session import ACTIVE as _ACTIVE
+from ._session import HELLO as _HELLO
+from ._session import Session
 from ._stats import BrokerStatistics, Counters
 from .errors import AuthenticationError, ProtocolError
 
@@ -35,37 +37,6 @@ _ROUTE_CACHE_SIZE = 4096
 _ACCEPT_PAUSE = 0.5
 DEFAULT_MAX_BUFFER = 32 * 1024 * 1024
 _PONG = proto.frame(proto.PONG, b"")
-
-# Handshake states, in order; ACTIVE clients exchange protocol frames.
-_ANSWER, _PEER_CHALLENGE, _PEER_VERDICT, _HELLO, _ACTIVE = range(5)
-
-
-class _Client:
-    """One connection, from its first byte to its close."""
-
-    def __init__(self, sock: socket.socket, number: int, deadline: float) -> None:
-        self.sock = sock
-        self.name = f"client {number} ({_peer_name(sock)})"
-        self.state = _ANSWER
-        self.deadline = deadline
-        self.challenge = b""
-        self.handshake = bytearray()
-        self.decoder: Optional[proto.FrameDecoder] = None
-        self.out: Deque[bytes] = collections.deque()
-        self.out_size = 0
-        self.writing = False
-        self.subs: Set[bytes] = set()
-
-
-def _peer_name(sock: socket.socket) -> str:
-    try:
-        if sock.family == socket.AF_UNIX:
-            creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-            return f"pid {struct.unpack('3i', creds)[0]}"
-        host, port = sock.getpeername()[:2]
-        return f"{host}:{port}"
-    except OSError:
-        return "gone"
 
 
 class Broker:
@@ -108,10 +79,10 @@ class Broker:
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_w.setblocking(False)
         self._stopping = False
-        self._clients: Dict[int, _Client] = {}
-        self._subs: Dict[bytes, Set[_Client]] = {}
-        self._routes: Dict[bytes, Tuple[_Client, ...]] = {}
-        self._dirty: Set[_Client] = set()
+        self._clients: Dict[int, Session] = {}
+        self._subs: Dict[bytes, Set[Session]] = {}
+        self._routes: Dict[bytes, Tuple[Session, ...]] = {}
+        self._dirty: Set[Session] = set()
         self._count = 0
         self._stats = Counters()
         self._snapshot: Optional[Tuple[float, bytes]] = None
@@ -243,7 +214,7 @@ class Broker:
                 return
             sock.setblocking(False)
             self._count += 1
-            client = _Client(sock, self._count, time.monotonic() + self._timeout)
+            client = Session(sock, self._count, time.monotonic() + self._timeout)
             frame, client.challenge = proto.new_challenge()
             try:
                 sock.send(frame)
@@ -254,7 +225,7 @@ class Broker:
             assert self._selector is not None
             self._selector.register(sock, selectors.EVENT_READ, client)
 
-    def _drop(self, client: _Client, level: int, reason: str) -> None:
+    def _drop(self, client: Session, level: int, reason: str) -> None:
         if client.sock.fileno() < 0:
             return
         logger.log(level, "closing %s: %s", client.name, reason)
@@ -276,7 +247,7 @@ class Broker:
 
     # --- input ---------------------------------------------------------------
 
-    def _read(self, client: _Client) -> None:
+    def _read(self, client: Session) -> None:
         try:
             data = client.sock.recv(_RECV_SIZE)
         except (BlockingIOError, InterruptedError):
@@ -290,7 +261,7 @@ class Broker:
             return
         try:
             if client.state < _HELLO:
-                data = self._handshake(client, data)
+                data = client.feed_handshake(data, self._authkey, self._max_message)
             if data and client.decoder is not None:
                 self._handle(client, client.decoder.feed(data))
         except AuthenticationError as exc:
@@ -299,56 +270,14 @@ class Broker:
         except ProtocolError as exc:
             self._reject(client, str(exc))
 
-    def _reject(self, client: _Client, reason: str) -> None:
+    def _reject(self, client: Session, reason: str) -> None:
         self._stats.refused += 1
         if client.state >= _HELLO:
             with contextlib.suppress(OSError):  # best effort: the peer may be gone
                 client.sock.send(proto.frame(proto.ERROR, reason.encode()))
         self._drop(client, logging.WARNING, f"protocol error: {reason}")
 
-    def _handshake(self, client: _Client, data: bytes) -> bytes:
-        """Advance the handshake with *data*; return what follows it."""
-        buf = client.handshake
-        buf += data
-        while client.state < _HELLO and len(buf) >= 4:
-            (size,) = proto.MP_LEN.unpack_from(buf)
-            if not 0 <= size <= proto.HANDSHAKE_MAX:
-                raise ProtocolError(f"handshake message of {size} bytes")
-            if len(buf) < 4 + size:
-                return b""
-            message = bytes(buf[4 : 4 + size])
-            del buf[: 4 + size]
-            self._handshake_step(client, message)
-        if client.state == _HELLO:
-            data, client.handshake = bytes(buf), bytearray()
-            client.decoder = proto.FrameDecoder(self._max_message)
-            return data
-        return b""
-
-    def _handshake_step(self, client: _Client, message: bytes) -> None:
-        if client.state == _ANSWER:
-            try:
-                proto.verify_answer(self._authkey, client.challenge, message)
-            except AuthenticationError:
-                self._send_now(client, proto.mp_frame(proto.FAILURE_MSG))
-                raise
-            self._send_now(client, proto.mp_frame(proto.WELCOME_MSG))
-            client.state = _PEER_CHALLENGE
-        elif client.state == _PEER_CHALLENGE:
-            self._send_now(client, proto.answer_challenge(self._authkey, message))
-            client.state = _PEER_VERDICT
-        elif message == proto.WELCOME_MSG:
-            client.state = _HELLO
-        else:
-            raise AuthenticationError("the client refused the broker's key")
-
-    def _send_now(self, client: _Client, data: bytes) -> None:
-        # Handshake replies are tiny and the peer is waiting for them: the
-        # socket buffer is empty, so a short send means a broken peer.
-        if client.sock.send(data) != len(data):
-            raise ProtocolError("peer does not read the handshake")
-
-    def _handle(self, client: _Client, frames: List[Tuple[int, bytes]]) -> None:
+    def _handle(self, client: Session, frames: List[Tuple[int, bytes]]) -> None:
         for kind, frame in frames:
             if client.state != _ACTIVE:
                 self._hello(client, kind, frame)
@@ -370,7 +299,7 @@ class Broker:
             else:
                 raise ProtocolError(f"unexpected frame type {kind}")
 
-    def _hello(self, client: _Client, kind: int, frame: bytes) -> None:
+    def _hello(self, client: Session, kind: int, frame: bytes) -> None:
         if kind != proto.HELLO:
             raise ProtocolError("expected HELLO")
         version = proto.hello_version(frame)
@@ -379,11 +308,11 @@ class Broker:
                 f"unsupported protocol version {version}; this broker speaks {proto.VERSION}"
             )
         body = proto.WELCOME_BODY.pack(proto.VERSION, self._max_message)
-        self._send_now(client, proto.frame(proto.WELCOME, body))
+        client.send_now(proto.frame(proto.WELCOME, body))
         client.state = _ACTIVE
         logger.debug("%s connected", client.name)
 
-    def _reply(self, client: _Client, frame: bytes) -> None:
+    def _reply(self, client: Session, frame: bytes) -> None:
         client.out.append(frame)
         client.out_size += len(frame)
         self._dirty.add(client)
@@ -414,7 +343,7 @@ class Broker:
             largest_buffer=max((c.out_size for c in active), default=0),
         )
 
-    def _unsubscribe(self, client: _Client, topic: bytes) -> None:
+    def _unsubscribe(self, client: Session, topic: bytes) -> None:
         client.subs.discard(topic)
         holders = self._subs.get(topic)
         if holders is not None and client in holders:
@@ -425,7 +354,7 @@ class Broker:
 
     # --- routing and output ------------------------------------------------
 
-    def _route(self, sender: _Client, frame: bytes) -> None:
+    def _route(self, sender: Session, frame: bytes) -> None:
         topic, _payload = proto.split_pub(frame)
         targets = self._routes.get(topic)
         if targets is None:
@@ -444,10 +373,10 @@ class Broker:
             stats.messages_out += 1
             stats.bytes_out += size
 
-    def _compute_route(self, topic: bytes) -> Tuple[_Client, ...]:
+    def _compute_route(self, topic: bytes) -> Tuple[Session, ...]:
         if topic:
             proto.decode_topic(topic)  # a malformed topic must not reach anyone
-            found: Set[_Client] = set()
+            found: Set[Session] = set()
             for prefix in proto.topic_prefixes(topic):
                 found.update(self._subs.get(prefix, ()))
             route = tuple(found)
@@ -472,7 +401,7 @@ class Broker:
             elif not client.writing:
                 self._write(client)
 
-    def _write(self, client: _Client) -> None:
+    def _write(self, client: Session) -> None:
         out = client.out
         while out:
             if len(out) == 1 or len(out[0]) >= _SEND_CHUNK:
@@ -496,7 +425,7 @@ class Broker:
                 break
         self._want_write(client, bool(out))
 
-    def _want_write(self, client: _Client, want: bool) -> None:
+    def _want_write(self, client: Session, want: bool) -> None:
         if want != client.writing:
             client.writing = want
             events = selectors.EVENT_READ | (selectors.EVENT_WRITE if want else 0)

@@ -10,8 +10,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mpubsub import AuthenticationError, Broker, ProtocolError, _broker
+from mpubsub import AuthenticationError, ProtocolError
 from mpubsub import _protocol as proto
+from mpubsub._session import Session
 
 topics = st.lists(st.text(max_size=8), max_size=4).map(tuple)
 frames = st.one_of(
@@ -74,31 +75,23 @@ def test_encode_topic_refuses_non_strings() -> None:
         proto.encode_topic(("a", 1))  # type: ignore[arg-type]
 
 
-@pytest.fixture(scope="module")
-def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
-    """A broker whose handshake state machine is driven directly, without its loop."""
-    instance = Broker(str(tmp_path_factory.mktemp("fuzz") / "b.sock"), b"key")
-    yield instance
-    instance.close()
-
-
 @settings(deadline=None)
 @given(st.binary(max_size=600), st.lists(st.integers(0, 1024), max_size=8), st.booleans())
 def test_handshake_raises_only_protocol_errors(
-    broker: Broker, data: bytes, cuts: List[int], answer_first: bool
+    data: bytes, cuts: List[int], answer_first: bool
 ) -> None:
     """The handshake, fed arbitrary chunks (after a right answer or not), fails cleanly."""
     ours, theirs = socket.socketpair()
     with ours, theirs:
         ours.setblocking(False)
-        client = _broker._Client(ours, 1, deadline=0.0)
+        client = Session(ours, 1, deadline=0.0)
         _, client.challenge = proto.new_challenge()
         stream = data
         if answer_first:  # a valid first step, then garbage
             stream = proto.answer_challenge(b"key", proto.CHALLENGE + client.challenge) + data
         try:
             for chunk in chunked(stream, cuts):
-                rest = broker._handshake(client, chunk)
+                rest = client.feed_handshake(chunk, b"key", 1024)
                 if rest and client.decoder is not None:
                     client.decoder.feed(rest)
         except (ProtocolError, AuthenticationError):

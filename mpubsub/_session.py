@@ -1,0 +1,93 @@
+"""One client connection inside the broker, and its authentication handshake.
+
+The handshake is multiprocessing.connection's, run as a state machine fed
+whatever bytes arrive, so the broker's single loop never waits for a peer:
+ANSWER (our challenge's answer), PEER_CHALLENGE (theirs, which we answer),
+PEER_VERDICT (their WELCOME), HELLO (the first protocol frame), ACTIVE.
+"""
+
+from __future__ import annotations
+
+import collections
+import socket
+import struct
+from typing import Deque, Optional, Set
+
+from . import _protocol as proto
+from .errors import AuthenticationError, ProtocolError
+
+ANSWER, PEER_CHALLENGE, PEER_VERDICT, HELLO, ACTIVE = range(5)
+
+
+class Session:
+    """One connection, from its first byte to its close."""
+
+    def __init__(self, sock: socket.socket, number: int, deadline: float) -> None:
+        self.sock = sock
+        self.name = f"client {number} ({_peer_name(sock)})"
+        self.state = ANSWER
+        self.deadline = deadline
+        self.challenge = b""
+        self.handshake = bytearray()
+        self.decoder: Optional[proto.FrameDecoder] = None
+        self.out: Deque[bytes] = collections.deque()
+        self.out_size = 0
+        self.writing = False
+        self.subs: Set[bytes] = set()
+
+    def feed_handshake(self, data: bytes, authkey: bytes, max_message: int) -> bytes:
+        """Advance the handshake with *data*; return what follows it (protocol frames).
+
+        Raises ProtocolError or AuthenticationError, and nothing else.
+        """
+        buf = self.handshake
+        buf += data
+        while self.state < HELLO and len(buf) >= 4:
+            (size,) = proto.MP_LEN.unpack_from(buf)
+            if not 0 <= size <= proto.HANDSHAKE_MAX:
+                raise ProtocolError(f"handshake message of {size} bytes")
+            if len(buf) < 4 + size:
+                return b""
+            message = bytes(buf[4 : 4 + size])
+            del buf[: 4 + size]
+            self._step(message, authkey)
+        if self.state == HELLO:
+            data, self.handshake = bytes(buf), bytearray()
+            self.decoder = proto.FrameDecoder(max_message)
+            return data
+        return b""
+
+    def _step(self, message: bytes, authkey: bytes) -> None:
+        if self.state == ANSWER:
+            try:
+                proto.verify_answer(authkey, self.challenge, message)
+            except AuthenticationError:
+                self.send_now(proto.mp_frame(proto.FAILURE_MSG))
+                raise
+            self.send_now(proto.mp_frame(proto.WELCOME_MSG))
+            self.state = PEER_CHALLENGE
+        elif self.state == PEER_CHALLENGE:
+            self.send_now(proto.answer_challenge(authkey, message))
+            self.state = PEER_VERDICT
+        elif message == proto.WELCOME_MSG:
+            self.state = HELLO
+        else:
+            raise AuthenticationError("the client refused the broker's key")
+
+    def send_now(self, data: bytes) -> None:
+        """Send a small reply at once (handshake, WELCOME)."""
+        # The peer is waiting for it, so its socket buffer is empty: a short
+        # send means a broken peer.
+        if self.sock.send(data) != len(data):
+            raise ProtocolError("peer does not read the handshake")
+
+
+def _peer_name(sock: socket.socket) -> str:
+    try:
+        if sock.family == socket.AF_UNIX:
+            creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+            return f"pid {struct.unpack('3i', creds)[0]}"
+        host, port = sock.getpeername()[:2]
+        return f"{host}:{port}"
+    except OSError:
+        return "gone"
