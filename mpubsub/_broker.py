@@ -23,6 +23,7 @@ from typing import Any, Callable, Deque, Dict, List, Optional, Set, Tuple
 
 from . import _protocol as proto
 from ._credentials import family_of
+from ._memo import Memo
 from ._session import ACTIVE as _ACTIVE
 from ._session import HELLO as _HELLO
 from ._session import Session
@@ -33,7 +34,6 @@ logger = logging.getLogger("mpubsub.broker")
 
 _RECV_SIZE = 64 * 1024
 _SEND_CHUNK = 256 * 1024
-_ROUTE_CACHE_SIZE = 4096
 _ACCEPT_PAUSE = 0.5
 DEFAULT_MAX_BUFFER = 32 * 1024 * 1024
 _PONG = proto.frame(proto.PONG, b"")
@@ -81,7 +81,7 @@ class Broker:
         self._stopping = False
         self._clients: Dict[int, Session] = {}
         self._subs: Dict[bytes, Set[Session]] = {}
-        self._routes: Dict[bytes, Tuple[Session, ...]] = {}
+        self._routes: Memo[bytes, Tuple[Session, ...]] = Memo(self._compute_route)
         self._dirty: Set[Session] = set()
         self._count = 0
         self._stats = Counters()
@@ -355,10 +355,7 @@ class Broker:
     # --- routing and output ------------------------------------------------
 
     def _route(self, sender: Session, frame: bytes) -> None:
-        topic, _payload = proto.split_pub(frame)
-        targets = self._routes.get(topic)
-        if targets is None:
-            targets = self._compute_route(topic)
+        targets = self._routes[frame[9 : proto.pub_topic_end(frame)]]
         size = len(frame)
         dirty = self._dirty
         stats = self._stats
@@ -374,18 +371,18 @@ class Broker:
             stats.bytes_out += size
 
     def _compute_route(self, topic: bytes) -> Tuple[Session, ...]:
-        if topic:
-            proto.decode_topic(topic)  # a malformed topic must not reach anyone
-            found: Set[Session] = set()
-            for prefix in proto.topic_prefixes(topic):
-                found.update(self._subs.get(prefix, ()))
-            route = tuple(found)
-        else:  # broadcast
-            route = tuple(c for c in self._clients.values() if c.state == _ACTIVE)
-        if len(self._routes) >= _ROUTE_CACHE_SIZE:
-            self._routes.clear()
-        self._routes[topic] = route
-        return route
+        """The clients subscribed to *topic* or a prefix of it (all subscribers if empty).
+
+        Derived from the subscription table only, so the cache of routes is
+        right as long as it is cleared whenever that table changes.
+        """
+        if not topic:  # broadcast: whoever has a subscriber at all
+            return tuple({c for holders in self._subs.values() for c in holders})
+        proto.decode_topic(topic)  # a malformed topic must not reach anyone
+        found: Set[Session] = set()
+        for prefix in proto.topic_prefixes(topic):
+            found.update(self._subs.get(prefix, ()))
+        return tuple(found)
 
     def _flush_dirty(self) -> None:
         dirty, self._dirty = self._dirty, set()

@@ -57,7 +57,7 @@ def connect(path: str) -> NetPubSub:
         pubsub = NetPubSub.from_file(path)
     except MPubSubError as exc:
         raise CliError(str(exc)) from None
-    address = pubsub._address
+    address = pubsub.address
     try:
         pubsub.connect()
     except AuthenticationError:
@@ -173,7 +173,7 @@ def cmd_ping(args: argparse.Namespace) -> None:
             if not pubsub.flush():
                 raise CliError("the broker went away")
             elapsed = (time.perf_counter() - started) * 1000
-            print(f"broker at {pubsub._address}: round trip {elapsed:.3f} ms", flush=True)
+            print(f"broker at {pubsub.address}: round trip {elapsed:.3f} ms", flush=True)
             if i + 1 < args.count:
                 time.sleep(args.interval)
 

@@ -21,6 +21,7 @@ from typing import Any, Deque, Dict, List, Optional, Set, Tuple, Type, Union
 from . import _protocol as proto
 from ._connect import connect_socket, handshake
 from ._credentials import read_credentials
+from ._memo import Memo
 from ._pubsub import ErrorHandler, PubSub, as_topic
 from .errors import MPubSubError, ProtocolError
 from .typing import Subscriber, Topic
@@ -42,7 +43,6 @@ _BURST_WINDOW = 0.0001
 # the broker does not read: backpressure).
 _BATCH_LIMIT = 1024 * 1024
 _BACKOFF_MIN, _BACKOFF_MAX = 0.05, 5.0
-_TOPIC_CACHE_SIZE = 4096
 
 _PING = proto.frame(proto.PING, b"")
 _STATS = proto.frame(proto.STATS, b"")
@@ -85,7 +85,7 @@ class NetPubSub(PubSub):
         self._io = threading.RLock()
         self._sock: Optional[socket.socket] = None
         self._state = _OFFLINE
-        self._decoder = proto.FrameDecoder(proto.DEFAULT_MAX_MESSAGE + 16)
+        self._decoder = proto.FrameDecoder(proto.DEFAULT_MAX_MESSAGE)
         self._inbox: Deque[bytes] = collections.deque()
         self._queue: Deque[bytes] = collections.deque(maxlen=max_queued)
         self._dropped = 0
@@ -100,8 +100,8 @@ class NetPubSub(PubSub):
         self._max_message = proto.DEFAULT_MAX_MESSAGE
         self._backoff = _BACKOFF_MIN
         self._next_attempt = 0.0
-        self._encoded: dict[Tuple[str, ...], bytes] = {}
-        self._decoded: dict[bytes, Tuple[str, ...]] = {}
+        self._encoded: Memo[Tuple[str, ...], bytes] = Memo(proto.encode_topic)
+        self._decoded: Memo[bytes, Tuple[str, ...]] = Memo(proto.decode_topic)
         self._credentials: Optional[Union[str, os.PathLike[str]]] = None
         self._address: Any = None
         self._authkey = b""
@@ -133,6 +133,11 @@ class NetPubSub(PubSub):
             authkey if authkey is not None else multiprocessing.current_process().authkey
         )
         self._credentials = None
+
+    @property
+    def address(self) -> Any:
+        """The broker's address (re-read from the credentials file at each reconnection)."""
+        return self._address
 
     @property
     def connected(self) -> bool:
@@ -190,7 +195,7 @@ class NetPubSub(PubSub):
         sock.setblocking(False)
         self._sock = sock
         self._max_message = max_message
-        self._decoder = proto.FrameDecoder(max_message + 16)
+        self._decoder = proto.FrameDecoder(max_message)
         self._remote = set()
         self._sync_subscriptions()
         logger.debug("connected to broker at %s", self._address)
@@ -236,7 +241,7 @@ class NetPubSub(PubSub):
 
     def add_subscriber(self, topic: Topic, subscriber: Subscriber, *, weak: bool = True) -> None:
         """As PubSub.add_subscriber; the broker learns of new topics at once."""
-        self._encode_topic(as_topic(topic))  # TypeError now, not when it travels
+        self._encoded[as_topic(topic)]  # TypeError now, not when it travels
         super().add_subscriber(topic, subscriber, weak=weak)
         self._sync_subscriptions()
 
@@ -260,9 +265,7 @@ class NetPubSub(PubSub):
             if self._sock is None:
                 return
             wanted = {
-                self._encode_topic(t)
-                for t in self._routes.subs
-                if not (t and t[-1] == LOCAL_SUFFIX)
+                self._encoded[t] for t in self._routes.subs if not (t and t[-1] == LOCAL_SUFFIX)
             }
             frames = [proto.frame(proto.SUB, t) for t in wanted - self._remote]
             frames += [proto.frame(proto.UNSUB, t) for t in self._remote - wanted]
@@ -281,25 +284,16 @@ class NetPubSub(PubSub):
         if topic.__class__ is not tuple:
             topic = as_topic(topic)
         if self._state is not _OFFLINE and (not topic or topic[-1] != LOCAL_SUFFIX):
+            encoded = self._encoded[topic]
             payload = pickle.dumps(message, protocol=5)
-            encoded = self._encoded.get(topic) or self._encode_topic(topic)
-            size = 4 + len(encoded) + len(payload)
+            size = 4 + len(encoded) + len(payload)  # checked before framing copies it
             if size > self._max_message:
                 raise ValueError(
                     f"message of {size} bytes exceeds the broker's limit of "
                     f"{self._max_message} bytes"
                 )
-            self._send(proto.PUB_HEADER.pack(size, proto.PUB, len(encoded)) + encoded + payload)
+            self._send(proto.pub_frame(encoded, payload))
         PubSub.publish(self, topic, **message)
-
-    def _encode_topic(self, topic: Tuple[str, ...]) -> bytes:
-        encoded = self._encoded.get(topic)
-        if encoded is None:
-            encoded = proto.encode_topic(topic)
-            if len(self._encoded) >= _TOPIC_CACHE_SIZE:
-                self._encoded.clear()
-            self._encoded[topic] = encoded
-        return encoded
 
     def _send(self, frame: bytes) -> None:
         with self._io:
@@ -505,18 +499,11 @@ class NetPubSub(PubSub):
                 return
 
     def _dispatch(self, frames: List[bytes]) -> None:
-        unpack = proto.TOPIC_LEN.unpack_from
         for frame in frames:
             try:
-                end = 9 + unpack(frame, 5)[0]  # the broker checked the frame's layout
-                encoded, payload = frame[9:end], frame[end:]
-                topic = self._decoded.get(encoded)
-                if topic is None:
-                    topic = proto.decode_topic(encoded)
-                    if len(self._decoded) >= _TOPIC_CACHE_SIZE:
-                        self._decoded.clear()
-                    self._decoded[encoded] = topic
-                message = pickle.loads(payload)
+                end = proto.pub_topic_end(frame)
+                topic = self._decoded[frame[9:end]]
+                message = pickle.loads(frame[end:])
             except Exception as exc:  # one bad message must not stop the others
                 logger.error("dropping a message that cannot be decoded: %s", exc)
                 continue

@@ -140,22 +140,20 @@ def frame(kind: int, body: bytes) -> bytes:
 
 def pub_frame(topic: bytes, payload: bytes) -> bytes:
     """A PUB frame for an encoded topic and a pickled message."""
-    return (
-        HEADER.pack(4 + len(topic) + len(payload), PUB)
-        + TOPIC_LEN.pack(len(topic))
-        + topic
-        + payload
-    )
+    return PUB_HEADER.pack(4 + len(topic) + len(payload), PUB, len(topic)) + topic + payload
 
 
-def split_pub(frame: bytes) -> Tuple[bytes, bytes]:
-    """Split a whole PUB frame into (encoded topic, payload); ProtocolError if malformed."""
+def pub_topic_end(frame: bytes) -> int:
+    """Where the topic of a whole PUB frame ends (it starts at 9); ProtocolError if malformed.
+
+    ``frame[9:end]`` is the encoded topic and ``frame[end:]`` the payload.
+    """
     if len(frame) < 9:
         raise ProtocolError("truncated PUB frame")
-    (n,) = TOPIC_LEN.unpack_from(frame, 5)
-    if n > len(frame) - 9:
+    end = 9 + TOPIC_LEN.unpack_from(frame, 5)[0]
+    if end > len(frame):
         raise ProtocolError("PUB frame topic overruns the frame")
-    return frame[9 : 9 + n], frame[9 + n :]
+    return int(end)
 
 
 class FrameDecoder:
@@ -191,22 +189,22 @@ class FrameDecoder:
     def _split(self, data: Union[bytes, bytearray]) -> Tuple[List[Tuple[int, bytes]], int]:
         frames = []
         pos, end = 0, len(data)
-        view = memoryview(data)  # one copy per frame, whether data is bytes or a bytearray
         unpack = HEADER.unpack_from
-        while end - pos >= 5:
-            size, kind = unpack(data, pos)
-            if kind not in FRAME_TYPES:
-                raise ProtocolError(f"unknown frame type {kind}")
-            if size > self.max_body:
-                raise ProtocolError(f"frame of {size} bytes exceeds the limit of {self.max_body}")
-            if end - pos - 5 < size:
-                break
-            if pos == 0 and 5 + size == end and type(data) is bytes:
-                frames.append((kind, data))  # exactly one frame: no copy at all
-            else:
+        # Slicing the view copies each frame once, from bytes or a bytearray;
+        # the with releases it, so the bytearray can be resized afterwards.
+        with memoryview(data) as view:
+            while end - pos >= 5:
+                size, kind = unpack(data, pos)
+                if kind not in FRAME_TYPES:
+                    raise ProtocolError(f"unknown frame type {kind}")
+                if size > self.max_body:
+                    raise ProtocolError(
+                        f"frame of {size} bytes exceeds the limit of {self.max_body}"
+                    )
+                if end - pos - 5 < size:
+                    break
                 frames.append((kind, bytes(view[pos : pos + 5 + size])))
-            pos += 5 + size
-        view.release()  # the bytearray may be resized next
+                pos += 5 + size
         return frames, pos
 
 

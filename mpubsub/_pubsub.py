@@ -10,6 +10,7 @@ import warnings
 import weakref
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
+from ._memo import Memo
 from .typing import Subscriber, Topic
 
 __all__ = ["ErrorHandler", "PubSub", "as_topic"]
@@ -25,8 +26,6 @@ ErrorHandler = Callable[[Tuple[str, ...], Subscriber, Exception], None]
 _Ref = Callable[[], Optional[Subscriber]]
 _Subs = Dict[Tuple[str, ...], Tuple[_Ref, ...]]
 
-# Distinct published topics whose routes are cached before the cache restarts.
-_ROUTE_CACHE_SIZE = 4096
 # Dead weak references tolerated before the table is pruned (amortised O(1)).
 _MIN_DEAD_BEFORE_PRUNE = 16
 
@@ -46,7 +45,7 @@ def as_topic(topic: Topic) -> Tuple[str, ...]:
     )
 
 
-class _Routes(Dict[Tuple[str, ...], Tuple[_Ref, ...]]):
+class _Routes(Memo[Tuple[str, ...], Tuple[_Ref, ...]]):
     """Published topic -> subscriptions to call, computed from one table.
 
     The table (``subs``) and the routes derived from it live and die together:
@@ -57,25 +56,19 @@ class _Routes(Dict[Tuple[str, ...], Tuple[_Ref, ...]]):
     __slots__ = ("subs",)
 
     def __init__(self, subs: _Subs) -> None:
-        super().__init__()
+        super().__init__(self._route)
         self.subs = subs
 
-    def __missing__(self, topic: Tuple[str, ...]) -> Tuple[_Ref, ...]:
+    def _route(self, topic: Tuple[str, ...]) -> Tuple[_Ref, ...]:
         subs = self.subs
-        if topic:
-            route: Tuple[_Ref, ...] = ()
-            prefix = topic
-            while prefix:
-                route += subs.get(prefix, ())
-                prefix = prefix[:-1]
-            route += subs.get((), ())
-        else:  # broadcast: every subscription, the catch-all ones last
-            route = tuple(r for t, refs in subs.items() if t for r in refs)
-            route += subs.get((), ())
-        if len(self) >= _ROUTE_CACHE_SIZE:
-            self.clear()
-        self[topic] = route
-        return route
+        if not topic:  # broadcast: every subscription, the catch-all ones last
+            return tuple(r for t, refs in subs.items() if t for r in refs) + subs.get((), ())
+        route: Tuple[_Ref, ...] = ()
+        prefix = topic
+        while prefix:
+            route += subs.get(prefix, ())
+            prefix = prefix[:-1]
+        return route + subs.get((), ())
 
 
 class PubSub:

@@ -8,12 +8,14 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import pytest
 from hypothesis import settings
 
+from mpubsub import NetPubSub
 from mpubsub._credentials import read_credentials
+from mpubsub.typing import Topic
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -33,6 +35,17 @@ def wait_for(condition: Callable[[], Any], timeout: float = 10.0, what: str = "c
         if time.monotonic() > deadline:
             pytest.fail(f"timed out waiting for {what}")
         time.sleep(0.01)
+
+
+def subscribed(pubsub: NetPubSub, topic: Topic) -> List[Dict[str, Any]]:
+    """Subscribe *pubsub* to *topic*; the list its messages go to as they are delivered.
+
+    Returns once the broker has the subscription.
+    """
+    got: List[Dict[str, Any]] = []
+    pubsub.add_subscriber(topic, lambda topic, **message: got.append(message), weak=False)
+    pubsub.flush()
+    return got
 
 
 class BrokerProcess:

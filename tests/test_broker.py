@@ -22,7 +22,7 @@ from mpubsub import AuthenticationError, Broker, NetPubSub, ProtocolError
 from mpubsub import _protocol as proto
 from mpubsub._connect import authenticate, connect_socket
 
-from .conftest import BrokerProcess, wait_for
+from .conftest import BrokerProcess, subscribed, wait_for
 
 Received = List[Dict[str, Any]]
 HELPERS = Path(__file__).resolve().parent / "helpers"
@@ -49,13 +49,7 @@ def assert_serving(broker: BrokerProcess, made: List[NetPubSub]) -> None:
     """The broker is alive and still carries a message between two new clients."""
     assert broker.proc is not None and broker.proc.poll() is None
     pub, sub = connected(broker, made), connected(broker, made)
-    got: Received = []
-
-    def fn(topic: Tuple[str, ...], **message: Any) -> None:
-        got.append(message)
-
-    sub.add_subscriber("alive", fn)
-    sub.flush()
+    got = subscribed(sub, "alive")
     pub.publish("alive", ok=True)
     wait_for(lambda: sub.poll(0.05) or got, what="a message through the broker")
 
@@ -147,13 +141,7 @@ def test_out_of_descriptors(
     broker = broker_factory(None, prefix=("prlimit", "--nofile=40:40"))
     pub = connected(broker, clients)
     sub = connected(broker, clients)
-    got: Received = []
-
-    def fn(topic: Tuple[str, ...], **message: Any) -> None:
-        got.append(message)
-
-    sub.add_subscriber("t", fn)
-    sub.flush()
+    got = subscribed(sub, "t")
     refused = 0
     while refused < 2 and len(clients) < 60:
         extra = NetPubSub.from_file(broker.credentials, timeout=0.5)
@@ -231,13 +219,7 @@ def test_bad_frames_after_auth(
 ) -> None:
     """A malformed frame from an authenticated client closes it alone, with a log line."""
     bystander = connected(broker, clients)
-    got: Received = []
-
-    def fn(topic: Tuple[str, ...], **message: Any) -> None:
-        got.append(message)
-
-    bystander.add_subscriber(None, fn)
-    bystander.flush()
+    got = subscribed(bystander, None)
     offender = connected(broker, clients)
     with offender._io:
         offender._write(frame)
@@ -283,13 +265,7 @@ def test_malicious_pickle_is_never_run_by_the_broker(
 def test_large_message_arrives_intact(broker: BrokerProcess, clients: List[NetPubSub]) -> None:
     """A 4 MiB message below the limit travels unchanged."""
     pub, sub = connected(broker, clients), connected(broker, clients)
-    got: Received = []
-
-    def fn(topic: Tuple[str, ...], **message: Any) -> None:
-        got.append(message)
-
-    sub.add_subscriber("big", fn)
-    sub.flush()
+    got = subscribed(sub, "big")
     blob = os.urandom(4 * 1024 * 1024)
     pub.publish("big", blob=blob)
     wait_for(lambda: sub.poll(0.1) or got, what="the large message")

@@ -18,7 +18,7 @@ from mpubsub import NetPubSub
 from mpubsub import _protocol as proto
 from mpubsub._connect import connect_socket
 
-from .conftest import BrokerProcess, wait_for
+from .conftest import BrokerProcess, subscribed, wait_for
 
 SOAK = os.environ.get("MPUBSUB_SOAK") == "1"
 SCALE = 10 if SOAK else 1
@@ -262,13 +262,7 @@ def test_gigabyte_message_refused_before_sending(
         NetPubSub.from_file(broker.credentials) as pub,
         NetPubSub.from_file(broker.credentials) as sub,
     ):
-        got: List[Dict[str, Any]] = []
-
-        def on_message(topic: Tuple[str, ...], **message: Any) -> None:
-            got.append(message)
-
-        sub.add_subscriber("t", on_message)
-        sub.flush()
+        got = subscribed(sub, "t")
         with pytest.raises(ValueError, match=r"exceeds the broker's limit of 16777216 bytes$"):
             pub.publish("t", blob=bytes(1 << 30))
         assert got == []

@@ -336,3 +336,24 @@ def test_wait_forever_until_disconnect(connect: Callable[..., NetPubSub]) -> Non
     assert got == [(("data",), {"n": 1}), (("stop",), {})]
     with pytest.raises(RuntimeError, match=r"^Not connected$"):
         sub.wait_forever()
+
+
+def test_broadcast_goes_only_where_someone_listens(connect: Callable[..., NetPubSub]) -> None:
+    """A broadcast reaches every pub-sub with a subscriber, and is not sent to one without."""
+    pub, sub, idle = connect(), connect(), connect()
+    got: Received = []
+    fn = collect(got)
+    sub.add_subscriber("anything", fn)
+    sub.flush()
+    idle.flush()
+    before = pub.broker_statistics()
+    pub.publish(None, n=1)
+    poll_until(sub, lambda: got)
+    assert before is not None and got == [((), {"n": 1})]
+
+    def deliveries() -> int:  # the broker refreshes its figures every 0.1 s
+        after = pub.broker_statistics()
+        assert after is not None
+        return int(after["messages_out"] - before["messages_out"])
+
+    wait_for(lambda: deliveries() == 1, what="one delivery counted: sub only, not idle")
