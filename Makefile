@@ -23,7 +23,7 @@ RUNDIR ?= $(CURDIR)/.run
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test,lint,daemon]'
+	$(PY) -m pip install --quiet -e '.[test,lint,daemon,federation]'
 	touch $(STAMP)
 
 test: $(STAMP)
@@ -55,7 +55,7 @@ bench: $(STAMP)
 
 install:
 	$(INSTALL_PYTHON) -m pip install --quiet --root-user-action=ignore --no-compile --upgrade \
-	  --target "$(DESTDIR)$(LIBDIR)" '.[daemon]'
+	  --target "$(DESTDIR)$(LIBDIR)" '.[daemon,federation]'
 	install -d "$(DESTDIR)$(PREFIX)/bin"
 	printf '#!/bin/sh\n# mpubsubd, as installed by mpubsub'"'"'s make install\nPYTHONPATH="$(LIBDIR)" exec $(INSTALL_PYTHON) -m mpubsubd "$$@"\n' \
 	  > "$(DESTDIR)$(PREFIX)/bin/mpubsubd"

@@ -6,12 +6,10 @@ import collections
 import contextlib
 import dataclasses
 import errno
-import ipaddress
 import json
 import logging
 import multiprocessing
 import os
-import resource
 import selectors
 import shutil
 import signal
@@ -27,6 +25,7 @@ from ._memo import Memo
 from ._session import ACTIVE as _ACTIVE
 from ._session import HELLO as _HELLO
 from ._session import Session
+from ._sockets import raise_file_limit, remove_stale_socket, warn_if_exposed
 from ._stats import BrokerStatistics, Counters
 from .errors import AuthenticationError, ProtocolError
 
@@ -54,6 +53,9 @@ class Broker:
     sender, in the order the sender published; a client whose unsent
     messages exceed *max_buffer* bytes is disconnected with a WARNING;
     anything malformed closes that one connection with a WARNING.
+
+    A client that sends BRIDGE (mpubsubd's federation bridge) gets every
+    message the others publish and the topics they subscribe to.
     """
 
     def __init__(
@@ -83,6 +85,8 @@ class Broker:
         self._subs: Dict[bytes, Set[Session]] = {}
         self._routes: Memo[bytes, Tuple[Session, ...]] = Memo(self._compute_route)
         self._dirty: Set[Session] = set()
+        self._bridge: Optional[Session] = None
+        self._federation: Optional[Dict[str, Any]] = None
         self._count = 0
         self._stats = Counters()
         self._snapshot: Optional[Tuple[float, bytes]] = None
@@ -106,10 +110,10 @@ class Broker:
         sock = socket.socket(family, socket.SOCK_STREAM)
         try:
             if family == socket.AF_UNIX:
-                _remove_stale_socket(address)
+                remove_stale_socket(address)
             else:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                _warn_if_exposed(address[0])
+                warn_if_exposed(address[0])
             sock.bind(address)
             sock.listen(backlog)
             sock.setblocking(False)
@@ -139,7 +143,7 @@ class Broker:
     def start(self) -> None:
         """Serve until ``stop()``, SIGINT or SIGTERM, then close everything."""
         handlers = self._catch_signals()
-        _raise_file_limit()
+        raise_file_limit()
         self._selector = selectors.DefaultSelector()
         self._selector.register(self._listener, selectors.EVENT_READ)
         self._selector.register(self._wake_r, selectors.EVENT_READ)
@@ -238,6 +242,10 @@ class Broker:
         for topic in list(client.subs):
             self._unsubscribe(client, topic)
         client.out.clear()
+        if client is self._bridge:
+            logger.warning("the federation bridge is gone")
+            self._bridge, self._federation = None, None
+            self._routes.clear()
 
     def _expire_handshakes(self, now: float) -> None:
         late = [c for c in self._clients.values() if c.state != _ACTIVE and c.deadline <= now]
@@ -284,18 +292,17 @@ class Broker:
             elif kind == proto.PUB:
                 self._route(client, frame)
             elif kind == proto.SUB:
-                topic = frame[5:]
-                proto.decode_topic(topic)
-                if topic not in client.subs:
-                    client.subs.add(topic)
-                    self._subs.setdefault(topic, set()).add(client)
-                    self._routes.clear()
+                self._subscribe(client, frame[5:])
             elif kind == proto.UNSUB:
                 self._unsubscribe(client, frame[5:])
             elif kind == proto.PING:
                 self._reply(client, _PONG)
             elif kind == proto.STATS:
                 self._reply(client, self._stats_reply())
+            elif kind == proto.BRIDGE:
+                self._attach_bridge(client)
+            elif kind == proto.FEDERATION and client is self._bridge:
+                self._federation = _json_object(frame[5:])
             else:
                 raise ProtocolError(f"unexpected frame type {kind}")
 
@@ -341,7 +348,20 @@ class Broker:
             slow_consumers=stats.slow_consumers,
             refused=stats.refused,
             largest_buffer=max((c.out_size for c in active), default=0),
+            federation=self._federation,
         )
+
+    def _subscribe(self, client: Session, topic: bytes) -> None:
+        proto.decode_topic(topic)
+        if client is self._bridge:
+            raise ProtocolError("the bridge receives every message without subscribing")
+        if topic not in client.subs:
+            client.subs.add(topic)
+            holders = self._subs.setdefault(topic, set())
+            holders.add(client)
+            self._routes.clear()
+            if len(holders) == 1 and self._bridge is not None:
+                self._reply(self._bridge, proto.frame(proto.SUB, topic))
 
     def _unsubscribe(self, client: Session, topic: bytes) -> None:
         client.subs.discard(topic)
@@ -350,7 +370,20 @@ class Broker:
             holders.discard(client)
             if not holders:
                 del self._subs[topic]
+                if self._bridge is not None:
+                    self._reply(self._bridge, proto.frame(proto.UNSUB, topic))
             self._routes.clear()
+
+    def _attach_bridge(self, client: Session) -> None:
+        if self._bridge is not None:
+            raise ProtocolError(f"{self._bridge.name} is already the federation bridge")
+        if client.subs:
+            raise ProtocolError("a client with subscriptions cannot become the bridge")
+        self._bridge = client
+        self._routes.clear()
+        for topic in self._subs:
+            self._reply(client, proto.frame(proto.SUB, topic))
+        logger.info("%s is the federation bridge", client.name)
 
     # --- routing and output ------------------------------------------------
 
@@ -373,15 +406,18 @@ class Broker:
     def _compute_route(self, topic: bytes) -> Tuple[Session, ...]:
         """The clients subscribed to *topic* or a prefix of it (all subscribers if empty).
 
-        Derived from the subscription table only, so the cache of routes is
-        right as long as it is cleared whenever that table changes.
+        Derived from the subscription table and the bridge only, so the cache
+        of routes is right as long as it is cleared whenever they change.
         """
-        if not topic:  # broadcast: whoever has a subscriber at all
-            return tuple({c for holders in self._subs.values() for c in holders})
-        proto.decode_topic(topic)  # a malformed topic must not reach anyone
         found: Set[Session] = set()
-        for prefix in proto.topic_prefixes(topic):
-            found.update(self._subs.get(prefix, ()))
+        if not topic:  # broadcast: whoever has a subscriber at all
+            found.update(c for holders in self._subs.values() for c in holders)
+        else:
+            proto.decode_topic(topic)  # a malformed topic must not reach anyone
+            for prefix in proto.topic_prefixes(topic):
+                found.update(self._subs.get(prefix, ()))
+        if self._bridge is not None:  # everything may interest another host
+            found.add(self._bridge)
         return tuple(found)
 
     def _flush_dirty(self) -> None:
@@ -449,40 +485,11 @@ class Broker:
             self._tmpdir = None
 
 
-def _raise_file_limit() -> None:
-    """Allow as many descriptors as the hard limit does: one per client."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != hard:
-        with contextlib.suppress(ValueError, OSError):
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-            soft = hard
-    logger.info("open file limit: %s", "unlimited" if soft == resource.RLIM_INFINITY else soft)
-
-
-def _remove_stale_socket(path: str) -> None:
-    """Unlink a socket file nobody listens on; refuse one that is alive."""
-    if path.startswith("\0") or not os.path.exists(path):
-        return
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+def _json_object(body: bytes) -> Dict[str, Any]:
     try:
-        probe.connect(path)
-    except ConnectionRefusedError:
-        os.unlink(path)
-        logger.info("removed stale socket file %s", path)
-        return
-    except OSError:
-        return  # not a socket, or not ours: let bind() report it
-    finally:
-        probe.close()
-    raise OSError(errno.EADDRINUSE, f"a broker is already listening on {path}")
-
-
-def _warn_if_exposed(host: str) -> None:
-    try:
-        loopback = ipaddress.ip_address(host).is_loopback
+        value = json.loads(body)
     except ValueError:
-        loopback = host == "localhost"
-    if not loopback:
-        logger.warning(
-            "listening on %s: messages travel in plain text; use trusted networks only", host
-        )
+        raise ProtocolError("FEDERATION frame is not JSON") from None
+    if not isinstance(value, dict):
+        raise ProtocolError("FEDERATION frame is not a JSON object")
+    return value

@@ -19,6 +19,13 @@ broker answers WELCOME (its version and its maximum message size) or ERROR
 - PUB (both ways): ``!I`` topic length, the encoded topic, then the message
   pickled by the publisher. The broker reads only the topic; it forwards
   the frame unchanged and never unpickles anything.
+- BRIDGE (client -> broker, empty): this client is mpubsubd's federation
+  bridge (one at a time). From then on the broker sends it every message
+  the other clients publish, and SUB / UNSUB frames (broker -> bridge)
+  whenever a topic gains its first subscriber or loses its last one, so
+  the bridge knows what this host wants from other hosts.
+- FEDERATION (bridge -> broker): the bridge's state and counters as a JSON
+  object, which the broker adds to its STATS_REPLY.
 
 A topic is encoded as each element in UTF-8 (surrogates passed through),
 followed by the byte 0xFF, which never occurs in UTF-8. So ``()`` is
@@ -37,8 +44,10 @@ from .errors import AuthenticationError, ProtocolError
 
 VERSION = 1
 
-HELLO, WELCOME, ERROR, SUB, UNSUB, PUB, PING, PONG, STATS, STATS_REPLY = range(1, 11)
-FRAME_TYPES = frozenset(range(1, 11))
+(HELLO, WELCOME, ERROR, SUB, UNSUB, PUB, PING, PONG, STATS, STATS_REPLY, BRIDGE, FEDERATION) = (
+    range(1, 13)
+)
+FRAME_TYPES = frozenset(range(1, 13))
 
 HEADER = struct.Struct("!IB")
 PUB_HEADER = struct.Struct("!IBI")  # the header and the topic length of a PUB frame

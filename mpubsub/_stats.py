@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Any, Dict, Optional
 
 
 @dataclass(frozen=True)
@@ -21,6 +22,8 @@ class BrokerStatistics:
     slow_consumers: int  #: clients disconnected for falling too far behind
     refused: int  #: connections refused: bad key, handshake too slow, bad input, no descriptors
     largest_buffer: int  #: bytes waiting for the most lagging client, now
+    #: mpubsubd's federation bridge: its state and counters; None without one
+    federation: Optional[Dict[str, Any]] = None
 
 
 class Counters:

@@ -1,14 +1,15 @@
-"""mpubsubd's configuration: an INI file with one section, ``[mpubsubd]``."""
+"""mpubsubd's configuration: an INI file with ``[mpubsubd]`` and, optionally, ``[federation]``."""
 
 from __future__ import annotations
 
 import configparser
 import grp
-import logging
 import os
+import re
+import socket
 import stat
-from dataclasses import dataclass, fields
-from typing import Any, Callable, Dict, Optional
+from dataclasses import dataclass, field, fields
+from typing import Any, Callable, Dict, Optional, Tuple
 
 from mpubsub._broker import DEFAULT_MAX_BUFFER
 from mpubsub._credentials import Address, parse_address
@@ -16,11 +17,48 @@ from mpubsub._protocol import DEFAULT_MAX_MESSAGE
 
 DEFAULT_PATH = "/etc/mpubsub/mpubsubd.conf"
 SECTION = "mpubsubd"
+FEDERATION = "federation"
 _LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
 class ConfigError(Exception):
     """The configuration cannot be used; the message names the file and the key."""
+
+
+@dataclass(frozen=True)
+class FederationConfig:
+    """The ``[federation]`` section: joining other hosts' brokers through NATS."""
+
+    servers: str = ""
+    subject_prefix: str = "mpubsub"
+    secret_file: str = ""
+    name: str = ""
+    local_only: str = ""
+    user: str = ""
+    password: str = ""
+    token: str = ""
+    creds_file: str = ""
+    tls_ca_file: str = ""
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.servers)
+
+    @property
+    def server_urls(self) -> Tuple[str, ...]:
+        return tuple(url.strip() for url in self.servers.split(",") if url.strip())
+
+    @property
+    def host_name(self) -> str:
+        """This host's name in the federation: ``name``, or the host name."""
+        return self.name or socket.gethostname()
+
+    @property
+    def local_only_topics(self) -> Tuple[Tuple[str, ...], ...]:
+        """The topic prefixes that never leave this host."""
+        return tuple(_topic(t) for t in self.local_only.split(",") if t.strip())
 
 
 @dataclass(frozen=True)
@@ -37,6 +75,7 @@ class Config:
     max_message_size: int = DEFAULT_MAX_MESSAGE
     max_buffer: int = DEFAULT_MAX_BUFFER
     handshake_timeout: float = 5.0
+    federation: FederationConfig = field(default_factory=FederationConfig)
 
     @property
     def broker_address(self) -> Address:
@@ -47,10 +86,6 @@ class Config:
     def gid(self) -> Optional[int]:
         """The group allowed to connect, or None."""
         return grp.getgrnam(self.group).gr_gid if self.group else None
-
-    @property
-    def level(self) -> int:
-        return int(getattr(logging, self.log_level))
 
 
 def load(path: Optional[str]) -> Config:
@@ -68,19 +103,36 @@ def load(path: Optional[str]) -> Config:
         raise ConfigError(f"{name}: {exc}") from None
     if not parser.has_section(SECTION):
         raise ConfigError(f"{name}: no [{SECTION}] section")
-    known = {f.name: f for f in fields(Config)}
+    for section in parser.sections():
+        if section not in (SECTION, FEDERATION):
+            raise ConfigError(f"{name}: unknown section [{section}]")
+    values = _section(parser, name, SECTION, Config)
+    if parser.has_section(FEDERATION):
+        values["federation"] = FederationConfig(
+            **_section(parser, name, FEDERATION, FederationConfig)
+        )
+    config = Config(**values)
+    if config.max_buffer < config.max_message_size:
+        raise ConfigError(f"{name}: max_buffer: must be at least max_message_size")
+    federation = config.federation
+    if federation.enabled and not federation.secret_file:
+        raise ConfigError(f"{name}: secret_file: required in [{FEDERATION}] when servers is set")
+    return config
+
+
+def _section(
+    parser: configparser.ConfigParser, name: str, section: str, cls: type
+) -> Dict[str, Any]:
+    known = {f.name for f in fields(cls)} - {"federation"}
     values: Dict[str, Any] = {}
-    for key, raw in parser.items(SECTION):
+    for key, raw in parser.items(section):
         if key not in known:
-            raise ConfigError(f"{name}: unknown key '{key}' in [{SECTION}]")
+            raise ConfigError(f"{name}: unknown key '{key}' in [{section}]")
         try:
             values[key] = _CHECKS.get(key, _text)(raw.strip())
         except ValueError as exc:
             raise ConfigError(f"{name}: {key}: {exc}") from None
-    config = Config(**values)
-    if config.max_buffer < config.max_message_size:
-        raise ConfigError(f"{name}: max_buffer: must be at least max_message_size")
-    return config
+    return values
 
 
 def _text(value: str) -> str:
@@ -134,6 +186,41 @@ def _optional_path(value: str) -> str:
     return _absolute_path(value) if value else value
 
 
+def _servers(value: str) -> str:
+    for url in (u.strip() for u in value.split(",")):
+        if url and not re.match(r"^(nats|tls|ws|wss)://[^/\s]+/?$", url):
+            raise ValueError(f"{url!r} is not a NATS URL like nats://host:4222")
+    return value
+
+
+_TOKEN = r"[A-Za-z0-9_-]+"
+
+
+def _subject_prefix(value: str) -> str:
+    if not re.fullmatch(rf"{_TOKEN}(\.{_TOKEN})*", value):
+        raise ValueError(f"{value!r} is not NATS tokens (letters, digits, - and _) joined by dots")
+    return value
+
+
+def _name(value: str) -> str:
+    if len(value.encode("utf-8", "surrogatepass")) > 255:
+        raise ValueError("must be at most 255 bytes")
+    return value
+
+
+def _topic(text: str) -> Tuple[str, ...]:
+    """``a/b`` is the topic ``('a', 'b')``, as the mpubsub command writes topics."""
+    text = text.strip().strip("/")
+    return tuple(text.split("/")) if text else ()
+
+
+def _local_only(value: str) -> str:
+    for text in value.split(","):
+        if text.strip() and not _topic(text):
+            raise ValueError("'/' would keep every topic on this host: leave servers empty instead")
+    return value
+
+
 _CHECKS: Dict[str, Callable[[str], Any]] = {
     "address": _address,
     "credentials": _absolute_path,
@@ -145,22 +232,31 @@ _CHECKS: Dict[str, Callable[[str], Any]] = {
     "max_message_size": _positive(int, "a whole number of bytes"),
     "max_buffer": _positive(int, "a whole number of bytes"),
     "handshake_timeout": _positive(float, "a number of seconds"),
+    "servers": _servers,
+    "subject_prefix": _subject_prefix,
+    "secret_file": _optional_path,
+    "name": _name,
+    "local_only": _local_only,
+    "creds_file": _optional_path,
+    "tls_ca_file": _optional_path,
+    "tls_cert_file": _optional_path,
+    "tls_key_file": _optional_path,
 }
 
 
-def read_authkey(path: str) -> bytes:
-    """The stable key in *path*, which must be non-empty and readable by its owner only."""
+def read_authkey(path: str, key: str = "authkey_file") -> bytes:
+    """The secret in *path* (for the setting *key*): non-empty, readable by its owner only."""
     try:
         with open(path, "rb") as f:
             mode = os.fstat(f.fileno()).st_mode
-            key = f.read(4096)
+            secret = f.read(4096)
     except OSError as exc:
-        raise ConfigError(f"authkey_file: cannot read {path}: {exc.strerror}") from None
+        raise ConfigError(f"{key}: cannot read {path}: {exc.strerror}") from None
     if mode & (stat.S_IRWXG | stat.S_IRWXO):
         raise ConfigError(
-            f"authkey_file: {path} must be readable by its owner only "
+            f"{key}: {path} must be readable by its owner only "
             f"(mode {stat.S_IMODE(mode):o}; chmod 600 it)"
         )
-    if not key.strip():
-        raise ConfigError(f"authkey_file: {path} is empty")
-    return key
+    if not secret.strip():
+        raise ConfigError(f"{key}: {path} is empty")
+    return secret

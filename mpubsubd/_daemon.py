@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import logging
 import logging.handlers
 import os
@@ -16,6 +17,7 @@ from mpubsub import Broker, __version__
 from mpubsub._credentials import write_credentials
 
 from ._config import Config, ConfigError, read_authkey
+from ._supervisor import BridgeSupervisor
 
 logger = logging.getLogger("mpubsubd")
 
@@ -29,9 +31,7 @@ class StartupError(Exception):
 
 def run_foreground(config: Config) -> None:
     """Serve until SIGTERM/SIGINT, logging to stderr and speaking sd_notify."""
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter(_JOURNAL_FORMAT))
-    _use_handler(handler, config)
+    use_handler(stderr_handler(), config.log_level)
     import daemon.pidfile  # noqa: PLC0415  (checked by the caller: a clear error if missing)
 
     check_pidfile(config.pidfile)
@@ -48,7 +48,7 @@ def run_daemon(config: Config) -> None:
     """Fork a classic daemon; return once it serves, or raise StartupError saying why not."""
     check_pidfile(config.pidfile)
     _make_dirs(config, log_dir=True)
-    handler = _log_file(config)
+    handler = log_file_handler(config.log_file)
     read_end, write_end = os.pipe()
     pid = os.fork()
     if pid == 0:  # the daemon-to-be: python-daemon forks twice more and detaches
@@ -87,7 +87,7 @@ def _daemon_child(config: Config, handler: logging.Handler, pipe: int) -> int:
     except Exception as exc:  # lockfile's AlreadyLocked, an unusable directory...
         launcher.tell(f"ERROR cannot lock pidfile {config.pidfile}: {_reason(exc)}")
         return 1
-    _use_handler(handler, config)
+    use_handler(handler, config.log_level)
     try:
         _serve(config, ready=lambda: launcher.tell("READY"), reopen=handler)
     except (StartupError, ConfigError) as exc:
@@ -105,6 +105,7 @@ def _daemon_child(config: Config, handler: logging.Handler, pipe: int) -> int:
 
 def _serve(config: Config, ready: Callable[[], object], reopen: Optional[logging.Handler]) -> None:
     authkey = read_authkey(config.authkey_file) if config.authkey_file else secrets.token_bytes(32)
+    bridge = _bridge(config, log_file=config.log_file if reopen is not None else None)
     try:
         broker = Broker(
             config.broker_address,
@@ -136,13 +137,33 @@ def _serve(config: Config, ready: Callable[[], object], reopen: Optional[logging
     signal.signal(signal.SIGHUP, lambda signum, frame: broker.schedule(on_hangup))
     logger.info("mpubsubd %s serving; clients read %s", __version__, config.credentials)
     ready()
+    if bridge is not None:
+        bridge.start()
     try:
         broker.start()
     finally:
         sd_notify("STOPPING=1")
+        if bridge is not None:
+            bridge.stop()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(config.credentials)
         logger.info("mpubsubd stopped")
+
+
+def _bridge(config: Config, log_file: Optional[str]) -> Optional[BridgeSupervisor]:
+    """The supervisor of the federation bridge, when [federation] names servers."""
+    federation = config.federation
+    if not federation.enabled:
+        return None
+    if importlib.util.find_spec("nats") is None:
+        raise StartupError(
+            "federation needs nats-py: install the federation extra, "
+            "pip install 'mpubsub[federation]'"
+        )
+    if federation.creds_file and importlib.util.find_spec("nkeys") is None:
+        raise StartupError("creds_file needs the nkeys package: pip install nkeys")
+    secret = read_authkey(federation.secret_file, "secret_file")
+    return BridgeSupervisor(config, secret, log_file=log_file)
 
 
 def check_pidfile(path: str) -> None:
@@ -213,21 +234,30 @@ def _secure_socket(broker: Broker, gid: Optional[int]) -> None:
         os.chmod(address, 0o660)
 
 
-def _log_file(config: Config) -> logging.Handler:
+def log_file_handler(path: str) -> logging.Handler:
+    """Lines with time and pid in *path*, reopened when logrotate renamed it."""
     try:
-        handler = logging.handlers.WatchedFileHandler(config.log_file)
+        handler = logging.handlers.WatchedFileHandler(path)
     except OSError as exc:
-        raise StartupError(f"cannot open log_file {config.log_file}: {_reason(exc)}") from None
+        raise StartupError(f"cannot open log_file {path}: {_reason(exc)}") from None
     handler.setFormatter(logging.Formatter(_FILE_FORMAT))
     return handler
 
 
-def _use_handler(handler: logging.Handler, config: Config) -> None:
+def stderr_handler() -> logging.Handler:
+    """Lines for the journal, which adds the time and the pid itself."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(_JOURNAL_FORMAT))
+    return handler
+
+
+def use_handler(handler: logging.Handler, level: str) -> None:
+    """Send every log record of *level* and above to *handler* only."""
     root = logging.getLogger()
     for old in root.handlers[:]:
         root.removeHandler(old)
     root.addHandler(handler)
-    root.setLevel(config.level)
+    root.setLevel(level)
 
 
 def sd_notify(message: str) -> bool:

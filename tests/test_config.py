@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from mpubsubd._config import Config, ConfigError, load, read_authkey
+from mpubsubd._config import Config, ConfigError, FederationConfig, load, read_authkey
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -21,8 +21,11 @@ def test_shipped_file_documents_the_defaults() -> None:
     """etc/mpubsubd.conf sets every key, to exactly the built-in defaults."""
     text = (ROOT / "etc" / "mpubsubd.conf").read_text()
     assert load(str(ROOT / "etc" / "mpubsubd.conf")) == Config()
-    for key in Config.__dataclass_fields__:
-        assert f"\n{key} =" in text, f"{key} is not documented"
+    keys = [*Config.__dataclass_fields__, *FederationConfig.__dataclass_fields__]
+    for key in keys:
+        if key != "federation":
+            assert f"\n{key} =" in text, f"{key} is not documented"
+    assert "\n[federation]\n" in text
 
 
 def test_values_are_read(tmp_path: Path) -> None:
@@ -83,3 +86,51 @@ def test_authkey_file(tmp_path: Path) -> None:
     key.chmod(0o600)
     with pytest.raises(ConfigError, match=r"is empty$"):
         read_authkey(str(key))
+
+
+def test_federation_section(tmp_path: Path) -> None:
+    """[federation] is read with its own checks; servers without a secret is refused."""
+    path = tmp_path / "mpubsubd.conf"
+    path.write_text(
+        "[mpubsubd]\n[federation]\nservers = nats://127.0.0.1:4222, tls://[::1]:4223\n"
+        "secret_file = /etc/mpubsub/secret\nname = host-a\nlocal_only = metrics/raw, private\n"
+    )
+    federation = load(str(path)).federation
+    assert federation.enabled and federation.host_name == "host-a"
+    assert federation.server_urls == ("nats://127.0.0.1:4222", "tls://[::1]:4223")
+    assert federation.local_only_topics == (("metrics", "raw"), ("private",))
+    assert not FederationConfig().enabled and FederationConfig().host_name
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (
+            "servers = nats://h:4222",
+            r"secret_file: required in \[federation\] when servers is set$",
+        ),
+        (
+            "servers = http://h:80",
+            r"servers: 'http://h:80' is not a NATS URL like nats://host:4222$",
+        ),
+        ("subject_prefix = a..b", r"subject_prefix: 'a..b' is not NATS tokens"),
+        ("subject_prefix = a.*", r"subject_prefix: 'a.\*' is not NATS tokens"),
+        ("local_only = /", r"local_only: '/' would keep every topic on this host"),
+        ("secret_file = secret", r"secret_file: 'secret' is not an absolute path$"),
+        ("colour = blue", r"unknown key 'colour' in \[federation\]$"),
+    ],
+)
+def test_bad_federation_values(tmp_path: Path, body: str, message: str) -> None:
+    """Each bad [federation] value is a ConfigError naming the key."""
+    path = tmp_path / "mpubsubd.conf"
+    path.write_text(f"[mpubsubd]\n[federation]\n{body}\n")
+    with pytest.raises(ConfigError, match=rf"^{path}: {message}"):
+        load(str(path))
+
+
+def test_unknown_section(tmp_path: Path) -> None:
+    """A misspelt section is an error, not silently ignored."""
+    path = tmp_path / "mpubsubd.conf"
+    path.write_text("[mpubsubd]\n[federaton]\nservers = nats://h:4222\n")
+    with pytest.raises(ConfigError, match=r"unknown section \[federaton\]$"):
+        load(str(path))

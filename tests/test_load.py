@@ -275,11 +275,11 @@ def test_gigabyte_message_refused_before_sending(
 
 def test_non_loopback_address_warns(caplog: pytest.LogCaptureFixture) -> None:
     """Listening beyond loopback is logged as plain text on the wire; loopback is not."""
-    from mpubsub._broker import _warn_if_exposed  # noqa: PLC0415
+    from mpubsub._sockets import warn_if_exposed  # noqa: PLC0415
 
-    _warn_if_exposed("127.0.0.1")
-    _warn_if_exposed("::1")
+    warn_if_exposed("127.0.0.1")
+    warn_if_exposed("::1")
     assert caplog.records == []
-    _warn_if_exposed("192.0.2.10")  # only looked at, never bound
+    warn_if_exposed("192.0.2.10")  # only looked at, never bound
     (record,) = caplog.records
     assert "plain text" in record.getMessage()

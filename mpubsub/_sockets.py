@@ -1,0 +1,52 @@
+"""The broker's listening socket: stale socket files, exposure, and descriptor limits."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import ipaddress
+import logging
+import os
+import resource
+import socket
+
+logger = logging.getLogger("mpubsub.broker")
+
+
+def raise_file_limit() -> None:
+    """Allow as many descriptors as the hard limit does: one per client."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+    logger.info("open file limit: %s", "unlimited" if soft == resource.RLIM_INFINITY else soft)
+
+
+def remove_stale_socket(path: str) -> None:
+    """Unlink a socket file nobody listens on; refuse one that is alive."""
+    if path.startswith("\0") or not os.path.exists(path):
+        return
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except ConnectionRefusedError:
+        os.unlink(path)
+        logger.info("removed stale socket file %s", path)
+        return
+    except OSError:
+        return  # not a socket, or not ours: let bind() report it
+    finally:
+        probe.close()
+    raise OSError(errno.EADDRINUSE, f"a broker is already listening on {path}")
+
+
+def warn_if_exposed(host: str) -> None:
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = host == "localhost"
+    if not loopback:
+        logger.warning(
+            "listening on %s: messages travel in plain text; use trusted networks only", host
+        )

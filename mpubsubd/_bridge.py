@@ -1,0 +1,374 @@
+"""The federation bridge: a child process of mpubsubd joining its broker to NATS.
+
+It connects to the local broker as a client that says BRIDGE, so the
+broker sends it every message published on this host and the topics this
+host's subscribers want. It publishes the first to NATS, signed (see
+``_federation``), subscribes in NATS to the second, and hands what
+arrives and verifies to the broker. NATS trouble stays here: the broker's
+loop never waits for NATS, and a dead bridge is restarted by mpubsubd.
+
+Run as ``python -m mpubsubd._bridge`` with its settings as JSON on stdin.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import signal
+import ssl
+import sys
+import time
+from typing import Any, Dict, List, Optional, Set, Tuple
+
+import nats
+import nats.errors
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+
+from mpubsub import _protocol as proto
+from mpubsub._connect import connect_socket, handshake
+from mpubsub._credentials import read_credentials
+from mpubsub._memo import Memo
+
+from ._config import FederationConfig
+from ._federation import Duplicate, Rejected, Signer, Verifier, interest, subject, topic_of
+
+logger = logging.getLogger("mpubsubd.bridge")
+
+_READ_SIZE = 256 * 1024
+_REPORT_EVERY = 1.0  # seconds between FEDERATION frames to the broker
+_MAX_BACKLOG = 64 * 1024 * 1024  # bytes for the broker not yet written: beyond, drop
+
+
+class Bridge:
+    """One bridge between the local broker at *credentials* and NATS."""
+
+    def __init__(self, config: FederationConfig, credentials: str, secret: bytes) -> None:
+        self._config = config
+        self._credentials = credentials
+        self._prefix = config.subject_prefix
+        self._local_only = tuple(proto.encode_topic(t) for t in config.local_only_topics)
+        self._signer = Signer(secret, config.host_name)
+        self._verifier = Verifier(secret, config.host_name)
+        self._subjects: Memo[bytes, str] = Memo(lambda topic: subject(self._prefix, topic))
+        self._topics: Set[bytes] = set()  # what this host's subscribers want
+        self._nats_subs: Dict[str, Subscription] = {}
+        self._nc: Optional[Client] = None
+        self._writer: Optional[asyncio.StreamWriter] = None
+        self._max_message = 0
+        self._inbox: List[Tuple[bytes, bytes]] = []  # (subject, body) from NATS, this round
+        self._resync = asyncio.Event()
+        self._stopping = asyncio.Event()
+        self._warned: Dict[str, float] = {}
+        self.counters = {
+            "forwarded_out": 0,  # local messages published to NATS
+            "forwarded_in": 0,  # messages from other hosts handed to the broker
+            "dropped_out": 0,  # local messages NATS could not take (down, too big)
+            "dropped_unverified": 0,  # from NATS, failing the signature or malformed
+            "duplicates": 0,  # from NATS, already delivered (two subscriptions matched)
+            "reconnects": 0,
+        }
+        self.state = "connecting"
+        self.server = ""
+
+    # --- the whole life ----------------------------------------------------------
+
+    async def run(self) -> int:
+        """Serve until the broker goes away (1) or stop() (0)."""
+        reader = await self._open_broker()
+        tasks = [
+            asyncio.ensure_future(self._connect_nats()),
+            asyncio.ensure_future(self._sync_interest()),
+            asyncio.ensure_future(self._report()),
+        ]
+        reading = asyncio.ensure_future(self._read_broker(reader))
+        stopping = asyncio.ensure_future(self._stopping.wait())
+        try:
+            await asyncio.wait((reading, stopping), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (*tasks, reading, stopping):
+                task.cancel()
+            self.state = "closing"
+            if self._nc is not None and not self._nc.is_closed:
+                with contextlib.suppress(Exception):  # best effort: flush what is pending
+                    await asyncio.wait_for(self._nc.close(), 5)
+            if self._writer is not None:
+                self._writer.close()
+        if reading.done() and not reading.cancelled() and reading.exception() is not None:
+            raise reading.exception()  # type: ignore[misc]
+        return 0 if self._stopping.is_set() else 1
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    # --- the local broker ------------------------------------------------------------
+
+    async def _open_broker(self) -> asyncio.StreamReader:
+        address, authkey = read_credentials(self._credentials)
+        sock = connect_socket(address, 5.0)
+        try:
+            self._max_message = handshake(sock, authkey)
+            sock.sendall(proto.frame(proto.BRIDGE, b""))
+            sock.setblocking(False)
+            reader, self._writer = await asyncio.open_connection(sock=sock, limit=_READ_SIZE)
+        except BaseException:
+            sock.close()
+            raise
+        logger.info("bridge connected to the broker at %s as %s", address, self._config.host_name)
+        return reader
+
+    async def _read_broker(self, reader: asyncio.StreamReader) -> None:
+        decoder = proto.FrameDecoder(self._max_message + 64)
+        while True:
+            data = await reader.read(_READ_SIZE)
+            if not data:
+                logger.info("the broker closed the connection; stopping")
+                return
+            for kind, frame in decoder.feed(data):
+                if kind == proto.PUB:
+                    await self._publish(frame)
+                elif kind == proto.SUB:
+                    self._topics.add(frame[5:])
+                    self._resync.set()
+                elif kind == proto.UNSUB:
+                    self._topics.discard(frame[5:])
+                    self._resync.set()
+                elif kind == proto.ERROR:
+                    raise ConnectionError(
+                        f"the broker refused: {frame[5:].decode(errors='replace')}"
+                    )
+
+    async def _report(self) -> None:
+        while True:
+            self._send_local(proto.frame(proto.FEDERATION, json.dumps(self.statistics()).encode()))
+            await asyncio.sleep(_REPORT_EVERY)
+
+    def statistics(self) -> Dict[str, Any]:
+        return {
+            "state": self.state,
+            "server": self.server,
+            "name": self._config.host_name,
+            "nats_subscriptions": len(self._nats_subs),
+            **self.counters,
+        }
+
+    def _send_local(self, data: bytes) -> bool:
+        writer = self._writer
+        if writer is None or writer.transport.get_write_buffer_size() > _MAX_BACKLOG:
+            return False
+        writer.write(data)
+        return True
+
+    # --- this host -> NATS -------------------------------------------------------------
+
+    async def _publish(self, frame: bytes) -> None:
+        end = proto.pub_topic_end(frame)
+        topic = frame[9:end]
+        if self._local_only and topic.startswith(self._local_only):
+            return
+        nc = self._nc
+        if nc is None or nc.is_closed:
+            self._drop_out("NATS is not connected: messages for other hosts are dropped")
+            return
+        try:
+            await nc.publish(self._subjects[topic], self._signer.seal(topic, frame[end:]))
+        except nats.errors.MaxPayloadError:
+            self._drop_out(
+                f"a message of {len(frame) - end} bytes exceeds NATS's max_payload "
+                f"({nc.max_payload}): not sent to other hosts"
+            )
+        except nats.errors.Error as exc:
+            self._drop_out(f"NATS does not take messages now ({type(exc).__name__}): dropping")
+        else:
+            self.counters["forwarded_out"] += 1
+
+    def _drop_out(self, reason: str) -> None:
+        self.counters["dropped_out"] += 1
+        self._warn(reason)
+
+    # --- NATS -> this host ---------------------------------------------------------------
+
+    async def _on_message(self, msg: Msg) -> None:
+        # One task per NATS subscription calls this; the messages of one
+        # network read are gathered and delivered together, sorted back
+        # into each origin's order, once every subscription had its share.
+        if not self._inbox:
+            asyncio.get_running_loop().call_soon(self._deliver)
+        self._inbox.append((msg.subject.encode(), msg.data))
+
+    def _deliver(self) -> None:
+        inbox, self._inbox = self._inbox, []
+        ready: List[Tuple[str, int, bytes, bytes]] = []
+        prefix = self._prefix.encode()
+        for subj, body in inbox:
+            try:
+                topic = topic_of(prefix, subj)
+                origin, seq, payload = self._verifier.open(topic, body)
+            except Duplicate:
+                self.counters["duplicates"] += 1
+                continue
+            except Rejected as exc:
+                self.counters["dropped_unverified"] += 1
+                self._warn(
+                    f"dropped a message from NATS on {subj[:100].decode(errors='replace')}: {exc}"
+                )
+                continue
+            if self._local_only and topic.startswith(self._local_only):
+                continue
+            if 4 + len(topic) + len(payload) > self._max_message:
+                self._warn(f"dropped a message from {origin} over this host's max_message_size")
+                continue
+            ready.append((origin, seq, topic, payload))
+        ready.sort(key=lambda item: (item[0], item[1]))
+        for _origin, _seq, topic, payload in ready:
+            if self._send_local(proto.pub_frame(topic, payload)):
+                self.counters["forwarded_in"] += 1
+            else:
+                self._warn("the broker is not reading: dropping messages from other hosts")
+
+    def _warn(self, message: str) -> None:
+        # At most one line per kind of trouble every ten seconds: anyone who
+        # can publish to NATS must not be able to flood the log.
+        kind = message.split(":", maxsplit=1)[0]
+        now = time.monotonic()
+        if now - self._warned.get(kind, -60.0) >= 10.0:
+            self._warned[kind] = now
+            logger.warning("%s", message)
+
+    # --- the NATS connection ---------------------------------------------------------------
+
+    async def _connect_nats(self) -> None:
+        options = self._nats_options()
+        delay = 0.25
+        while True:
+            try:
+                self._nc = await nats.connect(**options)
+                break
+            except (nats.errors.Error, OSError, asyncio.TimeoutError) as exc:
+                if self.state != "disconnected":
+                    self._set_state("disconnected", "")
+                    logger.warning(
+                        "cannot reach NATS at %s (%s); retrying",
+                        self._config.servers,
+                        exc or type(exc).__name__,
+                    )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+        self._set_state("connected", self._url())
+        logger.info("connected to NATS at %s", self.server)
+        self._resync.set()
+
+    def _nats_options(self) -> Dict[str, Any]:
+        config = self._config
+
+        async def disconnected() -> None:
+            if self.state == "connected":
+                self._set_state("disconnected", "")
+                logger.warning("disconnected from NATS; reconnecting")
+
+        async def reconnected() -> None:
+            self.counters["reconnects"] += 1
+            self._set_state("connected", self._url())
+            logger.info("reconnected to NATS at %s", self.server)
+
+        async def error(exc: Exception) -> None:
+            logger.debug("NATS: %s", exc or type(exc).__name__)
+
+        async def closed() -> None:
+            self._set_state("closed", "")
+
+        options: Dict[str, Any] = {
+            "servers": list(config.server_urls),
+            "name": f"mpubsubd bridge {config.host_name}",
+            "no_echo": True,  # our own messages were delivered here already
+            "allow_reconnect": True,
+            "max_reconnect_attempts": -1,
+            "reconnect_time_wait": 1,
+            "connect_timeout": 2,
+            "disconnected_cb": disconnected,
+            "reconnected_cb": reconnected,
+            "error_cb": error,
+            "closed_cb": closed,
+            "pending_size": 16 * 1024 * 1024,
+        }
+        if config.user:
+            options["user"] = config.user
+        if config.password:
+            options["password"] = config.password
+        if config.token:
+            options["token"] = config.token
+        if config.creds_file:
+            options["user_credentials"] = config.creds_file
+        if config.tls_ca_file or config.tls_cert_file:
+            context = ssl.create_default_context(cafile=config.tls_ca_file or None)
+            if config.tls_cert_file:
+                context.load_cert_chain(config.tls_cert_file, config.tls_key_file or None)
+            options["tls"] = context
+        return options
+
+    def _url(self) -> str:
+        url = self._nc.connected_url if self._nc is not None else None
+        return f"{url.scheme}://{url.hostname}:{url.port}" if url is not None else ""
+
+    def _set_state(self, state: str, server: str) -> None:
+        self.state, self.server = state, server
+        self._send_local(proto.frame(proto.FEDERATION, json.dumps(self.statistics()).encode()))
+
+    async def _sync_interest(self) -> None:
+        while True:
+            await self._resync.wait()
+            self._resync.clear()
+            nc = self._nc
+            if nc is None:
+                continue
+            wanted = interest(self._prefix, self._topics, self._local_only)
+            try:
+                # Subscribe before unsubscribing: a message both match in
+                # between arrives twice, and the second is dropped as seen.
+                for subj in sorted(wanted - self._nats_subs.keys()):
+                    self._nats_subs[subj] = await nc.subscribe(subj, cb=self._on_message)
+                for subj in sorted(self._nats_subs.keys() - wanted):
+                    await self._nats_subs.pop(subj).unsubscribe()
+            except nats.errors.Error as exc:
+                logger.warning("cannot update NATS subscriptions (%s); retrying", exc)
+                await asyncio.sleep(1.0)
+                self._resync.set()
+
+
+def main() -> None:
+    """``python -m mpubsubd._bridge``: settings as JSON on stdin (see _supervisor)."""
+    settings = json.load(sys.stdin)
+    _log_to(settings.get("log_file"), settings["log_level"])
+    bridge = Bridge(
+        FederationConfig(**settings["federation"]),
+        settings["credentials"],
+        bytes.fromhex(settings["secret"]),
+    )
+
+    async def serve() -> int:
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, bridge.stop)
+        return await bridge.run()
+
+    try:
+        code = asyncio.run(serve())
+    except Exception as exc:
+        logger.error("bridge failed: %s", exc or type(exc).__name__)
+        code = 1
+    logger.info("bridge stopped")
+    sys.exit(code)
+
+
+def _log_to(log_file: Optional[str], level: str) -> None:
+    from ._daemon import log_file_handler, stderr_handler, use_handler  # noqa: PLC0415
+
+    handler = log_file_handler(log_file) if log_file else stderr_handler()
+    use_handler(handler, level)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,102 @@
+"""mpubsubd's care of its federation bridge: start it, restart it when it dies, stop it.
+
+The bridge is a child process rather than a unit of its own: it reads the
+same configuration, lives exactly as long as the broker it serves (it
+exits when the broker's connection closes), works the same under systemd,
+as a classic daemon and in the foreground, and a slow NATS can never stall
+the broker's single-threaded loop.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import subprocess
+import sys
+import threading
+import time
+from typing import Any, Dict, Optional
+
+from ._config import Config
+
+logger = logging.getLogger("mpubsubd")
+
+_FIRST_DELAY = 0.5
+_MAX_DELAY = 30.0
+_STABLE = 60.0  # a bridge that ran this long restarts at once after it died
+_STOP_TIMEOUT = 5.0
+
+
+class BridgeSupervisor:
+    """Keeps one bridge process running from ``start()`` to ``stop()``."""
+
+    def __init__(self, config: Config, secret: bytes, *, log_file: Optional[str]) -> None:
+        settings: Dict[str, Any] = {
+            "federation": dataclasses.asdict(config.federation),
+            "credentials": config.credentials,
+            "secret": secret.hex(),
+            "log_file": log_file,
+            "log_level": config.log_level,
+        }
+        self._settings = json.dumps(settings).encode()
+        self._stopping = threading.Event()
+        self._lock = threading.Lock()
+        self._process: Optional[subprocess.Popen[bytes]] = None
+        self._thread = threading.Thread(target=self._supervise, name="bridge", daemon=True)
+
+    @property
+    def pid(self) -> Optional[int]:
+        """The running bridge's pid, or None."""
+        process = self._process
+        return process.pid if process is not None and process.poll() is None else None
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop the bridge (SIGTERM, then SIGKILL after a few seconds) and wait for it."""
+        self._stopping.set()
+        with self._lock:
+            process = self._process
+        if process is not None and process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(_STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                logger.warning("the bridge (pid %d) ignored SIGTERM; killing it", process.pid)
+                process.kill()
+                process.wait()
+        if self._thread.is_alive():
+            self._thread.join(_STOP_TIMEOUT)
+
+    def _supervise(self) -> None:
+        delay = _FIRST_DELAY
+        while not self._stopping.is_set():
+            started = time.monotonic()
+            with self._lock:
+                if self._stopping.is_set():
+                    return
+                self._process = self._spawn()
+            logger.info("federation bridge started (pid %d)", self._process.pid)
+            code = self._process.wait()
+            # The bridge also exits when mpubsubd stops its broker: give the
+            # stop a moment to be told before calling this a failure.
+            if self._stopping.wait(0.5):
+                return
+            if time.monotonic() - started >= _STABLE:
+                delay = _FIRST_DELAY
+            logger.warning(
+                "the federation bridge exited with status %d; restarting in %.1f s", code, delay
+            )
+            self._stopping.wait(delay)
+            delay = min(delay * 2, _MAX_DELAY)
+
+    def _spawn(self) -> subprocess.Popen[bytes]:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "mpubsubd._bridge"], stdin=subprocess.PIPE, close_fds=True
+        )
+        assert process.stdin is not None
+        process.stdin.write(self._settings)
+        process.stdin.close()
+        return process

@@ -1,0 +1,122 @@
+"""Tests for mpubsubd._federation: subjects, envelopes, the duplicate window, interest."""
+
+from __future__ import annotations
+
+import re
+from typing import Tuple
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from mpubsub._protocol import encode_topic
+from mpubsubd._federation import (
+    WINDOW,
+    Duplicate,
+    Rejected,
+    Signer,
+    Verifier,
+    escape,
+    interest,
+    subject,
+    topic_of,
+)
+
+SECRET = b"s" * 32
+NATS_TOKEN = re.compile(r"[A-Za-z0-9_-]+")  # what every NATS server accepts in a subject
+topics = st.lists(st.text(), max_size=5).map(tuple)
+
+
+def enc(*elements: str) -> bytes:
+    return encode_topic(elements)
+
+
+@given(topics)
+def test_any_topic_maps_to_a_valid_subject_and_back(topic: Tuple[str, ...]) -> None:
+    """Dots, spaces, *, >, empty and non-ASCII elements all survive exactly."""
+    name = subject("mpubsub", encode_topic(topic))
+    tokens = name.split(".")
+    assert tokens[0] == "mpubsub" and len(tokens) == 1 + len(topic)
+    assert all(NATS_TOKEN.fullmatch(t) for t in tokens)
+    assert topic_of(b"mpubsub", name.encode()) == encode_topic(topic)
+
+
+def test_escaping_examples() -> None:
+    """Plain elements stay readable; everything else is _XX; the empty element is _."""
+    assert subject("p", enc("sensors", "room-1")) == "p.sensors.room-1"
+    assert subject("p", enc("a.b", "*", ">", "", "_", "é")) == "p.a_2Eb._2A._3E._._5F._C3_A9"
+    assert subject("org.p", b"") == "org.p"
+    assert escape(b"x y") == "x_20y"
+
+
+@pytest.mark.parametrize(
+    "name",
+    [b"other.a", b"p.a_2", b"p.a_2e", b"p.a..b", b"p.*", b"p._FF", b"p._C3", b"pa"],
+)
+def test_subjects_no_escape_produces_are_rejected(name: bytes) -> None:
+    """Lower-case hex, half escapes, empty tokens, wildcards, bytes that are not UTF-8."""
+    with pytest.raises(Rejected):
+        topic_of(b"p", name)
+
+
+def test_envelope_round_trip_and_tampering() -> None:
+    """A sealed message opens with the same secret; any change to it does not."""
+    signer, verifier = Signer(SECRET, "host-a"), Verifier(SECRET, "host-b")
+    body = signer.seal(enc("a", "b"), b"payload")
+    assert verifier.open(enc("a", "b"), body) == ("host-a", 1, b"payload")
+    forged = [
+        (enc("a", "c"), signer.seal(enc("a", "b"), b"x")),  # moved to another subject
+        (enc("a"), signer.seal(enc("a"), b"x")[:-1] + b"y"),  # payload changed
+        (enc("a"), Signer(b"other secret", "host-a").seal(enc("a"), b"x")),
+        (enc("a"), b"\x01\x06host-a"),  # truncated
+        (enc("a"), b"\x80\x03pickle"),  # a bare pickle
+    ]
+    for topic, body in forged:
+        with pytest.raises(Rejected, match=r"bad signature|truncated|not an mpubsub envelope"):
+            verifier.open(topic, body)
+    sealed = signer.seal(enc("a"), b"x")
+    origin_changed = sealed[:2] + b"host-b" + sealed[8:]
+    with pytest.raises(Rejected, match="bad signature"):
+        verifier.open(enc("a"), origin_changed)
+
+
+def test_own_messages_and_duplicates_are_dropped() -> None:
+    """A host drops its own messages, and any message it has already seen."""
+    signer = Signer(SECRET, "host-a")
+    first, second = signer.seal(b"", b"1"), signer.seal(b"", b"2")
+    with pytest.raises(Rejected, match="our own message"):
+        Verifier(SECRET, "host-a").open(b"", first)
+    verifier = Verifier(SECRET, "host-b")
+    assert verifier.open(b"", second)[1] == 2
+    assert verifier.open(b"", first)[1] == 1  # late, but new: taken
+    for body in (first, second):
+        with pytest.raises(Duplicate):
+            verifier.open(b"", body)
+
+
+def test_window_and_restarts() -> None:
+    """Too old to tell is dropped; a restarted origin (new instance) starts afresh."""
+    signer, verifier = Signer(SECRET, "host-a"), Verifier(SECRET, "host-b")
+    old = signer.seal(b"", b"old")
+    for _ in range(WINDOW):
+        newest = signer.seal(b"", b"")
+    verifier.open(b"", newest)
+    with pytest.raises(Duplicate):
+        verifier.open(b"", old)
+    restarted = Signer(SECRET, "host-a").seal(b"", b"again")
+    assert verifier.open(b"", restarted) == ("host-a", 1, b"again")
+
+
+def test_interest_asks_each_message_once() -> None:
+    """Prefix subscriptions become x and x.>, covered ones nothing, broadcasts the prefix."""
+    assert interest("p", [], []) == frozenset()
+    assert interest("p", [enc("a", "b")], []) == {"p", "p.a.b", "p.a.b.>"}
+    assert interest("p", [enc("a"), enc("a", "b"), enc("c")], []) == {
+        "p",
+        "p.a",
+        "p.a.>",
+        "p.c",
+        "p.c.>",
+    }
+    assert interest("p", [b"", enc("a")], []) == {"p", "p.>"}
+    assert interest("p", [enc("m", "raw"), enc("x")], [enc("m")]) == {"p", "p.x", "p.x.>"}
