@@ -143,8 +143,11 @@ class Bridge:
 
     async def _report(self) -> None:
         while True:
-            self._send_local(proto.frame(proto.FEDERATION, json.dumps(self.statistics()).encode()))
+            self._send_local(self._report_frame())
             await asyncio.sleep(_REPORT_EVERY)
+
+    def _report_frame(self) -> bytes:
+        return proto.frame(proto.FEDERATION, json.dumps(self.statistics()).encode())
 
     def statistics(self) -> Dict[str, Any]:
         return {
@@ -178,16 +181,19 @@ class Bridge:
         except nats.errors.MaxPayloadError:
             self._drop_out(
                 f"a message of {len(frame) - end} bytes exceeds NATS's max_payload "
-                f"({nc.max_payload}): not sent to other hosts"
+                f"({nc.max_payload}): not sent to other hosts",
+                "max_payload",
             )
         except nats.errors.Error as exc:
-            self._drop_out(f"NATS does not take messages now ({type(exc).__name__}): dropping")
+            self._drop_out(
+                f"NATS does not take messages now ({type(exc).__name__}): dropping", "not taken"
+            )
         else:
             self.counters["forwarded_out"] += 1
 
-    def _drop_out(self, reason: str) -> None:
+    def _drop_out(self, reason: str, kind: str = "") -> None:
         self.counters["dropped_out"] += 1
-        self._warn(reason)
+        self._warn(reason, kind)
 
     # --- NATS -> this host ---------------------------------------------------------------
 
@@ -219,7 +225,10 @@ class Bridge:
             if self._local_only and topic.startswith(self._local_only):
                 continue
             if 4 + len(topic) + len(payload) > self._max_message:
-                self._warn(f"dropped a message from {origin} over this host's max_message_size")
+                self._warn(
+                    f"dropped a message from {origin} over this host's max_message_size",
+                    "too big",
+                )
                 continue
             ready.append((origin, seq, topic, payload))
         ready.sort(key=lambda item: (item[0], item[1]))
@@ -229,10 +238,10 @@ class Bridge:
             else:
                 self._warn("the broker is not reading: dropping messages from other hosts")
 
-    def _warn(self, message: str) -> None:
+    def _warn(self, message: str, kind: str = "") -> None:
         # At most one line per kind of trouble every ten seconds: anyone who
         # can publish to NATS must not be able to flood the log.
-        kind = message.split(":", maxsplit=1)[0]
+        kind = kind or message
         now = time.monotonic()
         if now - self._warned.get(kind, -60.0) >= 10.0:
             self._warned[kind] = now
@@ -253,7 +262,7 @@ class Bridge:
                     logger.warning(
                         "cannot reach NATS at %s (%s); retrying",
                         self._config.servers,
-                        exc or type(exc).__name__,
+                        _describe(exc),
                     )
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
@@ -275,7 +284,14 @@ class Bridge:
             logger.info("reconnected to NATS at %s", self.server)
 
         async def error(exc: Exception) -> None:
-            logger.debug("NATS: %s", exc or type(exc).__name__)
+            # nats-py retries the first connection by itself, telling only this.
+            if self._nc is None and self.state != "disconnected":
+                self._set_state("disconnected", "")
+                logger.warning(
+                    "cannot reach NATS at %s (%s); retrying", config.servers, _describe(exc)
+                )
+            else:
+                logger.debug("NATS: %s", _describe(exc))
 
         async def closed() -> None:
             self._set_state("closed", "")
@@ -315,7 +331,7 @@ class Bridge:
 
     def _set_state(self, state: str, server: str) -> None:
         self.state, self.server = state, server
-        self._send_local(proto.frame(proto.FEDERATION, json.dumps(self.statistics()).encode()))
+        self._send_local(self._report_frame())
 
     async def _sync_interest(self) -> None:
         while True:
@@ -332,10 +348,16 @@ class Bridge:
                     self._nats_subs[subj] = await nc.subscribe(subj, cb=self._on_message)
                 for subj in sorted(self._nats_subs.keys() - wanted):
                     await self._nats_subs.pop(subj).unsubscribe()
-            except nats.errors.Error as exc:
-                logger.warning("cannot update NATS subscriptions (%s); retrying", exc)
+                await nc.flush(5)  # the server has them: report it
+                self._send_local(self._report_frame())
+            except (nats.errors.Error, asyncio.TimeoutError) as exc:
+                logger.warning("cannot update NATS subscriptions (%s); retrying", _describe(exc))
                 await asyncio.sleep(1.0)
                 self._resync.set()
+
+
+def _describe(exc: BaseException) -> str:
+    return str(exc) or type(exc).__name__
 
 
 def main() -> None:
@@ -357,7 +379,7 @@ def main() -> None:
     try:
         code = asyncio.run(serve())
     except Exception as exc:
-        logger.error("bridge failed: %s", exc or type(exc).__name__)
+        logger.error("bridge failed: %s", _describe(exc))
         code = 1
     logger.info("bridge stopped")
     sys.exit(code)

@@ -1,0 +1,502 @@
+"""Tests for mpubsubd._bridge: hosts (mpubsubd -f) federated through real nats-server processes."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import pickle
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+
+import pytest
+
+from mpubsub import NetPubSub
+from mpubsub._protocol import encode_topic
+from mpubsub.typing import Topic
+from mpubsubd._federation import Signer, subject
+
+from .conftest import wait_for
+
+NATS_SERVER = shutil.which("nats-server") or "/usr/sbin/nats-server"
+pytestmark = pytest.mark.skipif(
+    not os.path.exists(NATS_SERVER),
+    reason="nats-server is not installed (apt-get install nats-server)",
+)
+SECRET = b"0123456789abcdef0123456789abcdef"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class NatsServer:
+    """One nats-server on loopback, optionally a node of a cluster."""
+
+    def __init__(self, base: Path, name: str, *args: str, port: int = 0) -> None:
+        self.port, self.monitor = port or free_port(), free_port()
+        self.url = f"nats://127.0.0.1:{self.port}"
+        self.log = base / f"{name}.log"
+        self.args = [
+            NATS_SERVER,
+            "-a",
+            "127.0.0.1",
+            "-p",
+            str(self.port),
+            "-m",
+            str(self.monitor),
+            "-n",
+            name,
+            *args,
+        ]
+        self.proc: Optional[subprocess.Popen[bytes]] = None
+
+    def start(self, routes: int = 0) -> NatsServer:
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(self.args, stdout=log, stderr=log)
+        wait_for(lambda: self._routes() >= routes, what=f"nats-server with {routes} routes")
+        return self
+
+    def _routes(self) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            pytest.fail(f"nats-server exited: {self.log.read_text()[-2000:]}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.monitor}/routez", timeout=1) as r:
+                return int(json.load(r)["num_routes"])
+        except OSError:
+            return -1
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+class Host:
+    """An mpubsubd in the foreground with its own files: one host of the federation."""
+
+    def __init__(self, base: Path, name: str, servers: str, **federation: str) -> None:
+        self.name = name
+        self.dir = base / name
+        self.dir.mkdir()
+        self.credentials = self.dir / "broker.pckl"
+        self.log = self.dir / "stderr.log"
+        self.config = self.dir / "mpubsubd.conf"
+        secret = base / "secret"
+        if not secret.exists():
+            secret.write_bytes(SECRET)
+            secret.chmod(0o600)
+        federation = {"servers": servers, "secret_file": str(secret), "name": name, **federation}
+        self.config.write_text(
+            "[mpubsubd]\n"
+            f"address = {self.dir / 'broker.sock'}\n"
+            f"credentials = {self.credentials}\n"
+            f"pidfile = {self.dir / 'mpubsubd.pid'}\n"
+            "log_level = DEBUG\n"
+            "[federation]\n" + "".join(f"{k} = {v}\n" for k, v in federation.items())
+        )
+        self.proc: Optional[subprocess.Popen[bytes]] = None
+        self.clients: List[NetPubSub] = []
+
+    def start(self, connected: bool = True) -> Host:
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "mpubsubd", "-f", "-c", str(self.config)],
+                stdout=log,
+                stderr=log,
+            )
+        wait_for(lambda: self._alive() and self.credentials.exists(), what=f"{self.name} to serve")
+        if connected:
+            self.wait_state("connected")
+        return self
+
+    def _alive(self) -> bool:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            pytest.fail(f"mpubsubd {self.name} exited: {self.log.read_text()[-3000:]}")
+        return True
+
+    def client(self) -> NetPubSub:
+        pubsub = NetPubSub.from_file(str(self.credentials))
+        pubsub.connect()
+        self.clients.append(pubsub)
+        return pubsub
+
+    def federation(self) -> Dict[str, Any]:
+        pubsub = self.clients[0] if self.clients else self.client()
+        stats = pubsub.broker_statistics()
+        assert stats is not None
+        return stats.get("federation") or {}
+
+    def wait_state(self, state: str, timeout: float = 20.0) -> Dict[str, Any]:
+        return wait_for(  # type: ignore[no-any-return]
+            lambda: (f := self.federation()).get("state") == state and f,
+            timeout,
+            what=f"{self.name}'s bridge to be {state}",
+        )
+
+    def output(self) -> str:
+        return self.log.read_text()
+
+    def stop(self) -> None:
+        for pubsub in self.clients:
+            pubsub.disconnect()
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+class Federation:
+    """The NATS servers and hosts of one test, all stopped at its end."""
+
+    def __init__(self, base: Path) -> None:
+        self.base = base
+        self.servers: List[NatsServer] = []
+        self.hosts: List[Host] = []
+
+    def nats(self, name: str = "nats", *args: str, port: int = 0) -> NatsServer:
+        server = NatsServer(self.base, name, *args, port=port)
+        self.servers.append(server)
+        return server.start()
+
+    def cluster(self, size: int = 3) -> List[NatsServer]:
+        nodes = [NatsServer(self.base, f"node{i}") for i in range(size)]
+        ports = [free_port() for _ in nodes]
+        for node, port in zip(nodes, ports):
+            routes = ",".join(f"nats://127.0.0.1:{p}" for p in ports if p != port)
+            node.args += ["--cluster_name", "c", "--cluster", f"nats://127.0.0.1:{port}"]
+            node.args += ["--routes", routes]
+            self.servers.append(node)
+            assert node.start().proc is not None
+        wait_for(lambda: all(n._routes() >= size - 1 for n in nodes), 30, what="cluster routes")
+        return nodes
+
+    def host(self, name: str, servers: str, *, connected: bool = True, **federation: str) -> Host:
+        host = Host(self.base, name, servers, **federation)
+        self.hosts.append(host)
+        return host.start(connected)
+
+    def stop(self) -> None:
+        for host in self.hosts:
+            host.stop()
+        for server in self.servers:
+            server.stop()
+
+
+@pytest.fixture
+def federation() -> Iterator[Federation]:
+    base = Path(tempfile.mkdtemp(prefix="mpubsub-fed-"))
+    fed = Federation(base)
+    try:
+        yield fed
+    finally:
+        fed.stop()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+Inbox = List[Tuple[Topic, Dict[str, Any]]]
+
+
+def collect(pubsub: NetPubSub, topic: Topic) -> Inbox:
+    got: Inbox = []
+    pubsub.add_subscriber(topic, lambda topic, **m: got.append((topic, m)), weak=False)
+    pubsub.flush()
+    return got
+
+
+def pump(clients: Sequence[NetPubSub], until: Callable[[], Any], what: str) -> None:
+    """Poll every client until *until* holds (deadline 20 s)."""
+
+    def step() -> Any:
+        for pubsub in clients:
+            pubsub.poll(0.005)
+        return until()
+
+    wait_for(step, 20, what=what)
+
+
+def reach(publisher: NetPubSub, topic: Topic, inbox: Inbox, clients: Sequence[NetPubSub]) -> None:
+    """Publish probes on *topic* until *inbox* gets one: interest has crossed NATS."""
+    sent = [0.0]
+
+    def arrived() -> bool:
+        now = time.monotonic()
+        if now - sent[0] > 0.2:
+            publisher.publish(topic, probe=True)
+            publisher.flush()
+            sent[0] = now
+        return any(m.get("probe") for _, m in inbox)
+
+    pump(clients, arrived, f"a probe on {topic} to cross")
+
+
+def real(inbox: Inbox) -> List[Tuple[Topic, Dict[str, Any]]]:
+    return [(t, m) for t, m in inbox if not m.get("probe")]
+
+
+def test_cross_host_delivery(federation: Federation) -> None:
+    """Hierarchy, catch-all and broadcast reach the other host's subscribers, once each."""
+    nats = federation.nats()
+    a, b = federation.host("a", nats.url), federation.host("b", nats.url)
+    pub_a, local_a = a.client(), a.client()
+    prefix_b, all_b = b.client(), b.client()
+    on_a = collect(local_a, ("a", "b"))
+    on_b = collect(prefix_b, ("a",))
+    every_b = collect(all_b, ())
+    clients = [pub_a, local_a, prefix_b, all_b]
+    reach(pub_a, ("a", "b"), on_b, clients)
+    reach(pub_a, ("a", "b"), every_b, clients)
+
+    pub_a.publish(("a", "b", "c"), n=1)
+    pub_a.publish(("a",), n=2)
+    pub_a.publish(("x", "y.z", "", "*", ">"), n=3)
+    pub_a.publish((), n=4)  # broadcast: every subscriber of every host
+    pub_a.publish(("a", "end"), n=5)
+    pump(clients, lambda: any(m.get("n") == 5 for _, m in real(on_b)), "the last message on b")
+    pump(clients, lambda: any(m.get("n") == 4 for _, m in real(on_a)), "the broadcast on a")
+    assert [m["n"] for _, m in real(on_b)] == [1, 2, 4, 5]
+    assert [m["n"] for _, m in real(every_b)] == [1, 2, 3, 4, 5]
+    assert real(every_b)[2][0] == ("x", "y.z", "", "*", ">")
+    assert [m["n"] for _, m in real(on_a)] == [1, 4]  # the origin host: once, not echoed back
+
+    # And back from b to a.
+    pub_b = prefix_b
+    pub_b.publish(("a", "b"), n=6)
+    pump(clients, lambda: any(m.get("n") == 6 for _, m in real(on_a)), "b's message on a")
+    assert [m["n"] for _, m in real(on_a)] == [1, 4, 6]
+    # The bridges report their counters every second.
+    wait_for(lambda: a.federation()["forwarded_out"] >= 5, what="a's count of messages sent")
+    wait_for(lambda: b.federation()["forwarded_in"] >= 5, what="b's count of messages taken")
+
+
+def test_exactly_once_on_every_host(federation: Federation) -> None:
+    """Three hosts, overlapping subscriptions: every message to every subscriber once, in order."""
+    nats = federation.nats()
+    hosts = [federation.host(name, nats.url) for name in ("a", "b", "c")]
+    pubs = [h.client() for h in hosts]
+    subs = [h.client() for h in hosts]
+    inboxes = {}
+    for host, sub in zip(hosts, subs):
+        for topic in [("t",), ("t", "x"), ()]:
+            inboxes[host.name, topic] = collect(sub, topic)
+    clients = pubs + subs
+    for pub in pubs:
+        for inbox in inboxes.values():
+            reach(pub, ("t", "x"), inbox, clients)
+
+    count = 200
+    for i in range(count):
+        for host, pub in zip(hosts, pubs):
+            pub.publish(("t", "x") if i % 2 else ("t",), origin=host.name, seq=i)
+    for pub in pubs:
+        pub.publish(("t", "x"), origin="end")
+    ends = len(hosts)
+
+    def done() -> bool:
+        return all(sum(m.get("origin") == "end" for _, m in i) == ends for i in inboxes.values())
+
+    pump(clients, done, "the end markers everywhere")
+    for (name, topic), inbox in inboxes.items():
+        for origin in ("a", "b", "c"):
+            seqs = [m["seq"] for _, m in real(inbox) if m.get("origin") == origin]
+            wanted = [i for i in range(count) if topic != ("t", "x") or i % 2]
+            assert seqs == wanted, f"{name} {topic} from {origin}"
+    for host in hosts:
+        assert host.federation()["dropped_unverified"] == 0
+
+
+async def _publish_raw(url: str, messages: List[Tuple[str, bytes]]) -> None:
+    import nats  # noqa: PLC0415
+
+    nc = await nats.connect(url)
+    for name, body in messages:
+        await nc.publish(name, body)
+    await nc.flush()
+    await nc.close()
+
+
+def test_forged_messages_are_dropped(federation: Federation, tmp_path: Path) -> None:
+    """Anything published straight into NATS without the secret is dropped and logged."""
+    nats = federation.nats()
+    b = federation.host("b", nats.url)
+    pub_b, sub_b = b.client(), b.client()
+    got = collect(sub_b, ())
+    evidence = tmp_path / "pwned"
+
+    class Exploit:
+        def __reduce__(self) -> Tuple[Any, Tuple[str]]:
+            return (os.system, (f"touch {evidence}",))
+
+    topic = encode_topic(("a",))
+    forged = [
+        ("mpubsub.a", pickle.dumps(Exploit())),  # a bare pickle
+        ("mpubsub.a", Signer(b"not the secret", "a").seal(topic, pickle.dumps(Exploit()))),
+        ("mpubsub.a", Signer(SECRET, "a").seal(encode_topic(("z",)), pickle.dumps({"n": 1}))),
+        ("mpubsub.a_zz", Signer(SECRET, "a").seal(topic, pickle.dumps({"n": 2}))),
+    ]
+    asyncio.run(_publish_raw(nats.url, forged))
+    wait_for(
+        lambda: b.federation().get("dropped_unverified") == len(forged),
+        what="the forgeries dropped",
+    )
+    genuine = Signer(SECRET, "a").seal(topic, pickle.dumps({"n": 3}))
+    asyncio.run(_publish_raw(nats.url, [(subject("mpubsub", topic), genuine)]))
+    pump([sub_b, pub_b], lambda: got, "the genuine message")
+    assert got == [(("a",), {"n": 3})]
+    assert not evidence.exists()
+    assert "bad signature" in b.output() and "malformed subject token" in b.output()
+
+
+def test_nats_down_and_back_under_traffic(
+    federation: Federation, helpers: Callable[..., subprocess.Popen[str]]
+) -> None:
+    """Local delivery goes on while NATS is down; the bridge reconnects and says so."""
+    nats = federation.nats()
+    a, b = federation.host("a", nats.url), federation.host("b", nats.url)
+    pub_a, sub_b = a.client(), b.client()
+    on_b = collect(sub_b, ("load",))
+    reach(pub_a, ("load",), on_b, [pub_a, sub_b])
+    count = 400
+    local = helpers("subscriber", a.credentials, "load", count, "--seconds", 60)
+    remote = helpers("subscriber", b.credentials, "load", count, "--gaps", "--seconds", 60)
+    publisher = helpers("publisher", a.credentials, "load", count, "p", "--pause", 0.01)
+    pump([sub_b], lambda: len(real(on_b)) > 20, "traffic across")
+    nats.stop()
+    a.wait_state("disconnected")
+    seen = len(real(on_b))
+    nats.start()
+    a.wait_state("connected")
+    b.wait_state("connected")
+    pump([sub_b], lambda: len(real(on_b)) > seen + 20, "traffic across again")
+    assert publisher.communicate(timeout=60)[0].strip() == f"sent {count}"
+    assert local.communicate(timeout=60)[0].strip() == f"received {count} in order"
+    remote.send_signal(signal.SIGTERM)  # it lost what NATS could not carry: at most once
+    _, received, *status = remote.communicate(timeout=60)[0].split()
+    assert status == ["in", "order"] and seen < int(received) <= count
+    assert a.federation()["reconnects"] >= 1
+    assert "disconnected from NATS" in a.output() and "reconnected to NATS" in a.output()
+
+
+def test_three_node_cluster(federation: Federation) -> None:
+    """Each host on its own node of a NATS cluster; a node's loss moves its host to another."""
+    nodes = federation.cluster(3)
+    hosts = [federation.host(n, node.url) for n, node in zip("abc", nodes)]
+    pubs = [h.client() for h in hosts]
+    subs = [h.client() for h in hosts]
+    inboxes = [collect(s, ("c",)) for s in subs]
+    clients = pubs + subs
+    for pub in pubs:
+        for inbox in inboxes:
+            reach(pub, ("c",), inbox, clients)
+    for host, pub in zip(hosts, pubs):
+        for i in range(50):
+            pub.publish(("c", host.name), origin=host.name, seq=i)
+    expected = {h.name: list(range(50)) for h in hosts}
+
+    def by_origin(inbox: Inbox) -> Dict[str, List[int]]:
+        found: Dict[str, List[int]] = {}
+        for _, m in real(inbox):
+            found.setdefault(m["origin"], []).append(m["seq"])
+        return found
+
+    pump(clients, lambda: all(by_origin(i) == expected for i in inboxes), "50 x 3 everywhere")
+
+    nodes[0].stop()  # host a's node: a moves to a node it learnt from the cluster
+    others = (nodes[1].url, nodes[2].url)
+    wait_for(lambda: hosts[0].federation()["server"] in others, 30, what="a on another node")
+    for inbox in inboxes:
+        inbox.clear()
+    for inbox in inboxes[1:]:
+        reach(pubs[0], ("c",), inbox, clients)
+    pubs[0].publish(("c", "a"), origin="a", seq=0)
+    pump(
+        clients,
+        lambda: all(by_origin(i).get("a") == [0] for i in inboxes[1:]),
+        "a's message after failover",
+    )
+
+
+def test_local_only_topics_stay(federation: Federation) -> None:
+    """Excluded prefixes and *local topics never reach another host."""
+    nats = federation.nats()
+    a = federation.host("a", nats.url, local_only="private, metrics/raw")
+    b = federation.host("b", nats.url)
+    pub_a, sub_a, sub_b = a.client(), a.client(), b.client()
+    on_a, on_b = collect(sub_a, ()), collect(sub_b, ())
+    clients = [pub_a, sub_a, sub_b]
+    reach(pub_a, ("x",), on_b, clients)
+    pub_a.publish(("private", "x"), n=1)
+    pub_a.publish(("metrics", "raw", "cpu"), n=2)
+    pub_a.publish(("metrics", "cooked"), n=3)
+    pub_a.publish(("x", "*local"), n=4)
+    pub_a.publish(("end",), n=5)
+    pump(clients, lambda: any(m.get("n") == 5 for _, m in on_b), "the end on b")
+    pump(clients, lambda: any(m.get("n") == 5 for _, m in on_a), "the end on a")
+    assert [m["n"] for _, m in real(on_b)] == [3, 5]
+    assert [m["n"] for _, m in real(on_a)] == [1, 2, 3, 5]  # *local: not even the broker
+
+
+def test_bridge_restarted_and_nats_late(federation: Federation) -> None:
+    """NATS absent at start: local delivery works, the bridge waits; a killed bridge returns."""
+    port = free_port()
+    a = federation.host("a", f"nats://127.0.0.1:{port}", connected=False)
+    a.wait_state("disconnected")
+    pub, sub = a.client(), a.client()
+    got = collect(sub, ("x",))
+    pub.publish(("x",), n=1)
+    pump([pub, sub], lambda: got, "local delivery without NATS")
+    assert "cannot reach NATS" in a.output()
+
+    federation.nats("late", port=port)
+    a.wait_state("connected", 30)
+
+    pid = int(re.findall(r"federation bridge started \(pid (\d+)\)", a.output())[-1])
+    os.kill(pid, signal.SIGKILL)
+    wait_for(
+        lambda: len(re.findall(r"federation bridge started", a.output())) == 2,
+        what="the bridge to be restarted",
+    )
+    assert "the federation bridge exited with status -9; restarting" in a.output()
+    a.wait_state("connected", 30)
+
+
+def test_secret_file_problems_stop_mpubsubd(tmp_path: Path) -> None:
+    """A missing or group-readable secret file is one line on stderr and exit status 1."""
+    secret = tmp_path / "secret"
+    config = tmp_path / "mpubsubd.conf"
+    config.write_text(
+        f"[mpubsubd]\naddress = {tmp_path / 's'}\ncredentials = {tmp_path / 'c'}\n"
+        f"pidfile = {tmp_path / 'p'}\n[federation]\nservers = nats://127.0.0.1:1\n"
+        f"secret_file = {secret}\n"
+    )
+    command = [sys.executable, "-m", "mpubsubd", "-f", "-c", str(config)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=30)
+    assert result.returncode == 1
+    assert result.stderr.splitlines()[-1] == (
+        f"mpubsubd: secret_file: cannot read {secret}: No such file or directory"
+    )
+    secret.write_bytes(SECRET)
+    secret.chmod(0o640)
+    result = subprocess.run(command, capture_output=True, text=True, timeout=30)
+    assert result.returncode == 1 and "must be readable by its owner only" in result.stderr
+    assert "Traceback" not in result.stderr
