@@ -244,8 +244,10 @@ class Broker:
         client.out.clear()
         if client is self._bridge:
             logger.warning("the federation bridge is gone")
-            self._bridge, self._federation = None, None
+            self._bridge = None
             self._routes.clear()
+            if self._federation is not None:  # its last figures, and why they stopped
+                self._federation = {**self._federation, "state": "bridge not running"}
 
     def _expire_handshakes(self, now: float) -> None:
         late = [c for c in self._clients.values() if c.state != _ACTIVE and c.deadline <= now]

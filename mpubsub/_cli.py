@@ -147,6 +147,30 @@ _FIGURES: List[Tuple[str, str, Callable[[Any], str]]] = [
     ("largest client buffer", "largest_buffer", _size),
 ]
 
+# mpubsubd's federation bridge, when there is one (see mpubsubd._bridge).
+_FEDERATION: List[Tuple[str, str, Callable[[Any], str]]] = [
+    ("federation", "state", str),
+    ("this host", "name", str),
+    ("NATS server", "server", lambda v: v or "-"),
+    ("NATS subscriptions", "nats_subscriptions", str),
+    ("sent to other hosts", "forwarded_out", str),
+    ("taken from other hosts", "forwarded_in", str),
+    ("not sent (NATS down)", "dropped_out", str),
+    ("dropped, unverified", "dropped_unverified", str),
+    ("dropped, duplicates", "duplicates", str),
+    ("NATS reconnections", "reconnects", str),
+]
+
+
+def format_stats(stats: Dict[str, Any]) -> str:
+    """The figures of a STATS_REPLY as aligned lines, federation included."""
+    rows = [(label, show(stats[key])) for label, key, show in _FIGURES]
+    federation = stats.get("federation")
+    if federation:
+        rows += [(label, show(federation.get(key, "?"))) for label, key, show in _FEDERATION]
+    width = max(len(label) for label, _ in rows)
+    return "".join(f"{label:<{width}}  {value}\n" for label, value in rows)
+
 
 def cmd_stats(args: argparse.Namespace) -> None:
     with connect(args.credentials) as pubsub:
@@ -157,10 +181,7 @@ def cmd_stats(args: argparse.Namespace) -> None:
             if args.json:
                 print(json.dumps(stats), flush=True)
             else:
-                width = max(len(label) for label, _, _ in _FIGURES)
-                for label, key, show in _FIGURES:
-                    print(f"{label:<{width}}  {show(stats[key])}")
-                print(flush=True)
+                print(format_stats(stats), flush=True)
             if args.watch is None:
                 return
             time.sleep(args.watch)

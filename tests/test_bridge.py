@@ -477,6 +477,7 @@ def test_bridge_restarted_and_nats_late(federation: Federation) -> None:
         what="the bridge to be restarted",
     )
     assert "the federation bridge exited with status -9; restarting" in a.output()
+    assert "the federation bridge is gone" in a.output()  # the broker's side
     a.wait_state("connected", 30)
 
 
@@ -500,3 +501,109 @@ def test_secret_file_problems_stop_mpubsubd(tmp_path: Path) -> None:
     result = subprocess.run(command, capture_output=True, text=True, timeout=30)
     assert result.returncode == 1 and "must be readable by its owner only" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_stats_show_the_federation(federation: Federation) -> None:
+    """mpubsub stats shows the bridge's state and counters, and when the bridge is gone."""
+    nats = federation.nats()
+    a = federation.host("a", nats.url)
+    command = [sys.executable, "-m", "mpubsub", "stats", "-c", str(a.credentials)]
+    lines = subprocess.run(command, capture_output=True, text=True, timeout=30).stdout
+    assert re.search(r"^federation +connected$", lines, re.M), lines
+    assert re.search(r"^this host +a$", lines, re.M)
+    assert re.search(rf"^NATS server +{nats.url}$", lines, re.M)
+    assert re.search(r"^dropped, unverified +0$", lines, re.M)
+
+
+def test_order_across_subscriptions(federation: Federation) -> None:
+    """A subscriber of two topics gets one publisher's messages in their order."""
+    nats = federation.nats()
+    a, b = federation.host("a", nats.url), federation.host("b", nats.url)
+    pub, sub = a.client(), b.client()
+    got: List[int] = []
+
+    def numbered(topic: Topic, seq: int = -1, **message: Any) -> None:
+        if seq >= 0:  # not a probe
+            got.append(seq)
+
+    for topic in ("left", "right"):
+        sub.add_subscriber(topic, numbered, weak=False)
+    sub.flush()
+    probes: Inbox = []
+    sub.add_subscriber("left", lambda topic, **m: probes.append((topic, m)), weak=False)
+    reach(pub, ("left",), probes, [pub, sub])
+    reach(pub, ("right",), probes, [pub, sub])
+    got.clear()
+    count = 2000
+    for seq in range(count):
+        pub.publish("left" if seq % 3 else "right", seq=seq)
+    pump([sub], lambda: len(got) >= count, f"{count} messages")
+    assert got == list(range(count))
+
+
+def test_credentials_and_limits(federation: Federation) -> None:
+    """A NATS token is passed through (a wrong one is reported); NATS's max_payload is respected."""
+    nats = federation.nats("auth", "--auth", "s3cret-token")
+    a = federation.host("a", nats.url, token="s3cret-token")
+    b = federation.host("b", nats.url, token="s3cret-token")
+    wrong = federation.host("c", nats.url, token="wrong", connected=False)
+    wrong.wait_state("disconnected")
+    assert re.search(r"cannot reach NATS at .*[Aa]uthorization", wrong.output()), wrong.output()
+
+    pub, sub = a.client(), b.client()
+    got = collect(sub, ("big",))
+    reach(pub, ("big",), got, [pub, sub])
+    pub.publish(("big",), blob=b"x" * (2 * 1024 * 1024))  # over NATS's default 1 MiB
+    pub.publish(("big",), n=1)
+    pump([pub, sub], lambda: any(m.get("n") == 1 for _, m in got), "the small message")
+    assert [m for _, m in real(got)] == [{"n": 1}]
+    wait_for(lambda: a.federation()["dropped_out"] == 1, what="the big message counted")
+    assert "exceeds NATS's max_payload" in a.output()
+
+
+def _certificates(base: Path) -> Dict[str, Path]:
+    """A CA, and a server and a client certificate it signed, for 127.0.0.1."""
+    files = {n: base / f"{n}.pem" for n in ("ca", "ca-key", "srv", "srv-key", "cli", "cli-key")}
+
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], check=True, capture_output=True, timeout=60)
+
+    openssl(
+        "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+        "-days", "2", "-subj", "/CN=test CA", "-keyout", str(files["ca-key"]),
+        "-out", str(files["ca"]),
+    )  # fmt: skip
+    for name in ("srv", "cli"):
+        csr = base / f"{name}.csr"
+        openssl(
+            "req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+            "-subj", f"/CN={name}", "-keyout", str(files[f"{name}-key"]), "-out", str(csr),
+        )  # fmt: skip
+        ext = base / f"{name}.ext"
+        ext.write_text("subjectAltName=IP:127.0.0.1\n")
+        openssl(
+            "x509", "-req", "-in", str(csr), "-CA", str(files["ca"]),
+            "-CAkey", str(files["ca-key"]), "-CAcreateserial", "-days", "2",
+            "-extfile", str(ext), "-out", str(files[name]),
+        )  # fmt: skip
+    return files
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs openssl to make certificates")
+def test_mutual_tls(federation: Federation) -> None:
+    """TLS settings are passed through: the bridge verifies the server and shows its own."""
+    certs = _certificates(federation.base)
+    nats = federation.nats(
+        "tls", "--tls", "--tlscert", str(certs["srv"]), "--tlskey", str(certs["srv-key"]),
+        "--tlsverify", "--tlscacert", str(certs["ca"]),
+    )  # fmt: skip
+    url = nats.url.replace("nats://", "tls://")
+    ca, cert, key = str(certs["ca"]), str(certs["cli"]), str(certs["cli-key"])
+    a = federation.host("a", url, tls_ca_file=ca, tls_cert_file=cert, tls_key_file=key)
+    b = federation.host("b", url, tls_ca_file=ca, tls_cert_file=cert, tls_key_file=key)
+    assert a.federation()["server"].startswith("tls://")
+    pub, sub = a.client(), b.client()
+    got = collect(sub, ("secure",))
+    reach(pub, ("secure",), got, [pub, sub])
+    stranger = federation.host("c", url, connected=False, tls_ca_file=ca)  # no certificate
+    stranger.wait_state("disconnected")

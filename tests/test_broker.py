@@ -20,7 +20,7 @@ import pytest
 
 from mpubsub import AuthenticationError, Broker, NetPubSub, ProtocolError
 from mpubsub import _protocol as proto
-from mpubsub._connect import authenticate, connect_socket
+from mpubsub._connect import authenticate, connect_socket, handshake
 
 from .conftest import BrokerProcess, subscribed, wait_for
 
@@ -377,3 +377,89 @@ def test_live_socket_is_not_stolen(tmp_path: Path) -> None:
     second = Broker(path, b"k")
     second.stop()
     second.start()
+
+
+class RawBridge:
+    """A client speaking the bridge's side of the protocol on a plain socket."""
+
+    def __init__(self, broker: BrokerProcess) -> None:
+        address, authkey = broker.creds()
+        self.sock = connect_socket(address, 5)
+        handshake(self.sock, authkey)
+        self.sock.sendall(proto.frame(proto.BRIDGE, b""))
+        self.decoder = proto.FrameDecoder(proto.DEFAULT_MAX_MESSAGE)
+        self.frames: List[Tuple[int, bytes]] = []
+
+    def receive(self, count: int) -> List[Tuple[int, bytes]]:
+        """(type, body) of the frames so far, once *count* came (deadline: the 5 s timeout)."""
+        while len(self.frames) < count:
+            data = self.sock.recv(65536)
+            assert data, "the broker closed the bridge's connection"
+            self.frames += [(kind, frame[5:]) for kind, frame in self.decoder.feed(data)]
+        return self.frames
+
+
+def test_bridge_gets_everything_and_the_interest(
+    broker: BrokerProcess, clients: List[NetPubSub]
+) -> None:
+    """A bridge learns the topics subscribed (first and last holder only) and every message."""
+    early = connected(broker, clients)
+
+    def on_a(topic: Tuple[str, ...], **message: Any) -> None:
+        pass
+
+    early.add_subscriber(("a",), on_a)
+    early.flush()
+    bridge = RawBridge(broker)
+    try:
+        assert bridge.receive(1) == [(proto.SUB, proto.encode_topic(("a",)))]  # the current set
+        late = connected(broker, clients)
+        subscribed(late, ("a",))  # a second holder: nothing new for the bridge
+        subscribed(late, ("b", "c"))
+        late.publish(("z",), n=1)  # nobody here wants it; the bridge does
+        late.flush()
+        early.remove_subscriber(("a",), on_a)
+        early.flush()
+        frames = bridge.receive(3)[1:]
+        assert frames[0] == (proto.SUB, proto.encode_topic(("b", "c")))
+        assert frames[1][0] == proto.PUB and frames[1][1][4:].startswith(proto.encode_topic(("z",)))
+        assert len(frames) == 2  # ('a',) still has a holder: no UNSUB
+        late.disconnect()
+        kinds = set(bridge.receive(5)[3:])
+        assert kinds == {(proto.UNSUB, proto.encode_topic(t)) for t in [("a",), ("b", "c")]}
+        # Messages from the bridge reach local subscribers, and never come back to it.
+        got = subscribed(early, ("x",))
+        bridge.sock.sendall(proto.pub_frame(proto.encode_topic(("x",)), pickle.dumps({"n": 2})))
+        wait_for(lambda: early.poll(0.05) or got, what="the bridge's message")
+        assert got == [{"n": 2}]
+        assert [k for k, _ in bridge.receive(6)[5:]] == [proto.SUB]  # ('x',) by early
+    finally:
+        bridge.sock.close()
+
+
+def test_one_bridge_at_a_time_and_its_figures(
+    broker: BrokerProcess, clients: List[NetPubSub]
+) -> None:
+    """A second bridge is refused; the bridge's figures appear in the stats, then its absence."""
+    first = RawBridge(broker)
+    try:
+        first.sock.sendall(proto.frame(proto.FEDERATION, b'{"state": "connected", "n": 1}'))
+        first.sock.sendall(proto.frame(proto.PING, b""))
+        assert first.receive(1)[-1][0] == proto.PONG
+        observer = connected(broker, clients)
+        stats = observer.broker_statistics()
+        assert stats is not None and stats["federation"] == {"state": "connected", "n": 1}
+        second = RawBridge(broker)
+        with second.sock:
+            second.sock.setblocking(False)
+            wait_for(lambda: closed_by_peer(second.sock), what="the second bridge refused")
+        assert "is already the federation bridge" in broker.output()
+    finally:
+        first.sock.close()
+    wait_for(
+        lambda: (
+            (observer.broker_statistics() or {}).get("federation", {}).get("state")
+            == "bridge not running"
+        ),
+        what="the broker to notice the bridge is gone",
+    )
