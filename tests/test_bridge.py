@@ -607,3 +607,42 @@ def test_mutual_tls(federation: Federation) -> None:
     reach(pub, ("secure",), got, [pub, sub])
     stranger = federation.host("c", url, connected=False, tls_ca_file=ca)  # no certificate
     stranger.wait_state("disconnected")
+
+
+def test_classic_daemon_logs_and_stops_its_bridge(federation: Federation) -> None:
+    """Without -f the bridge logs to log_file, and stops with mpubsubd (no process left)."""
+    nats = federation.nats()
+    host = Host(federation.base, "d", nats.url)
+    log = host.dir / "mpubsubd.log"
+    text = host.config.read_text().replace("[federation]", f"log_file = {log}\n[federation]")
+    host.config.write_text(text)
+    command = [sys.executable, "-m", "mpubsubd", "-c", str(host.config)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    pid = int((host.dir / "mpubsubd.pid").read_text())
+    try:
+        found = wait_for(
+            lambda: re.search(
+                r"mpubsubd\.bridge\[(\d+)\] INFO: connected to NATS", log.read_text()
+            ),
+            what="the bridge's line in the log file",
+        )
+        bridge = int(found.group(1))
+        assert bridge != pid and _parent(bridge) == pid
+    finally:
+        os.kill(pid, signal.SIGTERM)
+    wait_for(lambda: not _alive(pid) and not _alive(bridge), what="mpubsubd and its bridge gone")
+    assert "federation bridge exited" not in log.read_text()  # a stop, not a failure
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def _parent(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().split(")")[-1].split()[1])

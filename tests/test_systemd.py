@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 import tempfile
 from pathlib import Path
 from typing import Iterator, List
 
 import pytest
+
+from .conftest import wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.systemd
@@ -54,54 +57,133 @@ def installed() -> Iterator[Path]:
         shutil.rmtree(base, ignore_errors=True)
 
 
-def test_unit_under_systemd(installed: Path) -> None:
-    """start, connect through /run/mpubsub/broker.pckl, reload, read the journal, stop."""
-    sandbox = find_sandbox()
-    unit = installed / "prefix" / "lib" / "systemd" / "system" / "mpubsubd.service"
-    dropin = installed / "10-test.conf"
-    command = (
-        f"{installed}/prefix/bin/mpubsubd --foreground -c {installed}/etc/mpubsub/mpubsubd.conf"
-    )
-    dropin.write_text(f"[Service]\nExecStart=\nExecStart={command}\n")
-    started = subprocess.run(
-        [sandbox, "start", str(unit), "--", str(dropin)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    if started.returncode != 0:
-        pytest.skip(f"systemd-sandbox could not boot: {started.stderr.strip()}")
-    pid = started.stdout.strip()
+class Sandbox:
+    """A private systemd running the installed unit; ``inside()`` runs a command in it."""
+
+    def __init__(self, installed: Path) -> None:
+        self.tool = find_sandbox()
+        unit = installed / "prefix" / "lib" / "systemd" / "system" / "mpubsubd.service"
+        dropin = installed / "10-test.conf"
+        command = (
+            f"{installed}/prefix/bin/mpubsubd --foreground -c {installed}/etc/mpubsub/mpubsubd.conf"
+        )
+        dropin.write_text(f"[Service]\nExecStart=\nExecStart={command}\n")
+        started = subprocess.run(
+            [self.tool, "start", str(unit), "--", str(dropin)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        if started.returncode != 0:
+            pytest.skip(f"systemd-sandbox could not boot: {started.stderr.strip()}")
+        self.pid = started.stdout.strip()
+        self.pythonpath = f"PYTHONPATH={installed}/prefix/lib/mpubsub"
+
+    def inside(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [self.tool, "exec", self.pid, *args], capture_output=True, text=True, timeout=120
+        )
+
+    def python(self, code: str) -> subprocess.CompletedProcess[str]:
+        """Run *code* inside with the installed package, as an application would."""
+        return self.inside("env", self.pythonpath, "/usr/bin/python3", "-c", code)
+
+    def journal(self) -> str:
+        return self.inside("journalctl", "-u", "mpubsubd", "--no-pager").stdout
+
+    def stop(self) -> None:
+        subprocess.run([self.tool, "stop", self.pid], capture_output=True, timeout=30)
+
+
+@pytest.fixture
+def sandbox(installed: Path) -> Iterator[Sandbox]:
+    box = Sandbox(installed)
     try:
+        yield box
+    finally:
+        box.stop()
 
-        def inside(*args: str) -> subprocess.CompletedProcess[str]:
-            return subprocess.run(
-                [sandbox, "exec", pid, *args], capture_output=True, text=True, timeout=120
-            )
 
-        assert inside("systemctl", "start", "mpubsubd").returncode == 0
-        assert inside("systemctl", "is-active", "mpubsubd").stdout == "active\n"
-        client = inside(
-            "env",
-            f"PYTHONPATH={installed}/prefix/lib/mpubsub",
-            "/usr/bin/python3",
-            "-c",
+def test_unit_under_systemd(sandbox: Sandbox) -> None:
+    """start, connect through /run/mpubsub/broker.pckl, reload, read the journal, stop."""
+    inside = sandbox.inside
+    assert inside("systemctl", "start", "mpubsubd").returncode == 0
+    assert inside("systemctl", "is-active", "mpubsubd").stdout == "active\n"
+    client = sandbox.python(
+        "from mpubsub import NetPubSub\n"
+        "with NetPubSub.from_file('/run/mpubsub/broker.pckl') as p:\n"
+        "    print('flushed', p.flush())\n",
+    )
+    assert client.stdout == "flushed True\n", client.stderr
+    assert inside("systemctl", "reload", "mpubsubd").returncode == 0
+    assert inside("systemctl", "is-active", "mpubsubd").stdout == "active\n"
+    assert inside("systemctl", "stop", "mpubsubd").returncode == 0
+    journal = sandbox.journal()
+    lines: List[str] = [
+        "mpubsubd 0.1.0 serving; clients read /run/mpubsub/broker.pckl",
+        "SIGHUP: nothing to reopen, logging to stderr",
+        "mpubsubd stopped",
+    ]
+    for line in lines:
+        assert line in journal, journal
+    assert inside("test", "-e", "/run/mpubsub/broker.pckl").returncode != 0
+
+
+@pytest.fixture
+def nats_url() -> Iterator[str]:
+    """A private nats-server on a free loopback port (the sandbox shares the network)."""
+    server = shutil.which("nats-server") or "/usr/sbin/nats-server"
+    if not os.path.exists(server):
+        pytest.skip("needs nats-server")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    proc = subprocess.Popen([server, "-a", "127.0.0.1", "-p", str(port)], stderr=subprocess.PIPE)
+    try:
+        wait_for(lambda: _listening(port), what="nats-server")
+        yield f"nats://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=10)
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def test_federation_under_systemd(installed: Path, nats_url: str) -> None:
+    """The hardened unit lets the bridge reach NATS; it logs to the journal, stops with the unit."""
+    secret = installed / "etc" / "mpubsub" / "federation.key"
+    secret.write_bytes(os.urandom(32))
+    secret.chmod(0o600)
+    config = installed / "etc" / "mpubsub" / "mpubsubd.conf"
+    text = config.read_text()
+    text = text.replace("\nservers =\n", f"\nservers = {nats_url}\n")
+    text = text.replace("\nsecret_file =\n", f"\nsecret_file = {secret}\n")
+    config.write_text(text)
+    box = Sandbox(installed)
+    try:
+        assert box.inside("systemctl", "start", "mpubsubd").returncode == 0
+        state = (
+            "import json, time\n"
             "from mpubsub import NetPubSub\n"
             "with NetPubSub.from_file('/run/mpubsub/broker.pckl') as p:\n"
-            "    print('flushed', p.flush())\n",
+            "    for _ in range(200):\n"
+            "        f = (p.broker_statistics() or {}).get('federation') or {}\n"
+            "        if f.get('state') == 'connected':\n"
+            "            break\n"
+            "        time.sleep(0.05)\n"
+            "    print(f.get('state'), f.get('server'))\n"
         )
-        assert client.stdout == "flushed True\n", client.stderr
-        assert inside("systemctl", "reload", "mpubsubd").returncode == 0
-        assert inside("systemctl", "is-active", "mpubsubd").stdout == "active\n"
-        assert inside("systemctl", "stop", "mpubsubd").returncode == 0
-        journal = inside("journalctl", "-u", "mpubsubd", "--no-pager").stdout
-        lines: List[str] = [
-            "mpubsubd 0.1.0 serving; clients read /run/mpubsub/broker.pckl",
-            "SIGHUP: nothing to reopen, logging to stderr",
-            "mpubsubd stopped",
-        ]
-        for line in lines:
-            assert line in journal, journal
-        assert inside("test", "-e", "/run/mpubsub/broker.pckl").returncode != 0
+        result = box.python(state)
+        assert result.stdout == f"connected {nats_url}\n", (result.stderr, box.journal())
+        status = box.inside("systemctl", "status", "--no-pager", "-l", "mpubsubd").stdout
+        assert "-m mpubsubd._bridge" in status, status  # in the unit's cgroup, under mpubsubd
+        assert box.inside("systemctl", "stop", "mpubsubd").returncode == 0
+        journal = box.journal()
+        assert f"connected to NATS at {nats_url}" in journal, journal
+        assert "federation bridge started" in journal and "bridge stopped" in journal
+        assert "exited with status" not in journal  # stopped, not failed
     finally:
-        subprocess.run([sandbox, "stop", pid], capture_output=True, timeout=30)
+        box.stop()
