@@ -24,6 +24,8 @@ COLOURS = {
     "Redis pub/sub": "#ff7f0e",
     "blinker": "#2ca02c",
     "PyPubSub": "#9467bd",
+    "mpubsub, two hosts via NATS": "#d62728",
+    "nats-py alone": "#17becf",
 }
 
 

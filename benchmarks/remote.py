@@ -36,16 +36,35 @@ CTX = mp.get_context("fork")
 
 
 class System:
-    """start_broker() in a child; client() returns an object with the verbs below."""
+    """start() runs broker_main() in a child; client() returns an object with the verbs below."""
 
     def __init__(self, workdir: str) -> None:
         self.workdir = workdir
+        self.broker: Any = None
+
+    def start(self) -> None:
+        self.broker = CTX.Process(target=self.broker_main, daemon=True)
+        self.broker.start()
+
+    def stop(self) -> None:
+        self.broker.terminate()
+        self.broker.join(timeout=10)
+        if self.broker.is_alive():
+            self.broker.kill()
+
+    @property
+    def broker_pid(self) -> int:
+        return int(self.broker.pid)
 
     def broker_main(self) -> None:
         raise NotImplementedError
 
     def client(self) -> Any:
         raise NotImplementedError
+
+    def publisher(self) -> Any:
+        """The client that publishes (or pings): elsewhere than the others, across hosts."""
+        return self.client()
 
 
 class Mpubsub(System):
@@ -268,7 +287,7 @@ def throughput(
     ]
     for proc in procs:
         proc.start()
-    client = system.client()
+    client = system.publisher()
     data = b"x" * size
     deadline = time.monotonic() + 30
     while not all(r.is_set() for r in readies):  # until every subscriber is in place
@@ -319,7 +338,7 @@ def rtt(system: System, count: int) -> Dict[str, Any]:
     echo = CTX.Process(target=echo_main, args=(system, ready, stop))
     echo.start()
     ready.wait(30)
-    client = system.client()
+    client = system.publisher()
     got: List[int] = []
 
     def on_pong(topic: Tuple[str, ...], seq: int) -> None:
@@ -432,25 +451,25 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="mpubsub-bench-") as workdir:
         system = make_system(args.system, workdir)
-        broker = CTX.Process(target=system.broker_main, daemon=True)
-        broker.start()
-        try:
-            idle = [system.client() for _ in range(args.idle)]
-            if args.scenario == "throughput":
-                result = throughput(system, args.subscribers, args.count, args.size, args.stall)
-            elif args.scenario == "scale":
-                assert broker.pid is not None
-                result = scale(system, broker.pid, args.subscribers, args.count)
-            else:
-                result = rtt(system, args.count)
-            for client in idle:
-                client.close()
-        finally:
-            broker.terminate()
-            broker.join(timeout=10)
-            if broker.is_alive():
-                broker.kill()
-    json.dump(result, sys.stdout)
+        json.dump(run_scenario(system, args), sys.stdout)
+
+
+def run_scenario(system: System, args: argparse.Namespace) -> Dict[str, Any]:
+    """Start *system*, measure the scenario *args* name, stop it."""
+    system.start()
+    try:
+        idle = [system.client() for _ in range(args.idle)]
+        if args.scenario == "throughput":
+            result = throughput(system, args.subscribers, args.count, args.size, args.stall)
+        elif args.scenario == "scale":
+            result = scale(system, system.broker_pid, args.subscribers, args.count)
+        else:
+            result = rtt(system, args.count)
+        for client in idle:
+            client.close()
+    finally:
+        system.stop()
+    return result
 
 
 if __name__ == "__main__":

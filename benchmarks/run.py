@@ -6,8 +6,10 @@ process; a pyzmq XSUB/XPUB proxy and Redis pub/sub (redis-py, when a
 ``redis-server`` binary exists) across processes. Every measurement runs in
 fresh processes; the rounds alternate between the systems so that the
 machine's noise hits them alike; each figure is the median of the rounds,
-printed with its ratio to 0.0.1 and to the pyzmq proxy. The tables go to
-``benchmarks/results/latest.md`` and a chart to ``latest.png``.
+printed with its ratio to 0.0.1 and to the pyzmq proxy. Across hosts,
+two mpubsubd federated through a private nats-server stand beside nats-py
+used alone (``federation.py``; skipped without ``nats-server``). The tables
+go to ``benchmarks/results/latest.md`` and a chart to ``latest.png``.
 """
 
 from __future__ import annotations
@@ -65,6 +67,15 @@ REMOTE: List[Remote] = [
     ),
 ]
 SCALE = [1, 10, 100, 500]
+
+FEDERATED, NATS_PY = "mpubsub, two hosts via NATS", "nats-py alone"
+ACROSS = {FEDERATED: "this", NATS_PY: "nats"}
+# (title, federation.py arguments, figure, unit, higher is better)
+ACROSS_HOSTS: List[Remote] = [
+    ("1 -> 1 across hosts, 64 B", ["throughput"], "deliveries_per_s", "msg/s", True),
+    ("round trip across hosts p50", ["rtt"], "rtt_p50_us", "us", False),
+    ("round trip across hosts p99", ["rtt"], "rtt_p99_us", "us", False),
+]
 
 
 def peers_python() -> Path:
@@ -171,6 +182,20 @@ class Bench:
                     )
                     for key, value in result.items():
                         self.add(system, f"{' '.join(args)}:{key}", value)
+            for args in ({a[0]: a for _, a, _, _, _ in ACROSS_HOSTS}).values():
+                for system, name in ACROSS.items():
+                    result = run_json(
+                        self.pythons[THIS],
+                        "federation.py",
+                        "--system",
+                        name,
+                        "--scenario",
+                        args[0],
+                        "--count",
+                        self.count(args),
+                    )
+                    for key, value in result.items():
+                        self.add(system, f"across {args[0]}:{key}", value)
             for subscribers in SCALE[:2] if self.quick else SCALE:
                 result = run_json(
                     self.pythons[THIS],
@@ -218,6 +243,23 @@ class Bench:
                     shown += f" ({lost:,.0f} lost)"
                 versus = [ratio(value, self.median(base, full)) for base in (V001, ZMQ)]
                 lines.append(f"| {title} | {system} | {shown} | {versus[0]} | {versus[1]} |")
+        lines += ["", "## Across hosts, through a private nats-server (loopback)", ""]
+        lines += [
+            "Publisher on host a, subscriber on host b: broker a -> bridge a -> NATS ->"
+            " bridge b -> broker b, every message signed and checked; beside it, two"
+            " nats-py clients talking straight to NATS.",
+            "",
+            "| scenario | system | figure | vs nats-py |",
+            "|---|---|---:|---:|",
+        ]
+        for title, args, key, unit, _higher in ACROSS_HOSTS:
+            full = f"across {args[0]}:{key}"
+            for system in ACROSS:
+                value = self.median(system, full)
+                if value is None:
+                    continue  # no nats-server on this machine
+                against = ratio(value, self.median(NATS_PY, full))
+                lines.append(f"| {title} | {system} | {value:,.0f} {unit} | {against} |")
         count = "20" if self.quick else "100"
         lines += ["", f"## Scale: one publisher, {count} messages paced 5 ms apart", ""]
         lines += [
@@ -260,6 +302,16 @@ class Bench:
                     "unit": unit,
                     "higher": higher,
                     "bars": {s: self.median(s, full) for s in self.remote},
+                }
+            )
+        for title, args, key, unit, higher in ACROSS_HOSTS:
+            full = f"across {args[0]}:{key}"
+            data["panels"].append(
+                {
+                    "title": title,
+                    "unit": unit,
+                    "higher": higher,
+                    "bars": {s: self.median(s, full) for s in ACROSS},
                 }
             )
         spec = RESULTS / "latest.json"

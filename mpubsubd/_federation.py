@@ -22,6 +22,7 @@ is unpickled on the way: a bridge only checks the MAC.
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import os
 import re
@@ -35,10 +36,12 @@ VERSION = 1
 _SEQ = struct.Struct("!Q")
 _MAC_SIZE = 32
 _CONTEXT = b"mpubsub federation 1\0"
+_BLOCK = 64  # SHA-256's block size, in bytes
 _PLAIN = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-")
 _ESCAPED = re.compile(rb"_([0-9A-F]{2})")
 _TOKEN = re.compile(rb"(?:[A-Za-z0-9-]|_[0-9A-F]{2})+|_")
 WINDOW = 4096  # how far back in one origin's sequence a late message is still taken
+_WINDOW_MASK = (1 << WINDOW) - 1
 
 
 class Rejected(Exception):
@@ -118,7 +121,7 @@ class Signer:
         name = origin.encode("utf-8", "surrogatepass")
         if not 0 < len(name) <= 255:
             raise ValueError("the host name must be 1 to 255 bytes of UTF-8")
-        self._secret = secret
+        self._mac = Mac(secret)
         self._head = bytes((VERSION, len(name))) + name + os.urandom(8)
         self._seq = 0
 
@@ -126,7 +129,7 @@ class Signer:
         """The envelope of *payload*, published under *topic* (encoded)."""
         self._seq += 1
         head = self._head + _SEQ.pack(self._seq)
-        mac = _mac(self._secret, topic, head, payload)
+        mac = self._mac.sign(topic, head, payload)
         return b"".join((head, mac, payload))
 
 
@@ -134,7 +137,7 @@ class Verifier:
     """Opens envelopes: checks the MAC, drops this host's own and repeated messages."""
 
     def __init__(self, secret: bytes, origin: str) -> None:
-        self._secret = secret
+        self._mac = Mac(secret)
         self._own = origin.encode("utf-8", "surrogatepass")
         self._seen: Dict[bytes, Tuple[bytes, int, int]] = {}  # origin: (instance, top, mask)
 
@@ -151,7 +154,7 @@ class Verifier:
             body[seq_end : seq_end + _MAC_SIZE],
             body[seq_end + _MAC_SIZE :],
         )
-        if not hmac.compare_digest(mac, _mac(self._secret, topic, head, payload)):
+        if not hmac.compare_digest(mac, self._mac.sign(topic, head, payload)):
             raise Rejected("bad signature (another secret, or forged)")
         origin = body[2:end]
         if origin == self._own:
@@ -171,7 +174,7 @@ class Verifier:
             return True
         _, top, mask = last
         if seq > top:
-            mask = ((mask << (seq - top)) | 1) & ((1 << WINDOW) - 1)
+            mask = ((mask << (seq - top)) | 1) & _WINDOW_MASK
             self._seen[origin] = (instance, seq, mask)
             return True
         offset = top - seq
@@ -185,6 +188,27 @@ class Duplicate(Rejected):
     """A message this host already delivered (or too late to tell)."""
 
 
-def _mac(secret: bytes, topic: bytes, head: bytes, payload: bytes) -> bytes:
-    lengths = struct.pack("!III", len(topic), len(head), len(payload))
-    return hmac.digest(secret, b"".join((_CONTEXT, lengths, topic, head, payload)), "sha256")
+class Mac:
+    """HMAC-SHA256 under one key (RFC 2104), its padded key states hashed once.
+
+    The same digest as ``hmac.digest(key, message, "sha256")``, over the
+    context, the three lengths and the three parts, at less than half the
+    cost: the per-message price of signing and checking every message.
+    """
+
+    def __init__(self, key: bytes) -> None:
+        if len(key) > _BLOCK:
+            key = hashlib.sha256(key).digest()
+        key = key.ljust(_BLOCK, b"\0")
+        self._inner = hashlib.sha256(bytes(b ^ 0x36 for b in key))
+        self._outer = hashlib.sha256(bytes(b ^ 0x5C for b in key))
+
+    def sign(self, topic: bytes, head: bytes, payload: bytes) -> bytes:
+        inner = self._inner.copy()
+        inner.update(_CONTEXT + struct.pack("!III", len(topic), len(head), len(payload)))
+        inner.update(topic)
+        inner.update(head)
+        inner.update(payload)
+        outer = self._outer.copy()
+        outer.update(inner.digest())
+        return outer.digest()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -20,3 +21,5 @@ def test_quick_bench_runs() -> None:
     ).stdout
     assert "| mpubsub (this) |" in out
     assert "# Machine:" in out
+    if shutil.which("nats-server") or Path("/usr/sbin/nats-server").exists():
+        assert "| mpubsub, two hosts via NATS |" in out

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hmac
 import re
+import struct
 from typing import Tuple
 
 import pytest
@@ -13,6 +15,7 @@ from mpubsub._protocol import encode_topic
 from mpubsubd._federation import (
     WINDOW,
     Duplicate,
+    Mac,
     Rejected,
     Signer,
     Verifier,
@@ -120,3 +123,11 @@ def test_interest_asks_each_message_once() -> None:
     }
     assert interest("p", [b"", enc("a")], []) == {"p", "p.>"}
     assert interest("p", [enc("m", "raw"), enc("x")], [enc("m")]) == {"p", "p.x", "p.x.>"}
+
+
+@given(st.binary(max_size=200), st.binary(), st.binary(), st.binary(max_size=2000))
+def test_mac_is_hmac_sha256(key: bytes, topic: bytes, head: bytes, payload: bytes) -> None:
+    """Mac gives exactly the standard library's HMAC-SHA256, short and long keys alike."""
+    lengths = struct.pack("!III", len(topic), len(head), len(payload))
+    message = b"mpubsub federation 1\0" + lengths + topic + head + payload
+    assert Mac(key).sign(topic, head, payload) == hmac.digest(key, message, "sha256")
