@@ -340,7 +340,7 @@ class Broker:
         stats = self._stats
         return BrokerStatistics(
             uptime=time.monotonic() - stats.started,
-            clients=len(active),
+            clients=len(active) - (self._bridge is not None),  # the bridge is in federation
             subscriptions=sum(len(c.subs) for c in active),
             messages_in=stats.messages_in,
             bytes_in=stats.bytes_in,

@@ -12,7 +12,7 @@ class BrokerStatistics:
     """A snapshot of a broker's figures (``Broker.statistics()``, ``mpubsub stats``)."""
 
     uptime: float  #: seconds since the broker started
-    clients: int  #: connected, authenticated clients
+    clients: int  #: connected, authenticated clients (mpubsubd's federation bridge aside)
     subscriptions: int  #: topics subscribed to, summed over the clients
     messages_in: int  #: messages received from publishers
     bytes_in: int  #: their size, in bytes

@@ -88,10 +88,17 @@ class Bridge:
         ]
         reading = asyncio.ensure_future(self._read_broker(reader))
         stopping = asyncio.ensure_future(self._stopping.wait())
+        everything = (*tasks, reading, stopping)
         try:
-            await asyncio.wait((reading, stopping), return_when=asyncio.FIRST_COMPLETED)
+            # The broker gone, stop() or a failure ends the bridge; the NATS
+            # connection's task ends normally once connected.
+            waiting = set(everything)
+            while True:
+                done, waiting = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+                if reading in done or stopping in done or any(t.exception() for t in done):
+                    break
         finally:
-            for task in (*tasks, reading, stopping):
+            for task in everything:
                 task.cancel()
             self.state = "closing"
             if self._nc is not None and not self._nc.is_closed:
@@ -99,8 +106,9 @@ class Bridge:
                     await asyncio.wait_for(self._nc.close(), 5)
             if self._writer is not None:
                 self._writer.close()
-        if reading.done() and not reading.cancelled() and reading.exception() is not None:
-            raise reading.exception()  # type: ignore[misc]
+        for task in everything:
+            if task.done() and not task.cancelled() and task.exception() is not None:
+                raise task.exception()  # type: ignore[misc]
         return 0 if self._stopping.is_set() else 1
 
     def stop(self) -> None:

@@ -162,6 +162,10 @@ def _bridge(config: Config, log_file: Optional[str]) -> Optional[BridgeSuperviso
         )
     if federation.creds_file and importlib.util.find_spec("nkeys") is None:
         raise StartupError("creds_file needs the nkeys package: pip install nkeys")
+    for key in ("creds_file", "tls_ca_file", "tls_cert_file", "tls_key_file"):
+        path = getattr(federation, key)
+        if path and not os.access(path, os.R_OK):
+            raise StartupError(f"{key}: cannot read {path}")
     secret = read_authkey(federation.secret_file, "secret_file")
     return BridgeSupervisor(config, secret, log_file=log_file)
 

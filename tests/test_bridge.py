@@ -501,6 +501,13 @@ def test_secret_file_problems_stop_mpubsubd(tmp_path: Path) -> None:
     result = subprocess.run(command, capture_output=True, text=True, timeout=30)
     assert result.returncode == 1 and "must be readable by its owner only" in result.stderr
     assert "Traceback" not in result.stderr
+    secret.chmod(0o600)
+    config.write_text(config.read_text() + "tls_ca_file = /nonexistent/ca.pem\n")
+    result = subprocess.run(command, capture_output=True, text=True, timeout=30)
+    assert result.returncode == 1
+    assert result.stderr.splitlines()[-1] == (
+        "mpubsubd: tls_ca_file: cannot read /nonexistent/ca.pem"
+    )
 
 
 def test_stats_show_the_federation(federation: Federation) -> None:
@@ -511,6 +518,7 @@ def test_stats_show_the_federation(federation: Federation) -> None:
     lines = subprocess.run(command, capture_output=True, text=True, timeout=30).stdout
     assert re.search(r"^federation +connected$", lines, re.M), lines
     assert re.search(r"^this host +a$", lines, re.M)
+    assert re.search(r"^clients +2$", lines, re.M)  # the fixture's and this one: not the bridge
     assert re.search(rf"^NATS server +{nats.url}$", lines, re.M)
     assert re.search(r"^dropped, unverified +0$", lines, re.M)
 
