@@ -654,3 +654,12 @@ def _alive(pid: int) -> bool:
 def _parent(pid: int) -> int:
     with open(f"/proc/{pid}/stat") as f:
         return int(f.read().split(")")[-1].split()[1])
+
+
+def test_user_and_password(federation: Federation) -> None:
+    """A NATS user and password are passed through as they are."""
+    nats = federation.nats("users", "--user", "bridge", "--pass", "p@ss word")
+    a = federation.host("a", nats.url, user="bridge", password="p@ss word")
+    assert a.federation()["server"] == nats.url
+    stranger = federation.host("b", nats.url, user="bridge", password="nope", connected=False)
+    stranger.wait_state("disconnected")
