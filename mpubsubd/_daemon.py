@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import logging
 import logging.handlers
 import os
@@ -155,13 +154,18 @@ def _bridge(config: Config, log_file: Optional[str]) -> Optional[BridgeSuperviso
     federation = config.federation
     if not federation.enabled:
         return None
-    if importlib.util.find_spec("nats") is None:
+    try:
+        import nats  # noqa: F401, PLC0415  (only the bridge uses it: check it is there)
+    except ImportError:
         raise StartupError(
             "federation needs nats-py: install the federation extra, "
             "pip install 'mpubsub[federation]'"
-        )
-    if federation.creds_file and importlib.util.find_spec("nkeys") is None:
-        raise StartupError("creds_file needs the nkeys package: pip install nkeys")
+        ) from None
+    if federation.creds_file:
+        try:
+            import nkeys  # noqa: F401, PLC0415
+        except ImportError:
+            raise StartupError("creds_file needs the nkeys package: pip install nkeys") from None
     for key in ("creds_file", "tls_ca_file", "tls_cert_file", "tls_key_file"):
         path = getattr(federation, key)
         if path and not os.access(path, os.R_OK):

@@ -663,3 +663,37 @@ def test_user_and_password(federation: Federation) -> None:
     assert a.federation()["server"] == nats.url
     stranger = federation.host("b", nats.url, user="bridge", password="nope", connected=False)
     stranger.wait_state("disconnected")
+
+
+def test_missing_nats_py_is_one_line(tmp_path: Path) -> None:
+    """With [federation] set but nats-py absent, mpubsubd says which extra to install."""
+    secret = tmp_path / "secret"
+    secret.write_bytes(SECRET)
+    secret.chmod(0o600)
+    config = tmp_path / "mpubsubd.conf"
+    config.write_text(
+        f"[mpubsubd]\naddress = {tmp_path / 's'}\ncredentials = {tmp_path / 'c'}\n"
+        f"pidfile = {tmp_path / 'p'}\n[federation]\nservers = nats://127.0.0.1:1\n"
+        f"secret_file = {secret}\n"
+    )
+    code = (
+        "import sys; sys.modules['nats'] = None; from mpubsubd._main import main; "
+        f"main(['-f', '-c', {str(config)!r}])"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 1
+    assert result.stderr.splitlines()[-1] == (
+        "mpubsubd: federation needs nats-py: install the federation extra, "
+        "pip install 'mpubsub[federation]'"
+    )
+
+
+def test_killed_mpubsubd_leaves_no_bridge(federation: Federation) -> None:
+    """kill -9 of mpubsubd: its bridge sees the broker gone and exits by itself."""
+    nats = federation.nats()
+    a = federation.host("a", nats.url)
+    bridge = int(re.findall(r"federation bridge started \(pid (\d+)\)", a.output())[-1])
+    assert a.proc is not None
+    a.proc.kill()
+    a.proc.wait(10)
+    wait_for(lambda: not _alive(bridge), what="the orphaned bridge to exit")
