@@ -34,7 +34,7 @@ test-systemd: $(STAMP)
 
 # The load and fault tests at ten times the size, and longer fuzzing (minutes).
 soak: $(STAMP)
-	MPUBSUB_SOAK=1 $(PY) -m pytest --timeout=1800 tests/test_load.py tests/test_protocol.py
+	MPUBSUB_SOAK=1 $(PY) -m pytest --timeout=1800 tests/test_load.py tests/test_protocol.py tests/test_federation.py
 
 lint: $(STAMP)
 	$(PY) -m ruff check $(SOURCES)

@@ -131,3 +131,14 @@ def test_mac_is_hmac_sha256(key: bytes, topic: bytes, head: bytes, payload: byte
     lengths = struct.pack("!III", len(topic), len(head), len(payload))
     message = b"mpubsub federation 1\0" + lengths + topic + head + payload
     assert Mac(key).sign(topic, head, payload) == hmac.digest(key, message, "sha256")
+
+
+@given(st.binary(max_size=80), st.binary(max_size=200))
+def test_anything_from_nats_is_rejected_cleanly(name: bytes, body: bytes) -> None:
+    """Arbitrary subjects and bodies raise Rejected, and nothing else."""
+    verifier = Verifier(SECRET, "host-b")
+    try:
+        verifier.open(topic_of(b"mpubsub", b"mpubsub." + name), body)
+    except Rejected:
+        return
+    pytest.fail("an unsigned message was accepted")
