@@ -41,6 +41,10 @@ logger = logging.getLogger("mpubsubd.bridge")
 _READ_SIZE = 256 * 1024
 _REPORT_EVERY = 1.0  # seconds between FEDERATION frames to the broker
 _MAX_BACKLOG = 64 * 1024 * 1024  # bytes for the broker not yet written: beyond, drop
+# Bytes for NATS not yet written: beyond, drop rather than wait, so the bridge
+# always keeps up with its broker (which would cut it as a slow consumer).
+# Half of nats-py's own buffer, whose overflow would make publish() wait.
+_NATS_BACKLOG = 16 * 1024 * 1024
 
 
 class Bridge:
@@ -186,6 +190,9 @@ class Bridge:
         if nc is None or nc.is_closed:
             self._drop_out("NATS is not connected: messages for other hosts are dropped")
             return
+        if nc.pending_data_size > _NATS_BACKLOG:
+            self._drop_out("NATS is not keeping up: messages for other hosts are dropped")
+            return
         try:
             await nc.publish(self._subjects[topic], self._signer.seal(topic, frame[end:]))
         except nats.errors.MaxPayloadError:
@@ -318,7 +325,7 @@ class Bridge:
             "reconnected_cb": reconnected,
             "error_cb": error,
             "closed_cb": closed,
-            "pending_size": 16 * 1024 * 1024,
+            "pending_size": 2 * _NATS_BACKLOG,
             # Our subjects are escape()d: never white space, CR or LF (see _federation).
             "skip_subject_validation": True,
         }

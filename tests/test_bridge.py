@@ -697,3 +697,24 @@ def test_killed_mpubsubd_leaves_no_bridge(federation: Federation) -> None:
     a.proc.kill()
     a.proc.wait(10)
     wait_for(lambda: not _alive(bridge), what="the orphaned bridge to exit")
+
+
+def test_stuck_nats_stalls_nothing(
+    federation: Federation, helpers: Callable[..., subprocess.Popen[str]]
+) -> None:
+    """NATS frozen (SIGSTOP): local delivery goes on, the bridge drops instead of stalling."""
+    nats = federation.nats()
+    a = federation.host("a", nats.url)
+    count = 600  # 38 MiB: more than the socket buffers and the bridge's 16 MiB hold
+    subscriber = helpers("subscriber", a.credentials, "bulk", count)
+    assert nats.proc is not None
+    os.kill(nats.proc.pid, signal.SIGSTOP)
+    try:
+        publisher = helpers("publisher", a.credentials, "bulk", count, "p", "--size", 65536)
+        assert publisher.communicate(timeout=60)[0].strip() == f"sent {count}"
+        assert subscriber.communicate(timeout=60)[0].strip() == f"received {count} in order"
+        wait_for(lambda: a.federation()["dropped_out"] > 0, what="the bridge to drop, not wait")
+    finally:
+        os.kill(nats.proc.pid, signal.SIGCONT)
+    assert len(re.findall(r"federation bridge started", a.output())) == 1  # never cut off
+    assert "NATS is not keeping up" in a.output()
