@@ -87,6 +87,7 @@ class Broker:
         self._dirty: Set[Session] = set()
         self._bridge: Optional[Session] = None
         self._federation: Optional[Dict[str, Any]] = None
+        self._bridge_warned = -60.0
         self._count = 0
         self._stats = Counters()
         self._snapshot: Optional[Tuple[float, bytes]] = None
@@ -304,7 +305,7 @@ class Broker:
             elif kind == proto.BRIDGE:
                 self._attach_bridge(client)
             elif kind == proto.FEDERATION and client is self._bridge:
-                self._federation = _json_object(frame[5:])
+                self._federation = proto.report(frame)
             else:
                 raise ProtocolError(f"unexpected frame type {kind}")
 
@@ -350,7 +351,8 @@ class Broker:
             slow_consumers=stats.slow_consumers,
             refused=stats.refused,
             largest_buffer=max((c.out_size for c in active), default=0),
-            federation=self._federation,
+            federation=self._federation
+            and {**self._federation, "dropped_behind": stats.bridge_dropped},
         )
 
     def _subscribe(self, client: Session, topic: bytes) -> None:
@@ -425,7 +427,9 @@ class Broker:
     def _flush_dirty(self) -> None:
         dirty, self._dirty = self._dirty, set()
         for client in dirty:
-            if client.out_size > self._max_buffer:
+            if client.out_size > self._max_buffer and client is self._bridge:
+                self._shed_for_bridge(client)
+            elif client.out_size > self._max_buffer:
                 self._stats.slow_consumers += 1
                 self._drop(
                     client,
@@ -435,6 +439,22 @@ class Broker:
                 )
             elif not client.writing:
                 self._write(client)
+
+    def _shed_for_bridge(self, bridge: Session) -> None:
+        # The bridge is not cut off like a slow consumer (it would come back
+        # and fall behind again): what it cannot take is dropped for other
+        # hosts, at most once as everything else, and local delivery goes on.
+        dropped = bridge.shed(self._max_buffer // 2)
+        self._stats.bridge_dropped += dropped
+        now = time.monotonic()
+        if now - self._bridge_warned >= 10.0:
+            self._bridge_warned = now
+            logger.warning(
+                "the federation bridge is behind: dropped %d messages for other hosts so far",
+                self._stats.bridge_dropped,
+            )
+        if not bridge.writing:
+            self._write(bridge)
 
     def _write(self, client: Session) -> None:
         out = client.out
@@ -485,13 +505,3 @@ class Broker:
         if self._tmpdir is not None:
             shutil.rmtree(self._tmpdir, ignore_errors=True)
             self._tmpdir = None
-
-
-def _json_object(body: bytes) -> Dict[str, Any]:
-    try:
-        value = json.loads(body)
-    except ValueError:
-        raise ProtocolError("FEDERATION frame is not JSON") from None
-    if not isinstance(value, dict):
-        raise ProtocolError("FEDERATION frame is not a JSON object")
-    return value

@@ -156,6 +156,7 @@ _FEDERATION: List[Tuple[str, str, Callable[[Any], str]]] = [
     ("sent to other hosts", "forwarded_out", str),
     ("taken from other hosts", "forwarded_in", str),
     ("not sent (NATS down)", "dropped_out", str),
+    ("not sent (bridge behind)", "dropped_behind", str),
     ("dropped, unverified", "dropped_unverified", str),
     ("dropped, duplicates", "duplicates", str),
     ("NATS reconnections", "reconnects", str),

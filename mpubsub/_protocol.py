@@ -36,9 +36,10 @@ the topic's encoding ending in 0xFF, which lets the broker route on bytes.
 from __future__ import annotations
 
 import hmac
+import json
 import os
 import struct
-from typing import List, Tuple, Union
+from typing import Any, Dict, List, Tuple, Union
 
 from .errors import AuthenticationError, ProtocolError
 
@@ -215,6 +216,17 @@ class FrameDecoder:
                 frames.append((kind, bytes(view[pos : pos + 5 + size])))
                 pos += 5 + size
         return frames, pos
+
+
+def report(frame: bytes) -> Dict[str, Any]:
+    """The JSON object in a whole FEDERATION frame; ProtocolError if it is not one."""
+    try:
+        value = json.loads(frame[5:])
+    except ValueError:
+        raise ProtocolError("FEDERATION frame is not JSON") from None
+    if not isinstance(value, dict):
+        raise ProtocolError("FEDERATION frame is not a JSON object")
+    return value
 
 
 def hello_version(frame: bytes) -> int:

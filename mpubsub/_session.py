@@ -74,6 +74,23 @@ class Session:
         else:
             raise AuthenticationError("the client refused the broker's key")
 
+    def shed(self, limit: int) -> int:
+        """Drop the newest queued messages until at most *limit* bytes wait; how many went.
+
+        Only whole PUB frames go: the first element may be a frame partly
+        sent, and any other frame (SUB, UNSUB, PONG...) is kept in order.
+        """
+        out, kept, dropped = self.out, [], 0
+        while self.out_size > limit and len(out) > 1:
+            frame = out.pop()
+            if frame[4] == proto.PUB:
+                self.out_size -= len(frame)
+                dropped += 1
+            else:
+                kept.append(frame)
+        out.extend(reversed(kept))
+        return dropped
+
     def send_now(self, data: bytes) -> None:
         """Send a small reply at once (handshake, WELCOME)."""
         # The peer is waiting for it, so its socket buffer is empty: a short

@@ -32,6 +32,7 @@ class Counters:
     __slots__ = (
         "_last_count",
         "_last_time",
+        "bridge_dropped",
         "bytes_in",
         "bytes_out",
         "messages_in",
@@ -45,7 +46,7 @@ class Counters:
     def __init__(self) -> None:
         self.started = self._last_time = time.monotonic()
         self.messages_in = self.bytes_in = self.messages_out = self.bytes_out = 0
-        self.slow_consumers = self.refused = self._last_count = 0
+        self.slow_consumers = self.refused = self._last_count = self.bridge_dropped = 0
         self.rate = 0.0
 
     def tick(self, now: float) -> None:

@@ -718,3 +718,26 @@ def test_stuck_nats_stalls_nothing(
         os.kill(nats.proc.pid, signal.SIGCONT)
     assert len(re.findall(r"federation bridge started", a.output())) == 1  # never cut off
     assert "NATS is not keeping up" in a.output()
+
+
+def test_bridge_behind_loses_messages_not_its_place(
+    federation: Federation, helpers: Callable[..., subprocess.Popen[str]]
+) -> None:
+    """A bridge that cannot keep up (stopped) is not cut off: the broker drops for it."""
+    nats = federation.nats()
+    a = federation.host("a", nats.url)
+    bridge = int(re.findall(r"federation bridge started \(pid (\d+)\)", a.output())[-1])
+    count = 600  # 38 MiB: over the broker's 32 MiB per-client buffer
+    subscriber = helpers("subscriber", a.credentials, "bulk", count)
+    os.kill(bridge, signal.SIGSTOP)
+    try:
+        publisher = helpers("publisher", a.credentials, "bulk", count, "p", "--size", 65536)
+        assert publisher.communicate(timeout=60)[0].strip() == f"sent {count}"
+        assert subscriber.communicate(timeout=60)[0].strip() == f"received {count} in order"
+    finally:
+        os.kill(bridge, signal.SIGCONT)
+    wait_for(lambda: a.federation().get("dropped_behind", 0) > 0, what="the broker's drops")
+    assert "the federation bridge is behind: dropped" in a.output()
+    assert "slow consumer" not in a.output()
+    assert len(re.findall(r"federation bridge started", a.output())) == 1
+    a.wait_state("connected")

@@ -1,0 +1,23 @@
+"""Tests for mpubsub._session: one connection's state inside the broker."""
+
+from __future__ import annotations
+
+import socket
+
+from mpubsub import _protocol as proto
+from mpubsub._session import Session
+
+
+def test_shed_drops_newest_messages_only() -> None:
+    """shed() drops whole PUB frames from the newest, keeps the partly sent one and control."""
+    left, right = socket.socketpair()
+    with left, right:
+        session = Session(left, 1, 0.0)
+        partial = proto.pub_frame(b"a\xff", b"x" * 100)[30:]  # what a short send left
+        frames = [partial] + [proto.pub_frame(b"a\xff", b"%d" % i * 50) for i in range(6)]
+        frames.insert(3, proto.frame(proto.SUB, b"t\xff"))
+        session.out.extend(frames)
+        session.out_size = sum(map(len, frames))
+        assert session.shed(0) == 6
+        assert list(session.out) == [partial, proto.frame(proto.SUB, b"t\xff")]
+        assert session.out_size == len(partial) + 7
