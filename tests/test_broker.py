@@ -448,7 +448,8 @@ def test_one_bridge_at_a_time_and_its_figures(
         assert first.receive(1)[-1][0] == proto.PONG
         observer = connected(broker, clients)
         stats = observer.broker_statistics()
-        assert stats is not None and stats["federation"] == {"state": "connected", "n": 1}
+        assert stats is not None
+        assert stats["federation"] == {"state": "connected", "n": 1, "dropped_behind": 0}
         second = RawBridge(broker)
         with second.sock:
             second.sock.setblocking(False)
