@@ -450,6 +450,7 @@ def test_one_bridge_at_a_time_and_its_figures(
         stats = observer.broker_statistics()
         assert stats is not None
         assert stats["federation"] == {"state": "connected", "n": 1, "dropped_behind": 0}
+        assert stats["clients"] == 1  # the observer: the bridge is counted apart
         second = RawBridge(broker)
         with second.sock:
             second.sock.setblocking(False)
