@@ -235,7 +235,7 @@ class Bridge:
             except Rejected as exc:
                 self.counters["dropped_unverified"] += 1
                 where = subj[:100].decode(errors="replace")
-                self._warn(f"dropped a message from NATS on {where}: {exc}", str(exc))
+                self._warn(f"dropped an unverified message from NATS on {where}: {exc}", str(exc))
                 continue
             if self._local_only and topic.startswith(self._local_only):
                 continue
