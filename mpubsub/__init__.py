@@ -6,6 +6,8 @@ that also sends what it publishes to a ``Broker`` (``_broker.py``) and
 delivers what the broker sends it. Between them runs the wire protocol of
 ``_protocol.py``: multiprocessing's authentication, then frames whose topic
 the broker reads and whose pickled message only pub-subs unpickle.
+mpubsubd (the ``mpubsubd`` package) runs a Broker for a host and, through
+its federation bridge, joins it to other hosts' brokers over NATS.
 """
 
 from ._broker import Broker
