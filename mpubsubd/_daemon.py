@@ -33,7 +33,9 @@ def run_foreground(config: Config) -> None:
     use_handler(stderr_handler(), config.log_level)
     import daemon.pidfile  # noqa: PLC0415  (checked by the caller: a clear error if missing)
 
-    check_pidfile(config.pidfile)
+    stale = check_pidfile(config.pidfile)
+    if stale:
+        logger.warning("%s", stale)
     pidfile = daemon.pidfile.TimeoutPIDLockFile(config.pidfile, 0)
     _make_dirs(config, log_dir=False)
     _acquire(pidfile, config.pidfile)
@@ -45,7 +47,7 @@ def run_foreground(config: Config) -> None:
 
 def run_daemon(config: Config) -> None:
     """Fork a classic daemon; return once it serves, or raise StartupError saying why not."""
-    check_pidfile(config.pidfile)
+    stale = check_pidfile(config.pidfile)
     _make_dirs(config, log_dir=True)
     handler = log_file_handler(config.log_file)
     read_end, write_end = os.pipe()
@@ -54,7 +56,7 @@ def run_daemon(config: Config) -> None:
         os.close(read_end)
         code = 1
         try:
-            code = _daemon_child(config, handler, write_end)
+            code = _daemon_child(config, handler, write_end, stale)
         finally:
             os._exit(code)
     os.close(write_end)
@@ -66,7 +68,7 @@ def run_daemon(config: Config) -> None:
         raise StartupError(report.removeprefix("ERROR ") or "the daemon exited before it was ready")
 
 
-def _daemon_child(config: Config, handler: logging.Handler, pipe: int) -> int:
+def _daemon_child(config: Config, handler: logging.Handler, pipe: int, stale: Optional[str]) -> int:
     launcher = _Launcher(pipe)
     import daemon  # noqa: PLC0415
     import daemon.pidfile  # noqa: PLC0415
@@ -87,6 +89,8 @@ def _daemon_child(config: Config, handler: logging.Handler, pipe: int) -> int:
         launcher.tell(f"ERROR cannot lock pidfile {config.pidfile}: {_reason(exc)}")
         return 1
     use_handler(handler, config.log_level)
+    if stale:  # said here, in the daemon's log, not on the launcher's terminal
+        logger.warning("%s", stale)
     try:
         _serve(config, ready=lambda: launcher.tell("READY"), reopen=handler)
     except (StartupError, ConfigError) as exc:
@@ -174,19 +178,22 @@ def _bridge(config: Config, log_file: Optional[str]) -> Optional[BridgeSuperviso
     return BridgeSupervisor(config, secret, log_file=log_file)
 
 
-def check_pidfile(path: str) -> None:
-    """Refuse to start beside a live mpubsubd; remove the pidfile of a dead one."""
+def check_pidfile(path: str) -> Optional[str]:
+    """Refuse to start beside a live mpubsubd; remove the pidfile of a dead one.
+
+    Returns what to log when a stale pidfile was removed, else None.
+    """
     try:
         with open(path, encoding="ascii", errors="replace") as f:
             text = f.read(64).strip()
     except FileNotFoundError:
-        return
+        return None
     except OSError as exc:
         raise StartupError(f"cannot read pidfile {path}: {_reason(exc)}") from None
     if text.isdigit() and _is_mpubsubd(int(text)):
         raise StartupError(f"mpubsubd is already running (pid {text}, pidfile {path})")
     os.unlink(path)
-    logger.warning("removed stale pidfile %s (pid %s is not running)", path, text or "?")
+    return f"removed stale pidfile {path} (pid {text or '?'} is not running)"
 
 
 def _is_mpubsubd(pid: int) -> bool:

@@ -185,7 +185,12 @@ def test_recovers_after_kill_9(mpubsubd: Daemon) -> None:
     mpubsubd.started()
     old = mpubsubd.signal(signal.SIGKILL)
     assert mpubsubd.pidfile.exists() and mpubsubd.socket.exists()
-    assert mpubsubd.started() != old
+    result = mpubsubd.launch()
+    assert result.returncode == 0 and result.stderr == ""  # the daemon's log says it
+    assert mpubsubd.pid() != old
+    assert f"removed stale pidfile {mpubsubd.pidfile} (pid {old} is not running)" in (
+        mpubsubd.log.read_text()
+    )
     exchange(mpubsubd.credentials)
 
 
