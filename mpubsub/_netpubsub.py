@@ -23,7 +23,7 @@ from ._connect import connect_socket, handshake
 from ._credentials import read_credentials
 from ._memo import Memo
 from ._pubsub import ErrorHandler, PubSub, as_topic
-from .errors import MPubSubError, ProtocolError
+from .errors import AuthenticationError, MPubSubError, ProtocolError
 from .typing import Subscriber, Topic
 
 logger = logging.getLogger("mpubsub.net")
@@ -224,7 +224,9 @@ class NetPubSub(PubSub):
             return False
         try:
             self._open()
-        except (OSError, MPubSubError, ValueError) as exc:
+        except (OSError, MPubSubError, AuthenticationError, ValueError) as exc:
+            # A wrong key too: a restarted broker listens before it writes
+            # its new key to the credentials file, read again next time.
             self._backoff = min(self._backoff * 2, _BACKOFF_MAX)
             self._next_attempt = time.monotonic() + self._backoff * random.uniform(0.5, 1.0)
             logger.debug("reconnection failed: %s", exc)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import pickle
 import selectors
@@ -14,7 +15,8 @@ import pytest
 import mpubsub
 import mpubsub.broker
 import mpubsub.net
-from mpubsub import AuthenticationError, CredentialsError, NetPubSub
+from mpubsub import AuthenticationError, Broker, CredentialsError, NetPubSub
+from mpubsub._credentials import write_credentials
 from mpubsub.errors import MPubSubError
 
 from .conftest import BrokerProcess, wait_for
@@ -357,3 +359,42 @@ def test_broadcast_goes_only_where_someone_listens(connect: Callable[..., NetPub
         return int(after["messages_out"] - before["messages_out"])
 
     wait_for(lambda: deliveries() == 1, what="one delivery counted: sub only, not idle")
+
+
+def test_reconnect_survives_the_key_changing_under_it(
+    broker_factory: Callable[..., BrokerProcess], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A new broker listens before its credentials file says its key: clients retry, not raise."""
+    address = str(tmp_path / "k.sock")
+    first = broker_factory(address, name="keys")
+    pub = NetPubSub.from_file(first.credentials)
+    with pub:
+        first.kill()
+        pub.poll(0.1)  # notices the loss
+        second = Broker(address, b"the new key")  # listening; the file still holds the old key
+        thread = threading.Thread(target=second.start)
+        thread.start()
+        try:
+
+            def refused() -> bool:
+                pub.publish("t", n=0)  # may try to reconnect, with the old key: must not raise
+                return "authentication failed" in caplog.text
+
+            with caplog.at_level(logging.WARNING, logger="mpubsub.broker"):
+                wait_for(refused, what="a reconnection with the old key")
+            write_credentials(first.credentials, address, b"the new key", overwrite=True)
+            sub = NetPubSub(address, b"the new key")
+            got: Received = []
+            sub.add_subscriber("t", collect(got), weak=False)
+            with sub:
+                sub.flush()
+
+                def resumed() -> bool:
+                    pub.publish("t", n=1)
+                    sub.poll(0.05)
+                    return bool(got)
+
+                wait_for(resumed, what="the client to reconnect with the new key")
+        finally:
+            second.stop()
+            thread.join(10)
