@@ -244,7 +244,8 @@ class Broker:
             self._unsubscribe(client, topic)
         client.out.clear()
         if client is self._bridge:
-            logger.warning("the federation bridge is gone")
+            if not self._stopping:
+                logger.warning("the federation bridge is gone")
             self._bridge = None
             self._routes.clear()
             if self._federation is not None:  # its last figures, and why they stopped

@@ -153,13 +153,13 @@ _FEDERATION: List[Tuple[str, str, Callable[[Any], str]]] = [
     ("this host", "name", str),
     ("NATS server", "server", lambda v: v or "-"),
     ("NATS subscriptions", "nats_subscriptions", str),
-    ("sent to other hosts", "forwarded_out", str),
-    ("taken from other hosts", "forwarded_in", str),
-    ("not sent (NATS down)", "dropped_out", str),
-    ("not sent (bridge behind)", "dropped_behind", str),
+    ("forwarded to other hosts", "forwarded_out", str),
+    ("forwarded from other hosts", "forwarded_in", str),
+    ("not forwarded (NATS down, slow)", "dropped_out", str),
+    ("not forwarded (bridge behind)", "dropped_behind", str),
     ("dropped, unverified", "dropped_unverified", str),
     ("dropped, duplicates", "duplicates", str),
-    ("NATS reconnections", "reconnects", str),
+    ("reconnects to NATS", "reconnects", str),
 ]
 
 
