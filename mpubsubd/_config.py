@@ -245,13 +245,20 @@ _CHECKS: Dict[str, Callable[[str], Any]] = {
 
 
 def read_authkey(path: str, key: str = "authkey_file") -> bytes:
-    """The secret in *path* (for the setting *key*): non-empty, readable by its owner only."""
+    """The secret in *path* (for the setting *key*): non-empty, owned by the user running
+    mpubsubd (root, as a service) and readable by it only."""
     try:
         with open(path, "rb") as f:
-            mode = os.fstat(f.fileno()).st_mode
+            info = os.fstat(f.fileno())
             secret = f.read(4096)
     except OSError as exc:
         raise ConfigError(f"{key}: cannot read {path}: {exc.strerror}") from None
+    mode = info.st_mode
+    if info.st_uid != os.geteuid():
+        raise ConfigError(
+            f"{key}: {path} must belong to the user running mpubsubd (uid {os.geteuid()}), "
+            f"not uid {info.st_uid}"
+        )
     if mode & (stat.S_IRWXG | stat.S_IRWXO):
         raise ConfigError(
             f"{key}: {path} must be readable by its owner only "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -134,3 +135,15 @@ def test_unknown_section(tmp_path: Path) -> None:
     path.write_text("[mpubsubd]\n[federaton]\nservers = nats://h:4222\n")
     with pytest.raises(ConfigError, match=r"unknown section \[federaton\]$"):
         load(str(path))
+
+
+def test_secret_must_be_ours(tmp_path: Path) -> None:
+    """A key file another user owns is refused, even at mode 0600: that user could read it."""
+    key = tmp_path / "secret"
+    key.write_bytes(b"0123456789abcdef")
+    key.chmod(0o600)
+    if os.geteuid() != 0:
+        pytest.skip("needs root to give the file away")
+    os.chown(key, 65534, -1)  # nobody
+    with pytest.raises(ConfigError, match=r"^secret_file: .* must belong to the user running"):
+        read_authkey(str(key), "secret_file")
