@@ -49,6 +49,8 @@ def test_escaping_examples() -> None:
     assert subject("p", enc("sensors", "room-1")) == "p.sensors.room-1"
     assert subject("p", enc("a.b", "*", ">", "", "_", "é")) == "p.a_2Eb._2A._3E._._5F._C3_A9"
     assert subject("org.p", b"") == "org.p"
+    assert subject("org.p", enc("a")) == "org.p.a"  # a prefix of several tokens
+    assert topic_of(b"org.p", b"org.p.a") == enc("a") and topic_of(b"org.p", b"org.p") == b""
     assert escape(b"x y") == "x_20y"
 
 
