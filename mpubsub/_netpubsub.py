@@ -42,6 +42,9 @@ _BURST_WINDOW = 0.0001
 # Batched bytes past which publish sends them itself (and so blocks while
 # the broker does not read: backpressure).
 _BATCH_LIMIT = 1024 * 1024
+# A payload this large goes out on its own, header and payload gathered by
+# sendmsg: copying it into a frame and a batch costs more than a syscall.
+_LARGE = 32 * 1024
 _BACKOFF_MIN, _BACKOFF_MAX = 0.05, 5.0
 
 _PING = proto.frame(proto.PING, b"")
@@ -294,7 +297,10 @@ class NetPubSub(PubSub):
                     f"message of {size} bytes exceeds the broker's limit of "
                     f"{self._max_message} bytes"
                 )
-            self._send(proto.pub_frame(encoded, payload))
+            if len(payload) >= _LARGE:
+                self._send_large(proto.pub_head(encoded, len(payload)), payload)
+            else:
+                self._send(proto.pub_frame(encoded, payload))
         PubSub.publish(self, topic, **message)
 
     def _send(self, frame: bytes) -> None:
@@ -322,6 +328,16 @@ class NetPubSub(PubSub):
                 return
             if sent != len(frame) and not self._write(frame[sent:]):
                 self._enqueue(frame)
+
+    def _send_large(self, head: bytes, payload: bytes) -> None:
+        with self._io:
+            if self._sock is None:
+                self._send(head + payload)
+                return
+            if self._pending:  # what was published before goes first
+                self._write_pending()
+            if not self._write(head, payload):
+                self._enqueue(head + payload)
 
     def _batch(self, frame: bytes) -> None:
         self._pending.append(frame)
@@ -357,18 +373,22 @@ class NetPubSub(PubSub):
             self._dropped += 1
         self._queue.append(frame)
 
-    def _write(self, data: bytes) -> bool:
-        """Send all of *data*, reading what arrives meanwhile; False if the connection broke.
+    def _write(self, *parts: bytes) -> bool:
+        """Send all of *parts*, reading what arrives meanwhile; False if the connection broke.
 
         Called with the lock held. Blocks only while the broker does not read.
         """
         sock = self._sock
-        view = memoryview(data)
-        while view:
+        views = [memoryview(part) for part in parts]
+        while views:
             if sock is None:
                 return False
             try:
-                view = view[sock.send(view) :]
+                sent = sock.sendmsg(views) if len(views) > 1 else sock.send(views[0])
+                while views and sent >= len(views[0]):
+                    sent -= len(views.pop(0))
+                if sent:
+                    views[0] = views[0][sent:]
             except (BlockingIOError, InterruptedError):
                 readable, _, _ = select.select([sock], [sock], [], self._timeout)
                 if readable:

@@ -150,7 +150,12 @@ def frame(kind: int, body: bytes) -> bytes:
 
 def pub_frame(topic: bytes, payload: bytes) -> bytes:
     """A PUB frame for an encoded topic and a pickled message."""
-    return PUB_HEADER.pack(4 + len(topic) + len(payload), PUB, len(topic)) + topic + payload
+    return pub_head(topic, len(payload)) + payload
+
+
+def pub_head(topic: bytes, size: int) -> bytes:
+    """What precedes a payload of *size* bytes in a PUB frame (to send them apart)."""
+    return PUB_HEADER.pack(4 + len(topic) + size, PUB, len(topic)) + topic
 
 
 def pub_topic_end(frame: bytes) -> int:

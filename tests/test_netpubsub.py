@@ -398,3 +398,17 @@ def test_reconnect_survives_the_key_changing_under_it(
         finally:
             second.stop()
             thread.join(10)
+
+
+def test_large_and_small_messages_keep_their_order(connect: Callable[..., NetPubSub]) -> None:
+    """Large payloads go out on their own (gathered, not copied), after what was batched."""
+    pub, sub = connect(), connect()
+    got: Received = []
+    sub.add_subscriber("mixed", collect(got), weak=False)
+    sub.flush()
+    count = 300
+    for seq in range(count):  # a burst: small ones batch, every third is large
+        pub.publish("mixed", seq=seq, blob=b"x" * (40_000 if seq % 3 == 0 else 100))
+    poll_until(sub, lambda: len(got) == count)
+    assert [m["seq"] for _, m in got] == list(range(count))
+    assert all(len(m["blob"]) == (40_000 if m["seq"] % 3 == 0 else 100) for _, m in got)
