@@ -146,71 +146,67 @@ class Bench:
         if args[0] == "rtt":
             return "200" if self.quick else "1000"
         size = int(args[args.index("--size") + 1]) if "--size" in args else 64
-        full = min(15_000, 20_000_000 // size)  # at most 20 MB per run
+        full = min(10_000, 20_000_000 // size)  # at most 20 MB per run
         return "500" if self.quick else str(full)
 
     def measure(self) -> None:
         for _ in range(self.rounds):
-            for system, name in LOCAL_SYSTEMS.items():
-                if system in self.pythons:
-                    number = "2000" if self.quick else "50000"
-                    result = run_json(
-                        self.pythons[system],
-                        "local_publish.py",
-                        "--system",
-                        name,
-                        "--number",
-                        number,
-                        "--repeat",
-                        "3",
-                    )
-                    for key, value in result.items():
-                        self.add(system, f"local:{key}", value)
-            scenarios = {" ".join(args): args for _, args, _, _, _ in REMOTE}
-            for args in scenarios.values():
-                for system, name in self.remote.items():
-                    result = run_json(
-                        self.pythons[system],
-                        "remote.py",
-                        "--system",
-                        name,
-                        "--scenario",
-                        args[0],
-                        "--count",
-                        self.count(args),
-                        *args[1:],
-                    )
-                    for key, value in result.items():
-                        self.add(system, f"{' '.join(args)}:{key}", value)
-            for args in ({a[0]: a for _, a, _, _, _ in ACROSS_HOSTS}).values():
-                for system, name in ACROSS.items():
-                    result = run_json(
-                        self.pythons[THIS],
-                        "federation.py",
-                        "--system",
-                        name,
-                        "--scenario",
-                        args[0],
-                        "--count",
-                        self.count(args),
-                    )
-                    for key, value in result.items():
-                        self.add(system, f"across {args[0]}:{key}", value)
-            for subscribers in SCALE[:2] if self.quick else SCALE:
-                result = run_json(
-                    self.pythons[THIS],
-                    "remote.py",
-                    "--system",
-                    "this",
-                    "--scenario",
-                    "scale",
-                    "--subscribers",
-                    str(subscribers),
-                    "--count",
-                    "20" if self.quick else "100",
+            self.measure_local()
+            self.measure_remote()
+            self.measure_across_hosts()
+        self.measure_scale()  # one round: a table of this project alone, not a comparison
+
+    def record(self, system: str, prefix: str, python: Path, *args: str) -> None:
+        """Run a benchmark script; file each figure it prints under *prefix*."""
+        for key, value in run_json(python, *args).items():
+            self.add(system, f"{prefix}{key}", value)
+
+    def measure_local(self) -> None:
+        number = "2000" if self.quick else "50000"
+        for system, name in LOCAL_SYSTEMS.items():
+            if system in self.pythons:
+                self.record(
+                    system,
+                    "local:",
+                    self.pythons[system],
+                    "local_publish.py",
+                    *("--system", name, "--number", number, "--repeat", "3"),
                 )
-                for key, value in result.items():
-                    self.add(THIS, f"scale {subscribers}:{key}", value)
+
+    def measure_remote(self) -> None:
+        scenarios = {" ".join(args): args for _, args, _, _, _ in REMOTE}
+        for args in scenarios.values():
+            for system, name in self.remote.items():
+                self.record(
+                    system,
+                    f"{' '.join(args)}:",
+                    self.pythons[system],
+                    "remote.py",
+                    *("--system", name, "--scenario", args[0], "--count", self.count(args)),
+                    *args[1:],
+                )
+
+    def measure_across_hosts(self) -> None:
+        for args in ({a[0]: a for _, a, _, _, _ in ACROSS_HOSTS}).values():
+            for system, name in ACROSS.items():
+                self.record(
+                    system,
+                    f"across {args[0]}:",
+                    self.pythons[THIS],
+                    "federation.py",
+                    *("--system", name, "--scenario", args[0], "--count", self.count(args)),
+                )
+
+    def measure_scale(self) -> None:
+        for subscribers in SCALE[:2] if self.quick else SCALE:
+            self.record(
+                THIS,
+                f"scale {subscribers}:",
+                self.pythons[THIS],
+                "remote.py",
+                *("--system", "this", "--scenario", "scale", "--subscribers", str(subscribers)),
+                *("--count", "20" if self.quick else "100"),
+            )
 
     def report(self) -> str:
         date = datetime.date.today().isoformat()
@@ -261,7 +257,7 @@ class Bench:
                 against = ratio(value, self.median(NATS_PY, full))
                 lines.append(f"| {title} | {system} | {value:,.0f} {unit} | {against} |")
         count = "20" if self.quick else "100"
-        lines += ["", f"## Scale: one publisher, {count} messages paced 5 ms apart", ""]
+        lines += ["", f"## Scale: one publisher, {count} messages paced 5 ms apart (one round)", ""]
         lines += [
             "| subscribers | broker CPU per message | latency p50 | latency p99 |",
             "|---:|---:|---:|---:|",
