@@ -115,6 +115,11 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}"
 
 
+def scenario(script: str, args: List[str]) -> str:
+    """Where the figures of one scenario are filed: its script and arguments."""
+    return f"{script} {' '.join(args)}:"
+
+
 def ratio(value: Optional[float], base: Optional[float]) -> str:
     return f"{value / base:.2f}x" if value and base else "-"
 
@@ -124,7 +129,7 @@ class Bench:
         self.quick = quick
         self.rounds = 1 if quick else rounds
         this = Path(sys.executable)
-        self.pythons = {THIS: this}
+        self.pythons = {THIS: this, FEDERATED: this, NATS_PY: this}
         self.remote = {THIS: "this"}
         if not quick:
             peers = peers_python()
@@ -152,8 +157,8 @@ class Bench:
     def measure(self) -> None:
         for _ in range(self.rounds):
             self.measure_local()
-            self.measure_remote()
-            self.measure_across_hosts()
+            self.measure_scenarios(REMOTE, self.remote, "remote.py")
+            self.measure_scenarios(ACROSS_HOSTS, ACROSS, "federation.py")
         self.measure_scale()  # one round: a table of this project alone, not a comparison
 
     def record(self, system: str, prefix: str, python: Path, *args: str) -> None:
@@ -173,28 +178,17 @@ class Bench:
                     *("--system", name, "--number", number, "--repeat", "3"),
                 )
 
-    def measure_remote(self) -> None:
-        scenarios = {" ".join(args): args for _, args, _, _, _ in REMOTE}
-        for args in scenarios.values():
-            for system, name in self.remote.items():
+    def measure_scenarios(self, table: List[Remote], systems: Dict[str, str], script: str) -> None:
+        """Each distinct scenario of *table* once per system, with *script*."""
+        for args in {" ".join(args): args for _, args, *_ in table}.values():
+            for system, name in systems.items():
                 self.record(
                     system,
-                    f"{' '.join(args)}:",
+                    scenario(script, args),
                     self.pythons[system],
-                    "remote.py",
+                    script,
                     *("--system", name, "--scenario", args[0], "--count", self.count(args)),
                     *args[1:],
-                )
-
-    def measure_across_hosts(self) -> None:
-        for args in ({a[0]: a for _, a, _, _, _ in ACROSS_HOSTS}).values():
-            for system, name in ACROSS.items():
-                self.record(
-                    system,
-                    f"across {args[0]}:",
-                    self.pythons[THIS],
-                    "federation.py",
-                    *("--system", name, "--scenario", args[0], "--count", self.count(args)),
                 )
 
     def measure_scale(self) -> None:
@@ -230,10 +224,10 @@ class Bench:
             "|---|---|---:|---:|---:|",
         ]
         for title, args, key, unit, _higher in REMOTE:
-            full = f"{' '.join(args)}:{key}"
+            full = scenario("remote.py", args) + key
             for system in self.remote:
                 value = self.median(system, full)
-                lost = self.median(system, f"{' '.join(args)}:lost")
+                lost = self.median(system, scenario("remote.py", args) + "lost")
                 shown = "stalled" if not value else f"{value:,.0f} {unit}"
                 if lost:
                     shown += f" ({lost:,.0f} lost)"
@@ -249,7 +243,7 @@ class Bench:
             "|---|---|---:|---:|",
         ]
         for title, args, key, unit, _higher in ACROSS_HOSTS:
-            full = f"across {args[0]}:{key}"
+            full = scenario("federation.py", args) + key
             for system in ACROSS:
                 value = self.median(system, full)
                 if value is None:
@@ -290,26 +284,18 @@ class Bench:
                     },
                 }
             )
-        for title, args, key, unit, higher in REMOTE:
-            full = f"{' '.join(args)}:{key}"
-            data["panels"].append(
-                {
-                    "title": title,
-                    "unit": unit,
-                    "higher": higher,
-                    "bars": {s: self.median(s, full) for s in self.remote},
-                }
-            )
-        for title, args, key, unit, higher in ACROSS_HOSTS:
-            full = f"across {args[0]}:{key}"
-            data["panels"].append(
-                {
-                    "title": title,
-                    "unit": unit,
-                    "higher": higher,
-                    "bars": {s: self.median(s, full) for s in ACROSS},
-                }
-            )
+        tables = ((REMOTE, self.remote, "remote.py"), (ACROSS_HOSTS, ACROSS, "federation.py"))
+        for table, systems, script in tables:
+            for title, args, key, unit, higher in table:
+                full = scenario(script, args) + key
+                data["panels"].append(
+                    {
+                        "title": title,
+                        "unit": unit,
+                        "higher": higher,
+                        "bars": {s: self.median(s, full) for s in systems},
+                    }
+                )
         spec = RESULTS / "latest.json"
         spec.write_text(json.dumps(data, indent=1))
         subprocess.run(

@@ -246,10 +246,8 @@ class Broker:
         if client is self._bridge:
             if not self._stopping:
                 logger.warning("the federation bridge is gone")
-            self._bridge = None
+            self._bridge = None  # its last report stays: statistics() says why it stopped
             self._routes.clear()
-            if self._federation is not None:  # its last figures, and why they stopped
-                self._federation = {**self._federation, "state": "bridge not running"}
 
     def _expire_handshakes(self, now: float) -> None:
         late = [c for c in self._clients.values() if c.state != _ACTIVE and c.deadline <= now]
@@ -352,9 +350,17 @@ class Broker:
             slow_consumers=stats.slow_consumers,
             refused=stats.refused,
             largest_buffer=max((c.out_size for c in active), default=0),
-            federation=self._federation
-            and {**self._federation, "dropped_behind": stats.bridge_dropped},
+            federation=self._federation_figures(),
         )
+
+    def _federation_figures(self) -> Optional[Dict[str, Any]]:
+        """The bridge's last report, with what the broker dropped for it; None if never one."""
+        if self._federation is None:
+            return None
+        figures = {**self._federation, "dropped_behind": self._stats.bridge_dropped}
+        if self._bridge is None:
+            figures["state"] = "bridge not running"
+        return figures
 
     def _subscribe(self, client: Session, topic: bytes) -> None:
         proto.decode_topic(topic)
@@ -428,17 +434,18 @@ class Broker:
     def _flush_dirty(self) -> None:
         dirty, self._dirty = self._dirty, set()
         for client in dirty:
-            if client.out_size > self._max_buffer and client is self._bridge:
+            if client.out_size > self._max_buffer:
+                if client is not self._bridge:
+                    self._stats.slow_consumers += 1
+                    self._drop(
+                        client,
+                        logging.WARNING,
+                        f"slow consumer: {client.out_size} bytes waiting, "
+                        f"over the limit of {self._max_buffer}",
+                    )
+                    continue
                 self._shed_for_bridge(client)
-            elif client.out_size > self._max_buffer:
-                self._stats.slow_consumers += 1
-                self._drop(
-                    client,
-                    logging.WARNING,
-                    f"slow consumer: {client.out_size} bytes waiting, "
-                    f"over the limit of {self._max_buffer}",
-                )
-            elif not client.writing:
+            if not client.writing:
                 self._write(client)
 
     def _shed_for_bridge(self, bridge: Session) -> None:
@@ -454,8 +461,6 @@ class Broker:
                 "the federation bridge is behind: dropped %d messages for other hosts so far",
                 self._stats.bridge_dropped,
             )
-        if not bridge.writing:
-            self._write(bridge)
 
     def _write(self, client: Session) -> None:
         out = client.out

@@ -298,20 +298,28 @@ class NetPubSub(PubSub):
                     f"{self._max_message} bytes"
                 )
             if len(payload) >= _LARGE:
-                self._send_large(proto.pub_head(encoded, len(payload)), payload)
+                self._send(proto.pub_head(encoded, len(payload)), payload)
             else:
                 self._send(proto.pub_frame(encoded, payload))
         PubSub.publish(self, topic, **message)
 
-    def _send(self, frame: bytes) -> None:
+    def _send(self, *parts: bytes) -> None:
+        """Send one frame: whole, or as head and payload (a large one, never copied whole)."""
         with self._io:
             sock = self._sock
             if sock is None:
+                frame = b"".join(parts)
                 if not (
                     self._state is _RECONNECTING and self._try_reconnect() and self._write(frame)
                 ):
                     self._enqueue(frame)
                 return
+            if len(parts) > 1:  # large: after what was batched, gathered by one sendmsg
+                self._write_pending()
+                if not self._write(*parts):
+                    self._enqueue(b"".join(parts))
+                return
+            (frame,) = parts
             now = time.monotonic()
             burst = now - self._last_send < _BURST_WINDOW
             self._last_send = now
@@ -328,16 +336,6 @@ class NetPubSub(PubSub):
                 return
             if sent != len(frame) and not self._write(frame[sent:]):
                 self._enqueue(frame)
-
-    def _send_large(self, head: bytes, payload: bytes) -> None:
-        with self._io:
-            if self._sock is None:
-                self._send(head + payload)
-                return
-            if self._pending:  # what was published before goes first
-                self._write_pending()
-            if not self._write(head, payload):
-                self._enqueue(head + payload)
 
     def _batch(self, frame: bytes) -> None:
         self._pending.append(frame)

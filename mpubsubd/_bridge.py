@@ -34,6 +34,7 @@ from mpubsub._credentials import read_credentials
 from mpubsub._memo import Memo
 
 from ._config import FederationConfig
+from ._daemon import log_file_handler, reason, stderr_handler, use_handler
 from ._federation import Duplicate, Rejected, Signer, Verifier, interest, subject, topic_of
 
 logger = logging.getLogger("mpubsubd.bridge")
@@ -59,13 +60,13 @@ class Bridge:
         self._verifier = Verifier(secret, config.host_name)
         self._subjects: Memo[bytes, str] = Memo(lambda topic: subject(self._prefix, topic))
         prefix = self._prefix.encode()
-        self._topics_of: Memo[bytes, bytes] = Memo(lambda subj: topic_of(prefix, subj))
+        self._topics_of: Memo[str, bytes] = Memo(lambda subj: topic_of(prefix, subj.encode()))
         self._topics: Set[bytes] = set()  # what this host's subscribers want
         self._nats_subs: Dict[str, Subscription] = {}
         self._nc: Optional[Client] = None
         self._writer: Optional[asyncio.StreamWriter] = None
         self._max_message = 0
-        self._inbox: List[Tuple[bytes, bytes]] = []  # (subject, body) from NATS, this round
+        self._inbox: List[Tuple[str, bytes]] = []  # (subject, body) from NATS, this round
         self._resync = asyncio.Event()
         self._stopping = asyncio.Event()
         self._warned: Dict[str, float] = {}
@@ -220,7 +221,7 @@ class Bridge:
         # into each origin's order, once every subscription had its share.
         if not self._inbox:
             asyncio.get_running_loop().call_soon(self._deliver)
-        self._inbox.append((msg.subject.encode(), msg.data))
+        self._inbox.append((msg.subject, msg.data))
 
     def _deliver(self) -> None:
         inbox, self._inbox = self._inbox, []
@@ -234,7 +235,7 @@ class Bridge:
                 continue
             except Rejected as exc:
                 self.counters["dropped_unverified"] += 1
-                where = subj[:100].decode(errors="replace")
+                where = subj[:100]
                 self._warn(f"dropped an unverified message from NATS on {where}: {exc}", str(exc))
                 continue
             if self._local_only and topic.startswith(self._local_only):
@@ -267,22 +268,9 @@ class Bridge:
     # --- the NATS connection ---------------------------------------------------------------
 
     async def _connect_nats(self) -> None:
-        options = self._nats_options()
-        delay = 0.25
-        while True:
-            try:
-                self._nc = await nats.connect(**options)
-                break
-            except (nats.errors.Error, OSError, asyncio.TimeoutError) as exc:
-                if self.state != "disconnected":
-                    self._set_state("disconnected", "")
-                    logger.warning(
-                        "cannot reach NATS at %s (%s); retrying",
-                        self._config.servers,
-                        _describe(exc),
-                    )
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
+        # With max_reconnect_attempts=-1, nats-py retries the first connection
+        # too, for ever; it reports each failure to error() below.
+        self._nc = await nats.connect(**self._nats_options())
         self._set_state("connected", self._url())
         logger.info("connected to NATS at %s", self.server)
         self._resync.set()
@@ -301,14 +289,13 @@ class Bridge:
             logger.info("reconnected to NATS at %s", self.server)
 
         async def error(exc: Exception) -> None:
-            # nats-py retries the first connection by itself, telling only this.
             if self._nc is None and self.state != "disconnected":
                 self._set_state("disconnected", "")
                 logger.warning(
-                    "cannot reach NATS at %s (%s); retrying", config.servers, _describe(exc)
+                    "cannot reach NATS at %s (%s); retrying", config.servers, reason(exc)
                 )
             else:
-                logger.debug("NATS: %s", _describe(exc))
+                logger.debug("NATS: %s", reason(exc))
 
         async def closed() -> None:
             self._set_state("closed", "")
@@ -370,13 +357,9 @@ class Bridge:
                 await nc.flush(5)  # the server has them: report it
                 self._send_local(self._report_frame())
             except (nats.errors.Error, asyncio.TimeoutError) as exc:
-                logger.warning("cannot update NATS subscriptions (%s); retrying", _describe(exc))
+                logger.warning("cannot update NATS subscriptions (%s); retrying", reason(exc))
                 await asyncio.sleep(1.0)
                 self._resync.set()
-
-
-def _describe(exc: BaseException) -> str:
-    return str(exc) or type(exc).__name__
 
 
 def main() -> None:
@@ -398,15 +381,13 @@ def main() -> None:
     try:
         code = asyncio.run(serve())
     except Exception as exc:
-        logger.error("bridge failed: %s", _describe(exc))
+        logger.error("bridge failed: %s", reason(exc))
         code = 1
     logger.info("bridge stopped")
     sys.exit(code)
 
 
 def _log_to(log_file: Optional[str], level: str) -> None:
-    from ._daemon import log_file_handler, stderr_handler, use_handler  # noqa: PLC0415
-
     handler = log_file_handler(log_file) if log_file else stderr_handler()
     use_handler(handler, level)
 

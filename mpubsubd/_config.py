@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Dict, Optional, Tuple
 
 from mpubsub._broker import DEFAULT_MAX_BUFFER
+from mpubsub._cli import parse_topic
 from mpubsub._credentials import Address, parse_address
 from mpubsub._protocol import DEFAULT_MAX_MESSAGE
 
@@ -58,7 +59,7 @@ class FederationConfig:
     @property
     def local_only_topics(self) -> Tuple[Tuple[str, ...], ...]:
         """The topic prefixes that never leave this host."""
-        return tuple(_topic(t) for t in self.local_only.split(",") if t.strip())
+        return tuple(parse_topic(t.strip()) for t in self.local_only.split(",") if t.strip())
 
 
 @dataclass(frozen=True)
@@ -208,15 +209,10 @@ def _name(value: str) -> str:
     return value
 
 
-def _topic(text: str) -> Tuple[str, ...]:
-    """``a/b`` is the topic ``('a', 'b')``, as the mpubsub command writes topics."""
-    text = text.strip().strip("/")
-    return tuple(text.split("/")) if text else ()
-
-
 def _local_only(value: str) -> str:
+    # Topics are written as the mpubsub command writes them: a/b is ('a', 'b').
     for text in value.split(","):
-        if text.strip() and not _topic(text):
+        if text.strip() and not parse_topic(text.strip()):
             raise ValueError("'/' would keep every topic on this host: leave servers empty instead")
     return value
 

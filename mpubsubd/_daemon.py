@@ -86,7 +86,7 @@ def _daemon_child(config: Config, handler: logging.Handler, pipe: int, stale: Op
     try:
         context.open()
     except Exception as exc:  # lockfile's AlreadyLocked, an unusable directory...
-        launcher.tell(f"ERROR cannot lock pidfile {config.pidfile}: {_reason(exc)}")
+        launcher.tell(f"ERROR cannot lock pidfile {config.pidfile}: {reason(exc)}")
         return 1
     use_handler(handler, config.log_level)
     if stale:  # said here, in the daemon's log, not on the launcher's terminal
@@ -118,7 +118,7 @@ def _serve(config: Config, ready: Callable[[], object], reopen: Optional[logging
             max_buffer=config.max_buffer,
         )
     except OSError as exc:
-        raise StartupError(f"cannot listen on {config.address}: {_reason(exc)}") from None
+        raise StartupError(f"cannot listen on {config.address}: {reason(exc)}") from None
     try:
         _secure_socket(broker, config.gid)
         write_credentials(
@@ -126,7 +126,7 @@ def _serve(config: Config, ready: Callable[[], object], reopen: Optional[logging
         )
     except OSError as exc:
         broker.close()
-        raise StartupError(f"cannot write {config.credentials}: {_reason(exc)}") from None
+        raise StartupError(f"cannot write {config.credentials}: {reason(exc)}") from None
 
     def on_hangup() -> None:
         sd_notify("RELOADING=1")
@@ -189,7 +189,7 @@ def check_pidfile(path: str) -> Optional[str]:
     except FileNotFoundError:
         return None
     except OSError as exc:
-        raise StartupError(f"cannot read pidfile {path}: {_reason(exc)}") from None
+        raise StartupError(f"cannot read pidfile {path}: {reason(exc)}") from None
     if text.isdigit() and _is_mpubsubd(int(text)):
         raise StartupError(f"mpubsubd is already running (pid {text}, pidfile {path})")
     os.unlink(path)
@@ -214,7 +214,7 @@ def _acquire(pidfile: object, path: str) -> None:
     try:
         pidfile.acquire()  # type: ignore[attr-defined]
     except Exception as exc:  # lockfile's AlreadyLocked and LockFailed
-        raise StartupError(f"cannot lock pidfile {path}: {_reason(exc)}") from None
+        raise StartupError(f"cannot lock pidfile {path}: {reason(exc)}") from None
 
 
 def _make_dirs(config: Config, *, log_dir: bool) -> None:
@@ -234,7 +234,7 @@ def _make_dirs(config: Config, *, log_dir: bool) -> None:
                 os.chown(directory, -1, gid)
             os.chmod(directory, 0o755 if gid is None else 0o750)
         except OSError as exc:
-            raise StartupError(f"cannot create directory {directory}: {_reason(exc)}") from None
+            raise StartupError(f"cannot create directory {directory}: {reason(exc)}") from None
 
 
 def _secure_socket(broker: Broker, gid: Optional[int]) -> None:
@@ -254,7 +254,7 @@ def log_file_handler(path: str) -> logging.Handler:
     try:
         handler = logging.handlers.WatchedFileHandler(path)
     except OSError as exc:
-        raise StartupError(f"cannot open log_file {path}: {_reason(exc)}") from None
+        raise StartupError(f"cannot open log_file {path}: {reason(exc)}") from None
     handler.setFormatter(logging.Formatter(_FILE_FORMAT))
     return handler
 
@@ -287,7 +287,7 @@ def sd_notify(message: str) -> bool:
             sock.connect(address)
             sock.sendall(message.encode())
     except OSError as exc:
-        logger.warning("cannot notify systemd at %s: %s", address, _reason(exc))
+        logger.warning("cannot notify systemd at %s: %s", address, reason(exc))
         return False
     return True
 
@@ -306,7 +306,8 @@ class _Launcher:
             os.close(fd)
 
 
-def _reason(exc: BaseException) -> str:
+def reason(exc: BaseException) -> str:
+    """What went wrong, in a few words: the OS's reason, the message, or the type."""
     return (exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)) or type(
         exc
     ).__name__
@@ -316,6 +317,7 @@ __all__ = [
     "ConfigError",
     "StartupError",
     "check_pidfile",
+    "reason",
     "run_daemon",
     "run_foreground",
     "sd_notify",

@@ -105,7 +105,7 @@ def interest(prefix: str, topics: Iterable[bytes], local_only: Iterable[bytes]) 
     for topic in wanted:
         if any(p in wanted for p in proto.topic_prefixes(topic)[1:]):
             continue  # covered by a shorter one
-        if any(topic.startswith(e) for e in excluded):
+        if topic.startswith(excluded):
             continue
         base = subject(prefix, topic)
         subjects.update((f"{base}.>",) if not topic else (base, f"{base}.>"))

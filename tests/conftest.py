@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
@@ -35,6 +39,26 @@ def wait_for(condition: Callable[[], Any], timeout: float = 10.0, what: str = "c
         if time.monotonic() > deadline:
             pytest.fail(f"timed out waiting for {what}")
         time.sleep(0.01)
+
+
+def stop_process(proc: Optional[subprocess.Popen[Any]], timeout: float = 10.0) -> None:
+    """SIGTERM *proc* if it runs, SIGKILL it if it is still there after *timeout* s; reap it."""
+    if proc is not None and proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def alive(pid: int) -> bool:
+    """True while *pid* runs (a zombie, waiting for its parent to reap it, does not)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
 
 
 def subscribed(pubsub: NetPubSub, topic: Topic) -> List[Dict[str, Any]]:
@@ -89,13 +113,7 @@ class BrokerProcess:
             self.proc.wait(timeout=10)
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
 
     def output(self) -> str:
         return self.log.read_text()
@@ -156,3 +174,53 @@ def helpers() -> Iterator[Callable[..., subprocess.Popen[str]]]:
         if proc.poll() is None:
             proc.kill()
         proc.communicate()
+
+
+NATS_SERVER = shutil.which("nats-server") or "/usr/sbin/nats-server"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class NatsServer:
+    """One nats-server on loopback, optionally a node of a cluster."""
+
+    def __init__(self, base: Path, name: str, *args: str, port: int = 0) -> None:
+        self.port, self.monitor = port or free_port(), free_port()
+        self.url = f"nats://127.0.0.1:{self.port}"
+        self.log = base / f"{name}.log"
+        self.args = [
+            NATS_SERVER,
+            "-a",
+            "127.0.0.1",
+            "-p",
+            str(self.port),
+            "-m",
+            str(self.monitor),
+            "-n",
+            name,
+            *args,
+        ]
+        self.proc: Optional[subprocess.Popen[bytes]] = None
+
+    def start(self, routes: int = 0) -> NatsServer:
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(self.args, stdout=log, stderr=log)
+        wait_for(lambda: self._routes() >= routes, what=f"nats-server with {routes} routes")
+        return self
+
+    def _routes(self) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            pytest.fail(f"nats-server exited: {self.log.read_text()[-2000:]}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.monitor}/routez", timeout=1) as r:
+                return int(json.load(r)["num_routes"])
+        except OSError:
+            return -1
+
+    def stop(self) -> None:
+        stop_process(self.proc)

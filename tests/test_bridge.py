@@ -3,18 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import pickle
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -25,67 +22,13 @@ from mpubsub._protocol import encode_topic
 from mpubsub.typing import Topic
 from mpubsubd._federation import Signer, subject
 
-from .conftest import wait_for
+from .conftest import NATS_SERVER, NatsServer, alive, free_port, stop_process, wait_for
 
-NATS_SERVER = shutil.which("nats-server") or "/usr/sbin/nats-server"
 pytestmark = pytest.mark.skipif(
     not os.path.exists(NATS_SERVER),
     reason="nats-server is not installed (apt-get install nats-server)",
 )
 SECRET = b"0123456789abcdef0123456789abcdef"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-class NatsServer:
-    """One nats-server on loopback, optionally a node of a cluster."""
-
-    def __init__(self, base: Path, name: str, *args: str, port: int = 0) -> None:
-        self.port, self.monitor = port or free_port(), free_port()
-        self.url = f"nats://127.0.0.1:{self.port}"
-        self.log = base / f"{name}.log"
-        self.args = [
-            NATS_SERVER,
-            "-a",
-            "127.0.0.1",
-            "-p",
-            str(self.port),
-            "-m",
-            str(self.monitor),
-            "-n",
-            name,
-            *args,
-        ]
-        self.proc: Optional[subprocess.Popen[bytes]] = None
-
-    def start(self, routes: int = 0) -> NatsServer:
-        with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(self.args, stdout=log, stderr=log)
-        wait_for(lambda: self._routes() >= routes, what=f"nats-server with {routes} routes")
-        return self
-
-    def _routes(self) -> int:
-        assert self.proc is not None
-        if self.proc.poll() is not None:
-            pytest.fail(f"nats-server exited: {self.log.read_text()[-2000:]}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.monitor}/routez", timeout=1) as r:
-                return int(json.load(r)["num_routes"])
-        except OSError:
-            return -1
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
 
 
 class Host:
@@ -157,13 +100,7 @@ class Host:
     def stop(self) -> None:
         for pubsub in self.clients:
             pubsub.disconnect()
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc, 20)
 
 
 class Federation:
@@ -638,16 +575,8 @@ def test_classic_daemon_logs_and_stops_its_bridge(federation: Federation) -> Non
         assert bridge != pid and _parent(bridge) == pid
     finally:
         os.kill(pid, signal.SIGTERM)
-    wait_for(lambda: not _alive(pid) and not _alive(bridge), what="mpubsubd and its bridge gone")
+    wait_for(lambda: not alive(pid) and not alive(bridge), what="mpubsubd and its bridge gone")
     assert "federation bridge exited" not in log.read_text()  # a stop, not a failure
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(")")[-1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 def _parent(pid: int) -> int:
@@ -695,7 +624,7 @@ def test_killed_mpubsubd_leaves_no_bridge(federation: Federation) -> None:
     assert a.proc is not None
     a.proc.kill()
     a.proc.wait(10)
-    wait_for(lambda: not _alive(bridge), what="the orphaned bridge to exit")
+    wait_for(lambda: not alive(bridge), what="the orphaned bridge to exit")
 
 
 def test_stuck_nats_stalls_nothing(

@@ -55,10 +55,24 @@ def test_values_are_read(tmp_path: Path) -> None:
             "max_message_size = 100\nmax_buffer = 10",
             r"max_buffer: must be at least max_message_size$",
         ),
+        (
+            "[federation]\nservers = nats://h:4222",
+            r"secret_file: required in \[federation\] when servers is set$",
+        ),
+        (
+            "[federation]\nservers = http://h:80",
+            r"servers: 'http://h:80' is not a NATS URL like nats://host:4222$",
+        ),
+        ("[federation]\nsubject_prefix = a..b", r"subject_prefix: 'a..b' is not NATS tokens"),
+        ("[federation]\nsubject_prefix = a.*", r"subject_prefix: 'a.\*' is not NATS tokens"),
+        ("[federation]\nlocal_only = /", r"local_only: '/' would keep every topic on this host"),
+        ("[federation]\nsecret_file = secret", r"secret_file: 'secret' is not an absolute path$"),
+        ("[federation]\ncolour = blue", r"unknown key 'colour' in \[federation\]$"),
+        ("[federaton]\nservers = nats://h:4222", r"unknown section \[federaton\]$"),
     ],
 )
 def test_bad_values_name_the_key(tmp_path: Path, body: str, message: str) -> None:
-    """Each bad value is a ConfigError naming the file and the key."""
+    """Each bad value (or section) is a ConfigError naming the file and the key."""
     path = write(tmp_path, body + "\n")
     with pytest.raises(ConfigError, match=rf"^{path}: {message}"):
         load(path)
@@ -91,50 +105,16 @@ def test_authkey_file(tmp_path: Path) -> None:
 
 def test_federation_section(tmp_path: Path) -> None:
     """[federation] is read with its own checks; servers without a secret is refused."""
-    path = tmp_path / "mpubsubd.conf"
-    path.write_text(
-        "[mpubsubd]\n[federation]\nservers = nats://127.0.0.1:4222, tls://[::1]:4223\n"
-        "secret_file = /etc/mpubsub/secret\nname = host-a\nlocal_only = metrics/raw, private\n"
+    path = write(
+        tmp_path,
+        "[federation]\nservers = nats://127.0.0.1:4222, tls://[::1]:4223\n"
+        "secret_file = /etc/mpubsub/secret\nname = host-a\nlocal_only = metrics/raw, private\n",
     )
-    federation = load(str(path)).federation
+    federation = load(path).federation
     assert federation.enabled and federation.host_name == "host-a"
     assert federation.server_urls == ("nats://127.0.0.1:4222", "tls://[::1]:4223")
     assert federation.local_only_topics == (("metrics", "raw"), ("private",))
     assert not FederationConfig().enabled and FederationConfig().host_name
-
-
-@pytest.mark.parametrize(
-    ("body", "message"),
-    [
-        (
-            "servers = nats://h:4222",
-            r"secret_file: required in \[federation\] when servers is set$",
-        ),
-        (
-            "servers = http://h:80",
-            r"servers: 'http://h:80' is not a NATS URL like nats://host:4222$",
-        ),
-        ("subject_prefix = a..b", r"subject_prefix: 'a..b' is not NATS tokens"),
-        ("subject_prefix = a.*", r"subject_prefix: 'a.\*' is not NATS tokens"),
-        ("local_only = /", r"local_only: '/' would keep every topic on this host"),
-        ("secret_file = secret", r"secret_file: 'secret' is not an absolute path$"),
-        ("colour = blue", r"unknown key 'colour' in \[federation\]$"),
-    ],
-)
-def test_bad_federation_values(tmp_path: Path, body: str, message: str) -> None:
-    """Each bad [federation] value is a ConfigError naming the key."""
-    path = tmp_path / "mpubsubd.conf"
-    path.write_text(f"[mpubsubd]\n[federation]\n{body}\n")
-    with pytest.raises(ConfigError, match=rf"^{path}: {message}"):
-        load(str(path))
-
-
-def test_unknown_section(tmp_path: Path) -> None:
-    """A misspelt section is an error, not silently ignored."""
-    path = tmp_path / "mpubsubd.conf"
-    path.write_text("[mpubsubd]\n[federaton]\nservers = nats://h:4222\n")
-    with pytest.raises(ConfigError, match=r"unknown section \[federaton\]$"):
-        load(str(path))
 
 
 def test_secret_must_be_ours(tmp_path: Path) -> None:

@@ -18,7 +18,7 @@ import pytest
 
 from mpubsub import Broker, CredentialsError, NetPubSub
 
-from .conftest import wait_for
+from .conftest import alive, stop_process, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 MPUBSUBD = [sys.executable, "-m", "mpubsubd"]
@@ -83,36 +83,20 @@ class Daemon:
         """Send *signum* to the running daemon and wait until it is gone; its pid."""
         pid = self.pid()
         os.kill(pid, signum)
-        wait_for(lambda: not _alive(pid), what=f"pid {pid} to exit")
+        wait_for(lambda: not alive(pid), what=f"pid {pid} to exit")
         return pid
 
     def stop_all(self) -> None:
         for proc in self.procs:
-            if proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+            stop_process(proc)
         for pid in self.pids:
-            if _alive(pid):
+            if alive(pid):
                 os.kill(pid, signal.SIGTERM)
                 try:
-                    wait_for(lambda pid=pid: not _alive(pid), what=f"pid {pid} to exit")  # type: ignore[misc]
+                    wait_for(lambda pid=pid: not alive(pid), what=f"pid {pid} to exit")  # type: ignore[misc]
                 except BaseException:
                     os.kill(pid, signal.SIGKILL)
                     raise
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # A zombie is gone for our purposes (the daemon's parent reaps it later).
-    with open(f"/proc/{pid}/stat") as f:
-        return f.read().split(")")[-1].split()[0] != "Z"
 
 
 @pytest.fixture
@@ -149,7 +133,7 @@ def test_daemonizes_and_serves(mpubsubd: Daemon) -> None:
     assert result.returncode == 0, result.stderr
     assert result.stderr == ""
     pid = mpubsubd.pid()
-    assert _alive(pid)
+    assert alive(pid)
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().split(")")[-1].split()
     assert int(fields[1]) != os.getpid()  # parent: not us (it detached)
@@ -176,7 +160,7 @@ def test_second_instance_refused(mpubsubd: Daemon) -> None:
     foreground = mpubsubd.foreground()
     _, err = foreground.communicate(timeout=30)
     assert foreground.returncode != 0 and f"(pid {pid}," in err
-    assert mpubsubd.pid() == pid and _alive(pid)
+    assert mpubsubd.pid() == pid and alive(pid)
     exchange(mpubsubd.credentials)
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 from pathlib import Path
@@ -16,7 +15,7 @@ from typing import Iterator, List
 
 import pytest
 
-from .conftest import wait_for
+from .conftest import NATS_SERVER, NatsServer
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.systemd
@@ -130,26 +129,15 @@ def test_unit_under_systemd(sandbox: Sandbox) -> None:
 
 
 @pytest.fixture
-def nats_url() -> Iterator[str]:
+def nats_url(tmp_path: Path) -> Iterator[str]:
     """A private nats-server on a free loopback port (the sandbox shares the network)."""
-    server = shutil.which("nats-server") or "/usr/sbin/nats-server"
-    if not os.path.exists(server):
+    if not os.path.exists(NATS_SERVER):
         pytest.skip("needs nats-server")
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    proc = subprocess.Popen([server, "-a", "127.0.0.1", "-p", str(port)], stderr=subprocess.PIPE)
+    server = NatsServer(tmp_path, "nats").start()
     try:
-        wait_for(lambda: _listening(port), what="nats-server")
-        yield f"nats://127.0.0.1:{port}"
+        yield server.url
     finally:
-        proc.terminate()
-        proc.communicate(timeout=10)
-
-
-def _listening(port: int) -> bool:
-    with socket.socket() as sock:
-        return sock.connect_ex(("127.0.0.1", port)) == 0
+        server.stop()
 
 
 def test_federation_under_systemd(installed: Path, nats_url: str) -> None:
