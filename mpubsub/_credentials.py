@@ -41,22 +41,15 @@ class _PlainUnpickler(pickle.Unpickler):
 
 
 def read_credentials(path: Union[str, os.PathLike[str]]) -> Tuple[Address, bytes]:
-    """Read an ``(address, authkey)`` pickle, refusing files others may write."""
-    try:
-        with open(path, "rb") as f:
-            mode = os.fstat(f.fileno()).st_mode
-            data = f.read(65536)
-    except PermissionError:
-        raise CredentialsError(
-            f"cannot read credentials file {path}: permission denied "
-            "(ask for the broker's group, see the 'group' option of mpubsubd)"
-        ) from None
-    except OSError as exc:
-        raise CredentialsError(f"cannot read credentials file {path}: {exc.strerror}") from None
-    if mode & (stat.S_IWGRP | stat.S_IWOTH):
-        raise CredentialsError(
-            f"refusing credentials file {path}: others can write it (mode {stat.S_IMODE(mode):o})"
-        )
+    """Read an ``(address, authkey)`` pickle, refusing a file someone else could have planted.
+
+    The file itself must be a regular file, not a symbolic link (links in the
+    directories above it are followed), owned by root or by the calling
+    process's effective user, and not writable by group or others. Only
+    plain tuples, strings, bytes and ints are unpickled, never a global.
+    Anything else raises CredentialsError, one line naming *path* and why.
+    """
+    data = _read_trusted(path)
     try:
         address, authkey = _PlainUnpickler(io.BytesIO(data)).load()
     except Exception:
@@ -69,6 +62,43 @@ def read_credentials(path: Union[str, os.PathLike[str]]) -> Tuple[Address, bytes
         raise CredentialsError(f"credentials file {path} holds no authkey bytes")
     family_of(address)
     return address, authkey
+
+
+def _read_trusted(path: Union[str, os.PathLike[str]]) -> bytes:
+    """The first 64 KiB of *path*, once its descriptor shows that it may be trusted."""
+    try:
+        # O_NONBLOCK: opening a FIFO must not wait for a writer (it is refused below).
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY)
+        try:  # a file object would refuse a directory before we could say why
+            reason = _distrust(os.fstat(fd))
+            data = b"" if reason else os.read(fd, 65536)
+        finally:
+            os.close(fd)
+    except PermissionError:
+        raise CredentialsError(
+            f"cannot read credentials file {path}: permission denied "
+            "(ask for the broker's group, see the 'group' option of mpubsubd)"
+        ) from None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP and os.path.islink(path):
+            reason = "it is a symbolic link"
+        else:
+            raise CredentialsError(f"cannot read credentials file {path}: {exc.strerror}") from None
+    if reason:
+        raise CredentialsError(f"refusing credentials file {path}: {reason}")
+    return data
+
+
+def _distrust(info: os.stat_result) -> str:
+    """Why a file with status *info* is not to be trusted; ``''`` if it is."""
+    if not stat.S_ISREG(info.st_mode):
+        return "not a regular file"
+    uid = os.geteuid()
+    if info.st_uid not in (0, uid):
+        return f"owned by uid {info.st_uid}, not by root or you (uid {uid})"
+    if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        return f"group or others can write it (mode {stat.S_IMODE(info.st_mode):o})"
+    return ""
 
 
 def write_credentials(
