@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import functools
+import io
 import json
 import logging
 import os
+import pickle
 import sys
 import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from ._netpubsub import NetPubSub
+from ._text import printable
 from .errors import AuthenticationError, MPubSubError, ProtocolError
 
 DEFAULT_CREDENTIALS = "/run/mpubsub/broker.pckl"
@@ -86,11 +91,102 @@ def cmd_pub(args: argparse.Namespace) -> None:
             raise CliError("the broker went away before the message left")
 
 
+# The only global a pickle of plain data needs (protocol 5: the other types
+# have opcodes of their own). Not bytearray, say: bytearray(10**10) is 10 GB.
+_HARMLESS_GLOBALS = {("builtins", "complex"): complex}
+
+
+class _GlobalRefused(pickle.UnpicklingError):
+    pass
+
+
+class _PlainDataUnpickler(pickle.Unpickler):
+    """Builds dicts, lists, tuples, sets, str, bytes, numbers and None; no global but complex."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        try:
+            return _HARMLESS_GLOBALS[module, name]
+        except KeyError:
+            raise _GlobalRefused(f"global {module}.{name} is not allowed") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class NotShown:
+    """Stands, as the only value of a message, for a payload ``mpubsub sub`` did not load."""
+
+    reason: str
+
+
+_NOT_SHOWN = "not_shown"
+
+
+def load_message(payload: bytes, unsafe: bool = False) -> Dict[str, Any]:
+    """The message pickled in *payload*: only plain data, unless *unsafe*.
+
+    Never raises, and never runs code unless *unsafe*: a payload that needs
+    any other global, is not a pickle, or is not a dict with str keys comes
+    back as ``{'not_shown': NotShown(reason)}``.
+    """
+    try:
+        message = (
+            pickle.loads(payload) if unsafe else _PlainDataUnpickler(io.BytesIO(payload)).load()
+        )
+    except _GlobalRefused as exc:
+        return {_NOT_SHOWN: NotShown(f"{exc}; --unsafe-pickle loads it")}
+    except Exception as exc:  # whatever it is, it is this message's, shown in its place
+        return {_NOT_SHOWN: NotShown(f"cannot unpickle: {exc}")}
+    if isinstance(message, dict) and all(isinstance(key, str) for key in message):
+        return message
+    return {_NOT_SHOWN: NotShown("not a message (a dict with str keys)")}
+
+
+def _not_shown(message: Dict[str, Any]) -> Optional[str]:
+    """Why *message* stands for a payload that was not loaded; None if it is a message."""
+    value = message.get(_NOT_SHOWN)
+    return value.reason if isinstance(value, NotShown) and len(message) == 1 else None
+
+
+def _shown(value: Any) -> str:
+    """``repr(value)``, escaped by ``printable`` unless already printable; or why it cannot be."""
+    try:
+        text = repr(value)
+    except RecursionError:
+        return "<not shown: nested too deeply>"
+    except ValueError as exc:  # an int too long to convert, say
+        return f"<not shown: {printable(str(exc))}>"
+    return text if text.isprintable() else printable(text)
+
+
+def _jsonable(value: Any) -> Any:
+    """*value* if JSON can show it, else what ``_shown`` says of it."""
+    try:
+        json.dumps(value, default=repr)
+    except (TypeError, ValueError, RecursionError):
+        return _shown(value)
+    return value
+
+
 def format_line(topic: Tuple[str, ...], message: Dict[str, Any], as_json: bool) -> str:
+    """One line for *message*: no control character, whoever published it.
+
+    Text is ``topic key=repr(value) ...``, topic and keys escaped by
+    ``printable``; JSON is ``{"topic": [...], "message": {...}}`` with repr()
+    for what JSON cannot hold. A payload that was not loaded is a notice.
+    """
+    reason = _not_shown(message)
     if as_json:
-        return json.dumps({"topic": list(topic), "message": message}, default=repr)
-    fields = " ".join(f"{key}={value!r}" for key, value in message.items())
-    return f"{format_topic(topic)} {fields}" if fields else format_topic(topic)
+        if reason is not None:
+            return json.dumps({"topic": list(topic), _NOT_SHOWN: reason})
+        try:
+            return json.dumps({"topic": list(topic), "message": message}, default=repr)
+        except (TypeError, ValueError, RecursionError):  # say which values, show the others
+            shown = {key: _jsonable(value) for key, value in message.items()}
+            return json.dumps({"topic": list(topic), "message": shown}, default=repr)
+    head = printable(format_topic(topic))
+    if reason is not None:
+        return f"{head} <not shown: {printable(reason)}>"
+    fields = " ".join(f"{printable(key)}={_shown(value)}" for key, value in message.items())
+    return f"{head} {fields}" if fields else head
 
 
 def cmd_sub(args: argparse.Namespace) -> None:
@@ -104,6 +200,7 @@ def cmd_sub(args: argparse.Namespace) -> None:
         received[0] += 1
 
     with connect(args.credentials) as pubsub:
+        pubsub._loads = functools.partial(load_message, unsafe=args.unsafe_pickle)
         pubsub.on_error = _reraise  # a closed stdout must end the command, not be logged
         for topic in topics:
             pubsub.add_subscriber(topic, show)
@@ -224,6 +321,12 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_argument("topics", metavar="TOPIC", nargs="*", help="default: every topic")
     sub.add_argument("--count", type=int, metavar="N", help="exit after N messages")
     sub.add_argument("--json", action="store_true", help="one JSON object per line")
+    sub.add_argument(
+        "--unsafe-pickle",
+        action="store_true",
+        help="unpickle any message, not only plain data: whoever can publish can run code "
+        "as you (default: other messages are shown as a notice)",
+    )
     sub.set_defaults(func=cmd_sub)
 
     stats = commands.add_parser("stats", parents=[common], help="the broker's figures")

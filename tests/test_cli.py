@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import pathlib
 import pickle
 import shutil
 import signal
@@ -11,11 +12,13 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Callable, Iterator, List
+from typing import Any, Callable, Iterator, List, Tuple
 
 import pytest
 
 from mpubsub import NetPubSub
+from mpubsub import _protocol as proto
+from mpubsub._connect import connect_socket, handshake
 
 from .conftest import BrokerProcess, wait_for
 
@@ -55,7 +58,14 @@ def subscribe(
         text=True,
     )
     procs.append(proc)
-    wait_for(lambda: subscriptions(broker) > before, what="the subscriber to subscribe")
+
+    def subscribed() -> bool:
+        if proc.poll() is not None:
+            assert proc.stderr is not None
+            pytest.fail(f"mpubsub sub exited with {proc.returncode}: {proc.stderr.read()}")
+        return subscriptions(broker) > before
+
+    wait_for(subscribed, what="the subscriber to subscribe")
     return proc
 
 
@@ -248,3 +258,116 @@ def test_help(command: str) -> None:
     """Every subcommand has --help, naming -c/--credentials."""
     result = subprocess.run([*MPUBSUB, command, "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "--credentials" in result.stdout
+
+
+class Runs:
+    """Pickles as a call of *func* with *args*: what unpickling it runs."""
+
+    def __init__(self, func: Callable[..., Any], *args: Any) -> None:
+        self.func, self.args = func, args
+
+    def __reduce__(self) -> Tuple[Callable[..., Any], Tuple[Any, ...]]:
+        return self.func, self.args
+
+
+def publish_raw(broker: BrokerProcess, topic: Tuple[str, ...], *payloads: bytes) -> None:
+    """Publish *payloads* as they are, not pickled by NetPubSub; return once the broker has them."""
+    address, authkey = broker.creds()
+    with connect_socket(address, 5.0) as sock:
+        handshake(sock, authkey)
+        encoded = proto.encode_topic(topic)
+        frames = [proto.pub_frame(encoded, payload) for payload in payloads]
+        sock.sendall(b"".join([*frames, proto.frame(proto.PING, b"")]))
+        decoder = proto.FrameDecoder(proto.DEFAULT_MAX_MESSAGE)
+        while not any(kind == proto.PONG for kind, _ in decoder.feed(sock.recv(65536))):
+            pass
+
+
+def test_sub_shows_pickled_code_as_a_notice(
+    broker: BrokerProcess, procs: List[subprocess.Popen[str]], tmp_path: Path
+) -> None:
+    """A message whose pickle would call os.system is a notice in its place; nothing runs."""
+    marker = tmp_path / "ran"
+    text = subscribe(broker, procs, "t", "--count", "2")
+    as_json = subscribe(broker, procs, "t", "--json", "--count", "2")
+    with NetPubSub.from_file(broker.credentials) as pubsub:
+        pubsub.publish(("t", "x"), evil=Runs(os.system, f"touch {marker}"))
+        pubsub.publish(("t",), n=1, z=1 + 2j, s={1}, b=bytearray(b"x"))  # plain data
+    notice = f"global {os.system.__module__}.system is not allowed; --unsafe-pickle loads it"
+    plain = "n=1 z=(1+2j) s={1} b=bytearray(b'x')"
+    assert text.communicate(timeout=30) == (f"t/x <not shown: {notice}>\nt {plain}\n", "")
+    out, err = as_json.communicate(timeout=30)
+    assert err == ""
+    assert [json.loads(line) for line in out.splitlines()] == [
+        {"topic": ["t", "x"], "not_shown": notice},
+        {"topic": ["t"], "message": {"n": 1, "z": "(1+2j)", "s": "{1}", "b": "bytearray(b'x')"}},
+    ]
+    assert not marker.exists()
+
+
+def test_sub_unsafe_pickle_loads_globals(
+    broker: BrokerProcess, procs: List[subprocess.Popen[str]], tmp_path: Path
+) -> None:
+    """With --unsafe-pickle, sub unpickles a call of a function; --help says what that risks."""
+    marker = tmp_path / "touched"
+    sub = subscribe(broker, procs, "t", "--unsafe-pickle", "--count", "1")
+    with NetPubSub.from_file(broker.credentials) as pubsub:
+        pubsub.publish(("t",), x=Runs(pathlib.Path.touch, marker))
+    assert sub.communicate(timeout=30) == ("t x=None\n", "")
+    assert marker.exists()
+    usage = subprocess.run([*MPUBSUB, "sub", "--help"], capture_output=True, text=True).stdout
+    assert "whoever can publish can run code as you" in " ".join(usage.split())
+
+
+def test_sub_escapes_control_characters(
+    broker: BrokerProcess, procs: List[subprocess.Popen[str]]
+) -> None:
+    """Newlines, escape sequences, bidi overrides in topics, keys and values stay on one line."""
+    nasty = "a\nb\x1b]0;title\x07\u202e\u2028\x7f\x85\\"
+    escaped = "a\\x0ab\\x1b]0;title\\x07\\u202e\\u2028\\x7f\\x85\\\\"
+    topic = ("t", nasty + "\ud800")  # and a lone surrogate, which cannot even be encoded
+    text = subscribe(broker, procs, "t", "--count", "1")
+    as_json = subscribe(broker, procs, "t", "--json", "--count", "1")
+    with NetPubSub.from_file(broker.credentials) as pubsub:
+        pubsub.publish(topic, **{"k" + nasty: nasty})
+    out, err = text.communicate(timeout=30)
+    assert (out, err) == (f"t/{escaped}\\ud800 k{escaped}={nasty!r}\n", "")
+    out, err = as_json.communicate(timeout=30)
+    assert err == "" and out.endswith("\n") and out[:-1].isprintable() and out.isascii()
+    assert json.loads(out) == {"topic": list(topic), "message": {"k" + nasty: nasty}}
+
+
+def test_sub_shows_what_it_cannot_print_as_notices(
+    broker: BrokerProcess, procs: List[subprocess.Popen[str]]
+) -> None:
+    """A payload that is no message, garbage, a huge int or deep nesting: notices, sub goes on."""
+    depth = 100_000
+    deep = b"\x80\x05}\x8c\x01d" + b"]" * depth + b"a" * (depth - 1) + b"s."  # {'d': [[[...]]]}
+    text = subscribe(broker, procs, "t", "--count", "5")
+    as_json = subscribe(broker, procs, "t", "--json", "--count", "5")
+    publish_raw(broker, ("t",), pickle.dumps([1, 2], protocol=5), b"\x00garbage", deep)
+    with NetPubSub.from_file(broker.credentials) as pubsub:
+        pubsub.publish(("t",), n=10**5000)
+        pubsub.publish(("t",), n=1)
+    too_long = (
+        "Exceeds the limit (4300 digits) for integer string conversion; "
+        "use sys.set_int_max_str_digits() to increase the limit"
+    )
+    out, err = text.communicate(timeout=30)
+    assert err == ""
+    assert out.splitlines() == [
+        "t <not shown: not a message (a dict with str keys)>",
+        "t <not shown: cannot unpickle: invalid load key, '\\\\x00'.>",  # its backslash too
+        "t d=<not shown: nested too deeply>",
+        f"t n=<not shown: {too_long}>",
+        "t n=1",
+    ]
+    out, err = as_json.communicate(timeout=30)
+    assert err == ""
+    assert [json.loads(line) for line in out.splitlines()] == [
+        {"topic": ["t"], "not_shown": "not a message (a dict with str keys)"},
+        {"topic": ["t"], "not_shown": "cannot unpickle: invalid load key, '\\x00'."},
+        {"topic": ["t"], "message": {"d": "<not shown: nested too deeply>"}},
+        {"topic": ["t"], "message": {"n": f"<not shown: {too_long}>"}},
+        {"topic": ["t"], "message": {"n": 1}},
+    ]
