@@ -46,29 +46,52 @@ def as_topic(topic: Topic) -> Tuple[str, ...]:
 
 
 class _Routes(Memo[Tuple[str, ...], Tuple[_Ref, ...]]):
-    """Published topic -> subscriptions to call, computed from one table.
+    """Published topic -> subscriptions to call, computed from the live table.
 
-    The table (``subs``) and the routes derived from it live and die together:
-    every change makes a new ``_Routes``, so a publish never locks and never
-    sees a route that disagrees with its table.
+    The table (``subs``, one per PubSub) changes in place, one atomic dict
+    operation per change (pruning makes several, but drops only dead
+    references), and each change then replaces the ``_Routes`` by an empty
+    one on the same table, which the old one names as its ``successor``. So
+    a route computed while a change lands is only ever kept by the old memo,
+    which no publish that starts after the change reads; and a computation
+    during which a change landed runs again, so a route never mixes two
+    states of the table.
     """
 
-    __slots__ = ("subs",)
+    __slots__ = ("subs", "successor")
 
     def __init__(self, subs: _Subs) -> None:
-        super().__init__(self._route)
+        super().__init__(self._route, weigh=_weigh)
         self.subs = subs
+        self.successor: Optional[_Routes] = None
 
     def _route(self, topic: Tuple[str, ...]) -> Tuple[_Ref, ...]:
-        subs = self.subs
         if not topic:  # broadcast: every subscription, the catch-all ones last
-            return tuple(r for t, refs in subs.items() if t for r in refs) + subs.get((), ())
+            # dict.copy runs in C without calling back into Python: a snapshot
+            # of one moment that no other thread can change under it.
+            subs = self.subs.copy()
+            catch_all = subs.pop((), ())
+            return tuple(itertools.chain.from_iterable(subs.values())) + catch_all
+        routes = self
+        route = routes._hierarchy(topic)
+        while routes.successor is not None:  # its reads may straddle a change
+            routes = routes.successor
+            route = routes._hierarchy(topic)
+        return route
+
+    def _hierarchy(self, topic: Tuple[str, ...]) -> Tuple[_Ref, ...]:
+        subs = self.subs
         route: Tuple[_Ref, ...] = ()
         prefix = topic
         while prefix:
             route += subs.get(prefix, ())
             prefix = prefix[:-1]
         return route + subs.get((), ())
+
+
+def _weigh(topic: Tuple[str, ...], route: Tuple[_Ref, ...]) -> int:
+    """What a cached route holds, roughly, in bytes: its topic's strings and the tuples."""
+    return 120 + 8 * len(route) + sum(len(element) + 60 for element in topic)
 
 
 class PubSub:
@@ -86,14 +109,22 @@ class PubSub:
     keywords gets a ``UserWarning`` instead.
 
     Thread safety: any method may be called from any thread or from inside a
-    subscriber. A publish calls the subscribers registered when it started;
-    it takes no lock. Pub-subs share no state with each other.
+    subscriber, and ``publish`` takes no lock. Before it calls anyone, a
+    publish takes the subscriptions as they stood after some prefix of the
+    changes, in the order they took effect: at least every change that
+    returned before the publish was called, perhaps changes still under way
+    in other threads, never a change without those before it. So it calls
+    every subscriber added before it was called and not removed since, none
+    removed before it was called, and no subscription twice; changes made
+    once it calls subscribers (by them or by other threads) apply from the
+    next publish. Pub-subs share no state with each other.
     """
 
     def __init__(self, *, on_error: Optional[ErrorHandler] = None) -> None:
         """Make an empty pub-sub; *on_error* replaces the default error handler."""
         self.on_error: ErrorHandler = on_error or _log_error
-        self._routes = _Routes({})
+        self._subs: _Subs = {}  # changed in place under the lock, then _after_change
+        self._routes = _Routes(self._subs)
         self._lock = threading.RLock()
         self._size = 0
         self._dead = 0
@@ -120,40 +151,40 @@ class PubSub:
         topic = as_topic(topic)
         ref = self._weak(subscriber) if weak else itertools.repeat(subscriber).__next__
         with self._lock:
-            subs = self._routes.subs
-            refs = list(subs.get(topic, ()))
-            found = [i for i, r in enumerate(refs) if r() == subscriber]
-            if found and weak:
-                return
-            if found:
-                refs[found[0]] = ref
+            refs = self._subs.get(topic, ())
+            for i, held in enumerate(refs):
+                if held() == subscriber:
+                    if weak or not isinstance(held, weakref.ref):
+                        return  # held already, and at least as strongly
+                    refs = (*refs[:i], ref, *refs[i + 1 :])
+                    break
             else:
-                refs.append(ref)
+                refs += (ref,)
                 self._size += 1
-            self._commit({**subs, topic: tuple(refs)})
+            self._subs[topic] = refs
+            self._after_change(topic)
 
     def remove_subscriber(self, topic: Topic, subscriber: Subscriber) -> None:
         """Stop calling *subscriber* for *topic*; nothing happens if it was not subscribed."""
         topic = as_topic(topic)
         with self._lock:
-            subs = self._routes.subs
-            refs = subs.get(topic, ())
+            refs = self._subs.get(topic, ())
             kept = tuple(r for r in refs if r() != subscriber)
             if len(kept) == len(refs):
                 return
             self._size -= len(refs) - len(kept)
-            subs = dict(subs)
             if kept:
-                subs[topic] = kept
+                self._subs[topic] = kept
             else:
-                del subs[topic]
-            self._commit(subs)
+                self._subs.pop(topic, None)  # not del: see _note_dead
+            self._after_change(topic)
 
     def clear_subscribers(self) -> None:
         """Remove every subscriber of every topic."""
         with self._lock:
+            self._subs.clear()
             self._size = self._dead = 0
-            self._commit({})
+            self._after_change(None)
 
     def publish(self, topic: Topic, **message: Any) -> None:
         """Call the subscribers of *topic* with *message* as keyword arguments."""
@@ -200,22 +231,52 @@ class PubSub:
 
     def _note_dead(self) -> None:
         # Runs wherever the garbage collector frees a subscriber: the RLock
-        # makes that safe even inside one of this object's own methods.
+        # makes that safe even inside one of this object's own methods (which
+        # may then write back some dead references, or find a topic gone).
+        # Dropping only dead references, it never changes whom a publish calls.
         with self._lock:
             self._dead += 1
-            if self._dead >= max(_MIN_DEAD_BEFORE_PRUNE, self._size // 2):
-                alive = {
-                    t: tuple(r for r in refs if r() is not None)
-                    for t, refs in self._routes.subs.items()
-                }
-                alive = {t: refs for t, refs in alive.items() if refs}
-                self._size = sum(map(len, alive.values()))
-                self._dead = 0
-                self._commit(alive)
+            if self._dead < max(_MIN_DEAD_BEFORE_PRUNE, self._size // 2):
+                return
+            self._dead = 0
+            self._size = 0
+            for topic, refs in self._subs.copy().items():
+                alive = tuple(r for r in refs if r() is not None)
+                self._size += len(alive)
+                if not alive:
+                    self._subs.pop(topic, None)
+                elif len(alive) < len(refs):
+                    self._subs[topic] = alive
+            self._after_change(None)
 
-    def _commit(self, subs: _Subs) -> None:
-        """Install a new subscription table (called with the lock held)."""
-        self._routes = _Routes(subs)
+    def _after_change(self, topic: Optional[Tuple[str, ...]]) -> None:
+        """Retire the routes computed before a change of the table (lock held)."""
+        routes = _Routes(self._subs)
+        self._routes.successor = routes  # retired before its successor shows: see _route
+        self._routes = routes
+        self._subscriptions_changed(topic)
+
+    # --- for subclasses ----------------------------------------------------------
+
+    def _subscriptions_changed(self, topic: Optional[Tuple[str, ...]]) -> None:
+        """Called, with the lock held, after the subscribers of *topic* changed.
+
+        That is: *topic* gained its first subscriber, lost its last one, or
+        merely changed them. *topic* is None after a change that may touch
+        any number of topics (``clear_subscribers``, pruning of subscribers
+        that died). Does nothing here.
+        """
+
+    def _subscribed_topics(self) -> List[Tuple[str, ...]]:
+        """The topics that have subscribers now, for a full resync: O(topics), takes no lock.
+
+        A subscriber that died still counts until its topic is next pruned.
+        """
+        return list(self._subs)  # one C call: no other thread changes the table meanwhile
+
+    def _has_subscribers(self, topic: Tuple[str, ...]) -> bool:
+        """Whether *topic* itself (not its parents) has subscribers now: O(1)."""
+        return topic in self._subs
 
 
 def _is_signature_mismatch(

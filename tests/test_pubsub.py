@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import functools
 import gc
+import itertools
 import logging
+import random
+import statistics
+import sys
 import threading
 import tracemalloc
-from typing import Any, Callable, Dict, List, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import pytest
 
@@ -368,3 +373,326 @@ def test_threads_publish_and_churn_subscriptions(pubsub: PubSub) -> None:
     assert not errors
     assert counts["stable"] == 3 * per_thread
     assert set(pubsub._routes.subs) == {("t",)}
+
+
+def test_order_with_many_topics(pubsub: PubSub) -> None:
+    """After random adds and removes on many topics, delivery keeps the hierarchy's order."""
+    rng = random.Random(12)
+    words = ("a", "b", "c", "d")
+    topics = [()] + [t for n in (1, 2, 3) for t in itertools.product(words, repeat=n)]
+    model: Dict[Tuple[str, ...], List[str]] = {}  # topic -> names, in subscription order
+    calls: Calls = []
+    keep = {f"{t}/{k}": recorder(calls, f"{t}/{k}") for t in topics for k in range(3)}
+    for _ in range(3000):
+        topic, k = rng.choice(topics), rng.randrange(3)
+        name = f"{topic}/{k}"
+        if rng.random() < 0.6:
+            pubsub.add_subscriber(topic, keep[name])
+            if name not in model.setdefault(topic, []):
+                model[topic].append(name)
+        else:
+            pubsub.remove_subscriber(topic, keep[name])
+            if name in model.get(topic, []):
+                model[topic].remove(name)
+    for topic in topics[1:]:
+        calls.clear()
+        pubsub.publish(topic)
+        expected = [n for i in range(len(topic), -1, -1) for n in model.get(topic[:i], [])]
+        assert [c[0] for c in calls] == expected, topic
+    calls.clear()
+    pubsub.publish(None)
+    delivered = [c[0] for c in calls]
+    catch_all = model.get((), [])
+    assert sorted(delivered) == sorted(n for names in model.values() for n in names)
+    assert delivered[len(delivered) - len(catch_all) :] == catch_all
+    for names in model.values():
+        assert [n for n in delivered if n in names] == names
+
+
+def test_readding_weak_false_makes_the_reference_strong(pubsub: PubSub) -> None:
+    """Adding again with weak=False keeps the subscriber alive; adding weakly does not undo it."""
+    calls: List[Any] = []
+    fn = lambda topic, **m: calls.append(topic)  # noqa: E731
+    pubsub.add_subscriber("t", fn)
+    pubsub.add_subscriber("t", fn, weak=False)
+    pubsub.add_subscriber("t", fn)
+    del fn
+    gc.collect()
+    pubsub.publish("t")
+    assert calls == [("t",)]
+
+
+def _median_peak_bytes(
+    change: Callable[[Tuple[str, ...]], None], topics: List[Tuple[str, ...]]
+) -> float:
+    """The median memory that ``change(topic)`` holds at its peak beyond what it held before."""
+    peaks = []
+    for topic in topics:
+        before = tracemalloc.get_traced_memory()[0]
+        tracemalloc.reset_peak()
+        change(topic)
+        peaks.append(tracemalloc.get_traced_memory()[1] - before)
+    return statistics.median(peaks)
+
+
+def test_changes_do_not_copy_the_table() -> None:
+    """The memory an add or a remove touches does not grow with the number of topics.
+
+    Copying the whole table on every change made n subscriptions cost O(n^2);
+    the memory a change allocates on its way is a deterministic measure of it.
+    """
+    subscriber = recorder([], "s")
+    peaks = {}
+    for size in (500, 8000):
+        pubsub = PubSub()
+        for i in range(size):
+            pubsub.add_subscriber(("old", str(i)), subscriber)
+        topics: List[Tuple[str, ...]] = [("new", str(i)) for i in range(101)]
+        tracemalloc.start()
+        try:
+            added = _median_peak_bytes(
+                functools.partial(pubsub.add_subscriber, subscriber=subscriber), topics
+            )
+            removed = _median_peak_bytes(
+                functools.partial(pubsub.remove_subscriber, subscriber=subscriber), topics
+            )
+        finally:
+            tracemalloc.stop()
+        peaks[size] = (added, removed)
+    (small_add, small_remove), (large_add, large_remove) = peaks[500], peaks[8000]
+    assert large_add < 2 * small_add + 1000, peaks
+    assert large_remove < 2 * small_remove + 1000, peaks
+
+
+@pytest.fixture
+def fast_switching() -> Iterator[None]:
+    """Make threads take turns every microsecond, so races show up in a short test."""
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        yield
+    finally:
+        sys.setswitchinterval(interval)
+
+
+@pytest.mark.usefixtures("fast_switching")
+def test_publishes_racing_changes_see_them_whole(pubsub: PubSub) -> None:
+    """Publishes that race changes never raise, call no subscription twice, none removed before."""
+    rounds = 1500
+    publish_ids = itertools.count()
+    removed_upto = [0]  # subscribers 0..n-1 of remover() are unsubscribed for good
+    upto_at_publish: Dict[int, int] = {}
+    moving_calls: List[int] = []
+    late_calls: List[Tuple[int, int]] = []
+    stable_calls: List[int] = []
+    errors: List[BaseException] = []
+
+    def moving(topic: Tuple[str, ...], pid: int) -> None:
+        moving_calls.append(pid)
+
+    def stable(topic: Tuple[str, ...], pid: int) -> None:
+        stable_calls.append(pid)
+
+    def idle(topic: Tuple[str, ...], pid: int) -> None:
+        pass
+
+    def mover() -> None:  # never in ('a', 'b') and ('a',) at once
+        for _ in range(rounds):
+            pubsub.remove_subscriber(("a", "b"), moving)
+            pubsub.add_subscriber("a", moving)
+            pubsub.remove_subscriber("a", moving)
+            pubsub.add_subscriber(("a", "b"), moving)
+
+    def remover() -> None:
+        for i in range(rounds):
+
+            def gone(topic: Tuple[str, ...], pid: int, i: int = i) -> None:
+                late_calls.append((i, pid))
+
+            pubsub.add_subscriber("a", gone)
+            pubsub.add_subscriber(("z", str(i)), gone)  # grows and shrinks the table
+            pubsub.remove_subscriber("a", gone)
+            pubsub.remove_subscriber(("z", str(i)), gone)
+            removed_upto[0] = i + 1
+
+    def publisher() -> None:
+        for n in range(rounds):
+            pid = next(publish_ids)
+            upto_at_publish[pid] = removed_upto[0]
+            pubsub.publish(None if n % 4 == 0 else ("a", "b"), pid=pid)
+
+    def run(target: Callable[[], None]) -> Callable[[], None]:
+        def guarded() -> None:
+            try:
+                target()
+            except BaseException as exc:  # surfaced by the assertion below
+                errors.append(exc)
+
+        return guarded
+
+    pubsub.add_subscriber("a", stable)
+    pubsub.add_subscriber(None, stable)
+    for i in range(1000):  # long broadcasts, for changes to land in
+        pubsub.add_subscriber(("filler", str(i)), idle)
+    threads = [threading.Thread(target=run(f)) for f in (mover, remover, publisher, publisher)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=50)
+    assert not errors
+    published = range(2 * rounds)
+    assert sorted(stable_calls) == sorted(list(published) * 2)
+    assert max(map(moving_calls.count, set(moving_calls)), default=0) <= 1
+    assert [(i, pid) for i, pid in late_calls if i < upto_at_publish[pid]] == []
+
+
+class _Trap(str):
+    """A topic element whose hashing runs *hook* on its *when*-th time, as a thread switch might."""
+
+    countdown: int
+    hook: Callable[[], None]
+
+    def __new__(cls, value: str, when: int, hook: Callable[[], None]) -> _Trap:
+        trap = super().__new__(cls, value)
+        trap.countdown, trap.hook = when, hook
+        return trap
+
+    def __hash__(self) -> int:
+        self.countdown -= 1
+        if self.countdown == 0:
+            self.hook()
+        return super().__hash__()
+
+
+def _publish_while_moving(when: int) -> Tuple[List[str], bool]:
+    """Publish on a deep topic, another thread moving its subscriber to its root meanwhile.
+
+    The move happens at the *when*-th hash of the topic's middle element;
+    returns who was called, and whether the move happened.
+    """
+    pubsub = PubSub()
+    calls: Calls = []
+    moving, stable = recorder(calls, "moving"), recorder(calls, "stable")
+
+    def move() -> None:  # remove, then add: never in both places at once
+        pubsub.remove_subscriber(deep, moving)
+        pubsub.add_subscriber("a", moving)
+
+    def move_in_a_thread() -> None:
+        mover = threading.Thread(target=move)
+        mover.start()
+        mover.join()
+
+    trap = _Trap("b", when=0, hook=move_in_a_thread)
+    deep = ("a", trap, "c")
+    pubsub.add_subscriber(deep, moving)
+    pubsub.add_subscriber("a", stable)
+    trap.countdown = when  # counted from here: the subscriptions hashed it too
+    pubsub.publish(deep)
+    return [c[0] for c in calls], trap.countdown <= 0
+
+
+def test_change_during_route_lookup_is_seen_whole() -> None:
+    """A subscriber that another thread moves up the hierarchy mid-publish is called at most once.
+
+    The move is tried at every point where the publish hashes the topic, in
+    turn, until the publish no longer hashes it that often.
+    """
+    moved_at = []
+    for when in itertools.count(1):
+        called, moved = _publish_while_moving(when)
+        if not moved:
+            break
+        moved_at.append(when)
+        assert called.count("moving") <= 1, (when, called)
+        assert called.count("stable") == 1, (when, called)
+    assert len(moved_at) >= 2
+
+
+def _taken(lock: Any) -> bool:
+    """Whether another thread finds *lock* taken."""
+    taken: List[bool] = []
+
+    def probe() -> None:
+        got = lock.acquire(blocking=False)
+        if got:
+            lock.release()
+        taken.append(not got)
+
+    prober = threading.Thread(target=probe)
+    prober.start()
+    prober.join()
+    return taken[0]
+
+
+class RecordingPubSub(PubSub):
+    """A PubSub that records the calls of its override point, as NetPubSub uses it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.changes: List[Optional[Tuple[str, ...]]] = []
+        self.topics_at_change: List[List[Tuple[str, ...]]] = []
+        self.locked_at_change: List[bool] = []
+
+    def _subscriptions_changed(self, topic: Optional[Tuple[str, ...]]) -> None:
+        self.changes.append(topic)
+        self.topics_at_change.append(self._subscribed_topics())
+        self.locked_at_change.append(_taken(self._lock))
+
+
+def test_subclass_learns_of_each_changed_topic() -> None:
+    """_subscriptions_changed names each topic whose subscribers changed, with the lock held."""
+    pubsub = RecordingPubSub()
+    calls: Calls = []
+    one, two = recorder(calls, "one"), recorder(calls, "two")
+    pubsub.add_subscriber(("a", "b"), one)
+    assert pubsub.changes == [("a", "b")]
+    assert pubsub._has_subscribers(("a", "b")) and not pubsub._has_subscribers(("a",))
+    pubsub.add_subscriber(("a", "b"), one)  # no change
+    pubsub.add_subscriber(("a", "b"), two)
+    pubsub.add_subscriber(("a", "b"), two, weak=False)  # stronger: a change
+    pubsub.remove_subscriber(("a", "b"), one)
+    pubsub.remove_subscriber(("a", "b"), one)  # no change
+    assert pubsub.changes == [("a", "b")] * 4
+    assert pubsub._subscribed_topics() == [("a", "b")]
+    pubsub.remove_subscriber(("a", "b"), two)
+    assert not pubsub._has_subscribers(("a", "b")) and pubsub._subscribed_topics() == []
+    pubsub.add_subscriber("x", one)
+    pubsub.add_subscriber(None, one)
+    pubsub.clear_subscribers()
+    assert pubsub.changes == [("a", "b")] * 5 + [("x",), (), None]
+    assert pubsub.topics_at_change[-3:] == [[("x",)], [("x",), ()], []]
+    assert pubsub._subscribed_topics() == []
+    assert all(pubsub.locked_at_change)
+
+
+def test_subclass_learns_of_pruning() -> None:
+    """Pruning dead subscribers is reported as a change of any topic, once they are gone."""
+    pubsub = RecordingPubSub()
+    for i in range(1000):
+        pubsub.add_subscriber(("dies", str(i)), recorder([], "dies"))  # dead at once
+        if None in pubsub.changes:
+            break
+    assert pubsub.changes[-1] is None
+    assert pubsub.topics_at_change[-1] == []
+    assert all(pubsub.locked_at_change)
+
+
+def test_subclass_publishing_from_the_hook_sees_the_change() -> None:
+    """A publish from _subscriptions_changed, and every one after, sees the change just made."""
+    calls: Calls = []
+
+    class Publishing(PubSub):
+        def _subscriptions_changed(self, topic: Optional[Tuple[str, ...]]) -> None:
+            calls.append(("hook", (), {}))
+            self.publish(("a", "b"))
+
+    pubsub = Publishing()
+    one, two = recorder(calls, "one"), recorder(calls, "two")
+    pubsub.add_subscriber("a", one)
+    pubsub.add_subscriber(("a", "b"), two)
+    pubsub.remove_subscriber("a", one)
+    pubsub.publish(("a", "b"))
+    pubsub.clear_subscribers()
+    pubsub.publish(("a", "b"))
+    assert " ".join(c[0] for c in calls) == "hook one hook two one hook two two hook"
