@@ -17,16 +17,16 @@ import socket
 import tempfile
 import threading
 import time
-from typing import Any, Callable, Deque, Dict, List, Optional, Set, Tuple
+from typing import Any, Callable, Deque, Dict, Iterator, List, Optional, Set, Tuple
 
 from . import _protocol as proto
 from ._credentials import family_of
-from ._memo import Memo
+from ._routing import DEFAULT_CACHE_BYTES, Router
 from ._session import ACTIVE as _ACTIVE
 from ._session import HELLO as _HELLO
 from ._session import Session
-from ._sockets import raise_file_limit, remove_stale_socket, warn_if_exposed
-from ._stats import BrokerStatistics, Counters
+from ._sockets import peer_of, raise_file_limit, remove_stale_socket, warn_if_exposed
+from ._stats import BrokerStatistics, Counters, Throttle
 from .errors import AuthenticationError, ProtocolError
 
 logger = logging.getLogger("mpubsub.broker")
@@ -35,6 +35,57 @@ _RECV_SIZE = 64 * 1024
 _SEND_CHUNK = 256 * 1024
 _ACCEPT_PAUSE = 0.5
 DEFAULT_MAX_BUFFER = 32 * 1024 * 1024
+DEFAULT_MAX_SUBSCRIPTIONS = 10_000  # per client
+DEFAULT_MAX_SUBSCRIPTION_BYTES = 1024 * 1024  # per client: its topics, encoded
+DEFAULT_MAX_CONNECTIONS = 1024
+DEFAULT_MAX_HANDSHAKES = 64  # connections still authenticating, in all
+DEFAULT_MAX_HANDSHAKES_PER_PEER = 8  # the same, from one IP address (TCP) or user (Unix)
+DEFAULT_MAX_INPUT_BUFFER = 64 * 1024 * 1024  # unfinished frames, all clients together
+DEFAULT_ROUTE_CACHE_BYTES = DEFAULT_CACHE_BYTES
+
+#: The caps on what peers can make the broker hold, beyond max_message_size
+#: and max_buffer: name -> (default, what it bounds). The names are Broker's
+#: keyword arguments, ``python -m mpubsub.broker``'s options (with dashes)
+#: and ``mpubsubd.conf``'s keys alike.
+CAPS: Dict[str, Tuple[int, str]] = {
+    "max_topic_depth": (proto.DEFAULT_MAX_TOPIC_DEPTH, "elements of a topic"),
+    "max_topic_size": (proto.DEFAULT_MAX_TOPIC_SIZE, "bytes of a topic, encoded"),
+    "max_subscriptions": (DEFAULT_MAX_SUBSCRIPTIONS, "subscriptions of one client"),
+    "max_subscription_bytes": (
+        DEFAULT_MAX_SUBSCRIPTION_BYTES,
+        "bytes of the topics one client subscribes to",
+    ),
+    "max_connections": (DEFAULT_MAX_CONNECTIONS, "connections (at most the open file limit)"),
+    "max_handshakes": (DEFAULT_MAX_HANDSHAKES, "connections still authenticating"),
+    "max_handshakes_per_peer": (
+        DEFAULT_MAX_HANDSHAKES_PER_PEER,
+        "connections still authenticating from one IP address (TCP) or user (Unix socket)",
+    ),
+    "max_input_buffer": (DEFAULT_MAX_INPUT_BUFFER, "bytes of unfinished frames, all clients"),
+    "route_cache_bytes": (DEFAULT_ROUTE_CACHE_BYTES, "bytes of cached routes"),
+}
+# Descriptors kept free of clients: the listener, the wake-up pair, the log...
+_SPARE_FILES = 16
+# Errors accept() passes on from a connection that failed before we took it.
+_ACCEPT_TRANSIENT = frozenset(
+    getattr(errno, name)
+    for name in (
+        "ECONNABORTED",
+        "EPROTO",
+        "ENETDOWN",
+        "ENOPROTOOPT",
+        "EHOSTDOWN",
+        "ENONET",
+        "EHOSTUNREACH",
+        "EOPNOTSUPP",
+        "ENETUNREACH",
+        "EPERM",
+        "ETIMEDOUT",
+        "ECONNRESET",
+    )
+    if hasattr(errno, name)
+)
+_OUT_OF_RESOURCES = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM))
 _PONG = proto.frame(proto.PONG, b"")
 
 
@@ -52,7 +103,21 @@ class Broker:
     clients subscribed to its topic (or a prefix of it), never back to its
     sender, in the order the sender published; a client whose unsent
     messages exceed *max_buffer* bytes is disconnected with a WARNING;
-    anything malformed closes that one connection with a WARNING.
+    anything malformed closes that one connection with a WARNING. Whatever
+    goes wrong while serving one connection (its OS errors, or a bug of
+    ours: logged at ERROR with the traceback) closes that connection only.
+
+    Every resource a peer can make the broker hold is capped, and hitting a
+    cap is logged: *max_connections* connections (lowered to fit the
+    descriptor limit), of which *max_handshakes* still authenticating (the
+    oldest is closed to make room for a new one), *max_handshakes_per_peer*
+    from one peer (an IP address on TCP, a user, as the kernel says, on a
+    Unix socket; its own oldest makes room); topics of
+    at most *max_topic_depth* elements and *max_topic_size* encoded bytes;
+    per client, *max_subscriptions* subscriptions whose topics add up to
+    *max_subscription_bytes*; *max_input_buffer* bytes of unfinished frames
+    over all clients; *route_cache_bytes* of cached routes. A client that
+    goes past a cap of its own is disconnected with a WARNING.
 
     A client that sends BRIDGE (mpubsubd's federation bridge) gets every
     message the others publish and the topics they subscribe to.
@@ -67,27 +132,61 @@ class Broker:
         *,
         max_message_size: int = proto.DEFAULT_MAX_MESSAGE,
         max_buffer: int = DEFAULT_MAX_BUFFER,
+        max_topic_depth: int = proto.DEFAULT_MAX_TOPIC_DEPTH,
+        max_topic_size: int = proto.DEFAULT_MAX_TOPIC_SIZE,
+        max_subscriptions: int = DEFAULT_MAX_SUBSCRIPTIONS,
+        max_subscription_bytes: int = DEFAULT_MAX_SUBSCRIPTION_BYTES,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
+        max_handshakes: int = DEFAULT_MAX_HANDSHAKES,
+        max_handshakes_per_peer: int = DEFAULT_MAX_HANDSHAKES_PER_PEER,
+        max_input_buffer: int = DEFAULT_MAX_INPUT_BUFFER,
+        route_cache_bytes: int = DEFAULT_ROUTE_CACHE_BYTES,
     ) -> None:
         if max_buffer < max_message_size:
             raise ValueError("max_buffer must be at least max_message_size")
+        if max_input_buffer < max_message_size:
+            raise ValueError("max_input_buffer must be at least max_message_size")
+        if max_topic_size > max_message_size:
+            raise ValueError("max_topic_size must be at most max_message_size")
+        for name, value in (
+            ("max_topic_depth", max_topic_depth),
+            ("max_topic_size", max_topic_size),
+            ("max_subscriptions", max_subscriptions),
+            ("max_subscription_bytes", max_subscription_bytes),
+            ("max_connections", max_connections),
+            ("max_handshakes", max_handshakes),
+            ("max_handshakes_per_peer", max_handshakes_per_peer),
+        ):
+            if value < 1:
+                raise ValueError(f"{name} must be at least 1")
         self._authkey = (
             authkey if authkey is not None else multiprocessing.current_process().authkey
         )
         self._timeout = timeout
         self._max_message = max_message_size
         self._max_buffer = max_buffer
+        self._limits = proto.Limits(max_message_size, max_topic_depth, max_topic_size)
+        self._max_subscriptions = max_subscriptions
+        self._max_subscription_bytes = max_subscription_bytes
+        self._max_connections = max_connections
+        self._max_handshakes = max_handshakes
+        self._max_handshakes_per_peer = max_handshakes_per_peer
+        self._max_input = max_input_buffer
         self._tmpdir: Optional[str] = None
         self._listener = self._listen(address, backlog)
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_w.setblocking(False)
         self._stopping = False
         self._clients: Dict[int, Session] = {}
-        self._subs: Dict[bytes, Set[Session]] = {}
-        self._routes: Memo[bytes, Tuple[Session, ...]] = Memo(self._compute_route)
+        self._handshaking: Dict[Session, None] = {}  # oldest first
+        self._handshakes_by_peer: Dict[str, Dict[Session, None]] = {}  # oldest first
+        self._input = 0  # unfinished input, all clients together
+        self._router: Router[Session] = Router(route_cache_bytes, self._checked_topic)
+        self._routes = self._router.routes  # the one lookup of the hot path
         self._dirty: Set[Session] = set()
         self._bridge: Optional[Session] = None
         self._federation: Optional[Dict[str, Any]] = None
-        self._bridge_warned = -60.0
+        self._throttles: Dict[str, Throttle] = collections.defaultdict(lambda: Throttle(logger))
         self._count = 0
         self._stats = Counters()
         self._snapshot: Optional[Tuple[float, bytes]] = None
@@ -144,7 +243,14 @@ class Broker:
     def start(self) -> None:
         """Serve until ``stop()``, SIGINT or SIGTERM, then close everything."""
         handlers = self._catch_signals()
-        raise_file_limit()
+        files = raise_file_limit()
+        if self._max_connections > files - _SPARE_FILES:
+            self._max_connections = max(1, files - _SPARE_FILES)
+            logger.warning(
+                "max_connections lowered to %d to fit the open file limit of %d",
+                self._max_connections,
+                files,
+            )
         self._selector = selectors.DefaultSelector()
         self._selector.register(self._listener, selectors.EVENT_READ)
         self._selector.register(self._wake_r, selectors.EVENT_READ)
@@ -177,16 +283,9 @@ class Broker:
                     self._accept()
                 elif sock is self._wake_r:
                     self._wake_r.recv(64)
-                    while self._scheduled:
-                        self._scheduled.popleft()()
+                    self._run_scheduled()
                 else:
-                    client = key.data
-                    if client.sock.fileno() < 0:
-                        continue  # dropped earlier in this round
-                    if events & selectors.EVENT_READ:
-                        self._read(client)
-                    if events & selectors.EVENT_WRITE and client.sock.fileno() >= 0:
-                        self._write(client)
+                    self._serve_client(key.data, events)
             if self._dirty:
                 self._flush_dirty()
             now = time.monotonic()
@@ -198,37 +297,116 @@ class Broker:
                 self._expire_handshakes(now)
                 next_expiry = now + 0.5
 
+    def _run_scheduled(self) -> None:
+        while self._scheduled:
+            callback = self._scheduled.popleft()
+            try:
+                callback()
+            except Exception:
+                logger.exception("a scheduled callback (%r) failed", callback)
+
+    def _serve_client(self, client: Session, events: int) -> None:
+        """Read from and write to one client: its trouble ends its connection only."""
+        with self._boundary(client):
+            if events & selectors.EVENT_READ and client.sock.fileno() >= 0:
+                self._read(client)
+            if events & selectors.EVENT_WRITE and client.sock.fileno() >= 0:
+                self._write(client)
+
+    @contextlib.contextmanager
+    def _boundary(self, client: Session) -> Iterator[None]:
+        """Where one connection's failures are turned into closing it, with one log line."""
+        try:
+            yield
+        except OSError as exc:  # the peer went away under us
+            self._drop(client, logging.INFO, f"connection failed: {exc.strerror or exc}")
+        except Exception:
+            logger.exception("internal error while serving %s; closing it", client.name)
+            self._drop(client, logging.ERROR, "internal error (see above)")
+
     # --- connections --------------------------------------------------------
 
     def _accept(self) -> None:
         for _ in range(64):
             try:
-                sock, _addr = self._listener.accept()
+                sock, addr = self._listener.accept()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
-                if exc.errno not in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    raise
-                # Out of descriptors: stop accepting for a moment (the backlog
-                # waits, then overflows) and keep serving the connected ones.
-                logger.error("refusing new connections for %.1f s: %s", _ACCEPT_PAUSE, exc.strerror)
-                self._stats.refused += 1
-                assert self._selector is not None
-                self._selector.unregister(self._listener)
-                self._accept_again = time.monotonic() + _ACCEPT_PAUSE
-                return
-            sock.setblocking(False)
-            self._count += 1
-            client = Session(sock, self._count, time.monotonic() + self._timeout)
-            frame, client.challenge = proto.new_challenge()
-            try:
-                sock.send(frame)
-            except OSError:
+                if exc.errno in _OUT_OF_RESOURCES:
+                    self._pause_accepting(exc)
+                    return
+                if exc.errno not in _ACCEPT_TRANSIENT:
+                    self._throttles["accept"].warning("accept failed: %s", exc)
+                continue  # that connection failed before we took it; the next may not
+            with self._boundary_of_new(sock):
+                self._admit(sock, peer_of(sock, addr))
+
+    def _pause_accepting(self, exc: OSError) -> None:
+        # Out of descriptors: stop accepting for a moment (the backlog
+        # waits, then overflows) and keep serving the connected ones.
+        logger.error("refusing new connections for %.1f s: %s", _ACCEPT_PAUSE, exc.strerror)
+        self._stats.refused += 1
+        assert self._selector is not None
+        self._selector.unregister(self._listener)
+        self._accept_again = time.monotonic() + _ACCEPT_PAUSE
+
+    @contextlib.contextmanager
+    def _boundary_of_new(self, sock: socket.socket) -> Iterator[None]:
+        """A connection that fails while being admitted is closed, and that is all."""
+        try:
+            yield
+        except OSError as exc:
+            logger.debug("new connection failed: %s", exc)
+            if sock.fileno() >= 0 and sock.fileno() not in self._clients:
                 sock.close()
-                continue
-            self._clients[sock.fileno()] = client
-            assert self._selector is not None
-            self._selector.register(sock, selectors.EVENT_READ, client)
+
+    def _admit(self, sock: socket.socket, peer: str) -> None:
+        if len(self._clients) >= self._max_connections:
+            sock.close()
+            self._stats.refused += 1
+            self._throttles["max_connections"].warning(
+                "refusing a connection: %d connections, the limit (max_connections)",
+                self._max_connections,
+            )
+            return
+        # At a cap, the oldest handshake makes room: it has had the longest
+        # to answer, and a peer that keeps opening connections cannot keep
+        # out a quick legitimate one (nor, per peer, anybody else's).
+        mine = self._handshakes_by_peer.get(peer, {})
+        if len(mine) >= self._max_handshakes_per_peer:
+            self._make_room(next(iter(mine)), "max_handshakes_per_peer", len(mine), peer)
+        elif len(self._handshaking) >= self._max_handshakes:
+            oldest = next(iter(self._handshaking))
+            self._make_room(oldest, "max_handshakes", len(self._handshaking), "all peers")
+        sock.setblocking(False)
+        self._count += 1
+        client = Session(sock, self._count, time.monotonic() + self._timeout, peer)
+        frame, client.challenge = proto.new_challenge()
+        sock.send(frame)
+        self._clients[sock.fileno()] = client
+        self._handshaking[client] = None
+        self._handshakes_by_peer.setdefault(peer, {})[client] = None
+        assert self._selector is not None
+        self._selector.register(sock, selectors.EVENT_READ, client)
+
+    def _make_room(self, oldest: Session, setting: str, count: int, whose: str) -> None:
+        self._stats.refused += 1
+        self._throttles[setting].warning(
+            "closing the oldest connection still authenticating to make room: "
+            "%d from %s, the limit (%s)",
+            count,
+            whose,
+            setting,
+        )
+        self._drop(oldest, logging.DEBUG, "making room for a new connection")
+
+    def _authenticated(self, client: Session) -> None:
+        self._handshaking.pop(client, None)
+        mine = self._handshakes_by_peer[client.peer]
+        del mine[client]
+        if not mine:
+            del self._handshakes_by_peer[client.peer]
 
     def _drop(self, client: Session, level: int, reason: str) -> None:
         if client.sock.fileno() < 0:
@@ -239,18 +417,27 @@ class Broker:
         self._selector.unregister(client.sock)
         client.sock.close()
         del self._clients[fd]
+        if client in self._handshaking:
+            self._authenticated(client)  # no longer authenticating, at least
+        self._input -= client.unfinished
+        client.unfinished = 0
         self._dirty.discard(client)
         for topic in list(client.subs):
             self._unsubscribe(client, topic)
         client.out.clear()
+        client.out_size = 0
         if client is self._bridge:
             if not self._stopping:
                 logger.warning("the federation bridge is gone")
             self._bridge = None  # its last report stays: statistics() says why it stopped
-            self._routes.clear()
+            self._router.set_everything(None)
 
     def _expire_handshakes(self, now: float) -> None:
-        late = [c for c in self._clients.values() if c.state != _ACTIVE and c.deadline <= now]
+        late = []
+        for client in self._handshaking:  # oldest first
+            if client.deadline > now:
+                break
+            late.append(client)
         for client in late:
             self._stats.refused += 1
             self._drop(client, logging.WARNING, "no complete handshake in time")
@@ -273,12 +460,23 @@ class Broker:
             if client.state < _HELLO:
                 data = client.feed_handshake(data, self._authkey, self._max_message)
             if data and client.decoder is not None:
-                self._handle(client, client.decoder.feed(data))
+                frames = client.decoder.feed(data)
+                self._account_input(client, client.decoder.buffered)
+                self._handle(client, frames)
         except AuthenticationError as exc:
             self._stats.refused += 1
             self._drop(client, logging.WARNING, f"authentication failed: {exc}")
         except ProtocolError as exc:
             self._reject(client, str(exc))
+
+    def _account_input(self, client: Session, unfinished: int) -> None:
+        self._input += unfinished - client.unfinished
+        client.unfinished = unfinished
+        if self._input > self._max_input:
+            raise ProtocolError(
+                f"unfinished input over the broker's total limit of {self._max_input} bytes "
+                "(max_input_buffer)"
+            )
 
     def _reject(self, client: Session, reason: str) -> None:
         self._stats.refused += 1
@@ -294,9 +492,9 @@ class Broker:
             elif kind == proto.PUB:
                 self._route(client, frame)
             elif kind == proto.SUB:
-                self._subscribe(client, frame[5:])
+                self._subscribe(client, self._checked_topic(frame[5:]))
             elif kind == proto.UNSUB:
-                self._unsubscribe(client, frame[5:])
+                self._unsubscribe(client, self._checked_topic(frame[5:]))
             elif kind == proto.PING:
                 self._reply(client, _PONG)
             elif kind == proto.STATS:
@@ -316,9 +514,9 @@ class Broker:
             raise ProtocolError(
                 f"unsupported protocol version {version}; this broker speaks {proto.VERSION}"
             )
-        body = proto.WELCOME_BODY.pack(proto.VERSION, self._max_message)
-        client.send_now(proto.frame(proto.WELCOME, body))
+        client.send_now(proto.frame(proto.WELCOME, proto.welcome_body(self._limits)))
         client.state = _ACTIVE
+        self._authenticated(client)
         logger.debug("%s connected", client.name)
 
     def _reply(self, client: Session, frame: bytes) -> None:
@@ -362,28 +560,40 @@ class Broker:
             figures["state"] = "bridge not running"
         return figures
 
-    def _subscribe(self, client: Session, topic: bytes) -> None:
+    def _checked_topic(self, topic: bytes) -> bytes:
+        """*topic* if it is well formed and within the limits; ProtocolError if not."""
+        excess = self._limits.topic_excess(topic)
+        if excess:
+            raise ProtocolError(excess.replace("the broker's limit", "the limit"))
         proto.decode_topic(topic)
+        return topic
+
+    def _subscribe(self, client: Session, topic: bytes) -> None:
         if client is self._bridge:
             raise ProtocolError("the bridge receives every message without subscribing")
-        if topic not in client.subs:
-            client.subs.add(topic)
-            holders = self._subs.setdefault(topic, set())
-            holders.add(client)
-            self._routes.clear()
-            if len(holders) == 1 and self._bridge is not None:
-                self._reply(self._bridge, proto.frame(proto.SUB, topic))
+        if topic in client.subs:
+            return
+        if len(client.subs) >= self._max_subscriptions:
+            raise ProtocolError(
+                f"more than {self._max_subscriptions} subscriptions (max_subscriptions)"
+            )
+        if client.sub_bytes + len(topic) > self._max_subscription_bytes:
+            raise ProtocolError(
+                f"subscribed topics over {self._max_subscription_bytes} bytes "
+                "(max_subscription_bytes)"
+            )
+        client.subs.add(topic)
+        client.sub_bytes += len(topic)
+        if self._router.subscribe(client, topic) and self._bridge is not None:
+            self._reply(self._bridge, proto.frame(proto.SUB, topic))
 
     def _unsubscribe(self, client: Session, topic: bytes) -> None:
+        if topic not in client.subs:
+            return
         client.subs.discard(topic)
-        holders = self._subs.get(topic)
-        if holders is not None and client in holders:
-            holders.discard(client)
-            if not holders:
-                del self._subs[topic]
-                if self._bridge is not None:
-                    self._reply(self._bridge, proto.frame(proto.UNSUB, topic))
-            self._routes.clear()
+        client.sub_bytes -= len(topic)
+        if self._router.unsubscribe(client, topic) and self._bridge is not None:
+            self._reply(self._bridge, proto.frame(proto.UNSUB, topic))
 
     def _attach_bridge(self, client: Session) -> None:
         if self._bridge is not None:
@@ -391,8 +601,8 @@ class Broker:
         if client.subs:
             raise ProtocolError("a client with subscriptions cannot become the bridge")
         self._bridge = client
-        self._routes.clear()
-        for topic in self._subs:
+        self._router.set_everything(client)
+        for topic in self._router.topics:
             self._reply(client, proto.frame(proto.SUB, topic))
         logger.info("%s is the federation bridge", client.name)
 
@@ -414,39 +624,27 @@ class Broker:
             stats.messages_out += 1
             stats.bytes_out += size
 
-    def _compute_route(self, topic: bytes) -> Tuple[Session, ...]:
-        """The clients subscribed to *topic* or a prefix of it (all subscribers if empty).
-
-        Derived from the subscription table and the bridge only, so the cache
-        of routes is right as long as it is cleared whenever they change.
-        """
-        found: Set[Session] = set()
-        if not topic:  # broadcast: whoever has a subscriber at all
-            found.update(c for holders in self._subs.values() for c in holders)
-        else:
-            proto.decode_topic(topic)  # a malformed topic must not reach anyone
-            for prefix in proto.topic_prefixes(topic):
-                found.update(self._subs.get(prefix, ()))
-        if self._bridge is not None:  # everything may interest another host
-            found.add(self._bridge)
-        return tuple(found)
-
     def _flush_dirty(self) -> None:
         dirty, self._dirty = self._dirty, set()
         for client in dirty:
-            if client.out_size > self._max_buffer:
-                if client is not self._bridge:
-                    self._stats.slow_consumers += 1
-                    self._drop(
-                        client,
-                        logging.WARNING,
-                        f"slow consumer: {client.out_size} bytes waiting, "
-                        f"over the limit of {self._max_buffer}",
-                    )
-                    continue
-                self._shed_for_bridge(client)
-            if not client.writing:
-                self._write(client)
+            if client.sock.fileno() >= 0:
+                with self._boundary(client):
+                    self._flush(client)
+
+    def _flush(self, client: Session) -> None:
+        if client.out_size > self._max_buffer:
+            if client is not self._bridge:
+                self._stats.slow_consumers += 1
+                self._drop(
+                    client,
+                    logging.WARNING,
+                    f"slow consumer: {client.out_size} bytes waiting, "
+                    f"over the limit of {self._max_buffer}",
+                )
+                return
+            self._shed_for_bridge(client)
+        if not client.writing:
+            self._write(client)
 
     def _shed_for_bridge(self, bridge: Session) -> None:
         # The bridge is not cut off like a slow consumer (it would come back
@@ -454,13 +652,10 @@ class Broker:
         # hosts, at most once as everything else, and local delivery goes on.
         dropped = bridge.shed(self._max_buffer // 2)
         self._stats.bridge_dropped += dropped
-        now = time.monotonic()
-        if now - self._bridge_warned >= 10.0:
-            self._bridge_warned = now
-            logger.warning(
-                "the federation bridge is behind: dropped %d messages for other hosts so far",
-                self._stats.bridge_dropped,
-            )
+        self._throttles["bridge"].warning(
+            "the federation bridge is behind: dropped %d messages for other hosts so far",
+            self._stats.bridge_dropped,
+        )
 
     def _write(self, client: Session) -> None:
         out = client.out

@@ -35,8 +35,8 @@ def connect_socket(address: Any, timeout: float) -> socket.socket:
     return sock
 
 
-def handshake(sock: socket.socket, authkey: bytes) -> int:
-    """Authenticate, then say HELLO; return the broker's maximum message size."""
+def handshake(sock: socket.socket, authkey: bytes) -> proto.Limits:
+    """Authenticate, then say HELLO; return what the broker accepts."""
     try:
         authenticate(sock, authkey)
         return _hello(sock)
@@ -60,7 +60,7 @@ def authenticate(sock: socket.socket, authkey: bytes) -> None:
     sock.sendall(proto.mp_frame(proto.WELCOME_MSG))
 
 
-def _hello(sock: socket.socket) -> int:
+def _hello(sock: socket.socket) -> proto.Limits:
     sock.sendall(proto.frame(proto.HELLO, proto.HELLO_BODY.pack(proto.VERSION)))
     size, kind = proto.HEADER.unpack(_recv_exact(sock, 5))
     if size > 4096:
@@ -68,10 +68,9 @@ def _hello(sock: socket.socket) -> int:
     body = _recv_exact(sock, size)
     if kind == proto.ERROR:
         raise ProtocolError(f"the broker refused: {body.decode(errors='replace')}")
-    if kind != proto.WELCOME or len(body) != proto.WELCOME_BODY.size:
+    if kind != proto.WELCOME:
         raise ProtocolError("the broker did not answer HELLO")
-    _version, max_message = proto.WELCOME_BODY.unpack(body)
-    return int(max_message)
+    return proto.welcome_limits(body)
 
 
 def _recv_mp(sock: socket.socket) -> bytes:

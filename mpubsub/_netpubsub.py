@@ -16,14 +16,15 @@ import socket
 import threading
 import time
 import weakref
-from typing import Any, Callable, Deque, Dict, List, Optional, Set, Tuple, Type, Union
+from typing import Any, Callable, Deque, Dict, List, NamedTuple, Optional, Set, Tuple, Type, Union
 
 from . import _protocol as proto
 from ._connect import connect_socket, handshake
 from ._credentials import read_credentials
 from ._memo import Memo
 from ._pubsub import ErrorHandler, PubSub, as_topic
-from .errors import AuthenticationError, MPubSubError, ProtocolError
+from ._text import printable
+from .errors import AuthenticationError, CredentialsError, MPubSubError, ProtocolError
 from .typing import Subscriber, Topic
 
 logger = logging.getLogger("mpubsub.net")
@@ -46,6 +47,8 @@ _BATCH_LIMIT = 1024 * 1024
 # sendmsg: copying it into a frame and a batch costs more than a syscall.
 _LARGE = 32 * 1024
 _BACKOFF_MIN, _BACKOFF_MAX = 0.05, 5.0
+# Subscription changes remembered one by one; past it, all are sent again.
+_MAX_CHANGED = 1000
 
 _PING = proto.frame(proto.PING, b"")
 _STATS = proto.frame(proto.STATS, b"")
@@ -99,12 +102,17 @@ class NetPubSub(PubSub):
         self._kick = threading.Event()
         self._writer: Optional[threading.Thread] = None
         self._subs_changed = False
+        self._changed: Set[Tuple[str, ...]] = set()  # topics to tell the broker about
+        self._resync = True  # tell it every topic instead
         self._remote: Set[bytes] = set()
-        self._max_message = proto.DEFAULT_MAX_MESSAGE
+        self._limits = proto.Limits()
+        self._max_message = self._limits.max_message
         self._backoff = _BACKOFF_MIN
         self._next_attempt = 0.0
-        self._encoded: Memo[Tuple[str, ...], bytes] = Memo(proto.encode_topic)
-        self._decoded: Memo[bytes, Tuple[str, ...]] = Memo(proto.decode_topic)
+        self._dialing = False  # a reconnection is under way (outside the lock)
+        self._refused_credentials = False  # warned of it in this outage
+        self._encoded: Memo[Tuple[str, ...], bytes] = Memo(self._encode, weigh=_weigh)
+        self._decoded: Memo[bytes, Tuple[str, ...]] = Memo(proto.decode_topic, weigh=_weigh)
         self._credentials: Optional[Union[str, os.PathLike[str]]] = None
         # How payloads from the broker become messages (the CLI restricts it).
         self._loads: Callable[[bytes], Any] = pickle.loads
@@ -119,8 +127,10 @@ class NetPubSub(PubSub):
     ) -> NetPubSub:
         """A pub-sub for the broker whose ``(address, authkey)`` pickle is at *path*.
 
-        The file is read again at each reconnection. It must not be writable
-        by group or others (CredentialsError).
+        The file is read again at each reconnection. It must be a regular
+        file (not a symbolic link) owned by root or by the calling user, and
+        not writable by group or others: otherwise CredentialsError (while
+        reconnecting: one WARNING per outage, and no connection).
         """
         address, authkey = read_credentials(path)
         pubsub = cls(address, authkey, **kwargs)
@@ -189,21 +199,40 @@ class NetPubSub(PubSub):
         return sock.fileno()
 
     def _open(self) -> None:
+        self._install(self._dial())
+
+    def _dial(self) -> _Dialed:
+        """Connect and authenticate (blocking: never called with the lock held on reconnect)."""
+        address, authkey = self._address, self._authkey
         if self._credentials is not None:
-            self._address, self._authkey = read_credentials(self._credentials)
-        sock = connect_socket(self._address, self._timeout)
+            address, authkey = read_credentials(self._credentials)
+        sock = connect_socket(address, self._timeout)
         try:
-            max_message = handshake(sock, self._authkey)
+            limits = handshake(sock, authkey)
         except BaseException:
             sock.close()
             raise
         sock.setblocking(False)
-        self._sock = sock
-        self._max_message = max_message
-        self._decoder = proto.FrameDecoder(max_message)
+        return _Dialed(sock, limits, address, authkey)
+
+    def _install(self, dialed: _Dialed) -> None:
+        """Start using a new connection (called with the lock held)."""
+        self._sock, limits, self._address, self._authkey = dialed
+        if limits != self._limits:
+            self._limits = limits
+            self._encoded.clear()  # checked against the old limits
+        self._max_message = limits.max_message
+        self._decoder = proto.FrameDecoder(limits.max_message)
         self._remote = set()
+        self._resync = True
         self._sync_subscriptions()
         logger.debug("connected to broker at %s", self._address)
+
+    def _encode(self, topic: Tuple[str, ...]) -> bytes:
+        """A topic's encoding; TypeError, or ValueError if over the broker's limits."""
+        encoded = proto.encode_topic(topic)
+        self._limits.check_topic(encoded)
+        return encoded
 
     def _close(self) -> None:
         sock, self._sock = self._sock, None
@@ -219,36 +248,69 @@ class NetPubSub(PubSub):
             self._backoff = _BACKOFF_MIN
             self._next_attempt = time.monotonic() + self._backoff
             self._dropped = 0
+            self._refused_credentials = False
+            self._start_writer()  # it reconnects, so that publish never waits for it
         frames, self._pending, self._pending_size = self._pending, [], 0
         for frame in frames:
             self._enqueue(frame)
 
-    def _try_reconnect(self) -> bool:
-        """One reconnection attempt if it is due; True once connected."""
-        if time.monotonic() < self._next_attempt:
-            return False
+    def _reconnect(self) -> bool:
+        """One reconnection attempt if one is due; True if connected.
+
+        Called without the lock, which it holds only to look and to install
+        the new connection: whoever publishes meanwhile does not wait.
+        """
+        with self._io:
+            if self._state is not _RECONNECTING or self._sock is not None:
+                return self._sock is not None
+            if self._dialing or time.monotonic() < self._next_attempt:
+                return False
+            self._dialing = True
         try:
-            self._open()
+            dialed = self._dial()
         except (OSError, MPubSubError, AuthenticationError, ValueError) as exc:
             # A wrong key too: a restarted broker listens before it writes
             # its new key to the credentials file, read again next time.
+            self._failed_attempt(exc)
+            return False
+        finally:
+            self._dialing = False
+        with self._io:
+            if self._state is not _RECONNECTING or self._sock is not None:  # meanwhile
+                dialed.sock.close()
+                return False
+            self._install(dialed)
+            self._state = _CONNECTED
+            logger.warning("reconnected to the broker at %s", self._address)
+            queued = list(self._queue)
+            self._queue.clear()
+            if queued and not self._write(b"".join(queued)):
+                self._queue.extend(queued)
+            return self._sock is not None
+
+    def _failed_attempt(self, exc: Exception) -> None:
+        with self._io:
             self._backoff = min(self._backoff * 2, _BACKOFF_MAX)
             self._next_attempt = time.monotonic() + self._backoff * random.uniform(0.5, 1.0)
-            logger.debug("reconnection failed: %s", exc)
-            return False
-        self._state = _CONNECTED
-        logger.warning("reconnected to the broker at %s", self._address)
-        queued = list(self._queue)
-        self._queue.clear()
-        if queued and not self._write(b"".join(queued)):
-            self._queue.extend(queued)
-        return self._sock is not None
+            if isinstance(exc, CredentialsError) and not self._refused_credentials:
+                self._refused_credentials = True  # once per outage: it may be an attack
+                logger.warning("cannot reconnect: %s", exc)
+            else:
+                logger.debug("reconnection failed: %s", exc)
 
     # --- subscriptions -------------------------------------------------------
 
     def add_subscriber(self, topic: Topic, subscriber: Subscriber, *, weak: bool = True) -> None:
-        """As PubSub.add_subscriber; the broker learns of new topics at once."""
-        self._encoded[as_topic(topic)]  # TypeError now, not when it travels
+        """As PubSub.add_subscriber; the broker learns of new topics at once.
+
+        TypeError if the topic cannot travel, ValueError if it is deeper or
+        longer than the broker accepts (unless it is local).
+        """
+        topic = as_topic(topic)
+        if _is_local(topic):
+            proto.encode_topic(topic)  # TypeError for the same topics as elsewhere
+        else:
+            self._encoded[topic]  # now, not when it travels
         super().add_subscriber(topic, subscriber, weak=weak)
         self._sync_subscriptions()
 
@@ -262,23 +324,49 @@ class NetPubSub(PubSub):
         super().clear_subscribers()
         self._sync_subscriptions()
 
-    def _commit(self, subs: Dict[Tuple[str, ...], Any]) -> None:
-        super()._commit(subs)
-        self._subs_changed = True  # garbage-collected subscribers change it too
+    def _subscriptions_changed(self, topic: Optional[Tuple[str, ...]]) -> None:
+        # With PubSub's lock held. Garbage-collected subscribers change them too.
+        if topic is None or len(self._changed) >= _MAX_CHANGED:
+            self._resync = True
+            self._changed.clear()
+        elif not self._resync:
+            self._changed.add(topic)
+        self._subs_changed = True
 
     def _sync_subscriptions(self) -> None:
+        """Send the broker SUB/UNSUB for what changed (all topics after a reconnection)."""
         with self._io:
             self._subs_changed = False
             if self._sock is None:
                 return
-            wanted = {
-                self._encoded[t] for t in self._routes.subs if not (t and t[-1] == LOCAL_SUFFIX)
-            }
-            frames = [proto.frame(proto.SUB, t) for t in wanted - self._remote]
-            frames += [proto.frame(proto.UNSUB, t) for t in self._remote - wanted]
+            with self._lock:
+                resync, self._resync = self._resync, False
+                changed, self._changed = self._changed, set()
+                topics = self._subscribed_topics() if resync else changed
+                topics = {t for t in topics if not _is_local(t)}
+                present = {t for t in topics if self._has_subscribers(t)}
+            wanted = self._encodings(present)
+            if resync:
+                gone = self._remote - wanted
+            else:
+                gone = self._encodings(topics - present) & self._remote
+            new = wanted - self._remote
+            self._remote |= new
+            self._remote -= gone
+            frames = [proto.frame(proto.SUB, t) for t in new]
+            frames += [proto.frame(proto.UNSUB, t) for t in gone]
             if frames:
-                self._remote = wanted
                 self._write(b"".join(frames))
+
+    def _encodings(self, topics: Set[Tuple[str, ...]]) -> Set[bytes]:
+        """The encodings of *topics*, without those over the broker's limits."""
+        encodings = set()
+        for topic in topics:
+            try:
+                encodings.add(self._encoded[topic])
+            except ValueError as exc:  # a new broker's lower limits: it stays local
+                logger.warning("not subscribing to %r at the broker: %s", topic, exc)
+        return encodings
 
     # --- publishing ------------------------------------------------------------
 
@@ -286,11 +374,13 @@ class NetPubSub(PubSub):
         """Send *message* to the broker (unless the topic is local), then deliver it here.
 
         Raises before anyone gets the message if it cannot be pickled, or
-        (ValueError) if it is larger than the broker accepts.
+        (ValueError) if it or its topic is larger than the broker accepts.
+        Never waits for a reconnection: while the broker is away, the
+        message is queued.
         """
         if topic.__class__ is not tuple:
             topic = as_topic(topic)
-        if self._state is not _OFFLINE and (not topic or topic[-1] != LOCAL_SUFFIX):
+        if self._state is not _OFFLINE and not _is_local(topic):
             encoded = self._encoded[topic]
             payload = pickle.dumps(message, protocol=5)
             size = 4 + len(encoded) + len(payload)  # checked before framing copies it
@@ -310,11 +400,7 @@ class NetPubSub(PubSub):
         with self._io:
             sock = self._sock
             if sock is None:
-                frame = b"".join(parts)
-                if not (
-                    self._state is _RECONNECTING and self._try_reconnect() and self._write(frame)
-                ):
-                    self._enqueue(frame)
+                self._enqueue(b"".join(parts))  # the writer thread reconnects
                 return
             if len(parts) > 1:  # large: after what was batched, gathered by one sendmsg
                 self._write_pending()
@@ -345,15 +431,19 @@ class NetPubSub(PubSub):
         if self._pending_size >= _BATCH_LIMIT:
             self._write_pending()
         elif not self._kick.is_set():
-            self._kick.set()
-            if self._writer is None:
-                self._writer = threading.Thread(
-                    target=_writer_main,
-                    args=(weakref.ref(self), self._kick),
-                    name="mpubsub-writer",
-                    daemon=True,
-                )
-                self._writer.start()
+            self._start_writer()
+
+    def _start_writer(self) -> None:
+        """Wake the writer thread, starting it if needed (called with the lock held)."""
+        self._kick.set()
+        if self._writer is None or not self._writer.is_alive():
+            self._writer = threading.Thread(
+                target=_writer_main,
+                args=(weakref.ref(self), self._kick),
+                name="mpubsub-writer",
+                daemon=True,
+            )
+            self._writer.start()
 
     def _write_pending(self) -> None:
         """Send the batched publishes (called with the lock held)."""
@@ -415,9 +505,8 @@ class NetPubSub(PubSub):
 
     def _ask(self, kind: int, request: bytes) -> Optional[bytes]:
         """Send *request* after everything pending; wait for the broker's reply of *kind*."""
+        self._reconnect()
         with self._io:
-            if self._sock is None and self._state == _RECONNECTING:
-                self._try_reconnect()
             self._sync_subscriptions()
             if self._sock is None:
                 return None
@@ -448,6 +537,8 @@ class NetPubSub(PubSub):
         deadline = None if timeout is None else time.monotonic() + timeout
         waited = False
         while True:
+            if self._sock is None:
+                self._reconnect()
             frames, sock, next_attempt = self._receive(read=waited)
             if frames:
                 self._dispatch(frames)
@@ -469,9 +560,7 @@ class NetPubSub(PubSub):
         with self._io:
             if self._state == _OFFLINE:
                 raise RuntimeError("Not connected")
-            if self._sock is None:
-                self._try_reconnect()
-            elif self._subs_changed:
+            if self._sock is not None and self._subs_changed:
                 self._sync_subscriptions()
             if read and self._sock is not None:
                 self._read_available()
@@ -516,7 +605,8 @@ class NetPubSub(PubSub):
                 elif kind in (proto.PONG, proto.STATS_REPLY):
                     self._replies[kind] = frame
                 elif kind == proto.ERROR:
-                    logger.error("broker error: %s", frame[5:].decode(errors="replace"))
+                    reason = printable(frame[5:].decode(errors="replace"))
+                    logger.error("broker error: %s", reason)
             if len(data) < _RECV_SIZE:
                 return
 
@@ -527,15 +617,22 @@ class NetPubSub(PubSub):
                 topic = self._decoded[frame[9:end]]
                 message = self._loads(frame[end:])
             except Exception as exc:  # one bad message must not stop the others
-                logger.error("dropping a message that cannot be decoded: %s", exc)
+                logger.error("dropping a message that cannot be decoded: %s", printable(str(exc)))
                 continue
-            PubSub.publish(self, topic, **message)
+            try:
+                PubSub.publish(self, topic, **message)
+            except TypeError as exc:
+                if exc.__traceback__ is None or exc.__traceback__.tb_next is not None:
+                    raise  # from inside publish: a subscriber's, re-raised by on_error
+                # Raised by the call itself: the payload is not a mapping of strings.
+                logger.error("dropping a message that is not a mapping of strings: %r", topic)
 
 
 def _writer_main(ref: weakref.ReferenceType[NetPubSub], kick: threading.Event) -> None:
-    """Send what a pub-sub batched, until it disconnects or is garbage-collected."""
+    """Send what a pub-sub batched and reconnect it, until it disconnects or is collected."""
+    pause = 0.0
     while True:
-        kick.wait(1.0)
+        kick.wait(pause)
         pubsub = ref()
         if pubsub is None:
             return
@@ -545,7 +642,31 @@ def _writer_main(ref: weakref.ReferenceType[NetPubSub], kick: threading.Event) -
             if pubsub._state is _OFFLINE:
                 pubsub._writer = None
                 return
+        if pubsub._state is _RECONNECTING:
+            pubsub._reconnect()
+        pause = 1.0
+        if pubsub._state is _RECONNECTING:
+            pause = min(pause, max(0.0, pubsub._next_attempt - time.monotonic()) + 0.001)
         del pubsub
+
+
+def _is_local(topic: Tuple[str, ...]) -> bool:
+    return bool(topic) and topic[-1] == LOCAL_SUFFIX
+
+
+def _weigh(key: Union[bytes, Tuple[str, ...]], value: Union[bytes, Tuple[str, ...]]) -> int:
+    """What a memo entry of a topic and its encoding holds, roughly, in bytes."""
+    encoded = value if isinstance(value, bytes) else key
+    return 2 * len(encoded) + 200
+
+
+class _Dialed(NamedTuple):
+    """A connection just made, not yet in use."""
+
+    sock: socket.socket
+    limits: proto.Limits
+    address: Any
+    authkey: bytes
 
 
 # Publishes still batched when the interpreter exits are sent first.

@@ -7,8 +7,9 @@ broker challenging first, then the client. Both the legacy HMAC-MD5 form
 
 Then every frame is a 5-byte header (``!IB``: body length, frame type)
 and the body. The client's first frame is HELLO (its protocol version); the
-broker answers WELCOME (its version and its maximum message size) or ERROR
-(a UTF-8 reason, then it closes). After that:
+broker answers WELCOME (its version, its maximum message size, and its
+limits on topics: elements and encoded bytes) or ERROR (a UTF-8 reason,
+then it closes). After that:
 
 - SUB / UNSUB (client -> broker): body is an encoded topic.
 - PING (client -> broker, empty): the broker answers PONG once it has
@@ -31,6 +32,8 @@ A topic is encoded as each element in UTF-8 (surrogates passed through),
 followed by the byte 0xFF, which never occurs in UTF-8. So ``()`` is
 ``b''``, and the encoding of every prefix of a topic is a byte prefix of
 the topic's encoding ending in 0xFF, which lets the broker route on bytes.
+A broker closes the connection of a client that sends a topic deeper or
+longer than its limits.
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ import hmac
 import json
 import os
 import struct
-from typing import Any, Dict, List, Tuple, Union
+from typing import Any, Dict, Iterator, List, NamedTuple, Tuple, Union
 
 from .errors import AuthenticationError, ProtocolError
 
@@ -54,11 +57,45 @@ HEADER = struct.Struct("!IB")
 PUB_HEADER = struct.Struct("!IBI")  # the header and the topic length of a PUB frame
 TOPIC_LEN = struct.Struct("!I")
 HELLO_BODY = struct.Struct("!H")
-WELCOME_BODY = struct.Struct("!HQ")
+WELCOME_BODY = struct.Struct("!HQII")
+_WELCOME_V1_BODY = struct.Struct("!HQ")  # brokers before topic limits
 SEP = b"\xff"
 
 # Largest message accepted by default (pickled bytes plus the topic).
 DEFAULT_MAX_MESSAGE = 16 * 1024 * 1024
+# Largest topic accepted by default: elements, and bytes once encoded.
+DEFAULT_MAX_TOPIC_DEPTH = 128
+DEFAULT_MAX_TOPIC_SIZE = 4096
+
+
+class Limits(NamedTuple):
+    """What a broker accepts, as its WELCOME says."""
+
+    max_message: int = DEFAULT_MAX_MESSAGE
+    max_topic_depth: int = DEFAULT_MAX_TOPIC_DEPTH
+    max_topic_size: int = DEFAULT_MAX_TOPIC_SIZE
+
+    def check_topic(self, encoded: bytes) -> None:
+        """ValueError if an encoded topic is over the limits (for publishers)."""
+        reason = self.topic_excess(encoded)
+        if reason:
+            raise ValueError(reason)
+
+    def topic_excess(self, encoded: bytes) -> str:
+        """Why an encoded topic is over the limits, or ``''`` if it is not."""
+        if len(encoded) > self.max_topic_size:
+            return (
+                f"topic of {len(encoded)} bytes exceeds the broker's limit of "
+                f"{self.max_topic_size} bytes"
+            )
+        depth = encoded.count(SEP)
+        if depth > self.max_topic_depth:
+            return (
+                f"topic of {depth} elements exceeds the broker's limit of "
+                f"{self.max_topic_depth} elements"
+            )
+        return ""
+
 
 # --- multiprocessing.connection's handshake --------------------------------
 
@@ -133,14 +170,16 @@ def decode_topic(data: bytes) -> Tuple[str, ...]:
         raise ProtocolError("malformed topic") from None
 
 
-def topic_prefixes(data: bytes) -> List[bytes]:
-    """The encodings of a topic's prefixes, itself first, ``b''`` last."""
-    prefixes = [data]
-    end = len(data) - 1  # the separator closing the last element
+def prefix_ends(data: bytes) -> Iterator[int]:
+    """Where each non-empty prefix of an encoded topic ends, shortest first.
+
+    ``data[:end]`` for each *end* is a prefix's encoding: walked one at a
+    time, never built all at once (a deep topic has many).
+    """
+    end = data.find(SEP)
     while end >= 0:
-        end = data.rfind(SEP, 0, end)
-        prefixes.append(data[: end + 1])
-    return prefixes
+        yield end + 1
+        end = data.find(SEP, end + 1)
 
 
 def frame(kind: int, body: bytes) -> bytes:
@@ -232,6 +271,21 @@ def report(frame: bytes) -> Dict[str, Any]:
     if not isinstance(value, dict):
         raise ProtocolError("FEDERATION frame is not a JSON object")
     return value
+
+
+def welcome_body(limits: Limits) -> bytes:
+    """The body of the broker's WELCOME."""
+    return WELCOME_BODY.pack(VERSION, *limits)
+
+
+def welcome_limits(body: bytes) -> Limits:
+    """The limits in the body of a WELCOME; ProtocolError if malformed."""
+    if len(body) == WELCOME_BODY.size:
+        _version, *limits = WELCOME_BODY.unpack(body)
+        return Limits(*limits)
+    if len(body) == _WELCOME_V1_BODY.size:
+        return Limits(_WELCOME_V1_BODY.unpack(body)[1])
+    raise ProtocolError("the broker did not answer HELLO")
 
 
 def hello_version(frame: bytes) -> int:

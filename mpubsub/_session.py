@@ -9,6 +9,7 @@ PEER_VERDICT (their WELCOME), HELLO (the first protocol frame), ACTIVE.
 from __future__ import annotations
 
 import collections
+import contextlib
 import socket
 import struct
 from typing import Deque, Optional, Set
@@ -22,8 +23,9 @@ ANSWER, PEER_CHALLENGE, PEER_VERDICT, HELLO, ACTIVE = range(5)
 class Session:
     """One connection, from its first byte to its close."""
 
-    def __init__(self, sock: socket.socket, number: int, deadline: float) -> None:
+    def __init__(self, sock: socket.socket, number: int, deadline: float, peer: str = "") -> None:
         self.sock = sock
+        self.peer = peer  # who connected: see _sockets.peer_of
         self.name = f"client {number} ({_peer_name(sock)})"
         self.state = ANSWER
         self.deadline = deadline
@@ -34,11 +36,14 @@ class Session:
         self.out_size = 0
         self.writing = False
         self.subs: Set[bytes] = set()
+        self.sub_bytes = 0  # the encoded topics of subs, summed
+        self.unfinished = 0  # bytes received and not yet part of a whole frame
 
     def feed_handshake(self, data: bytes, authkey: bytes, max_message: int) -> bytes:
         """Advance the handshake with *data*; return what follows it (protocol frames).
 
-        Raises ProtocolError or AuthenticationError, and nothing else.
+        Raises ProtocolError or AuthenticationError, or OSError if a reply
+        cannot be sent (the peer is gone).
         """
         buf = self.handshake
         buf += data
@@ -62,7 +67,8 @@ class Session:
             try:
                 proto.verify_answer(authkey, self.challenge, message)
             except AuthenticationError:
-                self.send_now(proto.mp_frame(proto.FAILURE_MSG))
+                with contextlib.suppress(OSError):  # the peer may not wait for it
+                    self.send_now(proto.mp_frame(proto.FAILURE_MSG))
                 raise
             self.send_now(proto.mp_frame(proto.WELCOME_MSG))
             self.state = PEER_CHALLENGE

@@ -9,18 +9,21 @@ import logging
 import os
 import resource
 import socket
+import struct
+import sys
 
 logger = logging.getLogger("mpubsub.broker")
 
 
-def raise_file_limit() -> None:
-    """Allow as many descriptors as the hard limit does: one per client."""
+def raise_file_limit() -> int:
+    """Allow as many descriptors as the hard limit does: one per client; return it."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft != hard:
         with contextlib.suppress(ValueError, OSError):
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
             soft = hard
     logger.info("open file limit: %s", "unlimited" if soft == resource.RLIM_INFINITY else soft)
+    return sys.maxsize if soft == resource.RLIM_INFINITY else soft
 
 
 def remove_stale_socket(path: str) -> None:
@@ -50,3 +53,17 @@ def warn_if_exposed(host: str) -> None:
         logger.warning(
             "listening on %s: messages travel in plain text; use trusted networks only", host
         )
+
+
+def peer_of(sock: socket.socket, address: object) -> str:
+    """Who is at the other end, for per-peer caps: an IP address, or a user on a Unix socket.
+
+    A Unix socket peer's user is the kernel's word (SO_PEERCRED), not the peer's.
+    """
+    if isinstance(address, tuple):
+        return str(address[0])
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
+    return f"uid {_UCRED.unpack(creds)[1]}"
+
+
+_UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid

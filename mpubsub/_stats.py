@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 from typing import Any, Dict, Optional
@@ -55,3 +56,29 @@ class Counters:
         if elapsed >= 1.0:
             self.rate = (self.messages_in - self._last_count) / elapsed
             self._last_count, self._last_time = self.messages_in, now
+
+
+class Throttle:
+    """Logs a recurring WARNING at most once per *interval* seconds, with a count.
+
+    Used where a peer decides how often the event happens (refused
+    connections...), so that it cannot flood the log.
+    """
+
+    __slots__ = ("_interval", "_last", "_logger", "_missed")
+
+    def __init__(self, logger: logging.Logger, interval: float = 10.0) -> None:
+        self._logger = logger
+        self._interval = interval
+        self._last = -interval
+        self._missed = 0
+
+    def warning(self, message: str, *args: object) -> None:
+        now = time.monotonic()
+        if now - self._last < self._interval:
+            self._missed += 1
+            return
+        if self._missed:
+            message += f" (and {self._missed} more like it since the last report)"
+        self._logger.warning(message, *args)
+        self._last, self._missed = now, 0

@@ -15,7 +15,7 @@ import secrets
 import sys
 from typing import List, Optional
 
-from ._broker import DEFAULT_MAX_BUFFER, Broker
+from ._broker import CAPS, DEFAULT_MAX_BUFFER, Broker
 from ._credentials import parse_address, write_credentials
 from ._protocol import DEFAULT_MAX_MESSAGE
 
@@ -50,6 +50,14 @@ def _parser() -> argparse.ArgumentParser:
         help="unsent bytes a client may lag behind before it is disconnected "
         "(default: %(default)s)",
     )
+    for name, (default, what) in CAPS.items():
+        parser.add_argument(
+            "--" + name.replace("_", "-"),
+            type=int,
+            default=default,
+            metavar="N",
+            help=f"the most {what} (default: %(default)s)",
+        )
     parser.add_argument(
         "--handshake-timeout",
         type=float,
@@ -79,6 +87,7 @@ def main(argv: Optional[List[str]] = None) -> None:
             timeout=args.handshake_timeout,
             max_message_size=args.max_message_size,
             max_buffer=args.max_buffer,
+            **{name: getattr(args, name) for name in CAPS},
         )
     except (OSError, ValueError) as exc:
         sys.exit(f"error: cannot start the broker: {exc}")

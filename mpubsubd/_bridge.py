@@ -20,7 +20,7 @@ import signal
 import ssl
 import sys
 import time
-from typing import Any, Dict, List, Optional, Set, Tuple
+from typing import Any, Dict, List, Optional, Set, Tuple, Union
 
 import nats
 import nats.errors
@@ -48,6 +48,11 @@ _MAX_BACKLOG = 64 * 1024 * 1024  # bytes for the broker not yet written: beyond,
 _NATS_BACKLOG = 16 * 1024 * 1024
 
 
+def _weigh(key: Union[str, bytes], value: Union[str, bytes]) -> int:
+    """What a memo entry of topics and subjects holds, roughly, in bytes."""
+    return len(key) + len(value) + 200
+
+
 class Bridge:
     """One bridge between the local broker at *credentials* and NATS."""
 
@@ -58,9 +63,13 @@ class Bridge:
         self._local_only = tuple(proto.encode_topic(t) for t in config.local_only_topics)
         self._signer = Signer(secret, config.host_name)
         self._verifier = Verifier(secret, config.host_name)
-        self._subjects: Memo[bytes, str] = Memo(lambda topic: subject(self._prefix, topic))
+        self._subjects: Memo[bytes, str] = Memo(
+            lambda topic: subject(self._prefix, topic), weigh=_weigh
+        )
         prefix = self._prefix.encode()
-        self._topics_of: Memo[str, bytes] = Memo(lambda subj: topic_of(prefix, subj.encode()))
+        self._topics_of: Memo[str, bytes] = Memo(
+            lambda subj: topic_of(prefix, subj.encode()), weigh=_weigh
+        )
         self._topics: Set[bytes] = set()  # what this host's subscribers want
         self._nats_subs: Dict[str, Subscription] = {}
         self._nc: Optional[Client] = None
@@ -125,7 +134,7 @@ class Bridge:
         address, authkey = read_credentials(self._credentials)
         sock = connect_socket(address, 5.0)
         try:
-            self._max_message = handshake(sock, authkey)
+            self._max_message = handshake(sock, authkey).max_message
             sock.sendall(proto.frame(proto.BRIDGE, b""))
             sock.setblocking(False)
             reader, self._writer = await asyncio.open_connection(sock=sock, limit=_READ_SIZE)

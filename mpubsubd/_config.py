@@ -11,7 +11,7 @@ import stat
 from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Dict, Optional, Tuple
 
-from mpubsub._broker import DEFAULT_MAX_BUFFER
+from mpubsub._broker import CAPS, DEFAULT_MAX_BUFFER
 from mpubsub._cli import parse_topic
 from mpubsub._credentials import Address, parse_address
 from mpubsub._protocol import DEFAULT_MAX_MESSAGE
@@ -76,6 +76,15 @@ class Config:
     max_message_size: int = DEFAULT_MAX_MESSAGE
     max_buffer: int = DEFAULT_MAX_BUFFER
     handshake_timeout: float = 5.0
+    max_topic_depth: int = CAPS["max_topic_depth"][0]
+    max_topic_size: int = CAPS["max_topic_size"][0]
+    max_subscriptions: int = CAPS["max_subscriptions"][0]
+    max_subscription_bytes: int = CAPS["max_subscription_bytes"][0]
+    max_connections: int = CAPS["max_connections"][0]
+    max_handshakes: int = CAPS["max_handshakes"][0]
+    max_handshakes_per_peer: int = CAPS["max_handshakes_per_peer"][0]
+    max_input_buffer: int = CAPS["max_input_buffer"][0]
+    route_cache_bytes: int = CAPS["route_cache_bytes"][0]
     federation: FederationConfig = field(default_factory=FederationConfig)
 
     @property
@@ -113,8 +122,14 @@ def load(path: Optional[str]) -> Config:
             **_section(parser, name, FEDERATION, FederationConfig)
         )
     config = Config(**values)
-    if config.max_buffer < config.max_message_size:
-        raise ConfigError(f"{name}: max_buffer: must be at least max_message_size")
+    for key, least in (
+        ("max_buffer", "max_message_size"),
+        ("max_input_buffer", "max_message_size"),
+    ):
+        if getattr(config, key) < getattr(config, least):
+            raise ConfigError(f"{name}: {key}: must be at least {least}")
+    if config.max_topic_size > config.max_message_size:
+        raise ConfigError(f"{name}: max_topic_size: must be at most max_message_size")
     federation = config.federation
     if federation.enabled and not federation.secret_file:
         raise ConfigError(f"{name}: secret_file: required in [{FEDERATION}] when servers is set")
@@ -228,6 +243,7 @@ _CHECKS: Dict[str, Callable[[str], Any]] = {
     "max_message_size": _positive(int, "a whole number of bytes"),
     "max_buffer": _positive(int, "a whole number of bytes"),
     "handshake_timeout": _positive(float, "a number of seconds"),
+    **{key: _positive(int, "a whole number") for key in CAPS},
     "servers": _servers,
     "subject_prefix": _subject_prefix,
     "secret_file": _optional_path,

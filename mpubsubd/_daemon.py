@@ -13,6 +13,7 @@ import sys
 from typing import Callable, Optional
 
 from mpubsub import Broker, __version__
+from mpubsub._broker import CAPS
 from mpubsub._credentials import write_credentials
 
 from ._config import Config, ConfigError, read_authkey
@@ -116,6 +117,7 @@ def _serve(config: Config, ready: Callable[[], object], reopen: Optional[logging
             timeout=config.handshake_timeout,
             max_message_size=config.max_message_size,
             max_buffer=config.max_buffer,
+            **{key: getattr(config, key) for key in CAPS},
         )
     except OSError as exc:
         raise StartupError(f"cannot listen on {config.address}: {reason(exc)}") from None

@@ -103,7 +103,9 @@ def interest(prefix: str, topics: Iterable[bytes], local_only: Iterable[bytes]) 
     excluded = tuple(local_only)
     subjects: Set[str] = set()
     for topic in wanted:
-        if any(p in wanted for p in proto.topic_prefixes(topic)[1:]):
+        if topic and (
+            b"" in wanted or any(topic[:e] in wanted for e in proto.prefix_ends(topic[:-1]))
+        ):
             continue  # covered by a shorter one
         if topic.startswith(excluded):
             continue

@@ -148,6 +148,41 @@ def broker(
     return broker_factory(address)
 
 
+@pytest.fixture
+def clients() -> Iterator[List[NetPubSub]]:
+    """NetPubSubs made by a test, all disconnected at its end."""
+    made: List[NetPubSub] = []
+    yield made
+    for pubsub in made:
+        if pubsub._state != "offline":
+            pubsub.disconnect()
+
+
+def connected(broker: BrokerProcess, made: List[NetPubSub]) -> NetPubSub:
+    pubsub = NetPubSub.from_file(broker.credentials)
+    pubsub.connect()
+    made.append(pubsub)
+    return pubsub
+
+
+def assert_serving(broker: BrokerProcess, made: List[NetPubSub]) -> None:
+    """The broker is alive and still carries a message between two new clients."""
+    assert broker.proc is not None and broker.proc.poll() is None
+    pub, sub = connected(broker, made), connected(broker, made)
+    got = subscribed(sub, "alive")
+    pub.publish("alive", ok=True)
+    wait_for(lambda: sub.poll(0.05) or got, what="a message through the broker")
+
+
+def broker_rss(broker: BrokerProcess) -> int:
+    """The broker's resident memory, in bytes."""
+    with open(f"/proc/{broker.pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
 HELPERS = Path(__file__).resolve().parent / "helpers"
 
 

@@ -14,7 +14,7 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import pytest
 
@@ -22,36 +22,10 @@ from mpubsub import AuthenticationError, Broker, NetPubSub, ProtocolError
 from mpubsub import _protocol as proto
 from mpubsub._connect import authenticate, connect_socket, handshake
 
-from .conftest import BrokerProcess, subscribed, wait_for
+from .conftest import BrokerProcess, assert_serving, connected, subscribed, wait_for
 
 Received = List[Dict[str, Any]]
 HELPERS = Path(__file__).resolve().parent / "helpers"
-
-
-@pytest.fixture
-def clients() -> Iterator[List[NetPubSub]]:
-    """NetPubSubs made by a test, all disconnected at its end."""
-    made: List[NetPubSub] = []
-    yield made
-    for pubsub in made:
-        if pubsub._state != "offline":
-            pubsub.disconnect()
-
-
-def connected(broker: BrokerProcess, made: List[NetPubSub]) -> NetPubSub:
-    pubsub = NetPubSub.from_file(broker.credentials)
-    pubsub.connect()
-    made.append(pubsub)
-    return pubsub
-
-
-def assert_serving(broker: BrokerProcess, made: List[NetPubSub]) -> None:
-    """The broker is alive and still carries a message between two new clients."""
-    assert broker.proc is not None and broker.proc.poll() is None
-    pub, sub = connected(broker, made), connected(broker, made)
-    got = subscribed(sub, "alive")
-    pub.publish("alive", ok=True)
-    wait_for(lambda: sub.poll(0.05) or got, what="a message through the broker")
 
 
 def closed_by_peer(sock: socket.socket) -> bool:
@@ -135,7 +109,7 @@ def test_silent_peers_do_not_delay_others(
 def test_out_of_descriptors(
     broker_factory: Callable[..., BrokerProcess], clients: List[NetPubSub]
 ) -> None:
-    """Out of descriptors, the broker refuses new clients with a log line and serves the rest."""
+    """Near its descriptor limit, the broker refuses new clients with a log line; serves others."""
     if shutil.which("prlimit") is None:
         pytest.skip("prlimit is not installed")
     broker = broker_factory(None, prefix=("prlimit", "--nofile=40:40"))
@@ -152,7 +126,8 @@ def test_out_of_descriptors(
             continue
         clients.append(extra)
     assert refused > 0
-    assert "refusing new connections" in broker.output()
+    assert "max_connections lowered to 24 to fit the open file limit of 40" in broker.output()
+    assert "refusing a connection: 24 connections, the limit (max_connections)" in broker.output()
     pub.publish("t", n=1)
     wait_for(lambda: sub.poll(0.05) or got, what="delivery while out of descriptors")
     for extra in clients[2:]:
@@ -325,7 +300,7 @@ def test_challenge_forms() -> None:
 
 
 def test_raw_handshake_then_hello(broker: BrokerProcess) -> None:
-    """The sequence a client speaks: authenticate, HELLO, WELCOME with the size limit."""
+    """The sequence a client speaks: authenticate, HELLO, WELCOME with the size limits."""
     address, authkey = broker.creds()
     with connect_socket(address, 5) as sock:
         authenticate(sock, authkey)
@@ -333,7 +308,7 @@ def test_raw_handshake_then_hello(broker: BrokerProcess) -> None:
         header = sock.recv(5 + proto.WELCOME_BODY.size, socket.MSG_WAITALL)
     _size, kind = proto.HEADER.unpack_from(header)
     assert kind == proto.WELCOME
-    assert proto.WELCOME_BODY.unpack_from(header, 5) == (1, proto.DEFAULT_MAX_MESSAGE)
+    assert proto.WELCOME_BODY.unpack_from(header, 5) == (1, proto.DEFAULT_MAX_MESSAGE, 128, 4096)
 
 
 def test_in_process_broker_stops_and_cleans_up(tmp_path: Path) -> None:

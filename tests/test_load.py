@@ -18,7 +18,7 @@ from mpubsub import NetPubSub
 from mpubsub import _protocol as proto
 from mpubsub._connect import connect_socket
 
-from .conftest import BrokerProcess, subscribed, wait_for
+from .conftest import BrokerProcess, broker_rss, subscribed, wait_for
 
 SOAK = os.environ.get("MPUBSUB_SOAK") == "1"
 SCALE = 10 if SOAK else 1
@@ -26,15 +26,6 @@ SCALE = 10 if SOAK else 1
 
 def broker_fds(broker: BrokerProcess) -> int:
     return len(os.listdir(f"/proc/{broker.pid}/fd"))
-
-
-def broker_rss(broker: BrokerProcess) -> int:
-    """The broker's resident memory, in bytes."""
-    with open(f"/proc/{broker.pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise AssertionError("no VmRSS")
 
 
 @pytest.fixture
@@ -181,7 +172,11 @@ def test_silent_crowd_and_replayed_handshake(broker_factory: Callable[..., Broke
         for sock in silent:
             sock.close()
     log = broker.output()
-    assert log.count("no complete handshake in time") >= 200
+    # Those that were not closed to make room for newer ones (max_handshakes_per_peer)
+    # timed out.
+    dropped = log.count("no complete handshake in time")
+    assert dropped >= 1
+    assert dropped + log.count("making room for a new connection") >= 200
     assert "authentication failed: digest received was wrong" in log
 
 

@@ -58,8 +58,8 @@ def test_topics_round_trip_and_prefixes(topic: Tuple[str, ...]) -> None:
     """Any tuple of strings encodes and decodes back; its prefixes are its byte prefixes."""
     encoded = proto.encode_topic(topic)
     assert proto.decode_topic(encoded) == topic
-    expected = [proto.encode_topic(topic[:n]) for n in range(len(topic), -1, -1)]
-    assert proto.topic_prefixes(encoded) == expected
+    expected = [proto.encode_topic(topic[:n]) for n in range(1, len(topic) + 1)]
+    assert [encoded[:end] for end in proto.prefix_ends(encoded)] == expected
 
 
 @given(st.binary(max_size=64))

@@ -1,0 +1,116 @@
+"""The broker's routing table, without sockets: routes always agree with subscriptions."""
+
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Set, Tuple
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mpubsub import _protocol as proto
+from mpubsub._routing import Router
+from mpubsub.errors import ProtocolError
+
+TOPICS = [
+    proto.encode_topic(t) for t in [(), ("a",), ("a", "b"), ("a", "b", "c"), ("a", "c"), ("b",)]
+]
+
+operations = st.lists(
+    st.tuples(
+        st.sampled_from(["sub", "unsub", "route", "everything", "nobody", "drop"]),
+        st.integers(0, 3),  # a client
+        st.sampled_from(TOPICS),
+    ),
+    max_size=60,
+)
+
+
+def expected(subs: Dict[int, Set[bytes]], everything: Optional[int], topic: bytes) -> Set[int]:
+    """What a route must hold, computed the slow, obvious way."""
+    if not topic:
+        found = {c for c, topics in subs.items() if topics}
+    else:
+        found = {c for c, topics in subs.items() if any(topic.startswith(t) for t in topics)}
+    if everything is not None:
+        found.add(everything)
+    return found
+
+
+@settings(max_examples=300)
+@given(operations, st.sampled_from([0, 300, 1 << 20]))
+def test_routes_agree_with_subscriptions(
+    ops: List[Tuple[str, int, bytes]], cache_bytes: int
+) -> None:
+    """Any sequence of changes and lookups, with any cache budget: routes are right."""
+    router: Router[int] = Router(cache_bytes)
+    subs: Dict[int, Set[bytes]] = {c: set() for c in range(4)}
+    everything: Optional[int] = None
+    for op, client, topic in ops:
+        if op == "sub":
+            first = not any(topic in t for t in subs.values())
+            assert router.subscribe(client, topic) == (first and topic not in subs[client])
+            subs[client].add(topic)
+        elif op == "unsub":
+            had = topic in subs[client]
+            subs[client].discard(topic)
+            last = had and not any(topic in t for t in subs.values())
+            assert router.unsubscribe(client, topic) == last
+        elif op == "everything":
+            everything = client
+            router.set_everything(client)
+        elif op == "nobody":
+            everything = None
+            router.set_everything(None)
+        elif op == "drop":
+            for t in list(subs[client]):
+                router.unsubscribe(client, t)
+            subs[client].clear()
+        route = router.routes[topic]
+        assert len(route) == len(set(route)), "a client twice in a route"
+        assert set(route) == expected(subs, everything, topic)
+    assert set(router.topics) == set().union(*subs.values())
+
+
+def test_churn_forgets_only_what_it_touches() -> None:
+    """A SUB/UNSUB leaves the cached routes of unrelated topics and the broadcast route alone."""
+    router: Router[str] = Router()
+    for n in range(1000):
+        router.subscribe("big", proto.encode_topic(("t", str(n))))
+    unrelated = proto.encode_topic(("t", "5", "x"))
+    assert router.routes[unrelated] == ("big",)
+    assert router.routes[b""] == ("big",)
+    cached = len(router.routes)
+    router.subscribe("big", proto.encode_topic(("new",)))
+    router.unsubscribe("big", proto.encode_topic(("new",)))
+    assert len(router.routes) == cached  # nothing recomputed but what changed
+    router.subscribe("other", proto.encode_topic(("t",)))
+    assert unrelated not in router.routes  # below t: forgotten
+    assert b"" not in router.routes  # other joined the broadcast route
+    assert set(router.routes[unrelated]) == {"big", "other"}
+
+
+def test_cache_stays_within_its_budget() -> None:
+    """However many distinct topics are routed, the cache holds about its budget, no more."""
+    router: Router[str] = Router(cache_bytes=64 * 1024)
+    router.subscribe("c", proto.encode_topic(("x",)))
+    for n in range(5000):
+        topic = proto.encode_topic(("x", *(["level"] * 20), str(n)))
+        assert router.routes[topic] == ("c",)
+        assert router.cached_size <= 64 * 1024 + 20_000
+    router.clear_cache()
+    assert router.cached_size == 0
+
+
+def test_a_topic_the_check_refuses_is_not_cached() -> None:
+    """The check runs on a miss; what it refuses raises and leaves nothing behind."""
+
+    def check(topic: bytes) -> None:
+        if len(topic) > 4:
+            raise ProtocolError("too long")
+
+    router: Router[str] = Router(check=check)
+    with pytest.raises(ProtocolError):
+        router.routes[proto.encode_topic(("toolong",))]
+    assert not router.routes
+    assert router.routes[proto.encode_topic(("ok",))] == ()
