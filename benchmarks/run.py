@@ -9,7 +9,9 @@ machine's noise hits them alike; each figure is the median of the rounds,
 printed with its ratio to 0.0.1 and to the pyzmq proxy. Across hosts,
 two mpubsubd federated through a private nats-server stand beside nats-py
 used alone (``federation.py``; skipped without ``nats-server``). The tables
-go to ``benchmarks/results/latest.md`` and a chart to ``latest.png``.
+go to ``benchmarks/results/latest.md`` and a chart to ``latest.png``. Under
+attack (``churn.py``): another client's round trips while one churns its
+subscriptions beside 100,000 of them.
 """
 
 from __future__ import annotations
@@ -67,6 +69,7 @@ REMOTE: List[Remote] = [
     ),
 ]
 SCALE = [1, 10, 100, 500]
+CHURN = ["ping_max_ms", "ping_p99_ms", "ping_p50_ms", "churn_round_s"]
 
 FEDERATED, NATS_PY = "mpubsub, two hosts via NATS", "nats-py alone"
 ACROSS = {FEDERATED: "this", NATS_PY: "nats"}
@@ -160,6 +163,14 @@ class Bench:
             self.measure_scenarios(REMOTE, self.remote, "remote.py")
             self.measure_scenarios(ACROSS_HOSTS, ACROSS, "federation.py")
         self.measure_scale()  # one round: a table of this project alone, not a comparison
+        self.record(  # the same: one round, this project alone
+            THIS,
+            "churn:",
+            self.pythons[THIS],
+            "churn.py",
+            "--seconds",
+            "0.5" if self.quick else "3",
+        )
 
     def record(self, system: str, prefix: str, python: Path, *args: str) -> None:
         """Run a benchmark script; file each figure it prints under *prefix*."""
@@ -262,6 +273,21 @@ class Bench:
             p99 = self.median(THIS, f"scale {subscribers}:latency_p99_us")
             if cpu is not None and p50 is not None and p99 is not None:
                 lines.append(f"| {subscribers} | {cpu:,.0f} us | {p50:,.0f} us | {p99:,.0f} us |")
+        lines += ["", "## Under attack: subscription churn beside 100,000 subscriptions", ""]
+        lines += [
+            "One client holds 100,000 subscriptions and sends rounds of 400 x (SUB,"
+            " broadcast, UNSUB, broadcast) for 3 s; another client pings meanwhile"
+            " (the broker before issue 12: 8 s per round, and the ping waited for it).",
+            "",
+            "| ping worst | ping p99 | ping p50 | broker time per round of churn |",
+            "|---:|---:|---:|---:|",
+        ]
+        figures = [self.median(THIS, f"churn:{key}") for key in CHURN]
+        if all(value is not None for value in figures):
+            worst, p99, p50, per_round = (value or 0.0 for value in figures)
+            lines.append(
+                f"| {worst:,.2f} ms | {p99:,.2f} ms | {p50:,.2f} ms | {per_round * 1000:,.2f} ms |"
+            )
         return "\n".join(lines) + "\n"
 
     def chart(self, path: Path) -> None:
