@@ -35,8 +35,8 @@ _RECV_SIZE = 64 * 1024
 _SEND_CHUNK = 256 * 1024
 _ACCEPT_PAUSE = 0.5
 DEFAULT_MAX_BUFFER = 32 * 1024 * 1024
-DEFAULT_MAX_SUBSCRIPTIONS = 10_000  # per client
-DEFAULT_MAX_SUBSCRIPTION_BYTES = 1024 * 1024  # per client: its topics, encoded
+DEFAULT_MAX_SUBSCRIPTIONS = proto.DEFAULT_MAX_SUBSCRIPTIONS  # per client
+DEFAULT_MAX_SUBSCRIPTION_BYTES = proto.DEFAULT_MAX_SUBSCRIPTION_BYTES  # its topics, encoded
 DEFAULT_MAX_CONNECTIONS = 1024
 DEFAULT_MAX_HANDSHAKES = 64  # connections still authenticating, in all
 DEFAULT_MAX_HANDSHAKES_PER_PEER = 8  # the same, from one IP address (TCP) or user (Unix)
@@ -64,6 +64,7 @@ CAPS: Dict[str, Tuple[int, str]] = {
     "max_input_buffer": (DEFAULT_MAX_INPUT_BUFFER, "bytes of unfinished frames, all clients"),
     "route_cache_bytes": (DEFAULT_ROUTE_CACHE_BYTES, "bytes of cached routes"),
 }
+_MAX_CAP = 2**32 - 1  # what WELCOME can announce
 # Descriptors kept free of clients: the listener, the wake-up pair, the log...
 _SPARE_FILES = 16
 # Errors accept() passes on from a connection that failed before we took it.
@@ -157,15 +158,25 @@ class Broker:
             ("max_handshakes", max_handshakes),
             ("max_handshakes_per_peer", max_handshakes_per_peer),
         ):
-            if value < 1:
-                raise ValueError(f"{name} must be at least 1")
+            if not 1 <= value <= _MAX_CAP:
+                raise ValueError(f"{name} must be at least 1 and at most {_MAX_CAP}")
+        if route_cache_bytes < 0:
+            raise ValueError("route_cache_bytes must not be negative")
+        if timeout <= 0:
+            raise ValueError("timeout must be positive")
         self._authkey = (
             authkey if authkey is not None else multiprocessing.current_process().authkey
         )
         self._timeout = timeout
         self._max_message = max_message_size
         self._max_buffer = max_buffer
-        self._limits = proto.Limits(max_message_size, max_topic_depth, max_topic_size)
+        self._limits = proto.Limits(
+            max_message_size,
+            max_topic_depth,
+            max_topic_size,
+            max_subscriptions,
+            max_subscription_bytes,
+        )
         self._max_subscriptions = max_subscriptions
         self._max_subscription_bytes = max_subscription_bytes
         self._max_connections = max_connections
@@ -181,7 +192,9 @@ class Broker:
         self._handshaking: Dict[Session, None] = {}  # oldest first
         self._handshakes_by_peer: Dict[str, Dict[Session, None]] = {}  # oldest first
         self._input = 0  # unfinished input, all clients together
-        self._router: Router[Session] = Router(route_cache_bytes, self._checked_topic)
+        self._router: Router[Session] = Router(
+            route_cache_bytes, self._checked_topic, self._route_cache_full
+        )
         self._routes = self._router.routes  # the one lookup of the hot path
         self._dirty: Set[Session] = set()
         self._bridge: Optional[Session] = None
@@ -567,6 +580,13 @@ class Broker:
             raise ProtocolError(excess.replace("the broker's limit", "the limit"))
         proto.decode_topic(topic)
         return topic
+
+    def _route_cache_full(self) -> None:
+        self._throttles["route_cache_bytes"].log(
+            logging.INFO,
+            "the cache of routes reached %d bytes (route_cache_bytes): starting afresh",
+            self._router.cache_bytes,
+        )
 
     def _subscribe(self, client: Session, topic: bytes) -> None:
         if client is self._bridge:

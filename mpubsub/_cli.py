@@ -203,7 +203,10 @@ def cmd_sub(args: argparse.Namespace) -> None:
         pubsub._loads = functools.partial(load_message, unsafe=args.unsafe_pickle)
         pubsub.on_error = _reraise  # a closed stdout must end the command, not be logged
         for topic in topics:
-            pubsub.add_subscriber(topic, show)
+            try:
+                pubsub.add_subscriber(topic, show)
+            except ValueError as exc:  # over the broker's limits
+                raise CliError(f"cannot subscribe to {format_topic(topic)!r}: {exc}") from None
         pubsub.flush()
         while args.count is None or received[0] < args.count:
             pubsub.poll(1.0)

@@ -47,6 +47,8 @@ _BATCH_LIMIT = 1024 * 1024
 # sendmsg: copying it into a frame and a batch costs more than a syscall.
 _LARGE = 32 * 1024
 _BACKOFF_MIN, _BACKOFF_MAX = 0.05, 5.0
+# A connection that lasted less than this was cut, not lost: back off more.
+_STABLE = 1.0
 # Subscription changes remembered one by one; past it, all are sent again.
 _MAX_CHANGED = 1000
 
@@ -110,6 +112,10 @@ class NetPubSub(PubSub):
         self._backoff = _BACKOFF_MIN
         self._next_attempt = 0.0
         self._dialing = False  # a reconnection is under way (outside the lock)
+        self._up = threading.Event()  # set while connected, or once disconnect() is called
+        self._up_since = 0.0
+        self._limits_known = False  # the limits are a broker's, not our defaults
+        self._remote_bytes = 0  # the bytes of the topics in _remote
         self._refused_credentials = False  # warned of it in this outage
         self._encoded: Memo[Tuple[str, ...], bytes] = Memo(self._encode, weigh=_weigh)
         self._decoded: Memo[bytes, Tuple[str, ...]] = Memo(proto.decode_topic, weigh=_weigh)
@@ -174,9 +180,15 @@ class NetPubSub(PubSub):
                 raise RuntimeError("Not connected")
             self._write_pending()
             self._state = _OFFLINE
+            if self._queue:
+                logger.warning(
+                    "disconnected with %d messages still waiting for the broker: dropped",
+                    len(self._queue),
+                )
             self._queue.clear()
             self._close()
             self._kick.set()  # the writer thread ends
+            self._up.set()  # poll() waiting for a reconnection ends
 
     def __enter__(self) -> NetPubSub:
         if self._state == _OFFLINE:
@@ -218,20 +230,27 @@ class NetPubSub(PubSub):
     def _install(self, dialed: _Dialed) -> None:
         """Start using a new connection (called with the lock held)."""
         self._sock, limits, self._address, self._authkey = dialed
-        if limits != self._limits:
-            self._limits = limits
-            self._encoded.clear()  # checked against the old limits
+        if limits != self._limits or not self._limits_known:
+            self._limits, self._limits_known = limits, True
+            self._encoded.clear()  # checked against other limits, or none
         self._max_message = limits.max_message
         self._decoder = proto.FrameDecoder(limits.max_message)
-        self._remote = set()
+        self._remote, self._remote_bytes = set(), 0
         self._resync = True
+        self._up_since = time.monotonic()
+        self._up.set()
         self._sync_subscriptions()
         logger.debug("connected to broker at %s", self._address)
 
     def _encode(self, topic: Tuple[str, ...]) -> bytes:
-        """A topic's encoding; TypeError, or ValueError if over the broker's limits."""
+        """A topic's encoding; TypeError, or ValueError if over the broker's limits.
+
+        Before the first connection, the broker's limits are not known: a
+        topic over them stays local when it connects, with a WARNING.
+        """
         encoded = proto.encode_topic(topic)
-        self._limits.check_topic(encoded)
+        if self._limits_known:
+            self._limits.check_topic(encoded)
         return encoded
 
     def _close(self) -> None:
@@ -242,11 +261,16 @@ class NetPubSub(PubSub):
     def _lost(self, reason: str) -> None:
         """The connection broke under us: carry on locally and reconnect."""
         self._close()
+        self._up.clear()
         if self._state == _CONNECTED:
             logger.warning("lost the broker at %s (%s); reconnecting", self._address, reason)
             self._state = _RECONNECTING
-            self._backoff = _BACKOFF_MIN
-            self._next_attempt = time.monotonic() + self._backoff
+            now = time.monotonic()
+            # A connection the broker cuts at once (this client goes past one
+            # of its caps?) must not make a reconnection loop: back off more.
+            stable = now - self._up_since >= _STABLE
+            self._backoff = _BACKOFF_MIN if stable else min(self._backoff * 2, _BACKOFF_MAX)
+            self._next_attempt = now + self._backoff
             self._dropped = 0
             self._refused_credentials = False
             self._start_writer()  # it reconnects, so that publish never waits for it
@@ -282,11 +306,26 @@ class NetPubSub(PubSub):
             self._install(dialed)
             self._state = _CONNECTED
             logger.warning("reconnected to the broker at %s", self._address)
-            queued = list(self._queue)
+            queued = self._fitting_frames(list(self._queue))
             self._queue.clear()
             if queued and not self._write(b"".join(queued)):
                 self._queue.extend(queued)
             return self._sock is not None
+
+    def _fitting_frames(self, frames: List[bytes]) -> List[bytes]:
+        """The queued frames the new broker accepts (a WARNING for the others)."""
+        limits = self._limits
+        kept = [
+            f
+            for f in frames
+            if len(f) - 5 <= limits.max_message
+            and not limits.topic_excess(f[9 : proto.pub_topic_end(f)])
+        ]
+        if len(kept) < len(frames):
+            logger.warning(
+                "dropped %d queued messages over the new broker's limits", len(frames) - len(kept)
+            )
+        return kept
 
     def _failed_attempt(self, exc: Exception) -> None:
         with self._io:
@@ -304,13 +343,16 @@ class NetPubSub(PubSub):
         """As PubSub.add_subscriber; the broker learns of new topics at once.
 
         TypeError if the topic cannot travel, ValueError if it is deeper or
-        longer than the broker accepts (unless it is local).
+        longer than the broker accepts, or if the broker would take no more
+        subscriptions from this pub-sub (unless the topic is local).
         """
         topic = as_topic(topic)
         if _is_local(topic):
             proto.encode_topic(topic)  # TypeError for the same topics as elsewhere
         else:
-            self._encoded[topic]  # now, not when it travels
+            encoded = self._encoded[topic]  # now, not when it travels
+            if self._limits_known and encoded not in self._remote:
+                self._check_room(encoded)
         super().add_subscriber(topic, subscriber, weak=weak)
         self._sync_subscriptions()
 
@@ -350,13 +392,44 @@ class NetPubSub(PubSub):
                 gone = self._remote - wanted
             else:
                 gone = self._encodings(topics - present) & self._remote
-            new = wanted - self._remote
-            self._remote |= new
             self._remote -= gone
-            frames = [proto.frame(proto.SUB, t) for t in new]
-            frames += [proto.frame(proto.UNSUB, t) for t in gone]
+            self._remote_bytes -= sum(map(len, gone))
+            new = self._fitting(wanted - self._remote)
+            # UNSUB first: the broker counts them against its caps in order.
+            frames = [proto.frame(proto.UNSUB, t) for t in gone]
+            frames += [proto.frame(proto.SUB, t) for t in new]
             if frames:
                 self._write(b"".join(frames))
+
+    def _check_room(self, encoded: bytes) -> None:
+        """ValueError unless the broker takes one more subscription, to *encoded*."""
+        limits = self._limits
+        if len(self._remote) >= limits.max_subscriptions:
+            raise ValueError(
+                f"more than {limits.max_subscriptions} topics subscribed to: "
+                "the broker's limit (max_subscriptions)"
+            )
+        if self._remote_bytes + len(encoded) > limits.max_subscription_bytes:
+            raise ValueError(
+                f"topics subscribed to over {limits.max_subscription_bytes} bytes: "
+                "the broker's limit (max_subscription_bytes)"
+            )
+
+    def _fitting(self, topics: Set[bytes]) -> Set[bytes]:
+        """As many of *topics* as the broker takes beside _remote (a WARNING for the rest)."""
+        kept: Set[bytes] = set()
+        for encoded in topics:
+            try:
+                self._check_room(encoded)
+            except ValueError as exc:
+                logger.warning(
+                    "%d topics not subscribed to at the broker: %s", len(topics) - len(kept), exc
+                )
+                return kept
+            kept.add(encoded)
+            self._remote.add(encoded)
+            self._remote_bytes += len(encoded)
+        return kept
 
     def _encodings(self, topics: Set[Tuple[str, ...]]) -> Set[bytes]:
         """The encodings of *topics*, without those over the broker's limits."""
@@ -504,8 +577,18 @@ class NetPubSub(PubSub):
         return None if reply is None else dict(json.loads(reply[5:]))
 
     def _ask(self, kind: int, request: bytes) -> Optional[bytes]:
-        """Send *request* after everything pending; wait for the broker's reply of *kind*."""
-        self._reconnect()
+        """Send *request* after everything pending; wait for the broker's reply of *kind*.
+
+        While reconnecting, the writer tries at once, and this waits for it up
+        to the timeout: None if the broker is still out of reach.
+        """
+        with self._io:
+            reconnecting = self._state is _RECONNECTING and self._sock is None
+            if reconnecting:
+                self._next_attempt = 0.0
+                self._start_writer()
+        if reconnecting:
+            self._up.wait(self._timeout)
         with self._io:
             self._sync_subscriptions()
             if self._sock is None:
@@ -531,15 +614,14 @@ class NetPubSub(PubSub):
         """Deliver the messages that arrived from the broker; True if there were any.
 
         Waits up to *timeout* seconds (None: until something arrives) for the
-        first one. While the broker is away this is also where reconnection
-        happens. RuntimeError if the pub-sub is not connected at all.
+        first one, never longer, even while the broker is away (a background
+        thread reconnects meanwhile). RuntimeError if the pub-sub is not
+        connected at all.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         waited = False
         while True:
-            if self._sock is None:
-                self._reconnect()
-            frames, sock, next_attempt = self._receive(read=waited)
+            frames, sock = self._receive(read=waited)
             if frames:
                 self._dispatch(frames)
                 return True
@@ -547,16 +629,15 @@ class NetPubSub(PubSub):
                 return False
             remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
             if sock is None:
-                pause = max(0.0, next_attempt - time.monotonic())
-                time.sleep(pause if remaining is None else min(pause, remaining))
+                self._up.wait(remaining)
             else:
                 # Closed by another thread meanwhile? Reading next tells why.
                 with contextlib.suppress(OSError, ValueError):
                     select.select([sock], [], [], remaining)
             waited = True
 
-    def _receive(self, read: bool) -> Tuple[List[bytes], Optional[socket.socket], float]:
-        """Reconnect or sync if needed, read if asked; what waits to be delivered."""
+    def _receive(self, read: bool) -> Tuple[List[bytes], Optional[socket.socket]]:
+        """Sync if needed, read if asked; what waits to be delivered."""
         with self._io:
             if self._state == _OFFLINE:
                 raise RuntimeError("Not connected")
@@ -566,7 +647,7 @@ class NetPubSub(PubSub):
                 self._read_available()
             frames = list(self._inbox)
             self._inbox.clear()
-            return frames, self._sock, self._next_attempt
+            return frames, self._sock
 
     def wait_forever(self) -> None:
         """Deliver messages from the broker until a subscriber calls ``disconnect()``.

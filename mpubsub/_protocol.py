@@ -7,9 +7,10 @@ broker challenging first, then the client. Both the legacy HMAC-MD5 form
 
 Then every frame is a 5-byte header (``!IB``: body length, frame type)
 and the body. The client's first frame is HELLO (its protocol version); the
-broker answers WELCOME (its version, its maximum message size, and its
-limits on topics: elements and encoded bytes) or ERROR (a UTF-8 reason,
-then it closes). After that:
+broker answers WELCOME (its version, its maximum message size, its
+limits on topics: elements and encoded bytes, and on one client's
+subscriptions: how many, and their topics' bytes) or ERROR (a UTF-8
+reason, then it closes). After that:
 
 - SUB / UNSUB (client -> broker): body is an encoded topic.
 - PING (client -> broker, empty): the broker answers PONG once it has
@@ -33,7 +34,7 @@ followed by the byte 0xFF, which never occurs in UTF-8. So ``()`` is
 ``b''``, and the encoding of every prefix of a topic is a byte prefix of
 the topic's encoding ending in 0xFF, which lets the broker route on bytes.
 A broker closes the connection of a client that sends a topic deeper or
-longer than its limits.
+longer than its limits, or subscribes past them.
 """
 
 from __future__ import annotations
@@ -57,8 +58,8 @@ HEADER = struct.Struct("!IB")
 PUB_HEADER = struct.Struct("!IBI")  # the header and the topic length of a PUB frame
 TOPIC_LEN = struct.Struct("!I")
 HELLO_BODY = struct.Struct("!H")
-WELCOME_BODY = struct.Struct("!HQII")
-_WELCOME_V1_BODY = struct.Struct("!HQ")  # brokers before topic limits
+WELCOME_BODY = struct.Struct("!HQIIIQ")
+_WELCOME_V1_BODY = struct.Struct("!HQ")  # brokers before topic and subscription limits
 SEP = b"\xff"
 
 # Largest message accepted by default (pickled bytes plus the topic).
@@ -66,6 +67,10 @@ DEFAULT_MAX_MESSAGE = 16 * 1024 * 1024
 # Largest topic accepted by default: elements, and bytes once encoded.
 DEFAULT_MAX_TOPIC_DEPTH = 128
 DEFAULT_MAX_TOPIC_SIZE = 4096
+# Subscriptions of one client by default: how many, and their topics' bytes.
+DEFAULT_MAX_SUBSCRIPTIONS = 10_000
+DEFAULT_MAX_SUBSCRIPTION_BYTES = 1024 * 1024
+_NO_LIMIT = 2**31 - 1  # what a broker that announces no limit accepts
 
 
 class Limits(NamedTuple):
@@ -74,6 +79,8 @@ class Limits(NamedTuple):
     max_message: int = DEFAULT_MAX_MESSAGE
     max_topic_depth: int = DEFAULT_MAX_TOPIC_DEPTH
     max_topic_size: int = DEFAULT_MAX_TOPIC_SIZE
+    max_subscriptions: int = DEFAULT_MAX_SUBSCRIPTIONS
+    max_subscription_bytes: int = DEFAULT_MAX_SUBSCRIPTION_BYTES
 
     def check_topic(self, encoded: bytes) -> None:
         """ValueError if an encoded topic is over the limits (for publishers)."""
@@ -284,7 +291,8 @@ def welcome_limits(body: bytes) -> Limits:
         _version, *limits = WELCOME_BODY.unpack(body)
         return Limits(*limits)
     if len(body) == _WELCOME_V1_BODY.size:
-        return Limits(_WELCOME_V1_BODY.unpack(body)[1])
+        max_message = _WELCOME_V1_BODY.unpack(body)[1]
+        return Limits(max_message, _NO_LIMIT, _NO_LIMIT, _NO_LIMIT, _NO_LIMIT)
     raise ProtocolError("the broker did not answer HELLO")
 
 

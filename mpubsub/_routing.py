@@ -66,21 +66,24 @@ class Router(Generic[C]):
     prefix of it, plus the client set by ``set_everything`` (the federation
     bridge); for ``b''`` (broadcast) every client with a subscription. A
     topic not yet cached is first passed to *check*, which raises if it may
-    not be routed (malformed, too long): nothing is cached then.
+    not be routed (malformed, too long): nothing is cached then. When the
+    cache passes *cache_bytes*, it starts afresh and *on_full* is called.
     """
 
     def __init__(
         self,
         cache_bytes: int = DEFAULT_CACHE_BYTES,
         check: Callable[[bytes], object] = lambda topic: None,
+        on_full: Callable[[], object] = lambda: None,
     ) -> None:
         self._check = check  # raises for a topic that may not be routed
+        self._on_full = on_full  # told when the cache starts afresh for lack of room
         self.routes: RouteCache[C] = RouteCache(self)
         self._subs: Dict[bytes, Dict[C, None]] = {}  # topic -> holders, in order
         self._listening: Dict[C, int] = {}  # client -> its number of subscriptions
         self._everything: Optional[C] = None
         self._tree = _Node()
-        self._cache_bytes = cache_bytes
+        self.cache_bytes = cache_bytes
         self._cached_size = 0
 
     @property
@@ -163,8 +166,9 @@ class Router(Generic[C]):
         if not topic:
             self.routes[topic] = route
             return route
-        if self._cached_size > self._cache_bytes:
+        if self._cached_size > self.cache_bytes:
             self.clear_cache()
+            self._on_full()
         node = self._tree
         created = 0
         for element in elements(topic):

@@ -59,7 +59,7 @@ class Counters:
 
 
 class Throttle:
-    """Logs a recurring WARNING at most once per *interval* seconds, with a count.
+    """Logs a recurring event at most once per *interval* seconds, with a count.
 
     Used where a peer decides how often the event happens (refused
     connections...), so that it cannot flood the log.
@@ -74,11 +74,14 @@ class Throttle:
         self._missed = 0
 
     def warning(self, message: str, *args: object) -> None:
+        self.log(logging.WARNING, message, *args)
+
+    def log(self, level: int, message: str, *args: object) -> None:
         now = time.monotonic()
         if now - self._last < self._interval:
             self._missed += 1
             return
         if self._missed:
             message += f" (and {self._missed} more like it since the last report)"
-        self._logger.warning(message, *args)
+        self._logger.log(level, message, *args)
         self._last, self._missed = now, 0

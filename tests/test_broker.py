@@ -308,7 +308,7 @@ def test_raw_handshake_then_hello(broker: BrokerProcess) -> None:
         header = sock.recv(5 + proto.WELCOME_BODY.size, socket.MSG_WAITALL)
     _size, kind = proto.HEADER.unpack_from(header)
     assert kind == proto.WELCOME
-    assert proto.WELCOME_BODY.unpack_from(header, 5) == (1, proto.DEFAULT_MAX_MESSAGE, 128, 4096)
+    assert proto.WELCOME_BODY.unpack_from(header, 5) == (1, 16 * 2**20, 128, 4096, 10_000, 2**20)
 
 
 def test_in_process_broker_stops_and_cleans_up(tmp_path: Path) -> None:

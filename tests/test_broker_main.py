@@ -72,3 +72,18 @@ def test_overwrite_replaces_file(
     broker = broker_factory(None, "--overwrite")
     with NetPubSub.from_file(broker.credentials) as pubsub:
         assert pubsub.flush()
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "reason"),
+    [
+        ("--route-cache-bytes", "-5", "route_cache_bytes must not be negative"),
+        ("--handshake-timeout", "0", "timeout must be positive"),
+        ("--max-handshakes", "0", "max_handshakes must be at least 1 and at most 4294967295"),
+        ("--max-input-buffer", "10", "max_input_buffer must be at least max_message_size"),
+    ],
+)
+def test_bad_settings_are_one_line(tmp_path: Path, option: str, value: str, reason: str) -> None:
+    """A setting the broker cannot work with: one line naming it, and a non-zero exit."""
+    result = run(str(tmp_path / "b.pckl"), option, value)
+    assert (result.returncode, result.stderr) == (1, f"error: cannot start the broker: {reason}\n")

@@ -145,7 +145,7 @@ def test_ping(broker: BrokerProcess) -> None:
 
 
 def test_errors_are_one_line(broker: BrokerProcess, tmp_path: Path) -> None:
-    """Missing file, bad KEY=VALUE, wrong key, broker not running: one line, non-zero."""
+    """Missing file, bad KEY=VALUE, too deep a topic, wrong key, no broker: one line, non-zero."""
     missing = subprocess.run(
         [*MPUBSUB, "ping", "-c", str(tmp_path / "none.pckl")], capture_output=True, text=True
     )
@@ -153,6 +153,12 @@ def test_errors_are_one_line(broker: BrokerProcess, tmp_path: Path) -> None:
     path = tmp_path / "none.pckl"
     assert missing.stderr == (
         f"mpubsub: cannot read credentials file {path}: No such file or directory\n"
+    )
+    deep = run(broker, "sub", "/".join(["a"] * 129))
+    assert (deep.returncode, deep.stderr) == (
+        1,
+        f"mpubsub: cannot subscribe to {'/'.join(['a'] * 129)!r}: topic of 129 elements "
+        "exceeds the broker's limit of 128 elements\n",
     )
     bad = run(broker, "pub", "t", "novalue")
     assert (bad.returncode, bad.stderr) == (

@@ -238,6 +238,7 @@ def test_unsubscribed_topics_leave_no_memory(
     sock.close()
     grown = broker_rss(broker) - before
     assert grown < 4 * MiB + 20 * MiB, f"grew by {grown / MiB:.0f} MiB"
+    assert "reached 4194304 bytes (route_cache_bytes): starting afresh" in broker.output()
     assert_serving(broker, clients)
 
 
@@ -430,10 +431,10 @@ def test_per_peer_cap_on_tcp(broker_factory: Callable[..., BrokerProcess]) -> No
 # --- 10. publish never waits for a reconnection ------------------------------------------
 
 
-def test_publish_never_waits_for_a_reconnection(
+def test_publish_and_poll_never_wait_for_a_reconnection(
     broker_factory: Callable[..., BrokerProcess],
 ) -> None:
-    """While the writer reconnects to a broker that does not answer, publish returns at once."""
+    """While the writer reconnects to a broker that does not answer, publish and poll return."""
     broker = broker_factory(f"127.0.0.1:{free_port()}")
     address, authkey = broker.creds()
     pubsub = NetPubSub(address, authkey, timeout=30.0)
@@ -460,6 +461,9 @@ def test_publish_never_waits_for_a_reconnection(
         second = threading.Thread(target=publish_some, daemon=True)
         second.start()
         wait_for(lambda: not second.is_alive(), what="publishes during the reconnection to return")
+        polls = threading.Thread(target=lambda: [pubsub.poll(0.1) for _ in range(5)], daemon=True)
+        polls.start()
+        wait_for(lambda: not polls.is_alive(), what="poll(0.1) during the reconnection to return")
         assert not pubsub.connected
     finally:
         silent.close()

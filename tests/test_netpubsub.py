@@ -7,6 +7,7 @@ import os
 import pickle
 import selectors
 import threading
+import time
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Tuple, Type
 
@@ -19,7 +20,7 @@ from mpubsub import AuthenticationError, Broker, CredentialsError, NetPubSub
 from mpubsub._credentials import write_credentials
 from mpubsub.errors import MPubSubError
 
-from .conftest import BrokerProcess, wait_for
+from .conftest import BrokerProcess, subscribed, wait_for
 
 Received = List[Tuple[Tuple[str, ...], Dict[str, Any]]]
 
@@ -412,3 +413,141 @@ def test_large_and_small_messages_keep_their_order(connect: Callable[..., NetPub
     poll_until(sub, lambda: len(got) == count)
     assert [m["seq"] for _, m in got] == list(range(count))
     assert all(len(m["blob"]) == (40_000 if m["seq"] % 3 == 0 else 100) for _, m in got)
+
+
+def test_subscriptions_past_the_brokers_cap_raise(
+    broker_factory: Callable[..., BrokerProcess], tmp_path: Path
+) -> None:
+    """A subscription the broker would refuse raises ValueError; the connection stays up."""
+    broker = broker_factory(str(tmp_path / "b.sock"), "--max-subscriptions", "5")
+    with NetPubSub.from_file(broker.credentials) as pubsub:
+        for n in range(5):
+            pubsub.add_subscriber(("t", str(n)), print)
+        pubsub.add_subscriber(("t", "0"), logging.info)  # a topic it has: no new subscription
+        with pytest.raises(
+            ValueError,
+            match=r"^more than 5 topics subscribed to: the broker's limit \(max_subscriptions\)$",
+        ):
+            pubsub.add_subscriber(("t", "5"), print)
+        pubsub.add_subscriber(("t", "5", "*local"), print)  # local: no limit
+        pubsub.remove_subscriber(("t", "4"), print)
+        pubsub.add_subscriber(("t", "6"), print)  # room again
+        assert pubsub.flush()
+        assert pubsub.connected
+    assert "max_subscriptions" not in broker.output()
+
+
+def test_topics_before_connecting_follow_the_brokers_limits(
+    broker_factory: Callable[..., BrokerProcess], tmp_path: Path
+) -> None:
+    """Before it connects, a pub-sub does not know the limits: a broker may allow larger topics."""
+    broker = broker_factory(str(tmp_path / "b.sock"), "--max-topic-size", "8192")
+    long = ("q" * 5000,)
+    got: Received = []
+    sub = NetPubSub.from_file(broker.credentials)
+    sub.add_subscriber(long, lambda topic, **m: got.append((topic, m)), weak=False)
+    with sub, NetPubSub.from_file(broker.credentials) as pub:
+        assert sub.flush()
+        pub.publish(long, n=1)
+        wait_for(lambda: sub.poll(0.05) or got, what="a message on a 5,000-byte topic")
+    assert got == [(long, {"n": 1})]
+
+
+def polled(pubsub: NetPubSub, condition: bool) -> bool:
+    pubsub.poll(0.05)
+    return condition
+
+
+class CuttingBroker:
+    """A fake broker: authenticates every client as multiprocessing does, welcomes it, cuts it."""
+
+    def __init__(self, path: str, authkey: bytes) -> None:
+        from multiprocessing.connection import Listener  # noqa: PLC0415
+
+        self.listener = Listener(path, authkey=authkey)
+        self.accepted = 0
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        import socket  # noqa: PLC0415
+
+        from mpubsub import _protocol as proto  # noqa: PLC0415
+
+        while True:
+            try:
+                conn = self.listener.accept()
+            except OSError:
+                return
+            with socket.socket(fileno=os.dup(conn.fileno())) as sock:
+                sock.recv(7)  # HELLO
+                sock.sendall(proto.frame(proto.WELCOME, proto.welcome_body(proto.Limits())))
+            conn.close()
+            self.accepted += 1
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+def test_a_broker_that_cuts_at_once_makes_no_reconnection_loop(tmp_path: Path) -> None:
+    """Reconnections to a broker that cuts each connection at once back off as failures do."""
+    broker = CuttingBroker(str(tmp_path / "b.sock"), b"key")
+    pubsub = NetPubSub(str(tmp_path / "b.sock"), b"key")
+    try:
+        pubsub.connect()
+        wait_for(lambda: polled(pubsub, broker.accepted >= 3), what="three reconnections")
+        first = broker.accepted
+        deadline = time.monotonic() + 2.0
+        while time.monotonic() < deadline:  # poll() notices each cut
+            pubsub.poll(0.05)
+        # 50 ms, 100 ms, 200 ms... between attempts: a handful in 2 s, not dozens.
+        assert broker.accepted - first <= 6
+    finally:
+        pubsub.disconnect()
+        broker.close()
+
+
+def orphaned(broker_factory: Callable[..., BrokerProcess], address: str) -> NetPubSub:
+    """A pub-sub whose broker was killed under it, and which noticed."""
+    broker = broker_factory(address)
+    pubsub = NetPubSub.from_file(broker.credentials)
+    pubsub.connect()
+    broker.kill()
+    pubsub.publish("t", n=0)  # finds the broker gone
+    wait_for(lambda: not pubsub.connected, what="the loss noticed")
+    return pubsub
+
+
+def test_flush_while_reconnecting_tries_at_once(
+    broker_factory: Callable[..., BrokerProcess], tmp_path: Path
+) -> None:
+    """flush() right after the broker comes back reconnects then, whatever the backoff says."""
+    address = str(tmp_path / "b.sock")
+    pubsub = orphaned(broker_factory, address)
+    try:
+        wait_for(lambda: pubsub._backoff >= 1.0, what="the backoff to grow past a second")
+        broker_factory(address, "--overwrite")  # the same credentials file
+        assert pubsub.flush()
+        assert pubsub.connected
+    finally:
+        pubsub.disconnect()
+
+
+def test_queued_messages_over_a_new_brokers_limits_are_dropped(
+    broker_factory: Callable[..., BrokerProcess], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Messages queued while the broker was away that its successor refuses are dropped, alone."""
+    address = str(tmp_path / "b.sock")
+    pub = orphaned(broker_factory, address)
+    try:
+        pub.publish(("x" * 200,), n=1)
+        pub.publish("t", n=2)
+        restarted = broker_factory(address, "--max-topic-size", "100", "--overwrite")
+        with NetPubSub.from_file(restarted.credentials) as sub:
+            got = subscribed(sub, "t")
+            assert pub.flush()
+            wait_for(lambda: sub.poll(0.05) or got, what="the queued message that fits")
+            assert pub.connected
+        assert "dropped 1 queued messages over the new broker's limits" in caplog.text
+    finally:
+        pub.disconnect()
