@@ -65,6 +65,11 @@ CAPS: Dict[str, Tuple[int, str]] = {
     "route_cache_bytes": (DEFAULT_ROUTE_CACHE_BYTES, "bytes of cached routes"),
 }
 _MAX_CAP = 2**32 - 1  # what WELCOME can announce
+# Deliveries (and other frames) one client's input may cost per round of the
+# loop; the rest waits for the next rounds, and the client is not read
+# meanwhile: one publisher fanning out tiny messages to many subscribers
+# cannot keep the loop from everyone else.
+_WORK_PER_ROUND = 10_000
 # Descriptors kept free of clients: the listener, the wake-up pair, the log...
 _SPARE_FILES = 16
 # Errors accept() passes on from a connection that failed before we took it.
@@ -197,6 +202,7 @@ class Broker:
         )
         self._routes = self._router.routes  # the one lookup of the hot path
         self._dirty: Set[Session] = set()
+        self._backlogged: Set[Session] = set()  # frames read and not yet handled
         self._bridge: Optional[Session] = None
         self._federation: Optional[Dict[str, Any]] = None
         self._throttles: Dict[str, Throttle] = collections.defaultdict(lambda: Throttle(logger))
@@ -290,7 +296,7 @@ class Broker:
         select = self._selector.select
         next_expiry = time.monotonic() + 1.0
         while not self._stopping:
-            for key, events in select(0.5):
+            for key, events in select(0 if self._backlogged else 0.5):
                 sock = key.fileobj
                 if sock is self._listener:
                     self._accept()
@@ -299,6 +305,8 @@ class Broker:
                     self._run_scheduled()
                 else:
                     self._serve_client(key.data, events)
+            if self._backlogged:
+                self._work_backlogs()
             if self._dirty:
                 self._flush_dirty()
             now = time.monotonic()
@@ -309,6 +317,15 @@ class Broker:
                 self._stats.tick(now)
                 self._expire_handshakes(now)
                 next_expiry = now + 0.5
+
+    def _work_backlogs(self) -> None:
+        backlogged, self._backlogged = self._backlogged, set()
+        for client in backlogged:
+            frames, client.backlog = client.backlog, []
+            if client.sock.fileno() < 0:
+                continue  # dropped meanwhile
+            with self._boundary(client):
+                self._handle_guarded(client, frames)
 
     def _run_scheduled(self) -> None:
         while self._scheduled:
@@ -435,6 +452,8 @@ class Broker:
         self._input -= client.unfinished
         client.unfinished = 0
         self._dirty.discard(client)
+        self._backlogged.discard(client)
+        client.backlog = []
         for topic in list(client.subs):
             self._unsubscribe(client, topic)
         client.out.clear()
@@ -458,6 +477,8 @@ class Broker:
     # --- input ---------------------------------------------------------------
 
     def _read(self, client: Session) -> None:
+        if client.backlog:
+            return  # what it sent before waits: read more once that is handled
         try:
             data = client.sock.recv(_RECV_SIZE)
         except (BlockingIOError, InterruptedError):
@@ -469,13 +490,24 @@ class Broker:
             level = logging.DEBUG if client.state == _ACTIVE else logging.INFO
             self._drop(client, level, "connection closed by peer")
             return
+        frames: List[Tuple[int, bytes]] = []
         try:
             if client.state < _HELLO:
                 data = client.feed_handshake(data, self._authkey, self._max_message)
             if data and client.decoder is not None:
                 frames = client.decoder.feed(data)
                 self._account_input(client, client.decoder.buffered)
-                self._handle(client, frames)
+        except AuthenticationError as exc:
+            self._stats.refused += 1
+            self._drop(client, logging.WARNING, f"authentication failed: {exc}")
+        except ProtocolError as exc:
+            self._reject(client, str(exc))
+        if frames:
+            self._handle_guarded(client, frames)
+
+    def _handle_guarded(self, client: Session, frames: List[Tuple[int, bytes]]) -> None:
+        try:
+            self._handle(client, frames)
         except AuthenticationError as exc:
             self._stats.refused += 1
             self._drop(client, logging.WARNING, f"authentication failed: {exc}")
@@ -499,11 +531,13 @@ class Broker:
         self._drop(client, logging.WARNING, f"protocol error: {reason}")
 
     def _handle(self, client: Session, frames: List[Tuple[int, bytes]]) -> None:
-        for kind, frame in frames:
+        work = 0
+        for done, (kind, frame) in enumerate(frames, 1):
+            work += 1
             if client.state != _ACTIVE:
                 self._hello(client, kind, frame)
             elif kind == proto.PUB:
-                self._route(client, frame)
+                work += self._route(client, frame)
             elif kind == proto.SUB:
                 self._subscribe(client, self._checked_topic(frame[5:]))
             elif kind == proto.UNSUB:
@@ -518,6 +552,10 @@ class Broker:
                 self._federation = proto.report(frame)
             else:
                 raise ProtocolError(f"unexpected frame type {kind}")
+            if work >= _WORK_PER_ROUND and done < len(frames):
+                client.backlog = frames[done:]
+                self._backlogged.add(client)
+                return
 
     def _hello(self, client: Session, kind: int, frame: bytes) -> None:
         if kind != proto.HELLO:
@@ -628,7 +666,8 @@ class Broker:
 
     # --- routing and output ------------------------------------------------
 
-    def _route(self, sender: Session, frame: bytes) -> None:
+    def _route(self, sender: Session, frame: bytes) -> int:
+        """Queue *frame* for its subscribers; how many it went to."""
         targets = self._routes[frame[9 : proto.pub_topic_end(frame)]]
         size = len(frame)
         dirty = self._dirty
@@ -643,6 +682,7 @@ class Broker:
             dirty.add(target)
             stats.messages_out += 1
             stats.bytes_out += size
+        return len(targets)
 
     def _flush_dirty(self) -> None:
         dirty, self._dirty = self._dirty, set()

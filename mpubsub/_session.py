@@ -12,7 +12,7 @@ import collections
 import contextlib
 import socket
 import struct
-from typing import Deque, Optional, Set
+from typing import Deque, List, Optional, Set, Tuple
 
 from . import _protocol as proto
 from .errors import AuthenticationError, ProtocolError
@@ -38,6 +38,7 @@ class Session:
         self.subs: Set[bytes] = set()
         self.sub_bytes = 0  # the encoded topics of subs, summed
         self.unfinished = 0  # bytes received and not yet part of a whole frame
+        self.backlog: List[Tuple[int, bytes]] = []  # frames read, to handle in later rounds
 
     def feed_handshake(self, data: bytes, authkey: bytes, max_message: int) -> bytes:
         """Advance the handshake with *data*; return what follows it (protocol frames).
