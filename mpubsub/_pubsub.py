@@ -24,7 +24,16 @@ ErrorHandler = Callable[[Tuple[str, ...], Subscriber, Exception], None]
 # or None once it has died: a weak reference, or (for weak=False) the C-level
 # ``repeat(fn).__next__``, which costs no Python frame on the publish path.
 _Ref = Callable[[], Optional[Subscriber]]
-_Subs = Dict[Tuple[str, ...], Tuple[_Ref, ...]]
+# A topic's subscriptions, in subscription order, each under a hash of its
+# subscriber (see _key): an int, so that it keeps no subscriber alive, and so
+# that finding an equal subscriber (a bound method is a new object on each
+# access) takes one lookup. A subscriber whose key another live one holds
+# goes under a token of its own instead (see PubSub._collided).
+_Held = Dict[object, _Ref]
+_Subs = Dict[Tuple[str, ...], _Held]
+
+_UNHASHABLE = object()  # the key of every subscriber that has no hash
+_BOUND = (types.MethodType, types.BuiltinMethodType, types.MethodWrapperType)
 
 # Dead weak references tolerated before the table is pruned (amortised O(1)).
 _MIN_DEAD_BEFORE_PRUNE = 16
@@ -48,45 +57,78 @@ def as_topic(topic: Topic) -> Tuple[str, ...]:
 class _Routes(Memo[Tuple[str, ...], Tuple[_Ref, ...]]):
     """Published topic -> subscriptions to call, computed from the live table.
 
-    The table (``subs``, one per PubSub) changes in place, one atomic dict
-    operation per change (pruning makes several, but drops only dead
-    references), and each change then replaces the ``_Routes`` by an empty
-    one on the same table, which the old one names as its ``successor``. So
-    a route computed while a change lands is only ever kept by the old memo,
-    which no publish that starts after the change reads; and a computation
-    during which a change landed runs again, so a route never mixes two
-    states of the table.
+    The table (``subs``, one per PubSub) and each topic's subscriptions in
+    it change in place, one atomic dict operation per change (removing a
+    topic's last subscriber empties it, then drops it; pruning makes many,
+    but drops only dead references), and a route reads each topic it needs
+    once. Once a route has been computed from this memo (``used``), a change
+    replaces it by an empty one on the same table, which the old one names
+    as its ``successor``. So a route computed while a change lands is only
+    ever kept by the old memo, which no publish that starts after the change
+    reads; and a computation during which a change landed runs again, so a
+    route never mixes two states of the table. A memo that nothing has been
+    computed from yet stays: all that will be starts after the change.
     """
 
-    __slots__ = ("subs", "successor")
+    __slots__ = ("subs", "successor", "used")
 
     def __init__(self, subs: _Subs) -> None:
         super().__init__(self._route, weigh=_weigh)
         self.subs = subs
         self.successor: Optional[_Routes] = None
+        self.used = False
 
     def _route(self, topic: Tuple[str, ...]) -> Tuple[_Ref, ...]:
-        if not topic:  # broadcast: every subscription, the catch-all ones last
-            # dict.copy runs in C without calling back into Python: a snapshot
-            # of one moment that no other thread can change under it.
-            subs = self.subs.copy()
-            catch_all = subs.pop((), ())
-            return tuple(itertools.chain.from_iterable(subs.values())) + catch_all
         routes = self
-        route = routes._hierarchy(topic)
+        route = routes._read(topic)
         while routes.successor is not None:  # its reads may straddle a change
             routes = routes.successor
-            route = routes._hierarchy(topic)
+            route = routes._read(topic)
         return route
 
-    def _hierarchy(self, topic: Tuple[str, ...]) -> Tuple[_Ref, ...]:
+    def _read(self, topic: Tuple[str, ...]) -> Tuple[_Ref, ...]:
+        self.used = True  # before any read: from now on, a change retires this memo
         subs = self.subs
+        if not topic:  # broadcast: every subscription, the catch-all ones last
+            subs = subs.copy()
+            catch_all = _snapshot(subs.pop((), None))
+            return tuple(itertools.chain.from_iterable(map(_snapshot, subs.values()))) + catch_all
         route: Tuple[_Ref, ...] = ()
         prefix = topic
-        while prefix:
-            route += subs.get(prefix, ())
+        while True:  # the topic, its parents, then ()
+            held = subs.get(prefix)
+            if held:
+                route += _snapshot(held)
+            if not prefix:
+                return route
             prefix = prefix[:-1]
-        return route + subs.get((), ())
+
+
+def _snapshot(held: Optional[_Held]) -> Tuple[_Ref, ...]:
+    """*held*'s references, in order, as they stood at one moment.
+
+    dict.copy reads them in C allocating nothing that could start the garbage
+    collector, whose weakref callbacks run Python code (and let other
+    threads in): nothing can change *held* meanwhile. ``tuple(held.values())``
+    allocates once it has started, and would raise if *held* changed then.
+    """
+    return tuple(held.copy().values()) if held else ()
+
+
+def _key(subscriber: Subscriber) -> object:
+    """What *subscriber* is held under, unless another live one holds that already.
+
+    Equal subscribers have equal keys. A bound method hashes as its
+    object's address XOR its function's hash, a value that the methods of
+    objects laid out side by side often share; mixed with the object's
+    address once more, its key differs from theirs as any two hashes do.
+    """
+    try:
+        if isinstance(subscriber, _BOUND):
+            return hash((id(subscriber.__self__), subscriber))
+        return hash(subscriber)
+    except TypeError:
+        return _UNHASHABLE
 
 
 def _weigh(topic: Tuple[str, ...], route: Tuple[_Ref, ...]) -> int:
@@ -101,6 +143,8 @@ class PubSub:
     then the ``('foo',)`` ones, then the catch-all ones, each group in
     subscription order, as ``subscriber(('foo', 'bar'), **message)``.
     Publishing ``()`` or ``None`` (broadcast) calls every subscriber.
+    Adding or removing a subscriber takes constant time on average, however
+    many topics and subscribers there are.
 
     A subscriber that raises does not stop the others: once all have been
     called, each exception goes to *on_error* (by default, logged with its
@@ -124,6 +168,9 @@ class PubSub:
         """Make an empty pub-sub; *on_error* replaces the default error handler."""
         self.on_error: ErrorHandler = on_error or _log_error
         self._subs: _Subs = {}  # changed in place under the lock, then _after_change
+        # topic -> the tokens its subscriptions hold, for the subscribers whose
+        # hash another one held when they came: rare, so searched in turn.
+        self._collided: Dict[Tuple[str, ...], List[object]] = {}
         self._routes = _Routes(self._subs)
         self._lock = threading.RLock()
         self._size = 0
@@ -150,39 +197,40 @@ class PubSub:
             raise TypeError(f"subscriber must be callable, not {type(subscriber).__name__}")
         topic = as_topic(topic)
         ref = self._weak(subscriber) if weak else itertools.repeat(subscriber).__next__
+        key = _key(subscriber)
         with self._lock:
-            refs = self._subs.get(topic, ())
-            for i, held in enumerate(refs):
-                if held() == subscriber:
-                    if weak or not isinstance(held, weakref.ref):
-                        return  # held already, and at least as strongly
-                    refs = (*refs[:i], ref, *refs[i + 1 :])
-                    break
-            else:
-                refs += (ref,)
+            held = self._subs.get(topic)
+            if held is None:
+                self._subs[topic] = {key: ref}
                 self._size += 1
-            self._subs[topic] = refs
+            else:
+                found = self._find(topic, held, key, subscriber)
+                if found is None:
+                    self._append(topic, held, key, ref)
+                elif weak or not isinstance(held[found], weakref.ref):
+                    return  # held already, and at least as strongly
+                else:
+                    held[found] = ref  # in its place
+                self._subs[topic] = held  # again if pruning dropped it meanwhile: see _note_dead
             self._after_change(topic)
 
     def remove_subscriber(self, topic: Topic, subscriber: Subscriber) -> None:
         """Stop calling *subscriber* for *topic*; nothing happens if it was not subscribed."""
         topic = as_topic(topic)
+        key = _key(subscriber)
         with self._lock:
-            refs = self._subs.get(topic, ())
-            kept = tuple(r for r in refs if r() != subscriber)
-            if len(kept) == len(refs):
+            held = self._subs.get(topic)
+            found = None if held is None else self._find(topic, held, key, subscriber)
+            if held is None or found is None:
                 return
-            self._size -= len(refs) - len(kept)
-            if kept:
-                self._subs[topic] = kept
-            else:
-                self._subs.pop(topic, None)  # not del: see _note_dead
+            self._forget(topic, held, found)
             self._after_change(topic)
 
     def clear_subscribers(self) -> None:
         """Remove every subscriber of every topic."""
         with self._lock:
             self._subs.clear()
+            self._collided.clear()
             self._size = self._dead = 0
             self._after_change(None)
 
@@ -229,31 +277,70 @@ class PubSub:
                 f"cannot hold {subscriber!r} by weak reference; pass weak=False"
             ) from None
 
+    # --- one topic's subscriptions, with the lock held ----------------------------
+
+    def _find(
+        self, topic: Tuple[str, ...], held: _Held, key: object, subscriber: Subscriber
+    ) -> Optional[object]:
+        """The key of the subscription of *topic* equal to *subscriber*, if there is one."""
+        ref = held.get(key)
+        if ref is not None and ref() == subscriber:
+            return key
+        for token in tuple(self._collided.get(topic, ())):  # a copy: == may run a pruning
+            ref = held.get(token)
+            if ref is not None and ref() == subscriber:
+                return token
+        return None
+
+    def _append(self, topic: Tuple[str, ...], held: _Held, key: object, ref: _Ref) -> None:
+        """Hold *ref* under *key*, or a token if another live subscriber holds that, last."""
+        taken = held.get(key)
+        if taken is None:
+            self._size += 1
+        elif taken() is None:  # a dead subscriber's: free, but the new one goes last
+            del held[key]
+        else:  # another subscriber's, of the same hash
+            key = object()
+            self._collided.setdefault(topic, []).append(key)
+            self._size += 1
+        held[key] = ref
+
+    def _forget(self, topic: Tuple[str, ...], held: _Held, key: object) -> None:
+        """Drop the subscription under *key*, and *topic* with its last one."""
+        del held[key]
+        self._size -= 1
+        tokens = self._collided.get(topic)
+        if tokens is not None and key in tokens:
+            tokens.remove(key)
+            if not tokens:
+                del self._collided[topic]
+        if not held:
+            self._subs.pop(topic, None)  # not del: see _note_dead
+
     def _note_dead(self) -> None:
         # Runs wherever the garbage collector frees a subscriber: the RLock
         # makes that safe even inside one of this object's own methods (which
-        # may then write back some dead references, or find a topic gone).
+        # may then find a topic gone: add_subscriber puts it back).
         # Dropping only dead references, it never changes whom a publish calls.
         with self._lock:
             self._dead += 1
             if self._dead < max(_MIN_DEAD_BEFORE_PRUNE, self._size // 2):
                 return
             self._dead = 0
-            self._size = 0
-            for topic, refs in self._subs.copy().items():
-                alive = tuple(r for r in refs if r() is not None)
-                self._size += len(alive)
-                if not alive:
-                    self._subs.pop(topic, None)
-                elif len(alive) < len(refs):
-                    self._subs[topic] = alive
+            for topic, held in self._subs.copy().items():
+                for key, ref in held.copy().items():
+                    if ref() is None and key in held:  # not if an inner pruning took it
+                        self._forget(topic, held, key)
             self._after_change(None)
 
     def _after_change(self, topic: Optional[Tuple[str, ...]]) -> None:
         """Retire the routes computed before a change of the table (lock held)."""
-        routes = _Routes(self._subs)
-        self._routes.successor = routes  # retired before its successor shows: see _route
-        self._routes = routes
+        if self._routes.used:  # else it stays: see _Routes
+            routes = _Routes(self._subs)
+            retired = self._routes
+            retired.successor = routes  # before its successor shows: see _route
+            self._routes = routes
+            retired.clear()  # frees now what only its routes held (the memo is in a cycle)
         self._subscriptions_changed(topic)
 
     # --- for subclasses ----------------------------------------------------------

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import gc
 import itertools
 import logging
@@ -11,11 +10,13 @@ import statistics
 import sys
 import threading
 import tracemalloc
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+import weakref
+from typing import Any, Callable, Dict, Iterator, List, Optional, Set, Tuple
 
 import pytest
 
 from mpubsub import PubSub
+from mpubsub._pubsub import _MIN_DEAD_BEFORE_PRUNE
 
 Calls = List[Tuple[str, Tuple[str, ...], Dict[str, Any]]]
 
@@ -216,11 +217,11 @@ def test_error_hook_can_reraise() -> None:
 
 
 class Receiver:
-    def __init__(self, calls: Calls) -> None:
-        self.calls = calls
+    def __init__(self, calls: Calls, name: str = "method") -> None:
+        self.calls, self.name = calls, name
 
     def on_message(self, topic: Tuple[str, ...], **message: Any) -> None:
-        self.calls.append(("method", topic, message))
+        self.calls.append((self.name, topic, message))
 
 
 def test_dead_subscribers_receive_nothing(pubsub: PubSub) -> None:
@@ -238,18 +239,20 @@ def test_dead_subscribers_receive_nothing(pubsub: PubSub) -> None:
 
 
 def test_weak_false_keeps_lambdas(pubsub: PubSub) -> None:
-    """weak=False keeps a lambda alive while subscribed; it can still be removed."""
+    """weak=False keeps a lambda alive while subscribed; removing it lets it go."""
     calls: List[Any] = []
     fn = lambda topic, **m: calls.append(topic)  # noqa: E731
+    held = weakref.ref(fn)
     pubsub.add_subscriber("t", fn, weak=False)
     pubsub.add_subscriber("t", lambda topic, **m: calls.append("weak"))
     del fn
     gc.collect()
     pubsub.publish("t")
     assert calls == [("t",)]
-    pubsub.remove_subscriber("t", pubsub._routes.subs[("t",)][0]())  # type: ignore[arg-type]
+    pubsub.remove_subscriber("t", held())  # type: ignore[arg-type]
     pubsub.publish("t")
     assert calls == [("t",)]
+    assert held() is None
 
 
 def test_bound_method_can_be_removed(pubsub: PubSub) -> None:
@@ -422,46 +425,339 @@ def test_readding_weak_false_makes_the_reference_strong(pubsub: PubSub) -> None:
     assert calls == [("t",)]
 
 
-def _median_peak_bytes(
-    change: Callable[[Tuple[str, ...]], None], topics: List[Tuple[str, ...]]
-) -> float:
-    """The median memory that ``change(topic)`` holds at its peak beyond what it held before."""
+# --- many subscribers of one topic ----------------------------------------------
+
+
+class Counted:
+    """A callable subscriber that counts how often any two of its kind are compared."""
+
+    compared = 0
+
+    def __init__(self, calls: Calls, name: str, hashed: Optional[int] = None) -> None:
+        """*hashed* replaces its hash, to make several share one."""
+        self.calls, self.name, self.hashed = calls, name, hashed
+
+    def __call__(self, topic: Tuple[str, ...], **message: Any) -> None:
+        self.calls.append((self.name, topic, message))
+
+    def __eq__(self, other: object) -> bool:
+        Counted.compared += 1
+        return self is other
+
+    def __hash__(self) -> int:
+        return id(self) if self.hashed is None else self.hashed
+
+
+class Unhashable(Counted):
+    """A Counted that cannot be hashed, as a class with __eq__ and no __hash__."""
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+class Handlers:
+    """An object with several handlers: subscribed, bound methods that compare in C."""
+
+    def on_a(self, topic: Tuple[str, ...], **message: Any) -> None:
+        pass
+
+    def on_b(self, topic: Tuple[str, ...], **message: Any) -> None:
+        pass
+
+    def on_c(self, topic: Tuple[str, ...], **message: Any) -> None:
+        pass
+
+
+def test_readding_keeps_the_place(pubsub: PubSub) -> None:
+    """Adding a subscriber again, weakly, strongly or as a new bound method, keeps its place."""
+    calls: Calls = []
+    receiver = Receiver(calls)
+    first, last = recorder(calls, "first"), recorder(calls, "last")
+    pubsub.add_subscriber("t", first)
+    pubsub.add_subscriber("t", receiver.on_message)
+    pubsub.add_subscriber("t", last)
+    pubsub.add_subscriber("t", receiver.on_message, weak=False)
+    pubsub.add_subscriber("t", first, weak=False)
+    pubsub.add_subscriber("t", receiver.on_message)
+    pubsub.publish("t")
+    assert [c[0] for c in calls] == ["first", "method", "last"]
+    calls.clear()
+    pubsub.remove_subscriber("t", receiver.on_message)
+    pubsub.add_subscriber("t", receiver.on_message)
+    pubsub.publish("t")
+    assert [c[0] for c in calls] == ["first", "last", "method"]
+
+
+def test_subscribers_of_one_hash_are_told_apart(pubsub: PubSub) -> None:
+    """Subscribers that share a hash, or have none, are each held once, in subscription order."""
+    calls: Calls = []
+    one, two, three = (Counted(calls, name, hashed=7) for name in ("one", "two", "three"))
+    odd = Unhashable(calls, "odd")
+    for subscriber in (one, two, odd, three, two, odd):
+        pubsub.add_subscriber("t", subscriber)
+    pubsub.publish("t")
+    assert [c[0] for c in calls] == ["one", "two", "odd", "three"]
+    calls.clear()
+    pubsub.remove_subscriber("t", one)
+    pubsub.add_subscriber("t", two, weak=False)
+    pubsub.add_subscriber("t", one)
+    pubsub.publish("t")
+    assert [c[0] for c in calls] == ["two", "odd", "three", "one"]
+    for subscriber in (two, odd, three, one):
+        pubsub.remove_subscriber("t", subscriber)
+    assert not pubsub._has_subscribers(("t",))
+
+
+def test_subscribers_of_one_hash_leave_nothing_behind(pubsub: PubSub) -> None:
+    """Memory does not grow with subscribers of one hash added and removed again and again."""
+    pubsub.add_subscriber("t", Counted([], "kept", hashed=7), weak=False)
+
+    def churn() -> None:
+        for _ in range(1000):
+            subscriber = Counted([], "churned", hashed=7)
+            pubsub.add_subscriber("t", subscriber)
+            pubsub.remove_subscriber("t", subscriber)
+
+    churn()  # warm up allocator pools
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        churn()
+        after = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    assert after - before < 5000, f"grew by {after - before} bytes"
+
+
+def test_pruning_during_an_add_loses_nothing(pubsub: PubSub) -> None:
+    """An add during which pruning drops the topic (its last subscriber died) still subscribes."""
+    calls: Calls = []
+    keep: List[Counted] = []
+
+    class Fleeting(Counted):
+        def __eq__(self, other: object) -> bool:
+            keep.clear()  # its last reference: it dies once compared, and pruning comes
+            return self is other
+
+        __hash__ = Counted.__hash__
+
+    for i in range(_MIN_DEAD_BEFORE_PRUNE - 1):
+        pubsub.add_subscriber(("dies", str(i)), recorder([], "dies"))  # dead at once
+    keep.append(Fleeting(calls, "fleeting", hashed=7))
+    pubsub.add_subscriber("t", keep[0])
+    pubsub.add_subscriber("t", Counted(calls, "new", hashed=7), weak=False)
+    assert pubsub._subscribed_topics() == [("t",)]
+    pubsub.publish("t")
+    assert [c[0] for c in calls] == ["new"]
+
+
+def _subscriber_of_kind(calls: Calls, i: int) -> Callable[[], Callable[..., None]]:
+    """A way to get subscriber *i*, of one of five kinds in turn.
+
+    A function; a bound method (a new object on each access); a callable
+    object with a hash of its own, with a hash shared with others, or none.
+    """
+    name = str(i)
+    kind = i % 5
+    if kind == 1:
+        receiver = Receiver(calls, name)
+        return lambda: receiver.on_message
+    function: Callable[..., None]
+    if kind == 0:
+        function = recorder(calls, name)
+    elif kind == 4:
+        function = Unhashable(calls, name)
+    else:
+        function = Counted(calls, name, hashed=i % 3 if kind == 3 else None)
+    return lambda: function
+
+
+class _Model:
+    """What a PubSub should call on topics ('a', 'b'), ('a',) and (), in order.
+
+    Each subscriber has one topic, picked at random; *add*, *remove* and
+    *drop* (its last reference outside the pub-sub) act on both the PubSub
+    and the model, *check* publishes and compares.
+    """
+
+    topics: Tuple[Tuple[str, ...], ...] = (("a", "b"), ("a",), ())
+
+    def __init__(self, pubsub: PubSub, rng: random.Random) -> None:
+        self.pubsub, self.rng = pubsub, rng
+        self.calls: Calls = []
+        self.names: Dict[Tuple[str, ...], List[str]] = {t: [] for t in self.topics}
+        self.strong: Set[str] = set()  # subscribed with weak=False: alive while subscribed
+        self.living: Dict[str, Tuple[Tuple[str, ...], Callable[[], Callable[..., None]]]] = {}
+        self.numbers = itertools.count()
+
+    def new(self) -> str:
+        i = next(self.numbers)
+        self.living[str(i)] = (self.rng.choice(self.topics), _subscriber_of_kind(self.calls, i))
+        return str(i)
+
+    def add(self, name: str, weak: bool) -> None:
+        topic, subscriber = self.living[name]
+        self.pubsub.add_subscriber(topic, subscriber(), weak=weak)
+        if name not in self.names[topic]:
+            self.names[topic].append(name)
+        if not weak:
+            self.strong.add(name)
+
+    def remove(self, name: str) -> None:
+        topic, subscriber = self.living[name]
+        self.pubsub.remove_subscriber(topic, subscriber())
+        if name in self.names[topic]:
+            self.names[topic].remove(name)
+        self.strong.discard(name)
+
+    def drop(self, name: str) -> None:
+        topic, _ = self.living.pop(name)
+        if name not in self.strong and name in self.names[topic]:
+            self.names[topic].remove(name)
+
+    def publish(self, topic: Optional[Tuple[str, ...]]) -> List[str]:
+        self.calls.clear()
+        self.pubsub.publish(topic)
+        return [c[0] for c in self.calls]
+
+    def check(self) -> None:
+        expected = [name for topic in self.topics for name in self.names[topic]]
+        assert self.publish(("a", "b")) == expected
+
+    def check_broadcast(self) -> None:
+        delivered = self.publish(None)
+        assert sorted(delivered) == sorted(n for names in self.names.values() for n in names)
+        for names in self.names.values():
+            assert [name for name in delivered if name in set(names)] == names
+        catch_all = self.names[()]
+        assert delivered[len(delivered) - len(catch_all) :] == catch_all
+
+
+def test_order_with_many_subscribers_per_topic(pubsub: PubSub) -> None:
+    """Re-adds keep their place, removals and deaths drop theirs, however subscribers compare."""
+    rng = random.Random(5)
+    model = _Model(pubsub, rng)
+    for _ in range(600):
+        model.add(model.new(), weak=rng.random() < 0.8)
+    model.check()
+    for step in range(3000):
+        name, action = rng.choice(list(model.living)), rng.random()
+        if action < 0.3:
+            model.add(name, weak=True)
+        elif action < 0.45:
+            model.add(name, weak=False)
+        elif action < 0.75:
+            model.remove(name)
+        elif action < 0.85:
+            model.drop(name)
+        else:
+            model.add(model.new(), weak=rng.random() < 0.8)
+        if step % 10 == 0:
+            model.check()
+    model.check_broadcast()
+    for step, name in enumerate(rng.sample(list(model.living), len(model.living))):
+        if step % 5 == 0:
+            model.remove(name)
+        model.drop(name)  # most die: pruning comes
+        if step % 10 == 0:
+            model.check()
+    model.check()
+    model.check_broadcast()
+
+
+# --- what a change costs ------------------------------------------------------
+
+
+def _median_peak_bytes(change: Callable[..., None], arguments: List[Tuple[Any, ...]]) -> float:
+    """The median memory that ``change(*argument)`` holds at its peak beyond what it held before."""
     peaks = []
-    for topic in topics:
+    for argument in arguments:
         before = tracemalloc.get_traced_memory()[0]
         tracemalloc.reset_peak()
-        change(topic)
+        change(*argument)
         peaks.append(tracemalloc.get_traced_memory()[1] - before)
     return statistics.median(peaks)
 
 
-def test_changes_do_not_copy_the_table() -> None:
-    """The memory an add or a remove touches does not grow with the number of topics.
+Subscription = Tuple[Tuple[str, ...], Callable[..., None]]
 
-    Copying the whole table on every change made n subscriptions cost O(n^2);
-    the memory a change allocates on its way is a deterministic measure of it.
+
+def _assert_peaks_do_not_grow(
+    existing: Callable[[int], List[Subscription]], changes: List[Subscription]
+) -> None:
+    """Adding, then removing, *changes* beside 500 or 8000 *existing* ones holds as much memory.
+
+    Copying what a change touches made n subscriptions cost O(n^2); the
+    memory a change allocates on its way is a deterministic measure of it.
     """
-    subscriber = recorder([], "s")
     peaks = {}
     for size in (500, 8000):
         pubsub = PubSub()
-        for i in range(size):
-            pubsub.add_subscriber(("old", str(i)), subscriber)
-        topics: List[Tuple[str, ...]] = [("new", str(i)) for i in range(101)]
+        for topic, subscriber in existing(size):
+            pubsub.add_subscriber(topic, subscriber)
         tracemalloc.start()
         try:
-            added = _median_peak_bytes(
-                functools.partial(pubsub.add_subscriber, subscriber=subscriber), topics
-            )
-            removed = _median_peak_bytes(
-                functools.partial(pubsub.remove_subscriber, subscriber=subscriber), topics
-            )
+            added = _median_peak_bytes(pubsub.add_subscriber, changes)
+            removed = _median_peak_bytes(pubsub.remove_subscriber, changes)
         finally:
             tracemalloc.stop()
         peaks[size] = (added, removed)
     (small_add, small_remove), (large_add, large_remove) = peaks[500], peaks[8000]
     assert large_add < 2 * small_add + 1000, peaks
     assert large_remove < 2 * small_remove + 1000, peaks
+
+
+def test_changes_do_not_copy_the_table() -> None:
+    """The memory an add or a remove touches does not grow with the number of topics."""
+    subscriber = recorder([], "s")
+    _assert_peaks_do_not_grow(
+        lambda size: [(("old", str(i)), subscriber) for i in range(size)],
+        [(("new", str(i)), subscriber) for i in range(101)],
+    )
+
+
+def test_changes_do_not_copy_the_topic() -> None:
+    """The memory an add or a remove touches does not grow with the subscribers of its topic."""
+    subscribers = [recorder([], "s") for _ in range(8000 + 101)]
+    _assert_peaks_do_not_grow(
+        lambda size: [(("t",), s) for s in subscribers[:size]],
+        [(("t",), s) for s in subscribers[-101:]],
+    )
+
+
+def test_changes_to_one_topic_compare_few_subscribers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Adding, re-adding and removing n subscribers of one topic makes O(n) comparisons.
+
+    Comparing each new subscriber with every one already there made n adds
+    cost O(n^2); the comparisons counted (a weakly held bound method looked
+    up, an __eq__ called) are a deterministic measure of it. The hash of a
+    bound method mixes its object's and its function's, so that those of
+    several objects' methods may well collide.
+    """
+    look_up = weakref.WeakMethod.__call__
+
+    def counted_look_up(self: weakref.WeakMethod[Any]) -> Any:
+        Counted.compared += 1
+        return look_up(self)
+
+    monkeypatch.setattr(weakref.WeakMethod, "__call__", counted_look_up)
+    compared = {}
+    for size in (125, 500):
+        pubsub = PubSub()
+        handlers = [Handlers() for _ in range(size)]
+        subscribers: List[Callable[..., None]] = [Counted([], str(i)) for i in range(size)]
+        subscribers += [method for h in handlers for method in (h.on_a, h.on_b, h.on_c)]
+        Counted.compared = 0
+        for subscriber in subscribers:
+            pubsub.add_subscriber("t", subscriber)
+        for subscriber in subscribers:
+            pubsub.add_subscriber("t", subscriber, weak=False)
+        for subscriber in subscribers:
+            pubsub.remove_subscriber("t", subscriber)
+        compared[size] = Counted.compared
+    assert compared[500] < 2 * 4 * compared[125], compared
+
+
+# --- publishes racing changes -------------------------------------------------
 
 
 @pytest.fixture
@@ -607,6 +903,9 @@ def test_change_during_route_lookup_is_seen_whole() -> None:
         assert called.count("moving") <= 1, (when, called)
         assert called.count("stable") == 1, (when, called)
     assert len(moved_at) >= 2
+
+
+# --- for subclasses -----------------------------------------------------------
 
 
 def _taken(lock: Any) -> bool:
