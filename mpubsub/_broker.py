@@ -65,10 +65,11 @@ CAPS: Dict[str, Tuple[int, str]] = {
     "route_cache_bytes": (DEFAULT_ROUTE_CACHE_BYTES, "bytes of cached routes"),
 }
 _MAX_CAP = 2**32 - 1  # what WELCOME can announce
-# Deliveries (and other frames) one client's input may cost per round of the
-# loop; the rest waits for the next rounds, and the client is not read
-# meanwhile: one publisher fanning out tiny messages to many subscribers
-# cannot keep the loop from everyone else.
+# Deliveries, frames and routing work (see Router.work) one client's input
+# may cost per round of the loop; the rest waits for the next rounds, and
+# the client is not read meanwhile: one client fanning tiny messages out to
+# many subscribers, or publishing to ever new deep topics, cannot keep the
+# loop from everyone else.
 _WORK_PER_ROUND = 10_000
 # Descriptors kept free of clients: the listener, the wake-up pair, the log...
 _SPARE_FILES = 16
@@ -392,6 +393,10 @@ class Broker:
                 sock.close()
 
     def _admit(self, sock: socket.socket, peer: str) -> None:
+        if len(self._clients) >= self._max_connections and self._handshaking:
+            # Connections that never authenticate must not fill the broker.
+            oldest = next(iter(self._handshaking))
+            self._make_room(oldest, "max_connections", len(self._clients), "all peers")
         if len(self._clients) >= self._max_connections:
             sock.close()
             self._stats.refused += 1
@@ -517,11 +522,17 @@ class Broker:
     def _account_input(self, client: Session, unfinished: int) -> None:
         self._input += unfinished - client.unfinished
         client.unfinished = unfinished
-        if self._input > self._max_input:
-            raise ProtocolError(
-                f"unfinished input over the broker's total limit of {self._max_input} bytes "
-                "(max_input_buffer)"
+        while self._input > self._max_input:
+            # The client holding the most goes: whoever merely crossed the
+            # line may be an honest one beside a few that hold frames open.
+            hog = max(self._clients.values(), key=lambda c: c.unfinished)
+            reason = (
+                f"{hog.unfinished} bytes of unfinished input while the broker holds "
+                f"{self._input}, over its limit of {self._max_input} (max_input_buffer)"
             )
+            if hog is client:
+                raise ProtocolError(reason)
+            self._reject(hog, reason)
 
     def _reject(self, client: Session, reason: str) -> None:
         self._stats.refused += 1
@@ -532,6 +543,8 @@ class Broker:
 
     def _handle(self, client: Session, frames: List[Tuple[int, bytes]]) -> None:
         work = 0
+        router = self._router
+        router.work = 0  # routes computed or forgotten for this client's frames
         for done, (kind, frame) in enumerate(frames, 1):
             work += 1
             if client.state != _ACTIVE:
@@ -552,7 +565,7 @@ class Broker:
                 self._federation = proto.report(frame)
             else:
                 raise ProtocolError(f"unexpected frame type {kind}")
-            if work >= _WORK_PER_ROUND and done < len(frames):
+            if work + router.work >= _WORK_PER_ROUND and done < len(frames):
                 client.backlog = frames[done:]
                 self._backlogged.add(client)
                 return
@@ -598,7 +611,7 @@ class Broker:
             messages_per_second=stats.rate,
             slow_consumers=stats.slow_consumers,
             refused=stats.refused,
-            largest_buffer=max((c.out_size for c in active), default=0),
+            largest_buffer=max((c.held for c in active), default=0),
             federation=self._federation_figures(),
         )
 
@@ -692,17 +705,20 @@ class Broker:
                     self._flush(client)
 
     def _flush(self, client: Session) -> None:
-        if client.out_size > self._max_buffer:
-            if client is not self._bridge:
+        if client.held > self._max_buffer:
+            if client is self._bridge:
+                self._shed_for_bridge(client)
+            if client.held > (
+                self._max_buffer // 2 if client is self._bridge else self._max_buffer
+            ):
                 self._stats.slow_consumers += 1
                 self._drop(
                     client,
                     logging.WARNING,
-                    f"slow consumer: {client.out_size} bytes waiting, "
-                    f"over the limit of {self._max_buffer}",
+                    f"slow consumer: {client.held} bytes waiting, "
+                    f"over the limit of {self._max_buffer} (max_buffer)",
                 )
                 return
-            self._shed_for_bridge(client)
         if not client.writing:
             self._write(client)
 
@@ -710,6 +726,8 @@ class Broker:
         # The bridge is not cut off like a slow consumer (it would come back
         # and fall behind again): what it cannot take is dropped for other
         # hosts, at most once as everything else, and local delivery goes on.
+        # Only if subscription changes alone fill half its buffer is it cut
+        # (it comes back with the current interest): its memory stays bounded.
         dropped = bridge.shed(self._max_buffer // 2)
         self._stats.bridge_dropped += dropped
         self._throttles["bridge"].warning(

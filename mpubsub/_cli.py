@@ -146,6 +146,38 @@ def _not_shown(message: Dict[str, Any]) -> Optional[str]:
     return value.reason if isinstance(value, NotShown) and len(message) == 1 else None
 
 
+# What one line shows of a message at most: a publisher cannot make sub print
+# (or build) gigabytes from a few hundred bytes that reuse one list.
+_MAX_ITEMS = 10_000  # values, over all the message's containers
+_MAX_TEXT = 10_000  # characters (or bytes) of one string
+
+
+class _Elided:
+    """Stands for what a line leaves out."""
+
+    def __repr__(self) -> str:
+        return "..."
+
+
+_ELIDED = _Elided()
+
+
+def _bounded(value: Any, budget: List[int]) -> Any:
+    """A copy of plain data *value* with at most ``budget[0]`` values, strings cut short."""
+    budget[0] -= 1
+    if budget[0] < 0:
+        return _ELIDED
+    if isinstance(value, str):
+        return value if len(value) <= _MAX_TEXT else value[:_MAX_TEXT] + "..."
+    if isinstance(value, bytes):
+        return value if len(value) <= _MAX_TEXT else value[:_MAX_TEXT] + b"..."
+    if type(value) is dict:
+        return {_bounded(k, budget): _bounded(v, budget) for k, v in value.items()}
+    if type(value) in (list, tuple, set, frozenset):
+        return type(value)(_bounded(item, budget) for item in value)
+    return value
+
+
 def _shown(value: Any) -> str:
     """``repr(value)``, escaped by ``printable`` unless already printable; or why it cannot be."""
     try:
@@ -172,8 +204,17 @@ def format_line(topic: Tuple[str, ...], message: Dict[str, Any], as_json: bool) 
     Text is ``topic key=repr(value) ...``, topic and keys escaped by
     ``printable``; JSON is ``{"topic": [...], "message": {...}}`` with repr()
     for what JSON cannot hold. A payload that was not loaded is a notice.
+    At most 10,000 values and 10,000 characters per string are shown
+    (``...`` marks what is left out).
     """
     reason = _not_shown(message)
+    budget, bounded = [_MAX_ITEMS], {}
+    for key, value in message.items():
+        try:
+            bounded[key] = _bounded(value, budget)
+        except RecursionError:  # left whole: _shown and _jsonable say it is too deep
+            bounded[key] = value
+    message = bounded
     if as_json:
         if reason is not None:
             return json.dumps({"topic": list(topic), _NOT_SHOWN: reason})
@@ -265,12 +306,22 @@ _FEDERATION: List[Tuple[str, str, Callable[[Any], str]]] = [
 
 def format_stats(stats: Dict[str, Any]) -> str:
     """The figures of a STATS_REPLY as aligned lines, federation included."""
-    rows = [(label, show(stats[key])) for label, key, show in _FIGURES]
+    rows = [(label, _figure(show, stats.get(key, "?"))) for label, key, show in _FIGURES]
     federation = stats.get("federation")
-    if federation:
-        rows += [(label, show(federation.get(key, "?"))) for label, key, show in _FEDERATION]
+    if isinstance(federation, dict):
+        rows += [
+            (label, _figure(show, federation.get(key, "?"))) for label, key, show in _FEDERATION
+        ]
     width = max(len(label) for label, _ in rows)
     return "".join(f"{label:<{width}}  {value}\n" for label, value in rows)
+
+
+def _figure(show: Callable[[Any], str], value: Any) -> str:
+    """One figure as the broker sent it, shown escaped (whatever the broker sent)."""
+    try:
+        return printable(show(value))
+    except (TypeError, ValueError):
+        return printable(repr(value))
 
 
 def cmd_stats(args: argparse.Namespace) -> None:
@@ -353,6 +404,8 @@ def main(argv: Optional[List[str]] = None) -> None:
         func(args)
     except CliError as exc:
         sys.exit(f"mpubsub: {exc}")
+    except (TimeoutError, MPubSubError) as exc:  # the broker's doing, not a bug of ours
+        sys.exit(f"mpubsub: {printable(str(exc) or type(exc).__name__)}")
     except KeyboardInterrupt:
         sys.exit(130)
     except BrokenPipeError:

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import socket
 import struct
+import time
 from typing import Any
 
 from . import _protocol as proto
 from ._credentials import family_of
+from ._text import printable
 from .errors import AuthenticationError, ProtocolError
 
 
@@ -20,7 +22,7 @@ def connect_socket(address: Any, timeout: float) -> socket.socket:
     """
     sock = socket.socket(family_of(address), socket.SOCK_STREAM)
     try:
-        timeval = struct.pack("@ll", int(timeout), int(timeout % 1 * 1e6))
+        timeval = _TIMEVAL.pack(int(timeout), int(timeout % 1 * 1e6))
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
         try:
@@ -67,7 +69,7 @@ def _hello(sock: socket.socket) -> proto.Limits:
         raise ProtocolError("the broker's answer to HELLO is too long")
     body = _recv_exact(sock, size)
     if kind == proto.ERROR:
-        raise ProtocolError(f"the broker refused: {body.decode(errors='replace')}")
+        raise ProtocolError(f"the broker refused: {printable(body.decode(errors='replace'))}")
     if kind != proto.WELCOME:
         raise ProtocolError("the broker did not answer HELLO")
     return proto.welcome_limits(body)
@@ -81,10 +83,20 @@ def _recv_mp(sock: socket.socket) -> bytes:
 
 
 def _recv_exact(sock: socket.socket, size: int) -> bytes:
+    # SO_RCVTIMEO bounds each read; this bounds them all, against a peer
+    # that sends one byte just before each read would time out.
+    timeval = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _TIMEVAL.size)
+    seconds, micros = _TIMEVAL.unpack(timeval)
+    deadline = time.monotonic() + seconds + micros / 1e6 if seconds or micros else None
     data = b""
     while len(data) < size:
+        if deadline is not None and data and time.monotonic() > deadline:
+            raise TimeoutError("the broker did not complete the handshake in time")
         chunk = sock.recv(size - len(data))
         if not chunk:
             raise ConnectionResetError("the broker closed the connection during the handshake")
         data += chunk
     return data
+
+
+_TIMEVAL = struct.Struct("@ll")  # struct timeval

@@ -5,7 +5,6 @@ from __future__ import annotations
 import atexit
 import collections
 import contextlib
-import json
 import logging
 import multiprocessing
 import os
@@ -47,6 +46,8 @@ _BATCH_LIMIT = 1024 * 1024
 # sendmsg: copying it into a frame and a batch costs more than a syscall.
 _LARGE = 32 * 1024
 _BACKOFF_MIN, _BACKOFF_MAX = 0.05, 5.0
+# Messages read and not yet delivered by poll() past which nothing more is read.
+_MAX_INBOX = 64 * 1024 * 1024
 # A connection that lasted less than this was cut, not lost: back off more.
 _STABLE = 1.0
 # Subscription changes remembered one by one; past it, all are sent again.
@@ -94,7 +95,8 @@ class NetPubSub(PubSub):
         self._sock: Optional[socket.socket] = None
         self._state = _OFFLINE
         self._decoder = proto.FrameDecoder(proto.DEFAULT_MAX_MESSAGE)
-        self._inbox: Deque[bytes] = collections.deque()
+        self._inbox: Deque[bytes] = collections.deque()  # read, not yet delivered by poll()
+        self._inbox_size = 0
         self._queue: Deque[bytes] = collections.deque(maxlen=max_queued)
         self._dropped = 0
         self._replies: Dict[int, bytes] = {}  # the last answer of each kind
@@ -553,7 +555,10 @@ class NetPubSub(PubSub):
                 if sent:
                     views[0] = views[0][sent:]
             except (BlockingIOError, InterruptedError):
-                readable, _, _ = select.select([sock], [sock], [], self._timeout)
+                # Read meanwhile (the broker may wait for us to), unless poll()
+                # has fallen too far behind: then only wait to write.
+                reading = [sock] if self._inbox_size < _MAX_INBOX else []
+                readable, _, _ = select.select(reading, [sock], [], self._timeout)
                 if readable:
                     self._read_available()
                     sock = self._sock
@@ -574,7 +579,7 @@ class NetPubSub(PubSub):
     def broker_statistics(self) -> Optional[Dict[str, Any]]:
         """The broker's figures (see ``BrokerStatistics``), or None if it is out of reach."""
         reply = self._ask(proto.STATS_REPLY, _STATS)
-        return None if reply is None else dict(json.loads(reply[5:]))
+        return None if reply is None else proto.statistics(reply)
 
     def _ask(self, kind: int, request: bytes) -> Optional[bytes]:
         """Send *request* after everything pending; wait for the broker's reply of *kind*.
@@ -604,6 +609,11 @@ class NetPubSub(PubSub):
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise TimeoutError("the broker did not answer in time")
+                if self._inbox_size >= _MAX_INBOX:
+                    raise TimeoutError(
+                        "the broker's answer is behind more messages than poll() has taken "
+                        f"({_MAX_INBOX} bytes): poll() first"
+                    )
                 select.select([sock], [], [], remaining)
                 self._read_available()
             return self._replies.pop(kind)
@@ -647,6 +657,7 @@ class NetPubSub(PubSub):
                 self._read_available()
             frames = list(self._inbox)
             self._inbox.clear()
+            self._inbox_size = 0
             return frames, self._sock
 
     def wait_forever(self) -> None:
@@ -663,8 +674,11 @@ class NetPubSub(PubSub):
                     raise  # not ours: from a subscriber's error handler
 
     def _read_available(self) -> None:
+        """Read what the broker sent, up to 1 MiB, and not past _MAX_INBOX undelivered."""
         sock = self._sock
-        while sock is not None:
+        for _ in range(16):
+            if sock is None or self._inbox_size >= _MAX_INBOX:
+                return
             try:
                 data = sock.recv(_RECV_SIZE)
             except (BlockingIOError, InterruptedError):
@@ -683,6 +697,7 @@ class NetPubSub(PubSub):
             for kind, frame in frames:
                 if kind == proto.PUB:
                     self._inbox.append(frame)
+                    self._inbox_size += len(frame)
                 elif kind in (proto.PONG, proto.STATS_REPLY):
                     self._replies[kind] = frame
                 elif kind == proto.ERROR:

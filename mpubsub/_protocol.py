@@ -270,13 +270,39 @@ class FrameDecoder:
 
 
 def report(frame: bytes) -> Dict[str, Any]:
-    """The JSON object in a whole FEDERATION frame; ProtocolError if it is not one."""
+    """The figures in a whole FEDERATION frame; ProtocolError unless they are a small, flat
+    JSON object: at most 64 keys, each a short string, each value a number, a boolean,
+    null or a string of at most 256 characters."""
+    if len(frame) > _MAX_REPORT:
+        raise ProtocolError("FEDERATION frame too long")
     try:
         value = json.loads(frame[5:])
-    except ValueError:
+    except (ValueError, RecursionError):
         raise ProtocolError("FEDERATION frame is not JSON") from None
+    if not isinstance(value, dict) or len(value) > 64:
+        raise ProtocolError("FEDERATION frame is not a JSON object of at most 64 figures")
+    for key, figure in value.items():
+        if (
+            len(key) > 64
+            or not isinstance(figure, _FIGURE_TYPES)
+            or (isinstance(figure, str) and len(figure) > 256)
+        ):
+            raise ProtocolError("FEDERATION frame holds a figure that is not a short scalar")
+    return value
+
+
+_MAX_REPORT = 16 * 1024
+_FIGURE_TYPES = (str, int, float, bool, type(None))
+
+
+def statistics(frame: bytes) -> Dict[str, Any]:
+    """The figures in a whole STATS_REPLY frame; ProtocolError if they are not a JSON object."""
+    try:
+        value = json.loads(frame[5:])
+    except (ValueError, RecursionError):
+        raise ProtocolError("the broker's statistics are not JSON") from None
     if not isinstance(value, dict):
-        raise ProtocolError("FEDERATION frame is not a JSON object")
+        raise ProtocolError("the broker's statistics are not a JSON object")
     return value
 
 

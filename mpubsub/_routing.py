@@ -84,6 +84,9 @@ class Router(Generic[C]):
         self._everything: Optional[C] = None
         self._tree = _Node()
         self.cache_bytes = cache_bytes
+        # Work done computing and forgetting routes, in elements and nodes
+        # walked: the broker reads and resets it to share its loop fairly.
+        self.work = 0
         self._cached_size = 0
 
     @property
@@ -153,6 +156,7 @@ class Router(Generic[C]):
         stack = [node]
         while stack:
             node = stack.pop()
+            self.work += 1
             self._cached_size -= _NODE_COST
             stack.extend(node.children.values())
             if node.topic is not None:
@@ -171,6 +175,7 @@ class Router(Generic[C]):
             self._on_full()
         node = self._tree
         created = 0
+        self.work += 4 * topic.count(SEP) + len(route)
         for element in elements(topic):
             child = node.children.get(element)
             if child is None:

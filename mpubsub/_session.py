@@ -19,6 +19,9 @@ from .errors import AuthenticationError, ProtocolError
 
 ANSWER, PEER_CHALLENGE, PEER_VERDICT, HELLO, ACTIVE = range(5)
 
+# What a queued frame costs beyond its bytes: the bytes object and its slot.
+FRAME_COST = 64
+
 
 class Session:
     """One connection, from its first byte to its close."""
@@ -81,6 +84,11 @@ class Session:
         else:
             raise AuthenticationError("the client refused the broker's key")
 
+    @property
+    def held(self) -> int:
+        """What the queue of unsent frames holds, in bytes, with each frame's own cost."""
+        return self.out_size + FRAME_COST * len(self.out)
+
     def shed(self, limit: int) -> int:
         """Drop the newest queued messages until at most *limit* bytes wait; how many went.
 
@@ -88,7 +96,7 @@ class Session:
         sent, and any other frame (SUB, UNSUB, PONG...) is kept in order.
         """
         out, kept, dropped = self.out, [], 0
-        while self.out_size > limit and len(out) > 1:
+        while self.held > limit and len(out) > 1:
             frame = out.pop()
             if frame[4] == proto.PUB:
                 self.out_size -= len(frame)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -9,8 +10,10 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
+from multiprocessing.connection import Listener
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
@@ -18,6 +21,7 @@ import pytest
 from hypothesis import settings
 
 from mpubsub import NetPubSub
+from mpubsub import _protocol as proto
 from mpubsub._credentials import read_credentials
 from mpubsub.typing import Topic
 
@@ -174,13 +178,52 @@ def assert_serving(broker: BrokerProcess, made: List[NetPubSub]) -> None:
     wait_for(lambda: sub.poll(0.05) or got, what="a message through the broker")
 
 
-def broker_rss(broker: BrokerProcess) -> int:
-    """The broker's resident memory, in bytes."""
+def broker_rss(broker: BrokerProcess, field: str = "VmRSS") -> int:
+    """The broker's resident memory, in bytes (its peak so far with field="VmHWM")."""
     with open(f"/proc/{broker.pid}/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) * 1024
-    raise AssertionError("no VmRSS")
+    raise AssertionError(f"no {field}")
+
+
+class FakeBroker:
+    """A broker that authenticates clients as multiprocessing does, then misbehaves.
+
+    Each connection's HELLO is read, then *behave(sock)* runs (in the fake's
+    own thread; the default WELCOME is sent first unless *welcome* is
+    False), then the connection is closed. ``accepted`` counts connections.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        authkey: bytes,
+        behave: Callable[[socket.socket], object],
+        welcome: bool = True,
+    ) -> None:
+        self.listener = Listener(path, authkey=authkey)
+        self.behave, self.welcome = behave, welcome
+        self.accepted = 0
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn = self.listener.accept()
+            except OSError:
+                return
+            with conn, socket.socket(fileno=os.dup(conn.fileno())) as sock:
+                self.accepted += 1
+                with contextlib.suppress(OSError):
+                    sock.recv(7)  # HELLO
+                    if self.welcome:
+                        sock.sendall(proto.frame(proto.WELCOME, proto.welcome_body(proto.Limits())))
+                    self.behave(sock)
+
+    def close(self) -> None:
+        self.listener.close()
 
 
 HELPERS = Path(__file__).resolve().parent / "helpers"

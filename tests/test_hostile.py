@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import os
 import pickle
 import selectors
@@ -22,16 +23,18 @@ import threading
 import time
 import tracemalloc
 from pathlib import Path
-from typing import Callable, Iterator, List
+from typing import Callable, Iterator, List, Tuple
 
 import pytest
 
 from mpubsub import Broker, NetPubSub
 from mpubsub import _protocol as proto
 from mpubsub._connect import connect_socket, handshake
+from mpubsub._credentials import write_credentials
 
 from .conftest import (
     BrokerProcess,
+    FakeBroker,
     assert_serving,
     broker_rss,
     connected,
@@ -67,6 +70,30 @@ def closed_with_error(sock: socket.socket) -> str:
 
 def topic_of(depth: int, element: str = "a") -> bytes:
     return proto.encode_topic((element,) * depth)
+
+
+def for_seconds(seconds: float, action: Callable[..., object], *args: object) -> None:
+    """Repeat *action* for *seconds*."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        action(*args)
+
+
+def worst_ping_during(pinger: NetPubSub, *attacks: Callable[[], object]) -> float:
+    """Ping through *pinger* while the attacks run, each in a thread; the worst round trip."""
+    threads = [threading.Thread(target=attack) for attack in attacks]
+    for thread in threads:
+        thread.start()
+    worst = 0.0
+    try:
+        while any(thread.is_alive() for thread in threads):
+            started = time.monotonic()
+            assert pinger.flush()
+            worst = max(worst, time.monotonic() - started)
+    finally:
+        for thread in threads:
+            thread.join(60)
+    return worst
 
 
 def pinged(sock: socket.socket) -> None:
@@ -198,24 +225,13 @@ def test_churn_beside_many_subscriptions_stalls_nobody(
         broadcast = proto.pub_frame(b"", b"\x80\x05}\x94.")  # an empty dict, pickled
         churn += proto.frame(proto.SUB, extra) + broadcast
         churn += proto.frame(proto.UNSUB, extra) + broadcast
-    worst = 0.0
-    done = threading.Event()
 
     def churning() -> None:
         churner.sendall(churn)
         pinged(churner)
-        done.set()
 
-    thread = threading.Thread(target=churning)
-    thread.start()
-    try:
-        while not done.is_set():
-            started = time.monotonic()
-            assert pinger.flush()
-            worst = max(worst, time.monotonic() - started)
-    finally:
-        thread.join(60)
-        churner.close()
+    with churner:
+        worst = worst_ping_during(pinger, churning)
     assert worst < 1.0, f"a ping waited {worst * 1000:.0f} ms"
 
 
@@ -246,31 +262,48 @@ def test_fan_out_of_tiny_messages_stalls_nobody(
     frame = proto.pub_frame(topic, b"\x80\x05}\x94.")
     burst = frame * (64 * 1024 // len(frame))
 
-    def blast() -> None:
-        deadline = time.monotonic() + 3
-        while time.monotonic() < deadline:
-            publisher.sendall(burst)
-        done.set()
-
     publisher = authenticated(broker)
     pinger = connected(broker, clients)
-    threads = [threading.Thread(target=drain), threading.Thread(target=blast)]
-    worst = 0.0
+    drainer = threading.Thread(target=drain)
+    drainer.start()
     try:
-        for thread in threads:
-            thread.start()
-        while not done.is_set():
-            started = time.monotonic()
-            assert pinger.flush()
-            worst = max(worst, time.monotonic() - started)
+        worst = worst_ping_during(pinger, lambda: for_seconds(3, publisher.sendall, burst))
     finally:
         done.set()
-        for thread in threads:
-            thread.join(30)
+        drainer.join(30)
         for sock in [publisher, *readers]:
             sock.close()
         selector.close()
     assert worst < 0.5, f"a ping waited {worst * 1000:.0f} ms"
+
+
+def test_ever_new_deep_topics_stall_nobody(
+    broker_factory: Callable[..., BrokerProcess], clients: List[NetPubSub]
+) -> None:
+    """Four clients publishing to ever new 128-element topics leave others' pings prompt.
+
+    Each new topic costs the broker a route computed over 128 prefixes:
+    handled a whole read at a time, that made pings wait 0.6-1 s.
+    """
+    broker = broker_factory(None)
+    pinger = connected(broker, clients)
+    attackers = [authenticated(broker) for _ in range(4)]
+
+    body = b"\xff" * 127  # 127 empty elements
+    floods = [
+        b"".join(proto.pub_frame(b"%d-%d\xff" % (i, n) + body, b"") for n in range(8_000))
+        for i in range(len(attackers))
+    ]
+
+    try:
+        worst = worst_ping_during(
+            pinger,
+            *(functools.partial(sock.sendall, flood) for sock, flood in zip(attackers, floods)),
+        )
+    finally:
+        for sock in attackers:
+            sock.close()
+    assert worst < 0.3, f"a ping waited {worst * 1000:.0f} ms"
 
 
 # --- 4. memory bounded per client and in total ----------------------------------------
@@ -333,18 +366,15 @@ def test_unfinished_frames_are_capped_in_total(
     before = broker_rss(broker)
     socks = [authenticated(broker) for _ in range(20)]
     body = b"x" * (15 * MiB)
-    cut = 0
     for sock in socks:
-        try:
+        with contextlib.suppress(OSError):  # cut midway
             sock.sendall(proto.HEADER.pack(16 * MiB, proto.PUB) + body)
-        except OSError:
-            cut += 1
     with authenticated(broker) as sock:
         pinged(sock)  # the broker has read what it could
-    grown = broker_rss(broker) - before
+    grown = broker_rss(broker, "VmHWM") - before
     for sock in socks:
         sock.close()
-    assert cut >= 15
+    assert broker.output().count("(max_input_buffer)") >= 15  # those holding the most, cut
     assert grown < 64 * MiB + 40 * MiB, f"grew by {grown / MiB:.0f} MiB"
     assert "(max_input_buffer)" in broker.output()
     assert_serving(broker, clients)
@@ -542,3 +572,291 @@ def test_odd_payloads_lose_nothing_else(broker: BrokerProcess, clients: List[Net
         pinged(pub)
     wait_for(lambda: sub.poll(0.05) or got, what="the good message")
     assert got == [{"n": 1}]
+
+
+# --- caps that a group member could turn against the others ---------------------------
+
+
+SMALL = ("--max-message-size", "1048576", "--max-input-buffer", "4194304")
+
+
+def test_input_hogs_are_cut_not_the_client_that_crosses_the_line(
+    broker_factory: Callable[..., BrokerProcess], clients: List[NetPubSub]
+) -> None:
+    """Clients holding frames open to fill max_input_buffer go; an honest large message passes."""
+    broker = broker_factory(None, *SMALL)
+    hogs = [authenticated(broker) for _ in range(4)]
+    for sock in hogs:  # each 100 bytes short of a whole 1 MiB frame
+        sock.sendall(proto.HEADER.pack(MiB, proto.PUB) + b"x" * (MiB - 100))
+    with authenticated(broker) as sock:
+        pinged(sock)
+    pub, sub = connected(broker, clients), connected(broker, clients)
+    got = subscribed(sub, "big")
+    pub.publish("big", blob=b"y" * 100_000)
+    wait_for(lambda: sub.poll(0.05) or got, what="the honest large message")
+    assert pub.connected and got[0]["blob"] == b"y" * 100_000
+    assert "(max_input_buffer)" in broker.output()
+    for sock in hogs:
+        sock.close()
+
+
+def test_connections_that_never_authenticate_make_room(
+    broker_factory: Callable[..., BrokerProcess], clients: List[NetPubSub]
+) -> None:
+    """With max_connections taken by connections still authenticating, a client still gets in."""
+    broker = broker_factory(
+        "127.0.0.1:0", "--max-connections", "20", "--max-handshakes-per-peer", "100"
+    )
+    address, _ = broker.creds()
+    silent = [socket.create_connection(address) for _ in range(20)]
+    try:
+        for sock in silent:
+            sock.recv(256)  # the challenge: each is in
+        pubsub = connected(broker, clients)
+        assert pubsub.flush()
+    finally:
+        for sock in silent:
+            sock.close()
+    assert "to make room: 20 from all peers, the limit (max_connections)" in broker.output()
+
+
+def test_unsent_tiny_frames_count_what_they_cost(
+    broker_factory: Callable[..., BrokerProcess],
+) -> None:
+    """Clients that never read, sent 11-byte frames, are cut before they hold 4 x max_buffer."""
+    broker = broker_factory(None, *SMALL, "--max-buffer", str(4 * MiB))
+    before = broker_rss(broker)
+    readers = [authenticated(broker) for _ in range(4)]
+    topics = [proto.encode_topic((str(i),)) for i in range(4)]
+    for sock, topic in zip(readers, topics):
+        sock.sendall(proto.frame(proto.SUB, topic))
+        pinged(sock)
+    with authenticated(broker) as publisher:
+        for topic in topics:
+            batch = proto.pub_frame(topic, b"") * 6000
+            for _ in range(100):  # 600,000 frames of 11 bytes for each
+                publisher.sendall(batch)
+        pinged(publisher)
+        grown = broker_rss(broker, "VmHWM") - before
+    for sock in readers:
+        sock.close()
+    assert broker.output().count("slow consumer") == 4
+    assert grown < 4 * 4 * MiB, f"grew by {grown / MiB:.0f} MiB"  # 4 x max_buffer
+
+
+def test_a_bridge_that_does_not_read_is_cut_when_subscription_changes_pile_up(
+    broker_factory: Callable[..., BrokerProcess], clients: List[NetPubSub]
+) -> None:
+    """SUB/UNSUB frames for a bridge that never reads stay within max_buffer: then it is cut."""
+    broker = broker_factory(None, *SMALL, "--max-buffer", str(4 * MiB))
+    before = broker_rss(broker)
+    bridge = authenticated(broker)
+    bridge.sendall(proto.frame(proto.BRIDGE, b""))
+    with authenticated(broker) as churner:
+        for n in range(5000):  # 40 MB of interest for the bridge
+            topic = proto.encode_topic((f"{n:05}" + "x" * 4000,))
+            churner.sendall(proto.frame(proto.SUB, topic) + proto.frame(proto.UNSUB, topic))
+        pinged(churner)
+    wait_for(lambda: "slow consumer" in broker.output(), what="the bridge cut")
+    assert broker_rss(broker, "VmHWM") - before < 4 * MiB + 20 * MiB
+    bridge.close()
+    assert_serving(broker, clients)
+
+
+@pytest.mark.parametrize(
+    "report",
+    [
+        json.dumps({"state": {"nested": [[[]]]}}),
+        "[" * 600 + "]" * 600,
+        "[" * 100_000,
+        json.dumps({f"k{n}": n for n in range(100)}),
+        json.dumps({"state": "x" * 300}),
+    ],
+)
+def test_a_bad_federation_report_closes_the_bridge_only(
+    broker: BrokerProcess, clients: List[NetPubSub], report: str
+) -> None:
+    """A report that is not a small flat object is refused; statistics keep working."""
+    with authenticated(broker) as bridge:
+        bridge.sendall(
+            proto.frame(proto.BRIDGE, b"") + proto.frame(proto.FEDERATION, report.encode())
+        )
+        assert closed_with_error(bridge).startswith("FEDERATION frame")
+    stats = connected(broker, clients).broker_statistics()
+    assert stats is not None and stats["federation"] is None
+
+
+def test_stats_show_a_bridges_text_escaped(broker: BrokerProcess) -> None:
+    """What a bridge reports reaches `mpubsub stats` escaped: no terminal escapes, no new lines."""
+    forged = "\x1b]0;pwned\x07connected\nfederation  forged\u202e"
+    with authenticated(broker) as bridge:
+        report = json.dumps({"state": forged, "name": forged, "server": forged})
+        bridge.sendall(
+            proto.frame(proto.BRIDGE, b"") + proto.frame(proto.FEDERATION, report.encode())
+        )
+        pinged(bridge)
+        shown = subprocess.run(
+            [sys.executable, "-m", "mpubsub", "stats", "-c", str(broker.credentials)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    assert shown.returncode == 0, shown.stderr
+    assert "\x1b" not in shown.stdout and "\u202e" not in shown.stdout
+    assert "\\x1b]0;pwned\\x07connected\\x0afederation  forged\\u202e" in shown.stdout
+
+
+# --- a broker as seen by its clients (THREATS.md 5) -------------------------------------
+
+
+def fake_broker_credentials(tmp_path: Path) -> Tuple[str, Path]:
+    """A socket path for a fake broker, and a credentials file naming it (key b"key")."""
+    path, credentials = str(tmp_path / "fake.sock"), tmp_path / "fake.pckl"
+    write_credentials(credentials, path, b"key", overwrite=True)
+    return path, credentials
+
+
+def cli(credentials: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "mpubsub", *args, "-c", str(credentials)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_a_brokers_refusal_reaches_the_terminal_escaped(tmp_path: Path) -> None:
+    """An ERROR answer to HELLO is one escaped line, not a forged one or a retitled terminal."""
+    path, credentials = fake_broker_credentials(tmp_path)
+    reason = b"\x1b]0;pwned\x07\nmpubsub: FORGED LINE"
+    fake = FakeBroker(path, b"key", lambda s: s.sendall(proto.frame(proto.ERROR, reason)), False)
+    try:
+        result = cli(credentials, "ping")
+    finally:
+        fake.close()
+    assert result.returncode == 1
+    assert result.stderr == (
+        f"mpubsub: cannot reach the broker at {path}: the broker refused: "
+        "\\x1b]0;pwned\\x07\\x0ampubsub: FORGED LINE\n"
+    )
+
+
+@pytest.mark.parametrize(
+    ("command", "behave", "said"),
+    [
+        ("ping", lambda s: time.sleep(8), "the broker did not answer in time"),
+        (
+            "stats",
+            lambda s: (s.recv(5), s.sendall(proto.frame(proto.STATS_REPLY, b"[[not json"))),
+            "the broker's statistics are not JSON",
+        ),
+    ],
+)
+def test_a_broker_that_misbehaves_is_one_line_from_the_cli(
+    tmp_path: Path, command: str, behave: Callable[[socket.socket], object], said: str
+) -> None:
+    """No answer, or a garbled one: `mpubsub` says so in one line, no traceback."""
+    path, credentials = fake_broker_credentials(tmp_path)
+    fake = FakeBroker(path, b"key", behave)
+    try:
+        result = cli(credentials, command)
+    finally:
+        fake.close()
+    assert (result.returncode, result.stderr) == (1, f"mpubsub: {said}\n")
+
+
+def test_a_handshake_trickled_byte_by_byte_times_out(tmp_path: Path) -> None:
+    """A broker sending its challenge a byte at a time cannot hold connect() past its timeout."""
+    path = str(tmp_path / "slow.sock")
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(path)
+    listener.listen(1)
+    challenge, _ = proto.new_challenge()
+
+    def trickle() -> None:
+        conn, _ = listener.accept()
+        with conn, contextlib.suppress(OSError):
+            for byte in challenge:
+                conn.send(bytes([byte]))
+                time.sleep(0.5)
+
+    threading.Thread(target=trickle, daemon=True).start()
+    outcome: List[BaseException] = []
+
+    def connect() -> None:
+        try:
+            NetPubSub(path, b"key", timeout=1.0).connect()
+        except BaseException as exc:  # the test looks at it
+            outcome.append(exc)
+
+    thread = threading.Thread(target=connect, daemon=True)
+    thread.start()
+    try:
+        wait_for(lambda: outcome, timeout=15, what="connect() to give up")  # 30 s of trickle
+    finally:
+        listener.close()
+    assert isinstance(outcome[0], TimeoutError)
+
+
+def test_a_flooding_broker_cannot_hold_flush_or_fill_memory(tmp_path: Path) -> None:
+    """A broker that floods messages and never answers PING: flush() raises TimeoutError."""
+    path, _ = fake_broker_credentials(tmp_path)
+    burst = proto.pub_frame(proto.encode_topic(("t",)), b"x" * 60_000) * 16
+    fake = FakeBroker(path, b"key", lambda s: for_seconds(20, s.sendall, burst))
+    outcome: List[BaseException] = []
+    pubsub = NetPubSub(path, b"key", timeout=2.0)
+
+    def flush() -> None:
+        try:
+            pubsub.flush()
+        except BaseException as exc:  # the test looks at it
+            outcome.append(exc)
+
+    try:
+        pubsub.connect()
+        thread = threading.Thread(target=flush, daemon=True)
+        thread.start()
+        wait_for(lambda: outcome, timeout=15, what="flush() to give up")
+        assert isinstance(outcome[0], TimeoutError)
+        assert pubsub._inbox_size <= 65 * MiB
+    finally:
+        pubsub.disconnect()
+        fake.close()
+
+
+def test_sub_shows_a_message_that_reuses_one_list_in_bounded_space(
+    broker: BrokerProcess, clients: List[NetPubSub]
+) -> None:
+    """384 bytes of plain data that would print as 2**60 values: one bounded line, promptly."""
+    value: List[object] = [1]
+    for _ in range(60):
+        value = [value, value]
+    sub = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mpubsub",
+            "sub",
+            "t",
+            "--count",
+            "1",
+            "-c",
+            str(broker.credentials),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        pub = connected(broker, clients)
+        wait_for(lambda: broker_subscriptions(pub) == 1, what="mpubsub sub to subscribe")
+        pub.publish("t", v=value)
+        out, _ = sub.communicate(timeout=30)
+    finally:
+        stop_process(sub)
+    assert out.startswith("t v=[[[[") and len(out) < 200_000 and "..." in out
+
+
+def broker_subscriptions(pubsub: NetPubSub) -> int:
+    stats = pubsub.broker_statistics()
+    assert stats is not None
+    return int(stats["subscriptions"])

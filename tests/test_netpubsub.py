@@ -20,7 +20,7 @@ from mpubsub import AuthenticationError, Broker, CredentialsError, NetPubSub
 from mpubsub._credentials import write_credentials
 from mpubsub.errors import MPubSubError
 
-from .conftest import BrokerProcess, subscribed, wait_for
+from .conftest import BrokerProcess, FakeBroker, subscribed, wait_for
 
 Received = List[Tuple[Tuple[str, ...], Dict[str, Any]]]
 
@@ -458,40 +458,9 @@ def polled(pubsub: NetPubSub, condition: bool) -> bool:
     return condition
 
 
-class CuttingBroker:
-    """A fake broker: authenticates every client as multiprocessing does, welcomes it, cuts it."""
-
-    def __init__(self, path: str, authkey: bytes) -> None:
-        from multiprocessing.connection import Listener  # noqa: PLC0415
-
-        self.listener = Listener(path, authkey=authkey)
-        self.accepted = 0
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
-
-    def _serve(self) -> None:
-        import socket  # noqa: PLC0415
-
-        from mpubsub import _protocol as proto  # noqa: PLC0415
-
-        while True:
-            try:
-                conn = self.listener.accept()
-            except OSError:
-                return
-            with socket.socket(fileno=os.dup(conn.fileno())) as sock:
-                sock.recv(7)  # HELLO
-                sock.sendall(proto.frame(proto.WELCOME, proto.welcome_body(proto.Limits())))
-            conn.close()
-            self.accepted += 1
-
-    def close(self) -> None:
-        self.listener.close()
-
-
 def test_a_broker_that_cuts_at_once_makes_no_reconnection_loop(tmp_path: Path) -> None:
     """Reconnections to a broker that cuts each connection at once back off as failures do."""
-    broker = CuttingBroker(str(tmp_path / "b.sock"), b"key")
+    broker = FakeBroker(str(tmp_path / "b.sock"), b"key", lambda sock: None)
     pubsub = NetPubSub(str(tmp_path / "b.sock"), b"key")
     try:
         pubsub.connect()
