@@ -65,12 +65,14 @@ CAPS: Dict[str, Tuple[int, str]] = {
     "route_cache_bytes": (DEFAULT_ROUTE_CACHE_BYTES, "bytes of cached routes"),
 }
 _MAX_CAP = 2**32 - 1  # what WELCOME can announce
-# Deliveries, frames and routing work (see Router.work) one client's input
-# may cost per round of the loop; the rest waits for the next rounds, and
-# the client is not read meanwhile: one client fanning tiny messages out to
-# many subscribers, or publishing to ever new deep topics, cannot keep the
-# loop from everyone else.
-_WORK_PER_ROUND = 10_000
+# Deliveries, frames and routing work (see Router.work) that the clients'
+# input may cost per round of the loop, shared among the clients with input
+# (each gets at least _MIN_WORK); what is over waits for the next rounds,
+# and its client is not read meanwhile: clients fanning tiny messages out
+# to many subscribers, or publishing to ever new deep topics, cannot keep
+# the loop from everyone else for long.
+_WORK_PER_ROUND = 50_000
+_MIN_WORK = 200
 # Descriptors kept free of clients: the listener, the wake-up pair, the log...
 _SPARE_FILES = 16
 # Errors accept() passes on from a connection that failed before we took it.
@@ -204,6 +206,7 @@ class Broker:
         self._routes = self._router.routes  # the one lookup of the hot path
         self._dirty: Set[Session] = set()
         self._backlogged: Set[Session] = set()  # frames read and not yet handled
+        self._budget = _WORK_PER_ROUND  # what one client's input may cost this round
         self._bridge: Optional[Session] = None
         self._federation: Optional[Dict[str, Any]] = None
         self._throttles: Dict[str, Throttle] = collections.defaultdict(lambda: Throttle(logger))
@@ -297,7 +300,12 @@ class Broker:
         select = self._selector.select
         next_expiry = time.monotonic() + 1.0
         while not self._stopping:
-            for key, events in select(0 if self._backlogged else 0.5):
+            ready = select(0 if self._backlogged else 0.5)
+            inputs = len(self._backlogged) + sum(
+                1 for key, events in ready if events & selectors.EVENT_READ and key.data
+            )
+            self._budget = max(_MIN_WORK, _WORK_PER_ROUND // max(1, inputs))
+            for key, events in ready:
                 sock = key.fileobj
                 if sock is self._listener:
                     self._accept()
@@ -395,8 +403,7 @@ class Broker:
     def _admit(self, sock: socket.socket, peer: str) -> None:
         if len(self._clients) >= self._max_connections and self._handshaking:
             # Connections that never authenticate must not fill the broker.
-            oldest = next(iter(self._handshaking))
-            self._make_room(oldest, "max_connections", len(self._clients), "all peers")
+            self._make_room(self._busiest(), "max_connections", len(self._clients), "all peers")
         if len(self._clients) >= self._max_connections:
             sock.close()
             self._stats.refused += 1
@@ -405,15 +412,14 @@ class Broker:
                 self._max_connections,
             )
             return
-        # At a cap, the oldest handshake makes room: it has had the longest
-        # to answer, and a peer that keeps opening connections cannot keep
-        # out a quick legitimate one (nor, per peer, anybody else's).
+        # At a cap, a handshake makes room: the oldest of the peer with the
+        # most of them. A peer that keeps opening connections only ever
+        # closes its own, and cannot keep out a quick legitimate one.
         mine = self._handshakes_by_peer.get(peer, {})
         if len(mine) >= self._max_handshakes_per_peer:
             self._make_room(next(iter(mine)), "max_handshakes_per_peer", len(mine), peer)
         elif len(self._handshaking) >= self._max_handshakes:
-            oldest = next(iter(self._handshaking))
-            self._make_room(oldest, "max_handshakes", len(self._handshaking), "all peers")
+            self._make_room(self._busiest(), "max_handshakes", len(self._handshaking), "all peers")
         sock.setblocking(False)
         self._count += 1
         client = Session(sock, self._count, time.monotonic() + self._timeout, peer)
@@ -424,6 +430,11 @@ class Broker:
         self._handshakes_by_peer.setdefault(peer, {})[client] = None
         assert self._selector is not None
         self._selector.register(sock, selectors.EVENT_READ, client)
+
+    def _busiest(self) -> Session:
+        """The oldest handshake of the peer with the most connections still authenticating."""
+        busiest: Dict[Session, None] = max(self._handshakes_by_peer.values(), key=len)
+        return next(iter(busiest))
 
     def _make_room(self, oldest: Session, setting: str, count: int, whose: str) -> None:
         self._stats.refused += 1
@@ -501,7 +512,7 @@ class Broker:
                 data = client.feed_handshake(data, self._authkey, self._max_message)
             if data and client.decoder is not None:
                 frames = client.decoder.feed(data)
-                self._account_input(client, client.decoder.buffered)
+                self._account_input(client, client.decoder.buffered, bool(frames))
         except AuthenticationError as exc:
             self._stats.refused += 1
             self._drop(client, logging.WARNING, f"authentication failed: {exc}")
@@ -519,15 +530,22 @@ class Broker:
         except ProtocolError as exc:
             self._reject(client, str(exc))
 
-    def _account_input(self, client: Session, unfinished: int) -> None:
+    def _account_input(self, client: Session, unfinished: int, completed: bool) -> None:
+        if completed or not client.unfinished:
+            client.unfinished_since = time.monotonic()  # a new frame begins
         self._input += unfinished - client.unfinished
         client.unfinished = unfinished
         while self._input > self._max_input:
-            # The client holding the most goes: whoever merely crossed the
-            # line may be an honest one beside a few that hold frames open.
-            hog = max(self._clients.values(), key=lambda c: c.unfinished)
+            # The client whose unfinished frame began the longest ago goes:
+            # whoever merely crossed the line may be an honest one sending a
+            # large message beside some that hold frames open.
+            hog = min(
+                (c for c in self._clients.values() if c.unfinished),
+                key=lambda c: c.unfinished_since,
+            )
             reason = (
-                f"{hog.unfinished} bytes of unfinished input while the broker holds "
+                f"{hog.unfinished} bytes of a frame unfinished for "
+                f"{time.monotonic() - hog.unfinished_since:.1f} s while the broker holds "
                 f"{self._input}, over its limit of {self._max_input} (max_input_buffer)"
             )
             if hog is client:
@@ -565,7 +583,7 @@ class Broker:
                 self._federation = proto.report(frame)
             else:
                 raise ProtocolError(f"unexpected frame type {kind}")
-            if work + router.work >= _WORK_PER_ROUND and done < len(frames):
+            if work + router.work >= self._budget and done < len(frames):
                 client.backlog = frames[done:]
                 self._backlogged.add(client)
                 return

@@ -41,6 +41,7 @@ class Session:
         self.subs: Set[bytes] = set()
         self.sub_bytes = 0  # the encoded topics of subs, summed
         self.unfinished = 0  # bytes received and not yet part of a whole frame
+        self.unfinished_since = 0.0  # when the frame in progress began to arrive
         self.backlog: List[Tuple[int, bytes]] = []  # frames read, to handle in later rounds
 
     def feed_handshake(self, data: bytes, authkey: bytes, max_message: int) -> bytes:
