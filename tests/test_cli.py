@@ -18,6 +18,7 @@ import pytest
 
 from mpubsub import NetPubSub
 from mpubsub import _protocol as proto
+from mpubsub._cli import load_message
 from mpubsub._connect import connect_socket, handshake
 
 from .conftest import BrokerProcess, wait_for
@@ -377,3 +378,16 @@ def test_sub_shows_what_it_cannot_print_as_notices(
         {"topic": ["t"], "message": {"n": f"<not shown: {too_long}>"}},
         {"topic": ["t"], "message": {"n": 1}},
     ]
+
+
+@pytest.mark.parametrize(
+    ("payload", "reason"),
+    [
+        (pickle.dumps({"b": bytearray(3)}), "global builtins.bytearray is not allowed"),
+        (pickle.dumps({1: "x"}), "not a message (a dict with str keys)"),
+    ],
+)
+def test_sub_loads_plain_dicts_of_str_only(payload: bytes, reason: str) -> None:
+    """Not a global beyond complex (not bytearray: a tiny pickle of 10 GB), and str keys only."""
+    shown = load_message(payload)
+    assert list(shown) == ["not_shown"] and reason in shown["not_shown"].reason

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 import re
 import shutil
 import subprocess
@@ -232,3 +233,12 @@ def test_root_client_never_reconnects_to_a_broker_nobody_planted(
             publisher.stdout.close()
         stop_process(rogue)
         broker.stop()
+
+
+def test_a_key_that_is_not_bytes_is_refused(tmp_path: Path) -> None:
+    """An (address, authkey) pickle whose key is a string: one line, no connection attempt."""
+    path = tmp_path / "str-key.pckl"
+    path.write_bytes(pickle.dumps(("/run/x.sock", "not bytes")))
+    path.chmod(0o600)
+    with pytest.raises(CredentialsError, match=r"holds no authkey bytes$"):
+        read_credentials(path)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import logging
 import os
 import pickle
 import shutil
@@ -93,6 +94,17 @@ def worst_ping_during(pinger: NetPubSub, *attacks: Callable[[], object]) -> floa
         for thread in threads:
             thread.join(60)
     return worst
+
+
+def challenged(broker: BrokerProcess, count: int) -> List[socket.socket]:
+    """*count* TCP connections that got their challenge, one after the other, and say nothing."""
+    address, _ = broker.creds()
+    socks = []
+    for _ in range(count):
+        socks.append(socket.create_connection(address))
+        socks[-1].settimeout(10)
+        socks[-1].recv(256)
+    return socks
 
 
 def pinged(sock: socket.socket) -> None:
@@ -593,11 +605,8 @@ def test_connections_that_never_authenticate_make_room(
     broker = broker_factory(
         "127.0.0.1:0", "--max-connections", "20", "--max-handshakes-per-peer", "100"
     )
-    address, _ = broker.creds()
-    silent = [socket.create_connection(address) for _ in range(20)]
+    silent = challenged(broker, 20)
     try:
-        for sock in silent:
-            sock.recv(256)  # the challenge: each is in
         pubsub = connected(broker, clients)
         assert pubsub.flush()
     finally:
@@ -846,3 +855,117 @@ def broker_subscriptions(pubsub: NetPubSub) -> int:
     stats = pubsub.broker_statistics()
     assert stats is not None
     return int(stats["subscriptions"])
+
+
+# --- the caps, exactly --------------------------------------------------------------
+
+
+def test_caps_hold_exactly_at_their_values(
+    broker_factory: Callable[..., BrokerProcess], clients: List[NetPubSub]
+) -> None:
+    """max_connections clients get in, one more is refused; unsubscribing gives room back."""
+    broker = broker_factory(
+        None, "--max-connections", "3", "--max-subscription-bytes", "100", *SMALL
+    )
+    first = connected(broker, clients)
+    for topic in ("a" * 40, "b" * 40, "c" * 40, "d" * 40):  # 41 bytes each, two fit at a time
+        first.add_subscriber(topic, logging.info)
+        first.remove_subscriber(topic, logging.info)
+    assert first.flush() and first.connected
+    connected(broker, clients)
+    connected(broker, clients)
+    with pytest.raises(OSError):
+        connected(broker, clients)
+    assert "refusing a connection: 3 connections, the limit (max_connections)" in broker.output()
+
+
+def test_handshakes_past_the_cap_close_exactly_one_each(
+    broker_factory: Callable[..., BrokerProcess],
+) -> None:
+    """At max_handshakes, each new connection closes one older one: no more, no less."""
+    broker = broker_factory(
+        "127.0.0.1:0", "--max-handshakes", "4", "--max-handshakes-per-peer", "100"
+    )
+    socks = challenged(broker, 5)
+    try:
+        assert socks[0].recv(256) == b""  # the oldest made room
+        for sock in socks[1:]:
+            sock.setblocking(False)
+            with pytest.raises(BlockingIOError):
+                sock.recv(256)  # still waiting for an answer
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+def test_an_oversized_handshake_message_is_refused_at_its_header(
+    broker: BrokerProcess, clients: List[NetPubSub]
+) -> None:
+    """A peer announcing a 100 MB handshake message is closed at once, nothing buffered."""
+    address, _ = broker.creds()
+    family = socket.AF_UNIX if isinstance(address, str) else socket.AF_INET
+    with socket.socket(family) as sock:
+        sock.connect(address)
+        sock.recv(256)
+        sock.sendall(proto.MP_LEN.pack(100_000_000) + b"x" * 1000)
+        assert closed_with_error(sock) == ""
+    assert "handshake message of 100000000 bytes" in broker.output()
+    assert_serving(broker, clients)
+
+
+def test_a_client_that_refuses_the_brokers_key_gets_nothing(broker: BrokerProcess) -> None:
+    """A peer that answers our challenge, then calls our answer wrong, is closed, not welcomed."""
+    address, authkey = broker.creds()
+    with connect_socket(address, 10) as sock:
+        challenge = sock.recv(256)[4:]
+        sock.sendall(proto.answer_challenge(authkey, challenge))
+        assert sock.recv(256)[4:] == proto.WELCOME_MSG
+        ours, _message = proto.new_challenge()
+        sock.sendall(ours)
+        sock.recv(256)  # the broker's answer
+        sock.sendall(proto.mp_frame(b"#NOT WELCOME#"))
+        sock.sendall(proto.frame(proto.HELLO, proto.HELLO_BODY.pack(proto.VERSION)))
+        assert closed_with_error(sock) == ""
+    assert "the client refused the broker's key" in broker.output()
+
+
+def test_a_subscribers_error_reraised_by_on_error_reaches_poll(
+    broker: BrokerProcess, clients: List[NetPubSub]
+) -> None:
+    """A TypeError a subscriber raises, re-raised by on_error, is not taken for a bad payload."""
+    sub = connected(broker, clients)
+
+    def reraise(topic: object, subscriber: object, exc: Exception) -> None:
+        raise exc
+
+    def fails(topic: object, **message: object) -> None:
+        raise TypeError("the subscriber's own")
+
+    sub.on_error = reraise
+    sub.add_subscriber("t", fails, weak=False)
+    sub.flush()
+    connected(broker, clients).publish("t", n=1)
+    with pytest.raises(TypeError, match=r"^the subscriber's own$"):
+        wait_for(lambda: sub.poll(0.05), what="the message")
+
+
+def test_a_brokers_error_text_is_logged_escaped(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An ERROR frame from the broker reaches the client's log with its controls escaped."""
+    path, _ = fake_broker_credentials(tmp_path)
+    reason = b"\x1b[2J\nFORGED: all fine"
+
+    def refuse(sock: socket.socket) -> None:
+        sock.sendall(proto.frame(proto.ERROR, reason))
+        sock.recv(1)  # until the client goes
+
+    fake = FakeBroker(path, b"key", refuse)
+    pubsub = NetPubSub(path, b"key")
+    try:
+        pubsub.connect()
+        wait_for(lambda: [pubsub.poll(0.05)] and "broker error" in caplog.text, what="the log")
+    finally:
+        pubsub.disconnect()
+        fake.close()
+    assert "broker error: \\x1b[2J\\x0aFORGED: all fine" in caplog.text

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import struct
 from typing import Iterator, List, Tuple
 
 import pytest
@@ -96,3 +97,14 @@ def test_handshake_raises_only_protocol_errors(
                     client.decoder.feed(rest)
         except (ProtocolError, AuthenticationError):
             pass
+
+
+def test_welcome_carries_the_limits_and_old_brokers_are_understood() -> None:
+    """WELCOME round-trips every limit; a 10-byte WELCOME (older broker) has its size, no caps."""
+    limits = proto.Limits(1000, 7, 300, 42, 5000)
+    assert proto.welcome_limits(proto.welcome_body(limits)) == limits
+    old = proto.welcome_limits(struct.pack("!HQ", 1, 12345))
+    assert old.max_message == 12345
+    assert min(old[1:]) >= 2**31 - 1
+    with pytest.raises(ProtocolError):
+        proto.welcome_limits(b"\x00" * 11)

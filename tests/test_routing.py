@@ -114,3 +114,32 @@ def test_a_topic_the_check_refuses_is_not_cached() -> None:
         router.routes[proto.encode_topic(("toolong",))]
     assert not router.routes
     assert router.routes[proto.encode_topic(("ok",))] == ()
+
+
+def test_forgetting_gives_back_what_caching_counted() -> None:
+    """Forgetting every cached route brings the count to nothing; caching again, to the same."""
+    router: Router[str] = Router()
+    for client in ("a", "b", "c"):
+        router.subscribe(client, proto.encode_topic(("x", "y")))
+    topics = [proto.encode_topic(("x", "y", str(n), "z")) for n in range(50)]
+    for topic in topics:
+        assert len(router.routes[topic]) == 3
+    first = router.cached_size
+    assert first > 0
+    router.subscribe("d", proto.encode_topic(("x",)))  # forgets every one of them
+    assert router.cached_size == 0
+    for topic in topics:
+        assert len(router.routes[topic]) == 4
+    assert router.cached_size == first + 50 * 8  # one more client in each route
+
+
+def test_a_routes_cost_grows_with_its_clients() -> None:
+    """A route to many clients counts for more than a route to one."""
+    one: Router[int] = Router()
+    many: Router[int] = Router()
+    topic = proto.encode_topic(("t",))
+    one.subscribe(0, topic)
+    for client in range(100):
+        many.subscribe(client, topic)
+    assert one.routes[topic] and many.routes[topic]
+    assert many.cached_size - one.cached_size == 99 * 8
