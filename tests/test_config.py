@@ -56,6 +56,16 @@ def test_values_are_read(tmp_path: Path) -> None:
             r"max_buffer: must be at least max_message_size$",
         ),
         (
+            "max_message_size = 100\nmax_input_buffer = 99",
+            r"max_input_buffer: must be at least max_message_size$",
+        ),
+        (
+            "max_message_size = 100\nmax_topic_size = 101",
+            r"max_topic_size: must be at most max_message_size$",
+        ),
+        ("max_handshakes_per_peer = 0", r"max_handshakes_per_peer: '0' must be positive$"),
+        ("max_topic_depth = deep", r"max_topic_depth: 'deep' is not a whole number$"),
+        (
             "[federation]\nservers = nats://h:4222",
             r"secret_file: required in \[federation\] when servers is set$",
         ),
