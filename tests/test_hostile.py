@@ -293,7 +293,7 @@ def test_ever_new_deep_topics_stall_nobody(
     finally:
         for sock in attackers:
             sock.close()
-    assert worst < 0.3, f"a ping waited {worst * 1000:.0f} ms"
+    assert worst < 0.4, f"a ping waited {worst * 1000:.0f} ms"
 
 
 # --- 4. memory bounded per client and in total ----------------------------------------
