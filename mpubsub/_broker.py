@@ -190,7 +190,8 @@ class Broker:
         self._max_connections = max_connections
         self._max_handshakes = max_handshakes
         self._max_handshakes_per_peer = max_handshakes_per_peer
-        self._max_input = max_input_buffer
+        # Room for one whole largest frame, header included, however it arrives.
+        self._max_input = max_input_buffer + proto.HEADER.size
         self._tmpdir: Optional[str] = None
         self._listener = self._listen(address, backlog)
         self._wake_r, self._wake_w = socket.socketpair()

@@ -969,3 +969,21 @@ def test_a_brokers_error_text_is_logged_escaped(
         pubsub.disconnect()
         fake.close()
     assert "broker error: \\x1b[2J\\x0aFORGED: all fine" in caplog.text
+
+
+def test_a_largest_message_fits_when_max_input_buffer_equals_it(
+    broker_factory: Callable[..., BrokerProcess], clients: List[NetPubSub]
+) -> None:
+    """max_input_buffer = max_message_size: a largest frame arriving in two parts is not cut."""
+    broker = broker_factory(None, "--max-message-size", "10000", "--max-input-buffer", "10000")
+    sub = connected(broker, clients)
+    got = subscribed(sub, "t")
+    frame = proto.pub_frame(proto.encode_topic(("t",)), b"x" * (10000 - 4 - 2))
+    with authenticated(broker) as sock:
+        sock.sendall(frame[:-2])
+        with authenticated(broker) as other:
+            pinged(other)  # the broker holds 10,003 bytes of it
+        sock.sendall(frame[-2:])
+        pinged(sock)
+    wait_for(lambda: sub.poll(0.05) or got, what="the largest message")
+    assert "max_input_buffer" not in broker.output()

@@ -143,3 +143,15 @@ def test_a_routes_cost_grows_with_its_clients() -> None:
         many.subscribe(client, topic)
     assert one.routes[topic] and many.routes[topic]
     assert many.cached_size - one.cached_size == 99 * 8
+
+
+def test_a_new_catch_all_subscriber_joins_cached_routes() -> None:
+    """Subscribing to () forgets every cached route: each then includes the new subscriber."""
+    router: Router[str] = Router()
+    topic = proto.encode_topic(("a",))
+    router.subscribe("x", topic)
+    assert router.routes[topic] == ("x",)
+    router.subscribe("all", b"")
+    assert set(router.routes[topic]) == {"x", "all"}
+    router.unsubscribe("all", b"")
+    assert router.routes[topic] == ("x",)
