@@ -87,11 +87,18 @@ class Federated(remote.System):
     """Two mpubsubd hosts and a nats-server; publisher on a, everyone else on b."""
 
     def start(self) -> None:
+        self.hosts: Dict[str, subprocess.Popen[bytes]] = {}
         self.nats = NatsServer(self.workdir)
+        try:
+            self._start_hosts()
+        except BaseException:
+            self.stop()  # a host that failed must not leave the others running
+            raise
+
+    def _start_hosts(self) -> None:
         secret = Path(self.workdir) / "secret"
         secret.write_bytes(SECRET)
         secret.chmod(0o600)
-        self.hosts: Dict[str, subprocess.Popen[bytes]] = {}
         for name in ("a", "b"):
             base = Path(self.workdir) / name
             base.mkdir()
