@@ -448,7 +448,8 @@ class Broker:
         )
         self._drop(oldest, logging.DEBUG, "making room for a new connection")
 
-    def _authenticated(self, client: Session) -> None:
+    def _handshake_over(self, client: Session) -> None:
+        """*client* no longer counts as authenticating (it did, or it is gone)."""
         self._handshaking.pop(client, None)
         mine = self._handshakes_by_peer[client.peer]
         del mine[client]
@@ -465,7 +466,7 @@ class Broker:
         client.sock.close()
         del self._clients[fd]
         if client in self._handshaking:
-            self._authenticated(client)  # no longer authenticating, at least
+            self._handshake_over(client)  # no longer authenticating, at least
         self._input -= client.unfinished
         client.unfinished = 0
         self._dirty.discard(client)
@@ -599,7 +600,7 @@ class Broker:
             )
         client.send_now(proto.frame(proto.WELCOME, proto.welcome_body(self._limits)))
         client.state = _ACTIVE
-        self._authenticated(client)
+        self._handshake_over(client)
         logger.debug("%s connected", client.name)
 
     def _reply(self, client: Session, frame: bytes) -> None:
@@ -645,9 +646,9 @@ class Broker:
 
     def _checked_topic(self, topic: bytes) -> bytes:
         """*topic* if it is well formed and within the limits; ProtocolError if not."""
-        excess = self._limits.topic_excess(topic)
+        excess = self._limits.topic_excess(topic, whose="the")
         if excess:
-            raise ProtocolError(excess.replace("the broker's limit", "the limit"))
+            raise ProtocolError(excess)
         proto.decode_topic(topic)
         return topic
 

@@ -88,17 +88,17 @@ class Limits(NamedTuple):
         if reason:
             raise ValueError(reason)
 
-    def topic_excess(self, encoded: bytes) -> str:
-        """Why an encoded topic is over the limits, or ``''`` if it is not."""
+    def topic_excess(self, encoded: bytes, whose: str = "the broker's") -> str:
+        """Why an encoded topic is over *whose* limits, or ``''`` if it is not."""
         if len(encoded) > self.max_topic_size:
             return (
-                f"topic of {len(encoded)} bytes exceeds the broker's limit of "
+                f"topic of {len(encoded)} bytes exceeds {whose} limit of "
                 f"{self.max_topic_size} bytes"
             )
         depth = encoded.count(SEP)
         if depth > self.max_topic_depth:
             return (
-                f"topic of {depth} elements exceeds the broker's limit of "
+                f"topic of {depth} elements exceeds {whose} limit of "
                 f"{self.max_topic_depth} elements"
             )
         return ""

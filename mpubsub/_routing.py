@@ -42,8 +42,7 @@ class _Node:
 def elements(topic: bytes) -> Iterator[bytes]:
     """The encoded elements of an encoded topic, each with its separator, in order."""
     start = 0
-    while start < len(topic):
-        end = topic.index(SEP, start) + 1
+    for end in prefix_ends(topic):
         yield topic[start:end]
         start = end
 
