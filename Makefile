@@ -57,7 +57,12 @@ install:
 	$(INSTALL_PYTHON) -m pip install --quiet --root-user-action=ignore --no-compile --upgrade \
 	  --target "$(DESTDIR)$(LIBDIR)" '.[daemon,federation]'
 	install -d "$(DESTDIR)$(PREFIX)/bin"
-	printf '#!/bin/sh\n# mpubsubd, as installed by mpubsub'"'"'s make install\nPYTHONPATH="$(LIBDIR)" exec $(INSTALL_PYTHON) -m mpubsubd "$$@"\n' \
+	# The wrapper runs as root wherever root stands: -m would put the working directory
+	# first on sys.path, so the interpreter runs isolated (-I) and is given LIBDIR itself.
+	printf '%s\n' '#!/bin/sh' \
+	  "# mpubsubd, as installed by mpubsub's make install. Isolated (-I): it imports" \
+	  '# nothing from the working directory and ignores PYTHON* variables.' \
+	  'exec $(INSTALL_PYTHON) -I -c '"'"'import sys; sys.path.insert(0, "$(LIBDIR)"); from mpubsubd import main; main()'"'"' "$$@"' \
 	  > "$(DESTDIR)$(PREFIX)/bin/mpubsubd"
 	chmod 755 "$(DESTDIR)$(PREFIX)/bin/mpubsubd"
 	install -d "$(DESTDIR)$(UNITDIR)"

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import logging.handlers
 import os
 import secrets
 import signal
 import socket
+import stat
 import sys
+from io import TextIOWrapper
 from typing import Callable, Optional
 
 from mpubsub import Broker, __version__
@@ -23,6 +26,7 @@ logger = logging.getLogger("mpubsubd")
 
 _FILE_FORMAT = "%(asctime)s %(name)s[%(process)d] %(levelname)s: %(message)s"
 _JOURNAL_FORMAT = "%(levelname)s %(name)s: %(message)s"  # the journal adds time and pid
+_PID_LIMIT = 1 << 22  # Linux's PID_MAX_LIMIT: every pid is below it
 
 
 class StartupError(Exception):
@@ -183,19 +187,53 @@ def _bridge(config: Config, log_file: Optional[str]) -> Optional[BridgeSuperviso
 def check_pidfile(path: str) -> Optional[str]:
     """Refuse to start beside a live mpubsubd; remove the pidfile of a dead one.
 
-    Returns what to log when a stale pidfile was removed, else None.
+    Only a regular file is read, and of what it holds only a pid is ever repeated: a
+    symbolic link is not followed, and it, like any other thing that is not a regular
+    file, is removed unread. Returns what to log when a pidfile was removed, else None.
     """
+    # The pidfile's directory may be writable by others: a link there could point
+    # at a root-only file, and a fifo would block the open forever.
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
     try:
-        with open(path, encoding="ascii", errors="replace") as f:
-            text = f.read(64).strip()
+        fd = os.open(path, flags)
     except FileNotFoundError:
         return None
     except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return _remove_pidfile(path, f"removed pidfile {path}: a symbolic link, not followed")
+        if exc.errno == errno.ENXIO:  # a socket
+            return _remove_pidfile(path, f"removed pidfile {path}: not a regular file, not read")
         raise StartupError(f"cannot read pidfile {path}: {reason(exc)}") from None
-    if text.isdigit() and _is_mpubsubd(int(text)):
-        raise StartupError(f"mpubsubd is already running (pid {text}, pidfile {path})")
-    os.unlink(path)
-    return f"removed stale pidfile {path} (pid {text or '?'} is not running)"
+    try:
+        text = os.read(fd, 64) if stat.S_ISREG(os.fstat(fd).st_mode) else None
+    except OSError as exc:
+        raise StartupError(f"cannot read pidfile {path}: {reason(exc)}") from None
+    finally:
+        os.close(fd)
+    if text is None:
+        return _remove_pidfile(path, f"removed pidfile {path}: not a regular file, not read")
+    pid = _pid_in(text)
+    if pid is not None and _is_mpubsubd(pid):
+        raise StartupError(f"mpubsubd is already running (pid {pid}, pidfile {path})")
+    return _remove_pidfile(path, f"removed stale pidfile {path} (pid {pid or '?'} is not running)")
+
+
+def _pid_in(text: bytes) -> Optional[int]:
+    """The pid *text* holds (ASCII digits, blanks around), or None if it holds no pid."""
+    digits = text.strip()
+    pid = int(digits) if digits.isdigit() else 0  # bytes.isdigit(): ASCII digits only
+    return pid if 0 < pid < _PID_LIMIT else None
+
+
+def _remove_pidfile(path: str, said: str) -> str:
+    """Unlink *path* itself (never what a link there points to); return *said*, to log."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        raise StartupError(f"cannot remove pidfile {path}: {reason(exc)}") from None
+    return said
 
 
 def _is_mpubsubd(pid: int) -> bool:
@@ -252,13 +290,33 @@ def _secure_socket(broker: Broker, gid: Optional[int]) -> None:
 
 
 def log_file_handler(path: str) -> logging.Handler:
-    """Lines with time and pid in *path*, reopened when logrotate renamed it."""
+    """Lines with time and pid in *path*, reopened when logrotate renamed it.
+
+    A new log file is made 0640; an existing one keeps its mode. A symbolic link at
+    *path* is refused (StartupError), never followed.
+    """
     try:
-        handler = logging.handlers.WatchedFileHandler(path)
+        handler = _LogFile(path)
     except OSError as exc:
-        raise StartupError(f"cannot open log_file {path}: {reason(exc)}") from None
+        why = "a symbolic link, not followed" if exc.errno == errno.ELOOP else reason(exc)
+        raise StartupError(f"cannot open log_file {path}: {why}") from None
     handler.setFormatter(logging.Formatter(_FILE_FORMAT))
     return handler
+
+
+class _LogFile(logging.handlers.WatchedFileHandler):
+    """A WatchedFileHandler that makes its file 0640 and never opens it through a link."""
+
+    def _open(self) -> TextIOWrapper:
+        # Also called when a SIGHUP after logrotate makes the file anew: 0640 again,
+        # and a link planted in its place meanwhile is not followed either.
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+        fd = os.open(self.baseFilename, flags, 0o640)
+        try:
+            return open(fd, "a", encoding=self.encoding, errors=self.errors)
+        except BaseException:
+            os.close(fd)
+            raise
 
 
 def stderr_handler() -> logging.Handler:

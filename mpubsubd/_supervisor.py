@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import subprocess
 import sys
 import threading
@@ -26,6 +27,13 @@ _FIRST_DELAY = 0.5
 _MAX_DELAY = 30.0
 _STABLE = 60.0  # a bridge that ran this long restarts at once after it died
 _STOP_TIMEOUT = 5.0
+# The directory holding this mpubsubd package, and how the bridge starts.
+_PACKAGES = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_BRIDGE_MAIN = (
+    "import sys; where = sys.argv.pop(1)\n"
+    "if where not in sys.path: sys.path.insert(0, where)\n"
+    "from mpubsubd._bridge import main; main()"
+)
 
 
 class BridgeSupervisor:
@@ -93,8 +101,15 @@ class BridgeSupervisor:
             delay = min(delay * 2, _MAX_DELAY)
 
     def _spawn(self) -> subprocess.Popen[bytes]:
+        # The bridge runs as root: isolated (-I: neither the working directory
+        # nor PYTHON* variables reach its sys.path) and from "/", it imports
+        # mpubsubd from where this process found it, and the rest from the
+        # interpreter's own directories.
         process = subprocess.Popen(
-            [sys.executable, "-m", "mpubsubd._bridge"], stdin=subprocess.PIPE, close_fds=True
+            [sys.executable, "-I", "-c", _BRIDGE_MAIN, _PACKAGES],
+            stdin=subprocess.PIPE,
+            close_fds=True,
+            cwd="/",
         )
         assert process.stdin is not None
         process.stdin.write(self._settings)

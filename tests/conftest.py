@@ -45,6 +45,17 @@ def wait_for(condition: Callable[[], Any], timeout: float = 10.0, what: str = "c
         time.sleep(0.01)
 
 
+def make_install(base: Path) -> None:
+    """``make install`` with every file under *base* (PREFIX base/prefix, SYSCONFDIR base/etc)."""
+    subprocess.run(
+        ["make", "-s", "install", f"PREFIX={base}/prefix", f"SYSCONFDIR={base}/etc"],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+
+
 def stop_process(proc: Optional[subprocess.Popen[Any]], timeout: float = 10.0) -> None:
     """SIGTERM *proc* if it runs, SIGKILL it if it is still there after *timeout* s; reap it."""
     if proc is not None and proc.poll() is None:

@@ -18,7 +18,7 @@ import pytest
 
 from mpubsub import Broker, CredentialsError, NetPubSub
 
-from .conftest import alive, stop_process, wait_for
+from .conftest import alive, make_install, stop_process, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 MPUBSUBD = [sys.executable, "-m", "mpubsubd"]
@@ -35,6 +35,8 @@ class Daemon:
         self.pidfile = self.run / "mpubsubd.pid"
         self.socket = self.run / "broker.sock"
         self.log = base / "log" / "mpubsubd.log"
+        self.command = MPUBSUBD  # or an installed wrapper
+        self.cwd: Optional[Path] = None  # where the commands run; None: here
         self.pids: List[int] = []
         self.procs: List[subprocess.Popen[str]] = []
         self.configure()
@@ -53,7 +55,11 @@ class Daemon:
     def launch(self, *args: str) -> subprocess.CompletedProcess[str]:
         """Run the launcher; it returns once the daemon serves (or failed)."""
         result = subprocess.run(
-            [*MPUBSUBD, "-c", str(self.config), *args], capture_output=True, text=True, timeout=60
+            [*self.command, "-c", str(self.config), *args],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=self.cwd,
         )
         if result.returncode == 0:
             self.pids.append(self.pid())
@@ -61,14 +67,26 @@ class Daemon:
 
     def foreground(self, env: Optional[Dict[str, str]] = None) -> subprocess.Popen[str]:
         proc = subprocess.Popen(
-            [*MPUBSUBD, "-f", "-c", str(self.config)],
+            [*self.command, "-f", "-c", str(self.config)],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
             env={**os.environ, **(env or {})},
+            cwd=self.cwd,
         )
         self.procs.append(proc)
         return proc
+
+    def foreground_stderr(self) -> str:
+        """Run mpubsubd -f until it has served a client, then stop it; what it said."""
+        proc = self.foreground()
+        wait_for(lambda: self.credentials.exists() or proc.poll() is not None, what="mpubsubd -f")
+        if proc.poll() is None:
+            exchange(self.credentials)
+            proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+        assert proc.returncode == 0, err
+        return err
 
     def pid(self) -> int:
         return int(self.pidfile.read_text().strip())
@@ -178,6 +196,50 @@ def test_recovers_after_kill_9(mpubsubd: Daemon) -> None:
     exchange(mpubsubd.credentials)
 
 
+@pytest.mark.parametrize("foreground", [False, True], ids=["daemon", "foreground"])
+@pytest.mark.parametrize("kind", ["symlink", "fifo"])
+def test_pidfile_not_a_regular_file_is_not_read(
+    mpubsubd: Daemon, kind: str, foreground: bool
+) -> None:
+    """A symlink (to a root-only file) or a fifo as pidfile is removed unread, with a warning."""
+    secret = mpubsubd.base / "secret"
+    secret.write_text("s3cret-line\n")
+    secret.chmod(0o600)
+    mpubsubd.run.mkdir()
+    if kind == "symlink":
+        mpubsubd.pidfile.symlink_to(secret)
+        warning = f"removed pidfile {mpubsubd.pidfile}: a symbolic link, not followed"
+    else:  # opening a fifo to read it would wait for a writer forever
+        os.mkfifo(mpubsubd.pidfile)
+        warning = f"removed pidfile {mpubsubd.pidfile}: not a regular file, not read"
+    if foreground:
+        said = mpubsubd.foreground_stderr()
+    else:
+        result = mpubsubd.launch()
+        assert result.returncode == 0, result.stderr
+        said = result.stderr + mpubsubd.log.read_text()
+    assert "s3cret" not in said
+    assert warning in said
+    assert secret.read_text() == "s3cret-line\n"
+    assert stat.S_IMODE(secret.stat().st_mode) == 0o600
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["hunter2\n", "4242 hunter2\n", "\x1b[2J\n", "9" * 64],
+    ids=["word", "pid-and", "escape", "huge"],
+)
+def test_pidfile_text_is_not_logged(mpubsubd: Daemon, text: str) -> None:
+    """A pidfile that does not hold a pid is removed as stale; only '?' stands for its text."""
+    mpubsubd.run.mkdir()
+    mpubsubd.pidfile.write_text(text)
+    result = mpubsubd.launch()
+    assert result.returncode == 0, result.stderr
+    log = mpubsubd.log.read_text()
+    assert "hunter2" not in log and "\x1b" not in log
+    assert f"removed stale pidfile {mpubsubd.pidfile} (pid ? is not running)" in log
+
+
 def test_sigterm_cleans_up(mpubsubd: Daemon) -> None:
     """SIGTERM stops the daemon and removes its pidfile, socket and credentials."""
     mpubsubd.started()
@@ -197,6 +259,31 @@ def test_sighup_reopens_log(mpubsubd: Daemon) -> None:
     wait_for(mpubsubd.log.exists, what="a new log file")
     wait_for(lambda: "reopened the log file" in mpubsubd.log.read_text(), what="the SIGHUP line")
     assert "serving" in rotated.read_text()
+
+
+def test_log_file_is_created_0640(mpubsubd: Daemon) -> None:
+    """The daemon's log file, and the one it starts after logrotate renamed it, are 0640."""
+    mpubsubd.started()
+    assert stat.S_IMODE(mpubsubd.log.stat().st_mode) == 0o640
+    mpubsubd.log.rename(mpubsubd.log.with_suffix(".log.1"))
+    os.kill(mpubsubd.pid(), signal.SIGHUP)
+    wait_for(mpubsubd.log.exists, what="a new log file")
+    assert stat.S_IMODE(mpubsubd.log.stat().st_mode) == 0o640
+
+
+def test_symlinked_log_file_is_refused(mpubsubd: Daemon) -> None:
+    """A symbolic link as log_file is neither followed nor replaced: one line, exit status 1."""
+    target = mpubsubd.base / "target"
+    target.write_text("root's\n")
+    mpubsubd.log.parent.mkdir()
+    mpubsubd.log.symlink_to(target)
+    result = mpubsubd.launch()
+    assert result.stderr == (
+        f"mpubsubd: cannot open log_file {mpubsubd.log}: a symbolic link, not followed\n"
+    )
+    assert result.returncode == 1
+    assert target.read_text() == "root's\n" and mpubsubd.log.is_symlink()
+    assert not mpubsubd.pidfile.exists()
 
 
 def test_foreground_speaks_sd_notify(mpubsubd: Daemon) -> None:
@@ -299,6 +386,45 @@ def test_version_and_missing_dependency() -> None:
         "mpubsubd: python-daemon is not installed: "
         "install the daemon extra, pip install 'mpubsub[daemon]'\n"
     )
+
+
+@pytest.fixture(scope="module")
+def installed() -> Iterator[Path]:
+    """The mpubsubd wrapper of ``make install`` into a temporary prefix."""
+    if not os.path.exists("/usr/bin/python3"):
+        pytest.skip("make install runs Debian's /usr/bin/python3")
+    base = Path(tempfile.mkdtemp(prefix="mpubsubd-install-"))
+    try:
+        make_install(base)
+        yield base / "prefix" / "bin" / "mpubsubd"
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture
+def planted(tmp_path: Path) -> Path:
+    """A working directory whose argparse.py and json.py leave NAME.imported when imported."""
+    for name in ("argparse", "json"):
+        mark = str(tmp_path / f"{name}.imported")
+        (tmp_path / f"{name}.py").write_text(f"open({mark!r}, 'w').close()\n")
+    return tmp_path
+
+
+def test_installed_wrapper_imports_nothing_from_cwd(
+    installed: Path, planted: Path, mpubsubd: Daemon
+) -> None:
+    """The installed mpubsubd, run by root beside planted modules, imports none of them."""
+    version = subprocess.run(
+        [str(installed), "--version"], capture_output=True, text=True, timeout=60, cwd=planted
+    )
+    assert [p.name for p in planted.glob("*.imported")] == []
+    assert version.stdout == "mpubsubd 0.1.0\n"
+    mpubsubd.command, mpubsubd.cwd = [str(installed)], planted
+    assert "serving" in mpubsubd.foreground_stderr()
+    mpubsubd.started()
+    exchange(mpubsubd.credentials)
+    mpubsubd.signal(signal.SIGTERM)
+    assert [p.name for p in planted.glob("*.imported")] == []
 
 
 def test_unit_passes_systemd_analyze(tmp_path: Path) -> None:
