@@ -6,6 +6,7 @@ import collections
 import contextlib
 import dataclasses
 import errno
+import hmac
 import json
 import logging
 import multiprocessing
@@ -128,8 +129,14 @@ class Broker:
     over all clients; *route_cache_bytes* of cached routes. A client that
     goes past a cap of its own is disconnected with a WARNING.
 
-    A client that sends BRIDGE (mpubsubd's federation bridge) gets every
-    message the others publish and the topics they subscribe to.
+    With a *bridge_key*, the one client whose BRIDGE frame holds that key
+    (mpubsubd's federation bridge) gets every message the others publish and
+    the topics they subscribe to; any other BRIDGE closes its connection
+    with a WARNING. What waits for the bridge is bounded like any client's
+    buffer: changes of interest are merged per topic (a topic subscribed and
+    unsubscribed again before the bridge read it costs nothing), and when
+    messages fill *max_buffer* the newest are dropped for other hosts,
+    counted and logged, not the bridge.
     """
 
     def __init__(
@@ -150,6 +157,7 @@ class Broker:
         max_handshakes_per_peer: int = DEFAULT_MAX_HANDSHAKES_PER_PEER,
         max_input_buffer: int = DEFAULT_MAX_INPUT_BUFFER,
         route_cache_bytes: int = DEFAULT_ROUTE_CACHE_BYTES,
+        bridge_key: Optional[bytes] = None,
     ) -> None:
         if max_buffer < max_message_size:
             raise ValueError("max_buffer must be at least max_message_size")
@@ -172,6 +180,8 @@ class Broker:
             raise ValueError("route_cache_bytes must not be negative")
         if timeout <= 0:
             raise ValueError("timeout must be positive")
+        if bridge_key is not None and len(bridge_key) < 16:
+            raise ValueError("bridge_key must be at least 16 bytes")
         self._authkey = (
             authkey if authkey is not None else multiprocessing.current_process().authkey
         )
@@ -208,7 +218,11 @@ class Broker:
         self._dirty: Set[Session] = set()
         self._backlogged: Set[Session] = set()  # frames read and not yet handled
         self._budget = _WORK_PER_ROUND  # what one client's input may cost this round
+        self._bridge_key = bridge_key
         self._bridge: Optional[Session] = None
+        # Topics whose interest changed since the bridge was last told, with
+        # the news (True: subscribed): see _tell_bridge.
+        self._interest: Dict[bytes, bool] = {}
         self._federation: Optional[Dict[str, Any]] = None
         self._throttles: Dict[str, Throttle] = collections.defaultdict(lambda: Throttle(logger))
         self._count = 0
@@ -481,6 +495,7 @@ class Broker:
                 logger.warning("the federation bridge is gone")
             self._bridge = None  # its last report stays: statistics() says why it stopped
             self._router.set_everything(None)
+            self._interest.clear()
 
     def _expire_handshakes(self, now: float) -> None:
         late = []
@@ -580,7 +595,7 @@ class Broker:
             elif kind == proto.STATS:
                 self._reply(client, self._stats_reply())
             elif kind == proto.BRIDGE:
-                self._attach_bridge(client)
+                self._attach_bridge(client, frame)
             elif kind == proto.FEDERATION and client is self._bridge:
                 self._federation = proto.report(frame)
             else:
@@ -675,27 +690,53 @@ class Broker:
             )
         client.subs.add(topic)
         client.sub_bytes += len(topic)
-        if self._router.subscribe(client, topic) and self._bridge is not None:
-            self._reply(self._bridge, proto.frame(proto.SUB, topic))
+        if self._router.subscribe(client, topic):
+            self._tell_bridge(topic, True)
 
     def _unsubscribe(self, client: Session, topic: bytes) -> None:
         if topic not in client.subs:
             return
         client.subs.discard(topic)
         client.sub_bytes -= len(topic)
-        if self._router.unsubscribe(client, topic) and self._bridge is not None:
-            self._reply(self._bridge, proto.frame(proto.UNSUB, topic))
+        if self._router.unsubscribe(client, topic):
+            self._tell_bridge(topic, False)
 
-    def _attach_bridge(self, client: Session) -> None:
+    def _attach_bridge(self, client: Session, frame: bytes) -> None:
+        if self._bridge_key is None:
+            raise ProtocolError("BRIDGE refused: this broker takes no federation bridge")
+        if not hmac.compare_digest(frame[5:], self._bridge_key):
+            raise ProtocolError("BRIDGE refused: only mpubsubd's own bridge, with its key")
         if self._bridge is not None:
             raise ProtocolError(f"{self._bridge.name} is already the federation bridge")
         if client.subs:
             raise ProtocolError("a client with subscriptions cannot become the bridge")
         self._bridge = client
         self._router.set_everything(client)
-        for topic in self._router.topics:
-            self._reply(client, proto.frame(proto.SUB, topic))
+        self._interest = dict.fromkeys(self._router.topics, True)
+        self._dirty.add(client)
         logger.info("%s is the federation bridge", client.name)
+
+    def _tell_bridge(self, topic: bytes, subscribed: bool) -> None:
+        # A topic's first subscriber and its last unsubscriber alternate: news
+        # about a topic still in _interest undoes the news waiting there, so
+        # what waits is at most one entry per topic subscribed now or known
+        # to the bridge, whatever the churn, and costs nothing to merge.
+        if self._bridge is None:
+            return
+        if self._interest.pop(topic, None) is None:
+            self._interest[topic] = subscribed
+        self._dirty.add(self._bridge)
+
+    def _queue_interest(self, bridge: Session) -> bool:
+        """Queue the bridge's next SUB/UNSUB frames, about one send's worth; False if none."""
+        interest, size = self._interest, 0
+        while interest and size < _SEND_CHUNK:
+            topic, subscribed = interest.popitem()
+            frame = proto.frame(proto.SUB if subscribed else proto.UNSUB, topic)
+            bridge.out.append(frame)
+            bridge.out_size += len(frame)
+            size += len(frame)
+        return size > 0
 
     # --- routing and output ------------------------------------------------
 
@@ -746,8 +787,9 @@ class Broker:
         # The bridge is not cut off like a slow consumer (it would come back
         # and fall behind again): what it cannot take is dropped for other
         # hosts, at most once as everything else, and local delivery goes on.
-        # Only if subscription changes alone fill half its buffer is it cut
-        # (it comes back with the current interest): its memory stays bounded.
+        # Shedding takes the newest messages, each at the price of one pop;
+        # only if what is left (replies to the bridge's own requests) still
+        # fills half its buffer is it cut: its memory stays bounded.
         dropped = bridge.shed(self._max_buffer // 2)
         self._stats.bridge_dropped += dropped
         self._throttles["bridge"].warning(
@@ -757,7 +799,9 @@ class Broker:
 
     def _write(self, client: Session) -> None:
         out = client.out
-        while out:
+        # The bridge's news of interest is queued only once the rest is sent:
+        # it never piles up in the queue (see _tell_bridge).
+        while out or (client is self._bridge and self._queue_interest(client)):
             if len(out) == 1 or len(out[0]) >= _SEND_CHUNK:
                 data = out.popleft()
             else:

@@ -21,13 +21,14 @@ reason, then it closes). After that:
 - PUB (both ways): ``!I`` topic length, the encoded topic, then the message
   pickled by the publisher. The broker reads only the topic; it forwards
   the frame unchanged and never unpickles anything.
-- BRIDGE (client -> broker, empty): this client is mpubsubd's federation
-  bridge (one at a time). From then on the broker sends it every message
-  the other clients publish, and SUB / UNSUB frames (broker -> bridge)
-  whenever a topic gains its first subscriber or loses its last one, so
-  the bridge knows what this host wants from other hosts.
-- FEDERATION (bridge -> broker): the bridge's state and counters as a JSON
-  object, which the broker adds to its STATS_REPLY.
+- BRIDGE (client -> broker, the broker's bridge key): this client is
+  mpubsubd's federation bridge (one at a time; mpubsubd hands its bridge
+  the key, a wrong one closes the connection). From then on the broker
+  sends it every message the other clients publish, and SUB / UNSUB frames
+  (broker -> bridge) whenever a topic gains its first subscriber or loses
+  its last one, so the bridge knows what this host wants from other hosts.
+- FEDERATION (bridge -> broker): the bridge's state and counters as a small
+  flat JSON object (see ``report``), which the broker adds to its STATS_REPLY.
 
 A topic is encoded as each element in UTF-8 (surrogates passed through),
 followed by the byte 0xFF, which never occurs in UTF-8. So ``()`` is
@@ -270,29 +271,45 @@ class FrameDecoder:
 
 
 def report(frame: bytes) -> Dict[str, Any]:
-    """The figures in a whole FEDERATION frame; ProtocolError unless they are a small, flat
-    JSON object: at most 64 keys, each a short string, each value a number, a boolean,
-    null or a string of at most 256 characters."""
+    """The figures in a whole FEDERATION frame; ProtocolError unless each is one of
+    REPORT_FIELDS with its type: a string of at most 256 characters, or a count."""
     if len(frame) > _MAX_REPORT:
         raise ProtocolError("FEDERATION frame too long")
     try:
         value = json.loads(frame[5:])
     except (ValueError, RecursionError):
         raise ProtocolError("FEDERATION frame is not JSON") from None
-    if not isinstance(value, dict) or len(value) > 64:
-        raise ProtocolError("FEDERATION frame is not a JSON object of at most 64 figures")
+    if not isinstance(value, dict):
+        raise ProtocolError("FEDERATION frame is not a JSON object")
     for key, figure in value.items():
-        if (
-            len(key) > 64
-            or not isinstance(figure, _FIGURE_TYPES)
-            or (isinstance(figure, str) and len(figure) > 256)
-        ):
-            raise ProtocolError("FEDERATION frame holds a figure that is not a short scalar")
+        kind = REPORT_FIELDS.get(key)
+        if kind is None:
+            raise ProtocolError(f"FEDERATION frame holds an unknown figure {key[:64]!r}")
+        if type(figure) is not kind or not _fits(figure):
+            raise ProtocolError(f"FEDERATION frame holds a bad {key}")
     return value
 
 
+# What a FEDERATION report may say (see mpubsubd._bridge), and the type of each.
+REPORT_FIELDS: Dict[str, type] = {
+    "state": str,
+    "server": str,
+    "name": str,
+    "nats_subscriptions": int,
+    "forwarded_out": int,
+    "forwarded_in": int,
+    "dropped_out": int,
+    "dropped_unverified": int,
+    "duplicates": int,
+    "too_long": int,
+    "reconnects": int,
+}
 _MAX_REPORT = 16 * 1024
-_FIGURE_TYPES = (str, int, float, bool, type(None))
+
+
+def _fits(figure: Any) -> bool:
+    """A report's string is short, its count a count."""
+    return len(figure) <= 256 if isinstance(figure, str) else 0 <= figure < 1 << 63
 
 
 def statistics(frame: bytes) -> Dict[str, Any]:

@@ -12,6 +12,7 @@ import contextlib
 import logging
 import os
 import secrets
+import stat
 import sys
 from typing import List, Optional
 
@@ -65,6 +66,12 @@ def _parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="time a new connection has to authenticate (default: %(default)s)",
     )
+    parser.add_argument(
+        "--bridge-key-file",
+        metavar="KEYFILE",
+        help="take as federation bridge the client whose BRIDGE frame holds the bytes of "
+        "KEYFILE (at least 16); without it, no client may be the bridge",
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="log every connection")
     return parser
 
@@ -81,9 +88,11 @@ def main(argv: Optional[List[str]] = None) -> None:
     authkey = secrets.token_bytes(32)
     address = parse_address(args.address) if args.address else None
     try:
+        bridge_key = _read_key(args.bridge_key_file) if args.bridge_key_file else None
         broker = Broker(
             address,
             authkey,
+            bridge_key=bridge_key,
             timeout=args.handshake_timeout,
             max_message_size=args.max_message_size,
             max_buffer=args.max_buffer,
@@ -100,6 +109,15 @@ def main(argv: Optional[List[str]] = None) -> None:
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(args.file)
+
+
+def _read_key(path: str) -> bytes:
+    """The bytes of *path*, a regular file (not a symbolic link)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ValueError(f"{path} is not a regular file")
+        return f.read(4096)
 
 
 if __name__ == "__main__":

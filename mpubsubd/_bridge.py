@@ -56,9 +56,12 @@ def _weigh(key: Union[str, bytes], value: Union[str, bytes]) -> int:
 class Bridge:
     """One bridge between the local broker at *credentials* and NATS."""
 
-    def __init__(self, config: FederationConfig, credentials: str, secret: bytes) -> None:
+    def __init__(
+        self, config: FederationConfig, credentials: str, secret: bytes, bridge_key: bytes
+    ) -> None:
         self._config = config
         self._credentials = credentials
+        self._bridge_key = bridge_key
         self._prefix = config.subject_prefix
         self._local_only = tuple(proto.encode_topic(t) for t in config.local_only_topics)
         self._signer = Signer(secret, config.host_name)
@@ -135,7 +138,7 @@ class Bridge:
         sock = connect_socket(address, 5.0)
         try:
             self._max_message = handshake(sock, authkey).max_message
-            sock.sendall(proto.frame(proto.BRIDGE, b""))
+            sock.sendall(proto.frame(proto.BRIDGE, self._bridge_key))
             sock.setblocking(False)
             reader, self._writer = await asyncio.open_connection(sock=sock, limit=_READ_SIZE)
         except BaseException:
@@ -379,6 +382,7 @@ def main() -> None:
         FederationConfig(**settings["federation"]),
         settings["credentials"],
         bytes.fromhex(settings["secret"]),
+        bytes.fromhex(settings["bridge_key"]),
     )
 
     async def serve() -> int:

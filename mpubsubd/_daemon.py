@@ -113,11 +113,13 @@ def _daemon_child(config: Config, handler: logging.Handler, pipe: int, stale: Op
 
 def _serve(config: Config, ready: Callable[[], object], reopen: Optional[logging.Handler]) -> None:
     authkey = read_authkey(config.authkey_file) if config.authkey_file else secrets.token_bytes(32)
-    bridge = _bridge(config, log_file=config.log_file if reopen is not None else None)
+    bridge_key = secrets.token_bytes(32)  # what tells our bridge from any other client
+    bridge = _bridge(config, bridge_key, log_file=config.log_file if reopen is not None else None)
     try:
         broker = Broker(
             config.broker_address,
             authkey,
+            bridge_key=bridge_key if bridge is not None else None,
             timeout=config.handshake_timeout,
             max_message_size=config.max_message_size,
             max_buffer=config.max_buffer,
@@ -159,7 +161,9 @@ def _serve(config: Config, ready: Callable[[], object], reopen: Optional[logging
         logger.info("mpubsubd stopped")
 
 
-def _bridge(config: Config, log_file: Optional[str]) -> Optional[BridgeSupervisor]:
+def _bridge(
+    config: Config, bridge_key: bytes, log_file: Optional[str]
+) -> Optional[BridgeSupervisor]:
     """The supervisor of the federation bridge, when [federation] names servers."""
     federation = config.federation
     if not federation.enabled:
@@ -181,7 +185,7 @@ def _bridge(config: Config, log_file: Optional[str]) -> Optional[BridgeSuperviso
         if path and not os.access(path, os.R_OK):
             raise StartupError(f"{key}: cannot read {path}")
     secret = read_authkey(federation.secret_file, "secret_file")
-    return BridgeSupervisor(config, secret, log_file=log_file)
+    return BridgeSupervisor(config, secret, bridge_key, log_file=log_file)
 
 
 def check_pidfile(path: str) -> Optional[str]:

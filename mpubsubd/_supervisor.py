@@ -39,11 +39,14 @@ _BRIDGE_MAIN = (
 class BridgeSupervisor:
     """Keeps one bridge process running from ``start()`` to ``stop()``."""
 
-    def __init__(self, config: Config, secret: bytes, *, log_file: Optional[str]) -> None:
+    def __init__(
+        self, config: Config, secret: bytes, bridge_key: bytes, *, log_file: Optional[str]
+    ) -> None:
         settings: Dict[str, Any] = {
             "federation": dataclasses.asdict(config.federation),
             "credentials": config.credentials,
             "secret": secret.hex(),
+            "bridge_key": bridge_key.hex(),  # the broker takes as bridge only who shows it
             "log_file": log_file,
             "log_level": config.log_level,
         }

@@ -26,6 +26,8 @@ from mpubsub._credentials import read_credentials
 from mpubsub.typing import Topic
 
 ROOT = Path(__file__).resolve().parent.parent
+# Every test broker takes as its federation bridge a client showing this key.
+BRIDGE_KEY = b"the test brokers' bridge key...."
 
 # make soak fuzzes fifty times longer than make test.
 settings.register_profile("soak", max_examples=5000)
@@ -95,7 +97,10 @@ class BrokerProcess:
     ) -> None:
         self.credentials = credentials
         self.log = credentials.with_suffix(".log")
+        key = credentials.with_suffix(".bridge-key")
+        key.write_bytes(BRIDGE_KEY)
         broker = [sys.executable, "-m", "mpubsub.broker", str(credentials), "-v", *extra]
+        broker += ["--bridge-key-file", str(key)]
         self.args = [*prefix, *broker]
         if address:
             self.args += ["--address", address]

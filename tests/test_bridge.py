@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import pickle
 import re
@@ -56,13 +57,12 @@ class Host:
         )
         self.proc: Optional[subprocess.Popen[bytes]] = None
         self.clients: List[NetPubSub] = []
+        self.command = [sys.executable, "-m", "mpubsubd"]
 
-    def start(self, connected: bool = True) -> Host:
+    def start(self, connected: bool = True, cwd: Optional[Path] = None) -> Host:
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "mpubsubd", "-f", "-c", str(self.config)],
-                stdout=log,
-                stderr=log,
+                [*self.command, "-f", "-c", str(self.config)], stdout=log, stderr=log, cwd=cwd
             )
         wait_for(lambda: self._alive() and self.credentials.exists(), what=f"{self.name} to serve")
         if connected:
@@ -140,8 +140,9 @@ class Federation:
             server.stop()
 
 
-@pytest.fixture
-def federation() -> Iterator[Federation]:
+@contextlib.contextmanager
+def federated() -> Iterator[Federation]:
+    """A Federation in a fresh directory, everything in it stopped and removed at the end."""
     base = Path(tempfile.mkdtemp(prefix="mpubsub-fed-"))
     fed = Federation(base)
     try:
@@ -149,6 +150,12 @@ def federation() -> Iterator[Federation]:
     finally:
         fed.stop()
         shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture
+def federation() -> Iterator[Federation]:
+    with federated() as fed:
+        yield fed
 
 
 Inbox = List[Tuple[Topic, Dict[str, Any]]]

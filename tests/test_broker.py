@@ -22,7 +22,14 @@ from mpubsub import AuthenticationError, Broker, NetPubSub, ProtocolError
 from mpubsub import _protocol as proto
 from mpubsub._connect import authenticate, connect_socket, handshake
 
-from .conftest import BrokerProcess, assert_serving, connected, subscribed, wait_for
+from .conftest import (
+    BRIDGE_KEY,
+    BrokerProcess,
+    assert_serving,
+    connected,
+    subscribed,
+    wait_for,
+)
 
 Received = List[Dict[str, Any]]
 HELPERS = Path(__file__).resolve().parent / "helpers"
@@ -361,7 +368,7 @@ class RawBridge:
         address, authkey = broker.creds()
         self.sock = connect_socket(address, 5)
         handshake(self.sock, authkey)
-        self.sock.sendall(proto.frame(proto.BRIDGE, b""))
+        self.sock.sendall(proto.frame(proto.BRIDGE, BRIDGE_KEY))
         self.decoder = proto.FrameDecoder(proto.DEFAULT_MAX_MESSAGE)
         self.frames: List[Tuple[int, bytes]] = []
 
@@ -418,13 +425,15 @@ def test_one_bridge_at_a_time_and_its_figures(
     """A second bridge is refused; the bridge's figures appear in the stats, then its absence."""
     first = RawBridge(broker)
     try:
-        first.sock.sendall(proto.frame(proto.FEDERATION, b'{"state": "connected", "n": 1}'))
+        first.sock.sendall(
+            proto.frame(proto.FEDERATION, b'{"state": "connected", "reconnects": 1}')
+        )
         first.sock.sendall(proto.frame(proto.PING, b""))
         assert first.receive(1)[-1][0] == proto.PONG
         observer = connected(broker, clients)
         stats = observer.broker_statistics()
         assert stats is not None
-        assert stats["federation"] == {"state": "connected", "n": 1, "dropped_behind": 0}
+        assert stats["federation"] == {"state": "connected", "reconnects": 1, "dropped_behind": 0}
         assert stats["clients"] == 1  # the observer: the bridge is counted apart
         second = RawBridge(broker)
         with second.sock:

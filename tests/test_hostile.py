@@ -23,7 +23,7 @@ import threading
 import time
 import tracemalloc
 from pathlib import Path
-from typing import Callable, Iterator, List, Tuple
+from typing import Callable, Iterator, List, Set, Tuple
 
 import pytest
 
@@ -33,6 +33,7 @@ from mpubsub._connect import connect_socket, handshake
 from mpubsub._credentials import write_credentials
 
 from .conftest import (
+    BRIDGE_KEY,
     BrokerProcess,
     FakeBroker,
     assert_serving,
@@ -639,23 +640,69 @@ def test_unsent_tiny_frames_count_what_they_cost(
     assert grown < 4 * 4 * MiB, f"grew by {grown / MiB:.0f} MiB"  # 4 x max_buffer
 
 
-def test_a_bridge_that_does_not_read_is_cut_when_subscription_changes_pile_up(
+def test_a_bridge_that_does_not_read_is_neither_bloated_nor_cut_by_churn(
     broker_factory: Callable[..., BrokerProcess], clients: List[NetPubSub]
 ) -> None:
-    """SUB/UNSUB frames for a bridge that never reads stay within max_buffer: then it is cut."""
+    """Interest that changes while the bridge does not read is merged per topic, not queued.
+
+    A group member subscribes and unsubscribes 10,000 long topics and 200,000
+    short ones, and publishes past max_buffer: the broker's memory stays
+    bounded, the bridge keeps its place, and once it reads it learns only
+    the topics still wanted, then gets what is published next.
+    """
     broker = broker_factory(None, *SMALL, "--max-buffer", str(4 * MiB))
     before = broker_rss(broker)
     bridge = authenticated(broker)
-    bridge.sendall(proto.frame(proto.BRIDGE, b""))
+    bridge.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    bridge.sendall(proto.frame(proto.BRIDGE, BRIDGE_KEY))
+    kept = proto.encode_topic(("kept",))
     with authenticated(broker) as churner:
-        for n in range(5000):  # 40 MB of interest for the bridge
+        churner.sendall(proto.frame(proto.SUB, kept))
+        for n in range(10_000):  # 80 MB of interest, twice max_buffer each second
             topic = proto.encode_topic((f"{n:05}" + "x" * 4000,))
             churner.sendall(proto.frame(proto.SUB, topic) + proto.frame(proto.UNSUB, topic))
+        pairs = b"".join(
+            proto.frame(proto.SUB, t) + proto.frame(proto.UNSUB, t)
+            for t in (proto.encode_topic((f"s{n}",)) for n in range(200_000))
+        )
+        churner.sendall(pairs)
+        churner.sendall(proto.pub_frame(proto.encode_topic(("p",)), b"x" * 60_000) * 100)
         pinged(churner)
-    wait_for(lambda: "slow consumer" in broker.output(), what="the bridge cut")
-    assert broker_rss(broker, "VmHWM") - before < 4 * MiB + 20 * MiB
+        assert broker_rss(broker, "VmHWM") - before < 4 * MiB + 30 * MiB
+        assert "slow consumer" not in broker.output()
+        churner.sendall(proto.pub_frame(proto.encode_topic(("last",)), b"!"))
+        pinged(churner)
+        # Once it reads, the bridge learns what is wanted now (news merged: few
+        # frames), and gets the messages queued since it stopped, the last too.
+        decoder = proto.FrameDecoder(1 << 30)
+        bridge.settimeout(10)
+        wanted: Set[bytes] = set()
+        changes = 0
+        last = False
+        while not (last and wanted == {kept}):
+            for kind, frame in decoder.feed(bridge.recv(1 << 20)):
+                if kind == proto.PUB:
+                    last = last or frame[9:].startswith(proto.encode_topic(("last",)))
+                else:
+                    changes += 1
+                    (wanted.add if kind == proto.SUB else wanted.discard)(frame[5:])
+    assert changes < 2000  # of 420,001
     bridge.close()
+    assert "the federation bridge is behind: dropped" in broker.output()
     assert_serving(broker, clients)
+
+
+def test_a_bridge_without_the_brokers_key_is_refused(broker: BrokerProcess) -> None:
+    """BRIDGE without the key, or with another, closes that connection and nothing else."""
+    for key in (b"", BRIDGE_KEY[:-1] + b"?", BRIDGE_KEY + b"!"):
+        with authenticated(broker) as claimer:
+            claimer.sendall(proto.frame(proto.BRIDGE, key))
+            assert closed_with_error(claimer) == (
+                "BRIDGE refused: only mpubsubd's own bridge, with its key"
+            )
+    with authenticated(broker) as bridge:
+        bridge.sendall(proto.frame(proto.BRIDGE, BRIDGE_KEY))
+        pinged(bridge)
 
 
 @pytest.mark.parametrize(
@@ -666,6 +713,12 @@ def test_a_bridge_that_does_not_read_is_cut_when_subscription_changes_pile_up(
         "[" * 100_000,
         json.dumps({f"k{n}": n for n in range(100)}),
         json.dumps({"state": "x" * 300}),
+        json.dumps({"state": "connected", "pwned": 1}),
+        json.dumps({"reconnects": True}),
+        json.dumps({"reconnects": -1}),
+        json.dumps({"reconnects": 1 << 70}),
+        json.dumps({"reconnects": 1.5}),
+        json.dumps({"server": 7}),
     ],
 )
 def test_a_bad_federation_report_closes_the_bridge_only(
@@ -674,7 +727,7 @@ def test_a_bad_federation_report_closes_the_bridge_only(
     """A report that is not a small flat object is refused; statistics keep working."""
     with authenticated(broker) as bridge:
         bridge.sendall(
-            proto.frame(proto.BRIDGE, b"") + proto.frame(proto.FEDERATION, report.encode())
+            proto.frame(proto.BRIDGE, BRIDGE_KEY) + proto.frame(proto.FEDERATION, report.encode())
         )
         assert closed_with_error(bridge).startswith("FEDERATION frame")
     stats = connected(broker, clients).broker_statistics()
@@ -687,7 +740,7 @@ def test_stats_show_a_bridges_text_escaped(broker: BrokerProcess) -> None:
     with authenticated(broker) as bridge:
         report = json.dumps({"state": forged, "name": forged, "server": forged})
         bridge.sendall(
-            proto.frame(proto.BRIDGE, b"") + proto.frame(proto.FEDERATION, report.encode())
+            proto.frame(proto.BRIDGE, BRIDGE_KEY) + proto.frame(proto.FEDERATION, report.encode())
         )
         pinged(bridge)
         shown = subprocess.run(

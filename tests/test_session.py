@@ -9,7 +9,7 @@ from mpubsub._session import Session
 
 
 def test_shed_drops_newest_messages_only() -> None:
-    """shed() drops whole PUB frames from the newest, keeps the partly sent one and control."""
+    """shed() drops whole PUB frames from the newest back to a control frame, one pop each."""
     left, right = socket.socketpair()
     with left, right:
         session = Session(left, 1, 0.0)
@@ -18,6 +18,11 @@ def test_shed_drops_newest_messages_only() -> None:
         frames.insert(3, proto.frame(proto.SUB, b"t\xff"))
         session.out.extend(frames)
         session.out_size = sum(map(len, frames))
-        assert session.shed(0) == 6
-        assert list(session.out) == [partial, proto.frame(proto.SUB, b"t\xff")]
-        assert session.out_size == len(partial) + 7
+        assert session.shed(0) == 4
+        assert list(session.out) == frames[:4]
+        assert session.out_size == sum(map(len, frames[:4]))
+        session.out.remove(frames[3])
+        session.out_size -= len(frames[3])
+        assert session.shed(0) == 2
+        assert list(session.out) == [partial]
+        assert session.out_size == len(partial)
