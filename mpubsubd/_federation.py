@@ -11,13 +11,23 @@ token (never ``*``, ``>``, a dot or white space) and back exactly.
 
 The body of a NATS message is an envelope::
 
-    version (1 byte) | origin length (1) | origin | instance (8) | seq (!Q) | mac (32) | payload
+    version (1 byte) | origin length (1) | origin | instance (8) | started (!Q)
+    | seq (!Q) | mac (32) | payload
 
 where *origin* is the sending host's name, *instance* is random for each
-start of its bridge, *seq* counts that bridge's messages from 1, and *mac*
-is HMAC-SHA256 with the shared secret over the encoded topic, every field
+start of its bridge and *started* the time of that start (nanoseconds
+since the epoch), *seq* counts that bridge's messages from 1, and *mac* is
+HMAC-SHA256 with the shared secret over the encoded topic, every field
 before it and the payload (the message pickled by its publisher). Nothing
 is unpickled on the way: a bridge only checks the MAC.
+
+Replays are dropped: each start of an origin's bridge has its own window
+of sequence numbers seen (the last few starts are remembered), and a start
+never seen before that began before the newest one seen is refused. So
+envelopes recorded on NATS and published again, in any order and from any
+mix of starts, are never delivered twice; what a receiver cannot tell from
+new (a start it never heard of that is newer than any it did, replayed
+before that start's own messages reach it) is delivered at most once.
 """
 
 from __future__ import annotations
@@ -27,21 +37,25 @@ import hmac
 import os
 import re
 import struct
-from typing import Dict, FrozenSet, Iterable, Optional, Set, Tuple
+import time
+from typing import Dict, FrozenSet, Iterable, List, Optional, Set, Tuple
 
 from mpubsub import _protocol as proto
 from mpubsub.errors import ProtocolError
 
-VERSION = 1
+VERSION = 2
 _SEQ = struct.Struct("!Q")
+_STARTED = struct.Struct("!Q")
+_INSTANCE = 8  # bytes of a bridge start's random identity
 _MAC_SIZE = 32
 _CONTEXT = b"mpubsub federation 1\0"
 _BLOCK = 64  # SHA-256's block size, in bytes
 _PLAIN = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-")
 _ESCAPED = re.compile(rb"_([0-9A-F]{2})")
 _TOKEN = re.compile(rb"(?:[A-Za-z0-9-]|_[0-9A-F]{2})+|_")
-WINDOW = 4096  # how far back in one origin's sequence a late message is still taken
+WINDOW = 4096  # how far back in one start's sequence a late message is still taken
 _WINDOW_MASK = (1 << WINDOW) - 1
+STARTS = 4  # the starts of one origin whose windows are kept, the newest ones
 
 
 class Rejected(Exception):
@@ -119,12 +133,13 @@ def interest(prefix: str, topics: Iterable[bytes], local_only: Iterable[bytes]) 
 class Signer:
     """Seals this host's messages: origin, instance, sequence number and MAC."""
 
-    def __init__(self, secret: bytes, origin: str) -> None:
+    def __init__(self, secret: bytes, origin: str, *, started: Optional[int] = None) -> None:
         name = origin.encode("utf-8", "surrogatepass")
         if not 0 < len(name) <= 255:
             raise ValueError("the host name must be 1 to 255 bytes of UTF-8")
         self._mac = Mac(secret)
-        self._head = bytes((VERSION, len(name))) + name + os.urandom(8)
+        start = _STARTED.pack(time.time_ns() if started is None else started)
+        self._head = bytes((VERSION, len(name))) + name + os.urandom(_INSTANCE) + start
         self._seq = 0
 
     def seal(self, topic: bytes, payload: bytes) -> bytes:
@@ -141,14 +156,15 @@ class Verifier:
     def __init__(self, secret: bytes, origin: str) -> None:
         self._mac = Mac(secret)
         self._own = origin.encode("utf-8", "surrogatepass")
-        self._seen: Dict[bytes, Tuple[bytes, int, int]] = {}  # origin: (instance, top, mask)
+        self._origins: Dict[bytes, _Origin] = {}
 
     def open(self, topic: bytes, body: bytes) -> Tuple[str, int, bytes]:
         """Return (origin, seq, payload), or raise Rejected saying why."""
         if len(body) < 2 or body[0] != VERSION:
             raise Rejected("not an mpubsub envelope (or another version)")
         end = 2 + body[1]
-        seq_end = end + 8 + _SEQ.size
+        start_end = end + _INSTANCE + _STARTED.size
+        seq_end = start_end + _SEQ.size
         if len(body) < seq_end + _MAC_SIZE:
             raise Rejected("truncated envelope")
         head, mac, payload = (
@@ -161,29 +177,49 @@ class Verifier:
         origin = body[2:end]
         if origin == self._own:
             raise Rejected("our own message came back (another host uses our name?)")
-        instance = body[end : end + 8]
-        (seq,) = _SEQ.unpack_from(body, end + 8)
-        if not self._first_time(origin, instance, seq):
-            raise Duplicate("seen before")
+        (started,) = _STARTED.unpack_from(body, end + _INSTANCE)
+        (seq,) = _SEQ.unpack_from(body, start_end)
+        state = self._origins.get(origin)
+        if state is None:
+            state = self._origins[origin] = _Origin()
+        state.check(body[end:start_end], started, seq)
         return origin.decode("utf-8", "surrogatepass"), seq, payload
 
-    def _first_time(self, origin: bytes, instance: bytes, seq: int) -> bool:
-        # A sliding window per origin, as IPsec's replay protection does: a
+
+class _Origin:
+    """What one origin's messages were seen: a window per start of its bridge."""
+
+    def __init__(self) -> None:
+        self.newest = 0  # the latest start seen
+        self.windows: Dict[bytes, List[int]] = {}  # instance and start: [top, mask]
+
+    def check(self, start: bytes, started: int, seq: int) -> None:
+        """Note message *seq* of the bridge start *start*; Rejected if it must be dropped."""
+        # A sliding window per start, as IPsec's replay protection does: a
         # message matching two of our subscriptions arrives twice.
-        last: Optional[Tuple[bytes, int, int]] = self._seen.get(origin)
-        if last is None or last[0] != instance:
-            self._seen[origin] = (instance, seq, 1)
-            return True
-        _, top, mask = last
+        window = self.windows.get(start)
+        if window is None:
+            if started < self.newest:
+                raise Rejected("from a start of its bridge older than one seen (a replay?)")
+            self.newest = started
+            self.windows[start] = [seq, 1]
+            if len(self.windows) > STARTS:  # forget the oldest: it is older than newest
+                del self.windows[min(self.windows, key=_started)]
+            return
+        top, mask = window
         if seq > top:
-            mask = ((mask << (seq - top)) | 1) & _WINDOW_MASK
-            self._seen[origin] = (instance, seq, mask)
-            return True
+            window[:] = seq, ((mask << (seq - top)) | 1) & _WINDOW_MASK
+            return
         offset = top - seq
         if offset >= WINDOW or mask >> offset & 1:
-            return False
-        self._seen[origin] = (instance, top, mask | 1 << offset)
-        return True
+            raise Duplicate("seen before")
+        window[1] = mask | 1 << offset
+
+
+def _started(start: bytes) -> int:
+    """When the bridge start identified by *start* (instance and time) began."""
+    value: int = _STARTED.unpack_from(start, _INSTANCE)[0]
+    return value
 
 
 class Duplicate(Rejected):

@@ -1,16 +1,21 @@
 """mpubsubd's federation against hostile peers (THREATS.md 2 and 4), with real processes.
 
-A group member who tries to take the bridge's place.
+A group member who tries to take the bridge's place; anyone who can publish
+on NATS without the secret, replaying envelopes.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
+import pickle
 import re
 import signal
 import socket
-from typing import Iterator
+import subprocess
+from pathlib import Path
+from typing import Callable, Dict, Iterator, List, Tuple
 
 import pytest
 
@@ -22,10 +27,13 @@ from .conftest import wait_for
 from .test_bridge import (  # noqa: F401  (pytestmark: skipped without nats-server)
     Federation,
     Host,
+    _publish_raw,
     collect,
     federated,
+    pump,
     pytestmark,
     reach,
+    real,
 )
 from .test_hostile import closed_with_error
 
@@ -81,3 +89,47 @@ def test_only_mpubsubds_own_bridge_is_the_bridge(federation: Federation) -> None
     got = collect(sub_b, ("t",))
     reach(pub_a, ("t",), got, [pub_a, sub_b])
     assert "BRIDGE refused" in a.output()
+
+
+def test_replays_of_two_bridge_instances_are_delivered_once(
+    federation: Federation, helpers: Callable[..., subprocess.Popen[str]], tmp_path: Path
+) -> None:
+    """Envelopes of two starts of a bridge, replayed alternately: none is delivered again."""
+    nats = federation.nats()
+    a, b = federation.host("a", nats.url), federation.host("b", nats.url)
+    pub_a, sub_b = a.client(), b.client()
+    got = collect(sub_b, ("r",))
+    reach(pub_a, ("r",), got, [pub_a, sub_b])
+    tapped = tmp_path / "tapped.pckl"
+    tap = helpers("nats_tap", nats.url, "mpubsub.r.*", tapped)
+    for start in (1, 2):
+        if start == 2:
+            restart_bridge(a)
+            reach(pub_a, ("r",), got, [pub_a, sub_b])
+        for n in range(3):
+            pub_a.publish(("r", str(start)), n=n)
+        pub_a.flush()
+        wanted = 3 * start
+        pump([sub_b], lambda: len(real(got)) == wanted, f"start {start}'s")  # noqa: B023
+    tap.send_signal(signal.SIGTERM)
+    tap.communicate(timeout=30)
+    recorded: List[Tuple[str, bytes]] = pickle.loads(tapped.read_bytes())
+    by_subject: Dict[str, List[bytes]] = {}
+    for name, body in recorded:
+        by_subject.setdefault(name, []).append(body)
+    assert sorted(by_subject) == ["mpubsub.r.1", "mpubsub.r.2"]
+    first, second = by_subject["mpubsub.r.1"], by_subject["mpubsub.r.2"]
+    assert len(first) == len(second) == 3
+    replays = [
+        (f"mpubsub.r.{i}", body)
+        for _ in range(5)
+        for pair in zip(first, second)
+        for i, body in enumerate(pair, 1)
+    ]
+    asyncio.run(_publish_raw(nats.url, replays))
+    pub_a.publish(("r", "end"), n=0)
+    pub_a.flush()
+    pump([sub_b], lambda: (("r", "end"), {"n": 0}) in got, "the message after the replays")
+    delivered = sorted((topic, m["n"]) for topic, m in real(got))
+    assert delivered == [(("r", i), n) for i in ("1", "2") for n in range(3)] + [(("r", "end"), 0)]
+    wait_for(lambda: b.federation()["duplicates"] >= len(replays), what="replays counted")

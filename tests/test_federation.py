@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import re
 import struct
@@ -13,6 +14,7 @@ from hypothesis import strategies as st
 
 from mpubsub._protocol import encode_topic
 from mpubsubd._federation import (
+    STARTS,
     WINDOW,
     Duplicate,
     Mac,
@@ -100,16 +102,38 @@ def test_own_messages_and_duplicates_are_dropped() -> None:
 
 
 def test_window_and_restarts() -> None:
-    """Too old to tell is dropped; a restarted origin (new instance) starts afresh."""
-    signer, verifier = Signer(SECRET, "host-a"), Verifier(SECRET, "host-b")
+    """Too old to tell is dropped; a later start of the origin's bridge starts afresh."""
+    signer, verifier = Signer(SECRET, "host-a", started=1), Verifier(SECRET, "host-b")
     old = signer.seal(b"", b"old")
     for _ in range(WINDOW):
         newest = signer.seal(b"", b"")
     verifier.open(b"", newest)
     with pytest.raises(Duplicate):
         verifier.open(b"", old)
-    restarted = Signer(SECRET, "host-a").seal(b"", b"again")
+    restarted = Signer(SECRET, "host-a", started=2).seal(b"", b"again")
     assert verifier.open(b"", restarted) == ("host-a", 1, b"again")
+
+
+def test_replays_across_starts_are_dropped() -> None:
+    """Envelopes of several starts replayed alternately are each delivered once, ever."""
+    starts = [Signer(SECRET, "host-a", started=t) for t in range(1, STARTS + 3)]
+    recorded = [[signer.seal(b"", b"%d" % n) for n in range(3)] for signer in starts]
+    verifier = Verifier(SECRET, "host-b")
+    delivered = []
+    for _ in range(3):
+        for n in range(3):
+            for bodies in recorded:
+                with contextlib.suppress(Rejected):
+                    verifier.open(b"", bodies[n])
+                    delivered.append(bodies[n])
+    assert len(delivered) == len(set(delivered)) == STARTS * 3 + 2
+    older = Signer(SECRET, "host-a", started=0).seal(b"", b"x")  # never seen, older
+    with pytest.raises(Rejected, match="older than one seen"):
+        verifier.open(b"", older)
+    for bodies in recorded[:2]:  # forgotten starts: older than the newest, refused
+        with pytest.raises(Rejected):
+            verifier.open(b"", bodies[0])
+    assert verifier.open(b"", starts[-1].seal(b"", b"new"))[2] == b"new"
 
 
 def test_interest_asks_each_message_once() -> None:
