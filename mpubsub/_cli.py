@@ -300,6 +300,7 @@ _FEDERATION: List[Tuple[str, str, Callable[[Any], str]]] = [
     ("not forwarded (bridge behind)", "dropped_behind", str),
     ("dropped, unverified", "dropped_unverified", str),
     ("dropped, duplicates", "duplicates", str),
+    ("too long for NATS", "too_long", str),
     ("reconnects to NATS", "reconnects", str),
 ]
 

@@ -20,7 +20,7 @@ import signal
 import ssl
 import sys
 import time
-from typing import Any, Dict, List, Optional, Set, Tuple, Union
+from typing import Any, Dict, FrozenSet, List, Optional, Set, Tuple, Union
 
 import nats
 import nats.errors
@@ -32,6 +32,7 @@ from mpubsub import _protocol as proto
 from mpubsub._connect import connect_socket, handshake
 from mpubsub._credentials import read_credentials
 from mpubsub._memo import Memo
+from mpubsub._text import printable
 
 from ._config import FederationConfig
 from ._daemon import log_file_handler, reason, stderr_handler, use_handler
@@ -46,6 +47,33 @@ _MAX_BACKLOG = 64 * 1024 * 1024  # bytes for the broker not yet written: beyond,
 # always keeps up with its broker (which would cut it as a slow consumer).
 # Half of nats-py's own buffer, whose overflow would make publish() wait.
 _NATS_BACKLOG = 16 * 1024 * 1024
+_WATCH_EVERY = 2.0  # seconds between checks that NATS answers
+_ANSWER_WITHIN = 5.0  # seconds NATS has to answer a PING before it is said not to
+# What a control line (PUB or SUB) holds besides its subject, at most.
+_LINE_OVERHEAD = 32
+
+
+class _Client(Client):
+    """nats-py's client, taking subjects that are not UTF-8 instead of dying of them.
+
+    nats-py decodes each message's subject strictly inside its read loop:
+    one subject that is not UTF-8, which anyone may publish, ends the loop
+    while the connection still says connected. Decoded with surrogateescape,
+    such a subject reaches _deliver, which drops it like any malformed one.
+    (Should nats-py change, the watchdog still notices a loop that stopped.)
+    """
+
+    def _build_message(  # type: ignore[no-untyped-def]
+        self, sid: int, subject: bytes, reply: bytes, data: bytes, headers
+    ):
+        return self.msg_class(
+            subject=subject.decode("utf-8", "surrogateescape"),
+            reply=reply.decode("utf-8", "surrogateescape"),
+            data=data,
+            headers=headers,
+            _client=self,
+            _sid=sid,
+        )
 
 
 def _weigh(key: Union[str, bytes], value: Union[str, bytes]) -> int:
@@ -71,8 +99,10 @@ class Bridge:
         )
         prefix = self._prefix.encode()
         self._topics_of: Memo[str, bytes] = Memo(
-            lambda subj: topic_of(prefix, subj.encode()), weigh=_weigh
+            lambda subj: topic_of(prefix, subj.encode("utf-8", "surrogateescape")), weigh=_weigh
         )
+        self._max_subject = config.max_control_line - _LINE_OVERHEAD
+        self._too_long: FrozenSet[str] = frozenset()  # wanted subjects NATS cannot carry
         self._topics: Set[bytes] = set()  # what this host's subscribers want
         self._nats_subs: Dict[str, Subscription] = {}
         self._nc: Optional[Client] = None
@@ -81,6 +111,7 @@ class Bridge:
         self._inbox: List[Tuple[str, bytes]] = []  # (subject, body) from NATS, this round
         self._resync = asyncio.Event()
         self._stopping = asyncio.Event()
+        self._nats_closed = asyncio.Event()
         self._warned: Dict[str, float] = {}
         self.counters = {
             "forwarded_out": 0,  # local messages published to NATS
@@ -88,6 +119,7 @@ class Bridge:
             "dropped_out": 0,  # local messages NATS could not take (down, too big)
             "dropped_unverified": 0,  # from NATS, failing the signature or malformed
             "duplicates": 0,  # from NATS, already delivered (two subscriptions matched)
+            "too_long": 0,  # messages and subscriptions whose subject NATS cannot carry
             "reconnects": 0,
         }
         self.state = "connecting"
@@ -96,24 +128,29 @@ class Bridge:
     # --- the whole life ----------------------------------------------------------
 
     async def run(self) -> int:
-        """Serve until the broker goes away (1) or stop() (0)."""
+        """Serve until the broker goes away or NATS closes for good (1), or stop() (0)."""
         reader = await self._open_broker()
         tasks = [
             asyncio.ensure_future(self._connect_nats()),
             asyncio.ensure_future(self._sync_interest()),
             asyncio.ensure_future(self._report()),
+            asyncio.ensure_future(self._watch()),
         ]
         reading = asyncio.ensure_future(self._read_broker(reader))
         stopping = asyncio.ensure_future(self._stopping.wait())
-        everything = (*tasks, reading, stopping)
+        closed = asyncio.ensure_future(self._nats_closed.wait())
+        ends = {reading, stopping, closed}
+        everything = (*tasks, *ends)
         try:
-            # The broker gone, stop() or a failure ends the bridge; the NATS
-            # connection's task ends normally once connected.
+            # The broker gone, stop(), NATS closed or a failure ends the
+            # bridge; the NATS connection's task ends normally once connected.
             waiting = set(everything)
             while True:
                 done, waiting = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
-                if reading in done or stopping in done or any(t.exception() for t in done):
+                if done & ends or any(t.exception() for t in done):
                     break
+            if closed in done and not self._stopping.is_set():
+                logger.error("the NATS connection closed for good; stopping to be restarted")
         finally:
             for task in everything:
                 task.cancel()
@@ -199,6 +236,15 @@ class Bridge:
         topic = frame[9:end]
         if self._local_only and topic.startswith(self._local_only):
             return
+        subj = self._subjects[topic]
+        if len(subj) > self._max_subject:
+            self.counters["too_long"] += 1
+            self._warn(
+                f"a message's subject of {len(subj)} bytes is over NATS's control line "
+                f"({self._config.max_control_line}): not sent to other hosts",
+                "too long out",
+            )
+            return
         nc = self._nc
         if nc is None or nc.is_closed:
             self._drop_out("NATS is not connected: messages for other hosts are dropped")
@@ -207,7 +253,7 @@ class Bridge:
             self._drop_out("NATS is not keeping up: messages for other hosts are dropped")
             return
         try:
-            await nc.publish(self._subjects[topic], self._signer.seal(topic, frame[end:]))
+            await nc.publish(subj, self._signer.seal(topic, frame[end:]))
         except nats.errors.MaxPayloadError:
             self._drop_out(
                 f"a message of {len(frame) - end} bytes exceeds NATS's max_payload "
@@ -247,14 +293,14 @@ class Bridge:
                 continue
             except Rejected as exc:
                 self.counters["dropped_unverified"] += 1
-                where = subj[:100]
+                where = printable(subj[:100])
                 self._warn(f"dropped an unverified message from NATS on {where}: {exc}", str(exc))
                 continue
             if self._local_only and topic.startswith(self._local_only):
                 continue
             if 4 + len(topic) + len(payload) > self._max_message:
                 self._warn(
-                    f"dropped a message from {origin} over this host's max_message_size",
+                    f"dropped a message from {printable(origin)} over this host's max_message_size",
                     "too big",
                 )
                 continue
@@ -282,7 +328,9 @@ class Bridge:
     async def _connect_nats(self) -> None:
         # With max_reconnect_attempts=-1, nats-py retries the first connection
         # too, for ever; it reports each failure to error() below.
-        self._nc = await nats.connect(**self._nats_options())
+        nc = _Client()
+        await nc.connect(**self._nats_options())
+        self._nc = nc
         self._set_state("connected", self._url())
         logger.info("connected to NATS at %s", self.server)
         self._resync.set()
@@ -291,7 +339,7 @@ class Bridge:
         config = self._config
 
         async def disconnected() -> None:
-            if self.state == "connected":
+            if self.state in ("connected", "not answering"):
                 self._set_state("disconnected", "")
                 logger.warning("disconnected from NATS; reconnecting")
 
@@ -304,13 +352,16 @@ class Bridge:
             if self._nc is None and self.state != "disconnected":
                 self._set_state("disconnected", "")
                 logger.warning(
-                    "cannot reach NATS at %s (%s); retrying", config.servers, reason(exc)
+                    "cannot reach NATS at %s (%s); retrying",
+                    config.servers,
+                    printable(reason(exc)),
                 )
             else:
-                logger.debug("NATS: %s", reason(exc))
+                logger.debug("NATS: %s", printable(reason(exc)))
 
         async def closed() -> None:
             self._set_state("closed", "")
+            self._nats_closed.set()
 
         options: Dict[str, Any] = {
             "servers": list(config.server_urls),
@@ -320,6 +371,10 @@ class Bridge:
             "max_reconnect_attempts": -1,
             "reconnect_time_wait": 1,
             "connect_timeout": 2,
+            # nats-py's own watchdog: a server that leaves this many PINGs
+            # unanswered is stale, and nats-py reconnects (see also _watch).
+            "ping_interval": 5,
+            "max_outstanding_pings": 3,
             "disconnected_cb": disconnected,
             "reconnected_cb": reconnected,
             "error_cb": error,
@@ -358,7 +413,7 @@ class Bridge:
             nc = self._nc
             if nc is None:
                 continue
-            wanted = interest(self._prefix, self._topics, self._local_only)
+            wanted = self._carried(interest(self._prefix, self._topics, self._local_only))
             try:
                 # Subscribe before unsubscribing: a message both match in
                 # between arrives twice, and the second is dropped as seen.
@@ -369,9 +424,47 @@ class Bridge:
                 await nc.flush(5)  # the server has them: report it
                 self._send_local(self._report_frame())
             except (nats.errors.Error, asyncio.TimeoutError) as exc:
-                logger.warning("cannot update NATS subscriptions (%s); retrying", reason(exc))
+                logger.warning(
+                    "cannot update NATS subscriptions (%s); retrying", printable(reason(exc))
+                )
                 await asyncio.sleep(1.0)
                 self._resync.set()
+
+    def _carried(self, wanted: FrozenSet[str]) -> FrozenSet[str]:
+        """The subjects of *wanted* that fit in a NATS control line; the others counted."""
+        too_long = frozenset(s for s in wanted if len(s) > self._max_subject)
+        if too_long - self._too_long:
+            self.counters["too_long"] += len(too_long - self._too_long)
+            self._warn(
+                f"{len(too_long)} subscriptions are over NATS's control line "
+                f"({self._config.max_control_line}): their topics get nothing from other hosts",
+                "too long in",
+            )
+        self._too_long = too_long
+        return wanted - too_long
+
+    async def _watch(self) -> None:
+        # nats-py says "connected" as long as its socket is open, even when
+        # nothing is read any more: only a PING answered in time shows it.
+        while True:
+            await asyncio.sleep(_WATCH_EVERY)
+            nc = self._nc
+            if nc is None or not nc.is_connected:
+                continue
+            try:
+                await nc.flush(_ANSWER_WITHIN)  # type: ignore[arg-type]
+            except (nats.errors.Error, asyncio.TimeoutError) as exc:
+                if self.state == "connected":
+                    self._set_state("not answering", self.server)
+                    logger.warning(
+                        "NATS at %s does not answer (%s); waiting for it, or reconnecting",
+                        self.server,
+                        printable(reason(exc)),
+                    )
+            else:
+                if self.state == "not answering":
+                    self._set_state("connected", self._url())
+                    logger.info("NATS at %s answers again", self.server)
 
 
 def main() -> None:

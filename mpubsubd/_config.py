@@ -42,6 +42,7 @@ class FederationConfig:
     tls_ca_file: str = ""
     tls_cert_file: str = ""
     tls_key_file: str = ""
+    max_control_line: int = 4096
 
     @property
     def enabled(self) -> bool:
@@ -218,6 +219,13 @@ def _subject_prefix(value: str) -> str:
     return value
 
 
+def _control_line(value: str) -> int:
+    number: int = _positive(int, "a whole number of bytes")(value)
+    if number < 256:  # nats-server's own floor is far above: a typo
+        raise ValueError(f"{value!r} is under 256 bytes")
+    return number
+
+
 def _name(value: str) -> str:
     if len(value.encode("utf-8", "surrogatepass")) > 255:
         raise ValueError("must be at most 255 bytes")
@@ -245,6 +253,7 @@ _CHECKS: Dict[str, Callable[[str], Any]] = {
     "handshake_timeout": _positive(float, "a number of seconds"),
     **{key: _positive(int, "a whole number") for key in CAPS},
     "servers": _servers,
+    "max_control_line": _control_line,
     "subject_prefix": _subject_prefix,
     "secret_file": _optional_path,
     "name": _name,

@@ -1,7 +1,9 @@
 """mpubsubd's federation against hostile peers (THREATS.md 2 and 4), with real processes.
 
 A group member who tries to take the bridge's place; anyone who can publish
-on NATS without the secret, replaying envelopes.
+on NATS without the secret, replaying envelopes or sending subjects that are
+not UTF-8 or hold terminal escapes; a subscriber whose topic NATS cannot
+carry; a NATS server that stops answering.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import re
 import signal
 import socket
 import subprocess
+import sys
 from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Tuple
 
@@ -133,3 +136,94 @@ def test_replays_of_two_bridge_instances_are_delivered_once(
     delivered = sorted((topic, m["n"]) for topic, m in real(got))
     assert delivered == [(("r", i), n) for i in ("1", "2") for n in range(3)] + [(("r", "end"), 0)]
     wait_for(lambda: b.federation()["duplicates"] >= len(replays), what="replays counted")
+
+
+def test_a_subject_that_is_not_utf8_or_holds_escapes_stops_and_forges_nothing(
+    federation: Federation,
+) -> None:
+    """Odd subjects published on NATS are dropped and logged escaped; federation carries on."""
+    nats = federation.nats()
+    a, b = federation.host("a", nats.url), federation.host("b", nats.url)
+    pub_a, sub_a, sub_b = a.client(), a.client(), b.client()
+    got_a, got_b = collect(sub_a, ("w",)), collect(sub_b, ("x",))
+    reach(sub_b, ("w",), got_a, [sub_a, sub_b])
+    reach(pub_a, ("x",), got_b, [pub_a, sub_b])
+    raw_nats(
+        int(nats.url.rsplit(":", 1)[1]),
+        b"PUB mpubsub.x.\xff\xfe 1\r\nx\r\n"  # for b
+        b"PUB mpubsub.w.\x1b]0;pwned\x07 1\r\nx\r\n",  # for a
+    )
+    wait_for(
+        lambda: a.federation()["dropped_unverified"] == b.federation()["dropped_unverified"] == 1,
+        what="the odd subjects dropped",
+    )
+    pub_a.publish(("x",), n=1)
+    pub_a.flush()
+    pump([sub_b], lambda: (("x",), {"n": 1}) in got_b, "a message after the odd subjects")
+    assert b.federation()["reconnects"] == 0
+    for host in (a, b):
+        assert "\x1b" not in host.output() and "\x07" not in host.output()
+    assert "on mpubsub.w.\\x1b]0;pwned\\x07: malformed subject token" in a.output()
+    assert "on mpubsub.x.\\udcff\\udcfe: malformed subject token" in b.output()
+
+
+def test_a_nats_server_that_stops_answering_is_not_connected(federation: Federation) -> None:
+    """NATS frozen: `mpubsub stats` stops saying connected; thawed, federation resumes."""
+    nats = federation.nats()
+    a, b = federation.host("a", nats.url), federation.host("b", nats.url)
+    assert nats.proc is not None
+    os.kill(nats.proc.pid, signal.SIGSTOP)
+    try:
+        wait_for(lambda: a.federation()["state"] != "connected", 30, what="the bridge to notice")
+    finally:
+        os.kill(nats.proc.pid, signal.SIGCONT)
+    a.wait_state("connected", 60)
+    pub_a, sub_b = a.client(), b.client()
+    got = collect(sub_b, ("y",))
+    reach(pub_a, ("y",), got, [pub_a, sub_b])
+    assert "NATS at" in a.output() and "does not answer" in a.output()
+
+
+def test_a_topic_too_long_for_nats_stays_local(federation: Federation) -> None:
+    """A topic whose subject is over NATS's control line is neither asked for nor sent."""
+    nats = federation.nats()
+    a, b = federation.host("a", nats.url), federation.host("b", nats.url)
+    long = ("\u00e9" * 1000,)  # 2,000 bytes of UTF-8, a 6,000-character subject
+    pub_a, local_a, sub_b = a.client(), a.client(), b.client()
+    far = collect(sub_b, long)
+    near = collect(local_a, long)
+    got = collect(sub_b, ("x",))
+    reach(pub_a, ("x",), got, [pub_a, sub_b])
+    pub_a.publish(long, n=1)
+    pub_a.publish(("x",), n=2)
+    pub_a.flush()
+    pump([local_a, sub_b], lambda: near and (("x",), {"n": 2}) in got, "the messages")
+    # On each host, the subscription's two subjects (t and t.>); on a, the message too.
+    wait_for(lambda: a.federation()["too_long"] == 3, what="a's message counted")
+    wait_for(lambda: b.federation()["too_long"] == 2, what="b's subscription counted")
+    assert not far
+    for host in (a, b):
+        assert host.federation()["reconnects"] == 0
+        assert len(re.findall("federation bridge started", host.output())) == 1
+        assert "over NATS's control line" in host.output()
+
+
+def test_the_bridge_imports_nothing_from_the_working_directory(
+    federation: Federation, tmp_path: Path
+) -> None:
+    """Modules planted where root starts mpubsubd never run in its bridge."""
+    planted = tmp_path / "planted"
+    planted.mkdir()
+    for module in ("json", "asyncio", "nats", "hmac"):
+        marker = planted / f"{module}.imported"
+        (planted / f"{module}.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    nats = federation.nats()
+    a = Host(federation.base, "a", nats.url)
+    federation.hosts.append(a)
+    a.command = [sys.executable, "-P", "-m", "mpubsubd"]  # the daemon itself safe, as installed
+    a.start(cwd=planted)
+    b = federation.host("b", nats.url)
+    pub_a, sub_b = a.client(), b.client()
+    got = collect(sub_b, ("p",))
+    reach(pub_a, ("p",), got, [pub_a, sub_b])
+    assert sorted(p.name for p in planted.glob("*.imported")) == []
