@@ -227,3 +227,35 @@ def test_the_bridge_imports_nothing_from_the_working_directory(
     got = collect(sub_b, ("p",))
     reach(pub_a, ("p",), got, [pub_a, sub_b])
     assert sorted(p.name for p in planted.glob("*.imported")) == []
+
+
+def test_a_bridge_whose_nats_connection_closes_for_good_is_restarted(
+    federation: Federation, tmp_path: Path
+) -> None:
+    """NATS closes the connection for good (an -ERR): the bridge exits 1, mpubsubd restarts it.
+
+    Here the server's max_control_line is below the bridge's setting, so a
+    long subscription draws "-ERR 'Maximum Control Line Exceeded'"; once
+    the topic is gone, the next bridge stays connected. With the setting
+    right, the same topic is kept local and nothing closes.
+    """
+    limits = tmp_path / "nats.conf"
+    limits.write_text("max_control_line: 512\n")
+    nats = federation.nats("nats", "-c", str(limits))
+    a = federation.host("a", nats.url)
+    first = bridge_pid(a)
+    pubsub = a.client()
+    long = ("x" * 600,)
+    got = collect(pubsub, long)
+    wait_for(lambda: bridge_pid(a) != first, what="the bridge restarted")
+    assert "the NATS connection closed for good" in a.output()
+    assert re.search(r"the federation bridge exited with status 1; restarting", a.output())
+    assert not got
+    pubsub.disconnect()  # the topic gone, the next bridge stays connected
+    a.clients.remove(pubsub)
+    a.wait_state("connected", 60)
+    b = federation.host("b", nats.url, max_control_line="512")
+    collect(b.client(), long)
+    wait_for(lambda: b.federation()["too_long"] == 2, what="b's subscription kept local")
+    assert b.federation()["state"] == "connected"
+    assert len(re.findall("federation bridge started", b.output())) == 1
