@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import logging
 import os
 import secrets
@@ -70,7 +71,8 @@ def _parser() -> argparse.ArgumentParser:
         "--bridge-key-file",
         metavar="KEYFILE",
         help="take as federation bridge the client whose BRIDGE frame holds the bytes of "
-        "KEYFILE (at least 16); without it, no client may be the bridge",
+        "KEYFILE (at least 16, readable by its owner only); without it, no client may be "
+        "the bridge",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log every connection")
     return parser
@@ -112,12 +114,27 @@ def main(argv: Optional[List[str]] = None) -> None:
 
 
 def _read_key(path: str) -> bytes:
-    """The bytes of *path*, a regular file (not a symbolic link)."""
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-    with os.fdopen(fd, "rb") as f:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise ValueError(f"{path} is not a regular file")
-        return f.read(4096)
+    """The bytes of *path*: a regular file, not a symbolic link, that only its owner reads.
+
+    ValueError, one line naming *path*, for anything else.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError as exc:
+        why = "a symbolic link, not followed" if exc.errno == errno.ELOOP else exc.strerror
+        raise ValueError(f"bridge key file {path}: {why}") from None
+    try:  # a file object would refuse a directory before we could say why
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise ValueError(f"bridge key file {path}: not a regular file")
+        if mode & (stat.S_IRWXG | stat.S_IRWXO):
+            raise ValueError(
+                f"bridge key file {path}: others may read it "
+                f"(mode {stat.S_IMODE(mode):o}; chmod 600 it)"
+            )
+        return os.read(fd, 4096)
+    finally:
+        os.close(fd)
 
 
 if __name__ == "__main__":

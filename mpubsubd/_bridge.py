@@ -119,7 +119,7 @@ class Bridge:
             "dropped_out": 0,  # local messages NATS could not take (down, too big)
             "dropped_unverified": 0,  # from NATS, failing the signature or malformed
             "duplicates": 0,  # from NATS, already delivered (two subscriptions matched)
-            "too_long": 0,  # messages and subscriptions whose subject NATS cannot carry
+            "too_long": 0,  # messages and NATS subjects to subscribe NATS cannot carry
             "reconnects": 0,
         }
         self.state = "connecting"
@@ -181,7 +181,11 @@ class Bridge:
         except BaseException:
             sock.close()
             raise
-        logger.info("bridge connected to the broker at %s as %s", address, self._config.host_name)
+        logger.info(
+            "bridge for %s: asked the broker at %s to take it as its bridge",
+            self._config.host_name,
+            address,
+        )
         return reader
 
     async def _read_broker(self, reader: asyncio.StreamReader) -> None:
@@ -241,7 +245,8 @@ class Bridge:
             self.counters["too_long"] += 1
             self._warn(
                 f"a message's subject of {len(subj)} bytes is over NATS's control line "
-                f"({self._config.max_control_line}): not sent to other hosts",
+                f"(max_control_line {self._config.max_control_line}, less {_LINE_OVERHEAD} "
+                "for the rest of the line): not sent to other hosts",
                 "too long out",
             )
             return
@@ -436,8 +441,9 @@ class Bridge:
         if too_long - self._too_long:
             self.counters["too_long"] += len(too_long - self._too_long)
             self._warn(
-                f"{len(too_long)} subscriptions are over NATS's control line "
-                f"({self._config.max_control_line}): their topics get nothing from other hosts",
+                f"{len(too_long)} NATS subjects to subscribe to are over NATS's control line "
+                f"(max_control_line {self._config.max_control_line}, less {_LINE_OVERHEAD} "
+                "for the rest of the line): their topics get nothing from other hosts",
                 "too long in",
             )
         self._too_long = too_long

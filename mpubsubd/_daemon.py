@@ -219,7 +219,9 @@ def check_pidfile(path: str) -> Optional[str]:
     pid = _pid_in(text)
     if pid is not None and _is_mpubsubd(pid):
         raise StartupError(f"mpubsubd is already running (pid {pid}, pidfile {path})")
-    return _remove_pidfile(path, f"removed stale pidfile {path} (pid {pid or '?'} is not running)")
+    return _remove_pidfile(
+        path, f"removed stale pidfile {path} (pid {pid or '?'} is not a running mpubsubd)"
+    )
 
 
 def _pid_in(text: bytes) -> Optional[int]:

@@ -99,6 +99,7 @@ class BrokerProcess:
         self.log = credentials.with_suffix(".log")
         key = credentials.with_suffix(".bridge-key")
         key.write_bytes(BRIDGE_KEY)
+        key.chmod(0o600)
         broker = [sys.executable, "-m", "mpubsub.broker", str(credentials), "-v", *extra]
         broker += ["--bridge-key-file", str(key)]
         self.args = [*prefix, *broker]

@@ -87,3 +87,32 @@ def test_bad_settings_are_one_line(tmp_path: Path, option: str, value: str, reas
     """A setting the broker cannot work with: one line naming it, and a non-zero exit."""
     result = run(str(tmp_path / "b.pckl"), option, value)
     assert (result.returncode, result.stderr) == (1, f"error: cannot start the broker: {reason}\n")
+
+
+def test_bad_bridge_key_files_are_one_line(tmp_path: Path) -> None:
+    """A bridge key file that is missing, a link, a directory, readable by others or short."""
+    good = tmp_path / "key"
+    good.write_bytes(b"k" * 32)
+    good.chmod(0o600)
+    short = tmp_path / "short"
+    short.write_bytes(b"k" * 8)
+    short.chmod(0o600)
+    shared = tmp_path / "shared"
+    shared.write_bytes(b"k" * 32)
+    shared.chmod(0o644)
+    link = tmp_path / "link"
+    link.symlink_to(good)
+    cases = {
+        tmp_path / "absent": "No such file or directory",
+        link: "a symbolic link, not followed",
+        tmp_path: "not a regular file",
+        shared: "others may read it (mode 644; chmod 600 it)",
+    }
+    for path, reason in cases.items():
+        result = run(str(tmp_path / "b.pckl"), "--bridge-key-file", str(path))
+        assert (result.returncode, result.stderr) == (
+            1,
+            f"error: cannot start the broker: bridge key file {path}: {reason}\n",
+        )
+    result = run(str(tmp_path / "b.pckl"), "--bridge-key-file", str(short))
+    assert result.stderr == "error: cannot start the broker: bridge_key must be at least 16 bytes\n"

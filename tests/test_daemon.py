@@ -190,7 +190,7 @@ def test_recovers_after_kill_9(mpubsubd: Daemon) -> None:
     result = mpubsubd.launch()
     assert result.returncode == 0 and result.stderr == ""  # the daemon's log says it
     assert mpubsubd.pid() != old
-    assert f"removed stale pidfile {mpubsubd.pidfile} (pid {old} is not running)" in (
+    assert f"removed stale pidfile {mpubsubd.pidfile} (pid {old} is not a running mpubsubd)" in (
         mpubsubd.log.read_text()
     )
     exchange(mpubsubd.credentials)
@@ -237,7 +237,7 @@ def test_pidfile_text_is_not_logged(mpubsubd: Daemon, text: str) -> None:
     assert result.returncode == 0, result.stderr
     log = mpubsubd.log.read_text()
     assert "hunter2" not in log and "\x1b" not in log
-    assert f"removed stale pidfile {mpubsubd.pidfile} (pid ? is not running)" in log
+    assert f"removed stale pidfile {mpubsubd.pidfile} (pid ? is not a running mpubsubd)" in log
 
 
 def test_sigterm_cleans_up(mpubsubd: Daemon) -> None:
