@@ -93,15 +93,21 @@ class BrokerProcess:
     """A standalone broker (``python -m mpubsub.broker``) in a child process."""
 
     def __init__(
-        self, credentials: Path, address: Optional[str], extra: List[str], prefix: List[str]
+        self,
+        credentials: Path,
+        address: Optional[str],
+        extra: List[str],
+        prefix: List[str],
+        bridge_key: bool = True,
     ) -> None:
         self.credentials = credentials
         self.log = credentials.with_suffix(".log")
-        key = credentials.with_suffix(".bridge-key")
-        key.write_bytes(BRIDGE_KEY)
-        key.chmod(0o600)
         broker = [sys.executable, "-m", "mpubsub.broker", str(credentials), "-v", *extra]
-        broker += ["--bridge-key-file", str(key)]
+        if bridge_key:  # BRIDGE_KEY makes a bridge
+            key = credentials.with_suffix(".bridge-key")
+            key.write_bytes(BRIDGE_KEY)
+            key.chmod(0o600)
+            broker += ["--bridge-key-file", str(key)]
         self.args = [*prefix, *broker]
         if address:
             self.args += ["--address", address]
@@ -150,8 +156,11 @@ def broker_factory(tmp_path: Path) -> Iterator[Callable[..., BrokerProcess]]:
         *extra: str,
         name: str = "broker",
         prefix: Tuple[str, ...] = (),
+        bridge_key: bool = True,
     ) -> BrokerProcess:
-        broker = BrokerProcess(tmp_path / f"{name}.pckl", address, list(extra), list(prefix))
+        broker = BrokerProcess(
+            tmp_path / f"{name}.pckl", address, list(extra), list(prefix), bridge_key
+        )
         started.append(broker)
         return broker.start()
 

@@ -197,11 +197,11 @@ def test_recovers_after_kill_9(mpubsubd: Daemon) -> None:
 
 
 @pytest.mark.parametrize("foreground", [False, True], ids=["daemon", "foreground"])
-@pytest.mark.parametrize("kind", ["symlink", "fifo"])
+@pytest.mark.parametrize("kind", ["symlink", "fifo", "socket"])
 def test_pidfile_not_a_regular_file_is_not_read(
     mpubsubd: Daemon, kind: str, foreground: bool
 ) -> None:
-    """A symlink (to a root-only file) or a fifo as pidfile is removed unread, with a warning."""
+    """A symlink (to a root-only file), a fifo or a socket as pidfile is removed unread."""
     secret = mpubsubd.base / "secret"
     secret.write_text("s3cret-line\n")
     secret.chmod(0o600)
@@ -210,7 +210,11 @@ def test_pidfile_not_a_regular_file_is_not_read(
         mpubsubd.pidfile.symlink_to(secret)
         warning = f"removed pidfile {mpubsubd.pidfile}: a symbolic link, not followed"
     else:  # opening a fifo to read it would wait for a writer forever
-        os.mkfifo(mpubsubd.pidfile)
+        if kind == "fifo":
+            os.mkfifo(mpubsubd.pidfile)
+        else:
+            with socket.socket(socket.AF_UNIX) as sock:
+                sock.bind(str(mpubsubd.pidfile))
         warning = f"removed pidfile {mpubsubd.pidfile}: not a regular file, not read"
     if foreground:
         said = mpubsubd.foreground_stderr()

@@ -6,6 +6,7 @@ import contextlib
 import hmac
 import re
 import struct
+import time
 from typing import Tuple
 
 import pytest
@@ -168,3 +169,13 @@ def test_anything_from_nats_is_rejected_cleanly(name: bytes, body: bytes) -> Non
     except Rejected:
         return
     pytest.fail("an unsigned message was accepted")
+
+
+def test_a_start_is_stamped_with_the_time() -> None:
+    """A bridge start is dated now: a later start is newer than any before it."""
+    verifier = Verifier(SECRET, "host-b")
+    earlier = Signer(SECRET, "host-a", started=time.time_ns() - 10**9)
+    assert verifier.open(b"", earlier.seal(b"", b"1"))[2] == b"1"
+    assert verifier.open(b"", Signer(SECRET, "host-a").seal(b"", b"2"))[2] == b"2"
+    with pytest.raises(Rejected, match="older than one seen"):
+        verifier.open(b"", Signer(SECRET, "host-a", started=time.time_ns() - 10**9).seal(b"", b""))

@@ -31,6 +31,7 @@ from mpubsub import Broker, NetPubSub
 from mpubsub import _protocol as proto
 from mpubsub._connect import connect_socket, handshake
 from mpubsub._credentials import write_credentials
+from mpubsub._session import Session
 
 from .conftest import (
     BRIDGE_KEY,
@@ -703,6 +704,34 @@ def test_a_bridge_without_the_brokers_key_is_refused(broker: BrokerProcess) -> N
     with authenticated(broker) as bridge:
         bridge.sendall(proto.frame(proto.BRIDGE, BRIDGE_KEY))
         pinged(bridge)
+
+
+def test_a_broker_without_a_bridge_key_takes_no_bridge(
+    broker_factory: Callable[..., BrokerProcess], clients: List[NetPubSub]
+) -> None:
+    """Without --bridge-key-file, every BRIDGE is refused, whatever key it shows."""
+    broker = broker_factory(None, bridge_key=False)
+    for key in (b"", BRIDGE_KEY):
+        with authenticated(broker) as claimer:
+            claimer.sendall(proto.frame(proto.BRIDGE, key))
+            assert closed_with_error(claimer) == (
+                "BRIDGE refused: this broker takes no federation bridge"
+            )
+    assert_serving(broker, clients)
+
+
+def test_interest_queued_for_the_bridge_is_accounted(tmp_path: Path) -> None:
+    """SUB/UNSUB frames queued for the bridge count in its buffer like any frame."""
+    broker = Broker(str(tmp_path / "b.sock"), b"k" * 32, bridge_key=BRIDGE_KEY)
+    left, right = socket.socketpair()
+    with left, right:
+        bridge = Session(left, 1, 0.0)
+        broker._bridge = bridge
+        broker._interest = {proto.encode_topic((f"t{n}",)): n % 2 == 0 for n in range(50_000)}
+        assert broker._queue_interest(bridge)
+        assert bridge.out and bridge.out_size == sum(map(len, bridge.out))
+        assert {frame[4] for frame in bridge.out} == {proto.SUB, proto.UNSUB}
+    broker.close()
 
 
 @pytest.mark.parametrize(

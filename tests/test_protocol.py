@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import socket
 import struct
-from typing import Iterator, List, Tuple
+from typing import Any, Dict, Iterator, List, Tuple
 
 import pytest
 from hypothesis import given, settings
@@ -108,3 +109,23 @@ def test_welcome_carries_the_limits_and_old_brokers_are_understood() -> None:
     assert min(old[1:]) >= 2**31 - 1
     with pytest.raises(ProtocolError):
         proto.welcome_limits(b"\x00" * 11)
+
+
+def test_reports_are_checked_field_by_field() -> None:
+    """A FEDERATION report: known figures only, strings up to 256, counts below 2**63."""
+
+    def report(**figures: object) -> Dict[str, Any]:
+        return proto.report(proto.frame(proto.FEDERATION, json.dumps(figures).encode()))
+
+    largest = {"state": "x" * 256, "reconnects": (1 << 63) - 1, "forwarded_in": 0}
+    assert report(**largest) == largest
+    for bad in (
+        {"state": "x" * 257},
+        {"reconnects": 1 << 63},
+        {"reconnects": -1},
+        {"reconnects": True},
+        {"server": None},
+        {"pwned": 1},
+    ):
+        with pytest.raises(ProtocolError, match=r"^FEDERATION frame holds"):
+            report(**bad)

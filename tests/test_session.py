@@ -26,3 +26,9 @@ def test_shed_drops_newest_messages_only() -> None:
         assert session.shed(0) == 2
         assert list(session.out) == [partial]
         assert session.out_size == len(partial)
+        whole = [proto.pub_frame(b"a\xff", b"w"), proto.pub_frame(b"a\xff", b"x")]
+        session.out.clear()
+        session.out.extend(whole)
+        session.out_size = sum(map(len, whole))
+        assert session.shed(0) == 1  # the first frame may be partly sent: it stays
+        assert list(session.out) == whole[:1]
