@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import signal
 import ssl
 import sys
@@ -477,6 +478,7 @@ def main() -> None:
     """``python -m mpubsubd._bridge``: settings as JSON on stdin (see _supervisor)."""
     settings = json.load(sys.stdin)
     _log_to(settings.get("log_file"), settings["log_level"])
+    logger.debug("bridge running mpubsubd from %s", os.path.dirname(os.path.dirname(__file__)))
     bridge = Bridge(
         FederationConfig(**settings["federation"]),
         settings["credentials"],

@@ -35,7 +35,14 @@ SECRET = b"0123456789abcdef0123456789abcdef"
 class Host:
     """An mpubsubd in the foreground with its own files: one host of the federation."""
 
-    def __init__(self, base: Path, name: str, servers: str, **federation: str) -> None:
+    def __init__(
+        self,
+        base: Path,
+        name: str,
+        servers: str,
+        settings: Optional[Dict[str, str]] = None,
+        **federation: str,
+    ) -> None:
         self.name = name
         self.dir = base / name
         self.dir.mkdir()
@@ -53,16 +60,27 @@ class Host:
             f"credentials = {self.credentials}\n"
             f"pidfile = {self.dir / 'mpubsubd.pid'}\n"
             "log_level = DEBUG\n"
-            "[federation]\n" + "".join(f"{k} = {v}\n" for k, v in federation.items())
+            + "".join(f"{k} = {v}\n" for k, v in (settings or {}).items())
+            + "[federation]\n"
+            + "".join(f"{k} = {v}\n" for k, v in federation.items())
         )
         self.proc: Optional[subprocess.Popen[bytes]] = None
         self.clients: List[NetPubSub] = []
         self.command = [sys.executable, "-m", "mpubsubd"]
 
-    def start(self, connected: bool = True, cwd: Optional[Path] = None) -> Host:
+    def start(
+        self,
+        connected: bool = True,
+        cwd: Optional[Path] = None,
+        env: Optional[Dict[str, str]] = None,
+    ) -> Host:
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
-                [*self.command, "-f", "-c", str(self.config)], stdout=log, stderr=log, cwd=cwd
+                [*self.command, "-f", "-c", str(self.config)],
+                stdout=log,
+                stderr=log,
+                cwd=cwd,
+                env=env,
             )
         wait_for(lambda: self._alive() and self.credentials.exists(), what=f"{self.name} to serve")
         if connected:
@@ -128,8 +146,17 @@ class Federation:
         wait_for(lambda: all(n._routes() >= size - 1 for n in nodes), 30, what="cluster routes")
         return nodes
 
-    def host(self, name: str, servers: str, *, connected: bool = True, **federation: str) -> Host:
-        host = Host(self.base, name, servers, **federation)
+    def host(
+        self,
+        name: str,
+        servers: str,
+        *,
+        connected: bool = True,
+        settings: Optional[Dict[str, str]] = None,
+        **federation: str,
+    ) -> Host:
+        """Start a host; *settings* go in its [mpubsubd] section, *federation* in [federation]."""
+        host = Host(self.base, name, servers, settings, **federation)
         self.hosts.append(host)
         return host.start(connected)
 

@@ -25,9 +25,11 @@ import pytest
 from mpubsub import _protocol as proto
 from mpubsub._connect import connect_socket, handshake
 from mpubsub._credentials import read_credentials
+from mpubsubd._federation import Signer
 
 from .conftest import wait_for
 from .test_bridge import (  # noqa: F401  (pytestmark: skipped without nats-server)
+    SECRET,
     Federation,
     Host,
     _publish_raw,
@@ -78,14 +80,15 @@ def test_only_mpubsubds_own_bridge_is_the_bridge(federation: Federation) -> None
     os.kill(first, signal.SIGKILL)  # the claimer now has half a second to step in
     wait_for(lambda: "the federation bridge is gone" in a.output(), what="the bridge gone")
     address, authkey = read_credentials(a.credentials)
-    with connect_socket(address, 10) as claimer:
-        handshake(claimer, authkey)
-        forged = {"state": "connected", "server": "forged"}
-        claimer.sendall(
-            proto.frame(proto.BRIDGE, b"k" * 32)
-            + proto.frame(proto.FEDERATION, json.dumps(forged).encode())
-        )
-        assert closed_with_error(claimer).startswith("BRIDGE refused")
+    for guess in (bytes(32), b"k" * 32, b"", authkey):  # mpubsubd's is random at each start
+        with connect_socket(address, 10) as claimer:
+            handshake(claimer, authkey)
+            forged = {"state": "connected", "server": "forged"}
+            claimer.sendall(
+                proto.frame(proto.BRIDGE, guess)
+                + proto.frame(proto.FEDERATION, json.dumps(forged).encode())
+            )
+            assert closed_with_error(claimer).startswith("BRIDGE refused")
     wait_for(lambda: bridge_pid(a) != first, what="mpubsubd's next bridge")
     assert a.wait_state("connected")["server"] == nats.url
     pub_a, sub_b = a.client(), b.client()
@@ -168,20 +171,39 @@ def test_a_subject_that_is_not_utf8_or_holds_escapes_stops_and_forges_nothing(
 
 
 def test_a_nats_server_that_stops_answering_is_not_connected(federation: Federation) -> None:
-    """NATS frozen: `mpubsub stats` stops saying connected; thawed, federation resumes."""
+    """NATS frozen: `mpubsub stats` says "not answering" within seconds, then connected again."""
     nats = federation.nats()
     a, b = federation.host("a", nats.url), federation.host("b", nats.url)
     assert nats.proc is not None
     os.kill(nats.proc.pid, signal.SIGSTOP)
     try:
-        wait_for(lambda: a.federation()["state"] != "connected", 30, what="the bridge to notice")
+        a.wait_state("not answering", 15)
     finally:
         os.kill(nats.proc.pid, signal.SIGCONT)
-    a.wait_state("connected", 60)
+    a.wait_state("connected", 10)
+    assert a.federation()["reconnects"] == 0  # the same connection, answering again
     pub_a, sub_b = a.client(), b.client()
     got = collect(sub_b, ("y",))
     reach(pub_a, ("y",), got, [pub_a, sub_b])
-    assert "NATS at" in a.output() and "does not answer" in a.output()
+    log = a.output()
+    assert "does not answer" in log and f"NATS at {nats.url} answers again" in log
+
+
+def test_a_nats_server_frozen_for_long_is_left_for_a_new_connection(
+    federation: Federation,
+) -> None:
+    """NATS frozen past the keep-alive: not answering, then disconnected, then reconnected."""
+    nats = federation.nats()
+    a = federation.host("a", nats.url)
+    assert nats.proc is not None
+    os.kill(nats.proc.pid, signal.SIGSTOP)
+    try:
+        a.wait_state("not answering", 15)
+        a.wait_state("disconnected", 40)  # three keep-alive PINGs five seconds apart
+    finally:
+        os.kill(nats.proc.pid, signal.SIGCONT)
+    assert a.wait_state("connected", 20)["reconnects"] >= 1
+    assert "disconnected from NATS; reconnecting" in a.output()
 
 
 def test_a_topic_too_long_for_nats_stays_local(federation: Federation) -> None:
@@ -206,12 +228,56 @@ def test_a_topic_too_long_for_nats_stays_local(federation: Federation) -> None:
         assert host.federation()["reconnects"] == 0
         assert len(re.findall("federation bridge started", host.output())) == 1
         assert "over NATS's control line" in host.output()
+    more = collect(sub_b, ("z",))  # another change of interest: the long one counted once
+    reach(pub_a, ("z",), more, [pub_a, sub_b])
+    assert b.federation()["too_long"] == 2
+
+
+def test_the_control_line_limit_is_exact(federation: Federation, tmp_path: Path) -> None:
+    """With max_control_line 256, a subject of 224 bytes (256 - 32) crosses; 225 stays home."""
+    limits = tmp_path / "nats.conf"
+    limits.write_text("max_control_line: 256\n")
+    nats = federation.nats("nats", "-c", str(limits))
+    a = federation.host("a", nats.url, max_control_line="256")
+    b = federation.host("b", nats.url, max_control_line="256")
+    fits, over = ("x" * 216,), ("y" * 217,)  # subjects mpubsub.xxx...: 224 and 225 bytes
+    pub_a, sub_b = a.client(), b.client()
+    got_fits, got_over = collect(sub_b, fits), collect(sub_b, over)
+    reach(pub_a, fits, got_fits, [pub_a, sub_b])
+    pub_a.publish(over, n=1)
+    pub_a.flush()
+    # b: the subject fits.> (226) and both of over's; a: the message on over.
+    wait_for(lambda: b.federation()["too_long"] == 3, what="b's subjects counted")
+    wait_for(lambda: a.federation()["too_long"] == 1, what="a's message counted")
+    assert not got_over
+    for host in (a, b):
+        assert host.federation()["reconnects"] == 0
+        assert len(re.findall("federation bridge started", host.output())) == 1
+
+
+def test_an_origin_name_reaches_the_log_escaped(federation: Federation) -> None:
+    """Text signed by a host (its name) is still escaped in another host's log."""
+    nats = federation.nats()
+    b = federation.host("b", nats.url, settings={"max_message_size": "65536"})
+    got = collect(b.client(), ("x",))
+    wait_for(lambda: b.federation()["nats_subscriptions"] == 3, what="b's subscriptions")
+    topic = proto.encode_topic(("x",))
+    body = Signer(SECRET, "\x1b]0;x\x07").seal(topic, pickle.dumps({"big": "x" * 70_000}))
+    asyncio.run(_publish_raw(nats.url, [("mpubsub.x", body)]))
+    wait_for(lambda: "over this host's max_message_size" in b.output(), what="the drop logged")
+    assert "dropped a message from \\x1b]0;x\\x07 over" in b.output()
+    assert "\x1b" not in b.output() and not got
 
 
 def test_the_bridge_imports_nothing_from_the_working_directory(
     federation: Federation, tmp_path: Path
 ) -> None:
-    """Modules planted where root starts mpubsubd never run in its bridge."""
+    """Modules planted where root starts mpubsubd, or on its PYTHONPATH, never run in its bridge.
+
+    mpubsubd starts as the installed wrapper starts it (isolated, the tree
+    under test put first on sys.path); its bridge runs from "/", and runs
+    this tree's mpubsubd, not another copy.
+    """
     planted = tmp_path / "planted"
     planted.mkdir()
     for module in ("json", "asyncio", "nats", "hmac"):
@@ -220,13 +286,17 @@ def test_the_bridge_imports_nothing_from_the_working_directory(
     nats = federation.nats()
     a = Host(federation.base, "a", nats.url)
     federation.hosts.append(a)
-    a.command = [sys.executable, "-P", "-m", "mpubsubd"]  # the daemon itself safe, as installed
-    a.start(cwd=planted)
+    tree = str(Path(__file__).resolve().parent.parent)
+    start = f"import sys; sys.path.insert(0, {tree!r}); from mpubsubd import main; main()"
+    a.command = [sys.executable, "-I", "-c", start]
+    a.start(cwd=planted, env={**os.environ, "PYTHONPATH": str(planted)})
     b = federation.host("b", nats.url)
     pub_a, sub_b = a.client(), b.client()
     got = collect(sub_b, ("p",))
     reach(pub_a, ("p",), got, [pub_a, sub_b])
     assert sorted(p.name for p in planted.glob("*.imported")) == []
+    assert os.readlink(f"/proc/{bridge_pid(a)}/cwd") == "/"
+    assert f"bridge running mpubsubd from {tree}\n" in a.output()
 
 
 def test_a_bridge_whose_nats_connection_closes_for_good_is_restarted(
