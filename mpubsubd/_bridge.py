@@ -21,7 +21,7 @@ import signal
 import ssl
 import sys
 import time
-from typing import Any, Dict, FrozenSet, List, Optional, Set, Tuple, Union
+from typing import Any, Callable, Dict, FrozenSet, List, Optional, Set, Tuple, Union
 
 import nats
 import nats.errors
@@ -55,14 +55,28 @@ _LINE_OVERHEAD = 32
 
 
 class _Client(Client):
-    """nats-py's client, taking subjects that are not UTF-8 instead of dying of them.
+    """nats-py's client, dropping a message it cannot parse instead of dying of it.
 
-    nats-py decodes each message's subject strictly inside its read loop:
-    one subject that is not UTF-8, which anyone may publish, ends the loop
-    while the connection still says connected. Decoded with surrogateescape,
-    such a subject reaches _deliver, which drops it like any malformed one.
-    (Should nats-py change, the watchdog still notices a loop that stopped.)
+    nats-py parses each message inside its read loop: one it cannot parse
+    (a subject that is not UTF-8, headers that are not NATS/1.0 UTF-8),
+    which anyone may publish, ends the loop while the connection still
+    says connected. Here a subject is decoded with surrogateescape, so
+    _deliver drops it like any malformed one, and any other failure to
+    parse drops that message only, told to *malformed*. (Should nats-py
+    change, the watchdog still notices a loop that stopped.)
     """
+
+    def __init__(self, malformed: Callable[[Exception], None]) -> None:
+        super().__init__()
+        self.malformed = malformed
+
+    async def _process_msg(  # type: ignore[no-untyped-def]
+        self, sid: int, subject: bytes, reply: bytes, data: bytes, headers
+    ) -> None:
+        try:
+            await super()._process_msg(sid, subject, reply, data, headers)
+        except Exception as exc:  # the read loop must go on
+            self.malformed(exc)
 
     def _build_message(  # type: ignore[no-untyped-def]
         self, sid: int, subject: bytes, reply: bytes, data: bytes, headers
@@ -99,16 +113,15 @@ class Bridge:
             lambda topic: subject(self._prefix, topic), weigh=_weigh
         )
         prefix = self._prefix.encode()
-        self._topics_of: Memo[str, bytes] = Memo(
-            lambda subj: topic_of(prefix, subj.encode("utf-8", "surrogateescape")), weigh=_weigh
-        )
+        self._topics_of: Memo[str, bytes] = Memo(self._topic_of, weigh=_weigh)
+        self._prefix_bytes = prefix
         self._max_subject = config.max_control_line - _LINE_OVERHEAD
         self._too_long: FrozenSet[str] = frozenset()  # wanted subjects NATS cannot carry
         self._topics: Set[bytes] = set()  # what this host's subscribers want
         self._nats_subs: Dict[str, Subscription] = {}
         self._nc: Optional[Client] = None
         self._writer: Optional[asyncio.StreamWriter] = None
-        self._max_message = 0
+        self._limits = proto.Limits()  # the broker's, once connected
         self._inbox: List[Tuple[str, bytes]] = []  # (subject, body) from NATS, this round
         self._resync = asyncio.Event()
         self._stopping = asyncio.Event()
@@ -175,7 +188,7 @@ class Bridge:
         address, authkey = read_credentials(self._credentials)
         sock = connect_socket(address, 5.0)
         try:
-            self._max_message = handshake(sock, authkey).max_message
+            self._limits = handshake(sock, authkey)
             sock.sendall(proto.frame(proto.BRIDGE, self._bridge_key))
             sock.setblocking(False)
             reader, self._writer = await asyncio.open_connection(sock=sock, limit=_READ_SIZE)
@@ -190,7 +203,7 @@ class Bridge:
         return reader
 
     async def _read_broker(self, reader: asyncio.StreamReader) -> None:
-        decoder = proto.FrameDecoder(self._max_message + 64)
+        decoder = proto.FrameDecoder(self._limits.max_message + 64)
         while True:
             data = await reader.read(_READ_SIZE)
             if not data:
@@ -304,7 +317,7 @@ class Bridge:
                 continue
             if self._local_only and topic.startswith(self._local_only):
                 continue
-            if 4 + len(topic) + len(payload) > self._max_message:
+            if 4 + len(topic) + len(payload) > self._limits.max_message:
                 self._warn(
                     f"dropped a message from {printable(origin)} over this host's max_message_size",
                     "too big",
@@ -320,6 +333,29 @@ class Bridge:
         else:
             self._warn("the broker is not reading: dropping messages from other hosts")
 
+    def _topic_of(self, subj: str) -> bytes:
+        """The topic a subject from NATS stands for; Rejected if none this host takes."""
+        # Cheap bounds first: junk subjects of thousands of tokens must not
+        # cost thousands of unescapes each.
+        limits = self._limits
+        depth = subj.count(".") - self._prefix.count(".")
+        if depth > limits.max_topic_depth or len(subj) > (
+            len(self._prefix) + 3 * limits.max_topic_size + 2 * limits.max_topic_depth
+        ):
+            raise Rejected("subject deeper or longer than any topic this host takes")
+        topic = topic_of(self._prefix_bytes, subj.encode("utf-8", "surrogateescape"))
+        excess = limits.topic_excess(topic, "this host's")
+        if excess:  # the broker would take the bridge for a client breaking its limits
+            raise Rejected(excess)
+        return topic
+
+    def _malformed(self, exc: Exception) -> None:
+        self.counters["dropped_unverified"] += 1
+        self._warn(
+            f"dropped a message from NATS that nats-py cannot parse: {type(exc).__name__}",
+            "cannot parse",
+        )
+
     def _warn(self, message: str, kind: str = "") -> None:
         # At most one line per kind of trouble every ten seconds: anyone who
         # can publish to NATS must not be able to flood the log.
@@ -334,7 +370,7 @@ class Bridge:
     async def _connect_nats(self) -> None:
         # With max_reconnect_attempts=-1, nats-py retries the first connection
         # too, for ever; it reports each failure to error() below.
-        nc = _Client()
+        nc = _Client(self._malformed)
         await nc.connect(**self._nats_options())
         self._nc = nc
         self._set_state("connected", self._url())
@@ -457,6 +493,12 @@ class Bridge:
             await asyncio.sleep(_WATCH_EVERY)
             nc = self._nc
             if nc is None or not nc.is_connected:
+                continue
+            reading = getattr(nc, "_reading_task", None)  # flush() cannot tell (nats-py 2.16)
+            if reading is not None and reading.done():
+                logger.warning("nats-py stopped reading from NATS at %s; reconnecting", self.server)
+                self._set_state("not answering", self.server)
+                await nc.force_reconnect()
                 continue
             try:
                 await nc.flush(_ANSWER_WITHIN)  # type: ignore[arg-type]

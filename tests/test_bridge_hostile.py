@@ -67,7 +67,8 @@ def raw_nats(port: int, commands: bytes) -> None:
     with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
         reader = sock.makefile("rb")
         assert reader.readline().startswith(b"INFO ")
-        sock.sendall(b'CONNECT {"verbose":false,"pedantic":false}\r\n' + commands + b"PING\r\n")
+        hello = b'CONNECT {"verbose":false,"pedantic":false,"headers":true}\r\n'
+        sock.sendall(hello + commands + b"PING\r\n")
         while (line := reader.readline()) != b"PONG\r\n":
             assert line and not line.startswith(b"-ERR"), line
 
@@ -328,4 +329,40 @@ def test_a_bridge_whose_nats_connection_closes_for_good_is_restarted(
     collect(b.client(), long)
     wait_for(lambda: b.federation()["too_long"] == 2, what="b's subscription kept local")
     assert b.federation()["state"] == "connected"
+    assert len(re.findall("federation bridge started", b.output())) == 1
+
+
+def test_messages_nats_py_cannot_parse_stop_nothing(federation: Federation) -> None:
+    """Headers nats-py fails on (not UTF-8, no status): dropped, counted, the read loop lives."""
+    nats = federation.nats()
+    a, b = federation.host("a", nats.url), federation.host("b", nats.url)
+    pub_a, sub_b = a.client(), b.client()
+    got = collect(sub_b, ("h",))
+    reach(pub_a, ("h",), got, [pub_a, sub_b])
+    poison = b""
+    for headers in (b"NATS/1.0 \xff\r\n\r\n", b"NATS/1.0 503 \xff\r\n\r\n", b"NATS/1.0\r\n\r\n"):
+        poison += b"HPUB mpubsub.h %d %d\r\n%sx\r\n" % (len(headers), len(headers) + 1, headers)
+    raw_nats(int(nats.url.rsplit(":", 1)[1]), poison)
+    wait_for(lambda: b.federation()["dropped_unverified"] == 3, what="the three dropped")
+    pub_a.publish(("h",), n=1)
+    pub_a.flush()
+    pump([sub_b], lambda: (("h",), {"n": 1}) in got, "a message after the poison")
+    assert b.federation()["reconnects"] == 0
+    assert "nats-py cannot parse" in b.output()
+
+
+def test_a_message_over_the_receivers_limits_stays_out(federation: Federation) -> None:
+    """A topic deeper than another host takes is dropped there; its bridge keeps its place."""
+    nats = federation.nats()
+    a = federation.host("a", nats.url)
+    b = federation.host("b", nats.url, settings={"max_topic_depth": "4"})
+    pub_a, sub_b = a.client(), b.client()
+    got = collect(sub_b, ("x",))
+    reach(pub_a, ("x",), got, [pub_a, sub_b])
+    pub_a.publish(("x", "1", "2", "3", "4", "5"), n=1)
+    pub_a.publish(("x",), n=2)
+    pub_a.flush()
+    pump([sub_b], lambda: (("x",), {"n": 2}) in got, "the message within the limits")
+    wait_for(lambda: b.federation()["dropped_unverified"] == 1, what="the deep one dropped")
+    assert "x.1.2.3.4.5: subject deeper or longer than any topic this host takes" in b.output()
     assert len(re.findall("federation bridge started", b.output())) == 1
