@@ -13,7 +13,7 @@ import socket
 import stat
 import sys
 from io import TextIOWrapper
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 from mpubsub import Broker, __version__
 from mpubsub._broker import CAPS
@@ -36,12 +36,10 @@ class StartupError(Exception):
 def run_foreground(config: Config) -> None:
     """Serve until SIGTERM/SIGINT, logging to stderr and speaking sd_notify."""
     use_handler(stderr_handler(), config.log_level)
-    import daemon.pidfile  # noqa: PLC0415  (checked by the caller: a clear error if missing)
-
     stale = check_pidfile(config.pidfile)
     if stale:
         logger.warning("%s", stale)
-    pidfile = daemon.pidfile.TimeoutPIDLockFile(config.pidfile, 0)
+    pidfile = _pid_lock(config.pidfile)
     _make_dirs(config, log_dir=False)
     _acquire(pidfile, config.pidfile)
     try:
@@ -76,14 +74,13 @@ def run_daemon(config: Config) -> None:
 def _daemon_child(config: Config, handler: logging.Handler, pipe: int, stale: Optional[str]) -> int:
     launcher = _Launcher(pipe)
     import daemon  # noqa: PLC0415
-    import daemon.pidfile  # noqa: PLC0415
 
     stream = getattr(handler, "stream", None)
     context = daemon.DaemonContext(
         working_directory="/",
         umask=0o022,
         detach_process=True,
-        pidfile=daemon.pidfile.TimeoutPIDLockFile(config.pidfile, 0),
+        pidfile=_pid_lock(config.pidfile),
         files_preserve=[pipe, stream],
         # The broker handles SIGTERM and SIGINT itself, and mpubsubd SIGHUP.
         signal_map={signal.SIGTTIN: None, signal.SIGTTOU: None, signal.SIGTSTP: None},
@@ -139,8 +136,14 @@ def _serve(config: Config, ready: Callable[[], object], reopen: Optional[logging
     def on_hangup() -> None:
         sd_notify("RELOADING=1")
         if isinstance(reopen, logging.handlers.WatchedFileHandler):
-            reopen.reopenIfNeeded()
-            logger.info("SIGHUP: reopened the log file %s", config.log_file)
+            try:
+                reopen.reopenIfNeeded()
+            except OSError as exc:  # each log line tries again; the broker goes on
+                logger.error(
+                    "SIGHUP: cannot open the log file %s: %s", config.log_file, reason(exc)
+                )
+            else:
+                logger.info("SIGHUP: reopened the log file %s", config.log_file)
         else:
             logger.info("SIGHUP: nothing to reopen, logging to stderr")
         sd_notify("READY=1")
@@ -222,6 +225,44 @@ def check_pidfile(path: str) -> Optional[str]:
     return _remove_pidfile(
         path, f"removed stale pidfile {path} (pid {pid or '?'} is not a running mpubsubd)"
     )
+
+
+def _pid_lock(path: str) -> Any:
+    """python-daemon's lock on the pidfile *path*, reading it as check_pidfile does.
+
+    At release, lockfile reads the pidfile to check it is ours: with open(),
+    which follows a link and waits forever on a fifo put there meanwhile.
+    This lock reads it without either, and leaves a pidfile that is no
+    longer ours as it is, with a warning.
+    """
+    import daemon.pidfile  # noqa: PLC0415  (checked by the caller: a clear error if missing)
+    import lockfile  # noqa: PLC0415
+
+    class PidLock(daemon.pidfile.TimeoutPIDLockFile):  # type: ignore[misc]
+        def read_pid(self) -> Optional[int]:
+            return _read_pid(self.path)
+
+        def release(self) -> None:
+            try:
+                super().release()
+            except lockfile.Error as exc:  # replaced meanwhile: not ours to remove
+                logger.warning("left pidfile %s as it is: %s", self.path, reason(exc))
+
+    return PidLock(path, 0)
+
+
+def _read_pid(path: str) -> Optional[int]:
+    """The pid in the regular file *path*; None for anything else, never blocking."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        return _pid_in(os.read(fd, 64)) if stat.S_ISREG(os.fstat(fd).st_mode) else None
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
 
 
 def _pid_in(text: bytes) -> Optional[int]:
@@ -311,14 +352,27 @@ def log_file_handler(path: str) -> logging.Handler:
 
 
 class _LogFile(logging.handlers.WatchedFileHandler):
-    """A WatchedFileHandler that makes its file 0640 and never opens it through a link."""
+    """A WatchedFileHandler that makes its file 0640 and never opens it through a link.
+
+    A log file that cannot be opened again (after logrotate, say) loses
+    lines, not the daemon: each line tries again.
+    """
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            super().emit(record)
+        except OSError:  # FileHandler.emit opens the file unguarded
+            self.handleError(record)
 
     def _open(self) -> TextIOWrapper:
         # Also called when a SIGHUP after logrotate makes the file anew: 0640 again,
         # and a link planted in its place meanwhile is not followed either.
+        # O_NONBLOCK: a fifo put there must not stall the broker (refused below).
         flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
-        fd = os.open(self.baseFilename, flags, 0o640)
+        fd = os.open(self.baseFilename, flags | os.O_NONBLOCK, 0o640)
         try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise OSError(errno.EINVAL, "not a regular file")
             return open(fd, "a", encoding=self.encoding, errors=self.errors)
         except BaseException:
             os.close(fd)

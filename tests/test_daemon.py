@@ -469,3 +469,35 @@ def test_clients_survive_daemon_restart(mpubsubd: Daemon, helpers: Callable[...,
     sub.send_signal(signal.SIGTERM)
     out, _ = sub.communicate(timeout=60)
     assert out.endswith(" in order\n"), out
+
+
+@pytest.mark.parametrize("foreground", [False, True], ids=["daemon", "foreground"])
+def test_pidfile_swapped_for_a_fifo_does_not_hang_the_stop(
+    mpubsubd: Daemon, foreground: bool
+) -> None:
+    """A fifo put in the pidfile's place while mpubsubd runs is left alone at its stop."""
+    if foreground:
+        proc = mpubsubd.foreground()
+        wait_for(mpubsubd.credentials.exists, what="mpubsubd -f")
+        pid = proc.pid
+    else:
+        pid = mpubsubd.started()
+    mpubsubd.pidfile.unlink()
+    os.mkfifo(mpubsubd.pidfile)  # reading it would wait for a writer forever
+    os.kill(pid, signal.SIGTERM)
+    wait_for(lambda: not alive(pid), what="mpubsubd to stop")
+    assert stat.S_ISFIFO(mpubsubd.pidfile.lstat().st_mode)
+    said = proc.communicate(timeout=10)[1] if foreground else mpubsubd.log.read_text()
+    assert f"left pidfile {mpubsubd.pidfile} as it is" in said
+
+
+def test_log_file_swapped_for_a_fifo_stalls_nothing(mpubsubd: Daemon) -> None:
+    """A fifo put in the log file's place before a SIGHUP is not opened; the broker serves on."""
+    pid = mpubsubd.started()
+    mpubsubd.log.rename(mpubsubd.log.with_suffix(".log.1"))
+    os.mkfifo(mpubsubd.log)  # opening it to write would wait for a reader forever
+    os.kill(pid, signal.SIGHUP)
+    with NetPubSub.from_file(str(mpubsubd.credentials), timeout=5) as pubsub:
+        for _ in range(3):  # each log line tries the file again
+            assert pubsub.broker_statistics() is not None
+    assert mpubsubd.signal(signal.SIGTERM) == pid
