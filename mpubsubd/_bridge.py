@@ -78,6 +78,18 @@ class _Client(Client):
         except Exception as exc:  # the read loop must go on
             self.malformed(exc)
 
+    async def _process_pong(self) -> None:
+        # A flush() that timed out cancels its future and leaves it first in
+        # line: nats-py would answer it with this PONG, late, and its read
+        # loop would die of the InvalidStateError. The PONG is that flush's.
+        pongs = self._pongs
+        if pongs and pongs[0].done():
+            pongs.pop(0)
+            self._pongs_received += 1
+            self._pings_outstanding = 0
+            return
+        await super()._process_pong()
+
     def _build_message(  # type: ignore[no-untyped-def]
         self, sid: int, subject: bytes, reply: bytes, data: bytes, headers
     ):
@@ -108,7 +120,7 @@ class Bridge:
         self._prefix = config.subject_prefix
         self._local_only = tuple(proto.encode_topic(t) for t in config.local_only_topics)
         self._signer = Signer(secret, config.host_name)
-        self._verifier = Verifier(secret, config.host_name)
+        self._verifier = Verifier(secret, config.host_name, max_skew=config.max_clock_skew)
         self._subjects: Memo[bytes, str] = Memo(
             lambda topic: subject(self._prefix, topic), weigh=_weigh
         )

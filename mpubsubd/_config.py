@@ -43,6 +43,7 @@ class FederationConfig:
     tls_cert_file: str = ""
     tls_key_file: str = ""
     max_control_line: int = 4096
+    max_clock_skew: float = 10.0
 
     @property
     def enabled(self) -> bool:
@@ -254,6 +255,7 @@ _CHECKS: Dict[str, Callable[[str], Any]] = {
     **{key: _positive(int, "a whole number") for key in CAPS},
     "servers": _servers,
     "max_control_line": _control_line,
+    "max_clock_skew": _positive(float, "a number of seconds"),
     "subject_prefix": _subject_prefix,
     "secret_file": _optional_path,
     "name": _name,

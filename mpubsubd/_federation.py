@@ -12,22 +12,27 @@ token (never ``*``, ``>``, a dot or white space) and back exactly.
 The body of a NATS message is an envelope::
 
     version (1 byte) | origin length (1) | origin | instance (8) | started (!Q)
-    | seq (!Q) | mac (32) | payload
+    | seq (!Q) | sent (!Q) | mac (32) | payload
 
 where *origin* is the sending host's name, *instance* is random for each
-start of its bridge and *started* the time of that start (nanoseconds
-since the epoch), *seq* counts that bridge's messages from 1, and *mac* is
-HMAC-SHA256 with the shared secret over the encoded topic, every field
-before it and the payload (the message pickled by its publisher). Nothing
-is unpickled on the way: a bridge only checks the MAC.
+start of its bridge and *started* the time of that start, *seq* counts
+that bridge's messages from 1, *sent* is the time the message was sealed
+(times in nanoseconds since the epoch), and *mac* is HMAC-SHA256 with the
+shared secret over the encoded topic, every field before it and the
+payload (the message pickled by its publisher). Nothing is unpickled on
+the way: a bridge only checks the MAC.
 
-Replays are dropped: each start of an origin's bridge has its own window
-of sequence numbers seen (the last few starts are remembered), and a start
+Replays are dropped. A message sent before the receiving bridge started,
+or further from its clock than *max_skew* seconds (either way), is
+refused: so recorded envelopes are worthless once that long has passed,
+and a restarted receiver takes none of what it may have delivered before.
+Within that time, each start of an origin's bridge has its own window of
+sequence numbers seen (the last few starts are remembered), and a start
 never seen before that began before the newest one seen is refused. So
 envelopes recorded on NATS and published again, in any order and from any
-mix of starts, are never delivered twice; what a receiver cannot tell from
-new (a start it never heard of that is newer than any it did, replayed
-before that start's own messages reach it) is delivered at most once.
+mix of starts, are never delivered twice. The hosts' clocks must agree
+within *max_skew* (NTP); a host whose clock is behind a receiver's by d
+loses its messages to that receiver for d after the receiver starts.
 """
 
 from __future__ import annotations
@@ -38,7 +43,7 @@ import os
 import re
 import struct
 import time
-from typing import Dict, FrozenSet, Iterable, List, Optional, Set, Tuple
+from typing import Callable, Dict, FrozenSet, Iterable, List, Optional, Set, Tuple
 
 from mpubsub import _protocol as proto
 from mpubsub.errors import ProtocolError
@@ -46,6 +51,8 @@ from mpubsub.errors import ProtocolError
 VERSION = 2
 _SEQ = struct.Struct("!Q")
 _STARTED = struct.Struct("!Q")
+_SENT = struct.Struct("!Q")
+DEFAULT_MAX_SKEW = 10.0  # seconds
 _INSTANCE = 8  # bytes of a bridge start's random identity
 _MAC_SIZE = 32
 _CONTEXT = b"mpubsub federation 1\0"
@@ -133,19 +140,27 @@ def interest(prefix: str, topics: Iterable[bytes], local_only: Iterable[bytes]) 
 class Signer:
     """Seals this host's messages: origin, instance, sequence number and MAC."""
 
-    def __init__(self, secret: bytes, origin: str, *, started: Optional[int] = None) -> None:
+    def __init__(
+        self,
+        secret: bytes,
+        origin: str,
+        *,
+        started: Optional[int] = None,
+        clock: Callable[[], int] = time.time_ns,
+    ) -> None:
         name = origin.encode("utf-8", "surrogatepass")
         if not 0 < len(name) <= 255:
             raise ValueError("the host name must be 1 to 255 bytes of UTF-8")
         self._mac = Mac(secret)
-        start = _STARTED.pack(time.time_ns() if started is None else started)
+        self._clock = clock
+        start = _STARTED.pack(clock() if started is None else started)
         self._head = bytes((VERSION, len(name))) + name + os.urandom(_INSTANCE) + start
         self._seq = 0
 
     def seal(self, topic: bytes, payload: bytes) -> bytes:
         """The envelope of *payload*, published under *topic* (encoded)."""
         self._seq += 1
-        head = self._head + _SEQ.pack(self._seq)
+        head = self._head + _SEQ.pack(self._seq) + _SENT.pack(self._clock())
         mac = self._mac.sign(topic, head, payload)
         return b"".join((head, mac, payload))
 
@@ -153,10 +168,21 @@ class Signer:
 class Verifier:
     """Opens envelopes: checks the MAC, drops this host's own and repeated messages."""
 
-    def __init__(self, secret: bytes, origin: str) -> None:
+    def __init__(
+        self,
+        secret: bytes,
+        origin: str,
+        *,
+        max_skew: float = DEFAULT_MAX_SKEW,
+        born: Optional[int] = None,
+        clock: Callable[[], int] = time.time_ns,
+    ) -> None:
         self._mac = Mac(secret)
         self._own = origin.encode("utf-8", "surrogatepass")
         self._origins: Dict[bytes, _Origin] = {}
+        self._skew = int(max_skew * 1e9)
+        self._clock = clock
+        self._born = clock() if born is None else born  # nothing sent before is taken
 
     def open(self, topic: bytes, body: bytes) -> Tuple[str, int, bytes]:
         """Return (origin, seq, payload), or raise Rejected saying why."""
@@ -164,7 +190,7 @@ class Verifier:
             raise Rejected("not an mpubsub envelope (or another version)")
         end = 2 + body[1]
         start_end = end + _INSTANCE + _STARTED.size
-        seq_end = start_end + _SEQ.size
+        seq_end = start_end + _SEQ.size + _SENT.size
         if len(body) < seq_end + _MAC_SIZE:
             raise Rejected("truncated envelope")
         head, mac, payload = (
@@ -179,6 +205,12 @@ class Verifier:
             raise Rejected("our own message came back (another host uses our name?)")
         (started,) = _STARTED.unpack_from(body, end + _INSTANCE)
         (seq,) = _SEQ.unpack_from(body, start_end)
+        (sent,) = _SENT.unpack_from(body, start_end + _SEQ.size)
+        now = self._clock()
+        if sent < self._born:
+            raise Rejected("sent before this bridge started (a replay?)")
+        if abs(now - sent) > self._skew:
+            raise Rejected("sent further from now than max_clock_skew (a replay? clocks apart?)")
         state = self._origins.get(origin)
         if state is None:
             state = self._origins[origin] = _Origin()

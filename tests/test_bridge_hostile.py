@@ -17,6 +17,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Tuple
 
@@ -140,6 +141,41 @@ def test_replays_of_two_bridge_instances_are_delivered_once(
     delivered = sorted((topic, m["n"]) for topic, m in real(got))
     assert delivered == [(("r", i), n) for i in ("1", "2") for n in range(3)] + [(("r", "end"), 0)]
     wait_for(lambda: b.federation()["duplicates"] >= len(replays), what="replays counted")
+    # The receiver's bridge restarted, its windows empty: still nothing taken again.
+    restart_bridge(b)
+    reach(pub_a, ("r",), got, [pub_a, sub_b])
+    asyncio.run(_publish_raw(nats.url, replays))
+    pub_a.publish(("r", "end"), n=1)
+    pub_a.flush()
+    pump([sub_b], lambda: (("r", "end"), {"n": 1}) in got, "the message after the replays")
+    assert len(real(got)) == len(delivered) + 1
+    wait_for(lambda: b.federation()["dropped_unverified"] >= len(replays), what="replays counted")
+    assert "sent before this bridge started" in b.output()
+
+
+def test_envelopes_far_from_the_clock_are_refused(federation: Federation) -> None:
+    """An envelope stamped further than max_clock_skew from the receiver's clock is refused."""
+    nats = federation.nats()
+    b = federation.host("b", nats.url, max_clock_skew="1")
+    sub_b = b.client()
+    stale = Signer(SECRET, "a", clock=lambda: time.time_ns() + 2 * 10**9)  # clocks apart
+    fresh = Signer(SECRET, "a")
+    got = collect(sub_b, ("s",))
+    wait_for(lambda: b.federation()["nats_subscriptions"] == 3, what="b's subscriptions")
+    topic = proto.encode_topic(("s",))
+    asyncio.run(
+        _publish_raw(
+            nats.url,
+            [
+                ("mpubsub.s", stale.seal(topic, pickle.dumps({"n": 1}))),
+                ("mpubsub.s", fresh.seal(topic, pickle.dumps({"n": 2}))),
+            ],
+        )
+    )
+    pump([sub_b], lambda: got, "the fresh one")
+    assert got == [(("s",), {"n": 2})]
+    wait_for(lambda: b.federation()["dropped_unverified"] == 1, what="the other one dropped")
+    assert "further from now than max_clock_skew" in b.output()
 
 
 def test_a_subject_that_is_not_utf8_or_holds_escapes_stops_and_forges_nothing(

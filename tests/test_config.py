@@ -79,6 +79,7 @@ def test_values_are_read(tmp_path: Path) -> None:
         ("[federation]\nsecret_file = secret", r"secret_file: 'secret' is not an absolute path$"),
         ("[federation]\nmax_control_line = 4k", r"max_control_line: '4k' is not a whole number"),
         ("[federation]\nmax_control_line = 100", r"max_control_line: '100' is under 256 bytes$"),
+        ("[federation]\nmax_clock_skew = 0", r"max_clock_skew: '0' must be positive$"),
         ("[federation]\ncolour = blue", r"unknown key 'colour' in \[federation\]$"),
         ("[federaton]\nservers = nats://h:4222", r"unknown section \[federaton\]$"),
     ],

@@ -94,7 +94,7 @@ def test_own_messages_and_duplicates_are_dropped() -> None:
     first, second = signer.seal(b"", b"1"), signer.seal(b"", b"2")
     with pytest.raises(Rejected, match="our own message"):
         Verifier(SECRET, "host-a").open(b"", first)
-    verifier = Verifier(SECRET, "host-b")
+    verifier = Verifier(SECRET, "host-b", born=0)  # takes what was sealed before it
     assert verifier.open(b"", second)[1] == 2
     assert verifier.open(b"", first)[1] == 1  # late, but new: taken
     for body in (first, second):
@@ -119,7 +119,7 @@ def test_replays_across_starts_are_dropped() -> None:
     """Envelopes of several starts replayed alternately are each delivered once, ever."""
     starts = [Signer(SECRET, "host-a", started=t) for t in range(1, STARTS + 3)]
     recorded = [[signer.seal(b"", b"%d" % n) for n in range(3)] for signer in starts]
-    verifier = Verifier(SECRET, "host-b")
+    verifier = Verifier(SECRET, "host-b", born=0)
     delivered = []
     for _ in range(3):
         for n in range(3):
@@ -179,3 +179,27 @@ def test_a_start_is_stamped_with_the_time() -> None:
     assert verifier.open(b"", Signer(SECRET, "host-a").seal(b"", b"2"))[2] == b"2"
     with pytest.raises(Rejected, match="older than one seen"):
         verifier.open(b"", Signer(SECRET, "host-a", started=time.time_ns() - 10**9).seal(b"", b""))
+
+
+def test_stale_envelopes_and_restarted_receivers() -> None:
+    """Taken: sent since the receiver started and within max_skew of its clock; else refused."""
+    now = [10**18]
+    signer = Signer(SECRET, "host-a", clock=lambda: now[0])
+    before = signer.seal(b"", b"before")
+    now[0] += 10**9
+    verifier = Verifier(SECRET, "host-b", max_skew=5.0, clock=lambda: now[0])
+    with pytest.raises(Rejected, match="sent before this bridge started"):
+        verifier.open(b"", before)  # delivered, perhaps, by the receiver's previous start
+    fresh = signer.seal(b"", b"fresh")
+    assert verifier.open(b"", fresh)[2] == b"fresh"
+    with pytest.raises(Duplicate):
+        verifier.open(b"", fresh)
+    late = signer.seal(b"", b"late")
+    now[0] += 5 * 10**9 + 1
+    with pytest.raises(Rejected, match="further from now than max_clock_skew"):
+        verifier.open(b"", late)  # never seen, but stale: a replay, or clocks apart
+    ahead = Signer(SECRET, "host-c", clock=lambda: now[0] + 6 * 10**9).seal(b"", b"ahead")
+    with pytest.raises(Rejected, match="further from now than max_clock_skew"):
+        verifier.open(b"", ahead)
+    behind = Signer(SECRET, "host-c", clock=lambda: now[0] - 4 * 10**9).seal(b"", b"behind")
+    assert verifier.open(b"", behind)[2] == b"behind"  # clocks apart within max_skew
