@@ -49,9 +49,9 @@ from mpubsub import _protocol as proto
 from mpubsub.errors import ProtocolError
 
 VERSION = 2
-_SEQ = struct.Struct("!Q")
 _STARTED = struct.Struct("!Q")
-_SENT = struct.Struct("!Q")
+_SEQ_SENT = struct.Struct("!QQ")
+_TIMES = struct.Struct("!QQQ")  # started, seq, sent: read at once
 DEFAULT_MAX_SKEW = 10.0  # seconds
 _INSTANCE = 8  # bytes of a bridge start's random identity
 _MAC_SIZE = 32
@@ -160,7 +160,7 @@ class Signer:
     def seal(self, topic: bytes, payload: bytes) -> bytes:
         """The envelope of *payload*, published under *topic* (encoded)."""
         self._seq += 1
-        head = self._head + _SEQ.pack(self._seq) + _SENT.pack(self._clock())
+        head = self._head + _SEQ_SENT.pack(self._seq, self._clock())
         mac = self._mac.sign(topic, head, payload)
         return b"".join((head, mac, payload))
 
@@ -190,7 +190,7 @@ class Verifier:
             raise Rejected("not an mpubsub envelope (or another version)")
         end = 2 + body[1]
         start_end = end + _INSTANCE + _STARTED.size
-        seq_end = start_end + _SEQ.size + _SENT.size
+        seq_end = start_end + _SEQ_SENT.size
         if len(body) < seq_end + _MAC_SIZE:
             raise Rejected("truncated envelope")
         head, mac, payload = (
@@ -203,9 +203,7 @@ class Verifier:
         origin = body[2:end]
         if origin == self._own:
             raise Rejected("our own message came back (another host uses our name?)")
-        (started,) = _STARTED.unpack_from(body, end + _INSTANCE)
-        (seq,) = _SEQ.unpack_from(body, start_end)
-        (sent,) = _SENT.unpack_from(body, start_end + _SEQ.size)
+        started, seq, sent = _TIMES.unpack_from(body, end + _INSTANCE)
         now = self._clock()
         if sent < self._born:
             raise Rejected("sent before this bridge started (a replay?)")
