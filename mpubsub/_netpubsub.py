@@ -505,7 +505,9 @@ class NetPubSub(PubSub):
         self._pending_size += len(frame)
         if self._pending_size >= _BATCH_LIMIT:
             self._write_pending()
-        elif not self._kick.is_set():
+        elif self._writer is None or not self._kick.is_set():
+            # No writer: disconnect() may have set the kick for one that was
+            # never started, or has ended since.
             self._start_writer()
 
     def _start_writer(self) -> None:

@@ -520,3 +520,16 @@ def test_queued_messages_over_a_new_brokers_limits_are_dropped(
         assert "dropped 1 queued messages over the new broker's limits" in caplog.text
     finally:
         pub.disconnect()
+
+
+def test_a_burst_after_reconnecting_by_hand_is_sent(connect: Callable[..., NetPubSub]) -> None:
+    """connect(), disconnect(), connect(): a burst of publishes still leaves without a flush."""
+    subscriber = connect()
+    got = subscribed(subscriber, ("burst",))
+    publisher = connect()
+    publisher.disconnect()
+    publisher.connect()
+    for n in range(5):  # closer together than the burst window: batched
+        publisher.publish(("burst",), n=n)
+    poll_until(subscriber, lambda: len(got) == 5, "the whole burst")
+    assert got == [{"n": n} for n in range(5)]
