@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import functools
 import io
@@ -239,18 +240,29 @@ def cmd_sub(args: argparse.Namespace) -> None:
     def show(topic: Tuple[str, ...], **message: Any) -> None:
         print(format_line(topic, message, args.json), flush=True)
         received[0] += 1
+        if received[0] == args.count:
+            raise _Enough  # the rest of what this poll() delivers is not printed
+
+    def show_but_broadcasts(topic: Tuple[str, ...], **message: Any) -> None:
+        if topic:  # a broadcast reaches every subscription: the first one shows it
+            show(topic, **message)
 
     with connect(args.credentials) as pubsub:
         pubsub._loads = functools.partial(load_message, unsafe=args.unsafe_pickle)
         pubsub.on_error = _reraise  # a closed stdout must end the command, not be logged
-        for topic in topics:
+        for n, topic in enumerate(topics):
             try:
-                pubsub.add_subscriber(topic, show)
+                pubsub.add_subscriber(topic, show if n == 0 else show_but_broadcasts)
             except ValueError as exc:  # over the broker's limits
                 raise CliError(f"cannot subscribe to {format_topic(topic)!r}: {exc}") from None
         pubsub.flush()
-        while args.count is None or received[0] < args.count:
-            pubsub.poll(1.0)
+        with contextlib.suppress(_Enough):
+            while args.count is None or received[0] < args.count:
+                pubsub.poll(1.0)
+
+
+class _Enough(Exception):
+    """sub --count N has printed N messages."""
 
 
 def _reraise(topic: Tuple[str, ...], subscriber: Any, exc: Exception) -> None:

@@ -391,3 +391,27 @@ def test_sub_loads_plain_dicts_of_str_only(payload: bytes, reason: str) -> None:
     """Not a global beyond complex (not bytearray: a tiny pickle of 10 GB), and str keys only."""
     shown = load_message(payload)
     assert list(shown) == ["not_shown"] and reason in shown["not_shown"].reason
+
+
+def test_sub_count_stops_at_n_even_after_a_burst(
+    broker: BrokerProcess, procs: List[subprocess.Popen[str]]
+) -> None:
+    """--count 3 prints three lines, however many messages arrive in one read."""
+    sub = subscribe(broker, procs, "burst", "--count", "3")
+    with NetPubSub.from_file(broker.credentials) as pubsub:
+        for n in range(10):
+            pubsub.publish(("burst",), n=n)
+    out, err = sub.communicate(timeout=30)
+    assert (sub.returncode, out) == (0, "burst n=0\nburst n=1\nburst n=2\n"), err
+
+
+def test_sub_to_two_topics_prints_a_broadcast_once(
+    broker: BrokerProcess, procs: List[subprocess.Popen[str]]
+) -> None:
+    """A broadcast reaches `sub a b` once, and each topic's messages once."""
+    sub = subscribe(broker, procs, "a", "b", "--count", "3")
+    assert run(broker, "pub", "/", "n=0").returncode == 0
+    assert run(broker, "pub", "a", "n=1").returncode == 0
+    assert run(broker, "pub", "b/c", "n=2").returncode == 0
+    out, err = sub.communicate(timeout=30)
+    assert (sub.returncode, out) == (0, "/ n=0\na n=1\nb/c n=2\n"), err
