@@ -258,6 +258,10 @@ class NetPubSub(PubSub):
     def _close(self) -> None:
         sock, self._sock = self._sock, None
         if sock is not None:
+            # shutdown() wakes a thread waiting on the socket in select(),
+            # as in poll() or wait_forever(); close() alone would not.
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
             sock.close()
 
     def _lost(self, reason: str) -> None:
@@ -663,7 +667,9 @@ class NetPubSub(PubSub):
             return frames, self._sock
 
     def wait_forever(self) -> None:
-        """Deliver messages from the broker until a subscriber calls ``disconnect()``.
+        """Deliver messages from the broker until ``disconnect()`` is called.
+
+        By a subscriber, or by another thread: it returns at once then.
 
         RuntimeError if the pub-sub is not connected to begin with.
         """

@@ -533,3 +533,27 @@ def test_a_burst_after_reconnecting_by_hand_is_sent(connect: Callable[..., NetPu
         publisher.publish(("burst",), n=n)
     poll_until(subscriber, lambda: len(got) == 5, "the whole burst")
     assert got == [{"n": n} for n in range(5)]
+
+
+def test_disconnect_from_another_thread_ends_wait_forever(
+    connect: Callable[..., NetPubSub],
+) -> None:
+    """wait_forever() in one thread returns when another thread calls disconnect()."""
+    pubsub = connect()
+    subscribed(pubsub, ("never",))
+    waiting = threading.Thread(target=pubsub.wait_forever, daemon=True)
+    waiting.start()
+    wait_for(lambda: blocked(waiting), what="wait_forever to block in select()")
+    pubsub.disconnect()
+    waiting.join(5)
+    assert not waiting.is_alive()
+
+
+def blocked(thread: threading.Thread) -> bool:
+    """True while *thread* waits in select(), poll() or their p- variants (Linux, x86-64)."""
+    try:
+        with open(f"/proc/self/task/{thread.native_id}/syscall") as f:
+            number = f.read().split()[0]
+    except (OSError, IndexError):
+        return False
+    return number in {"7", "23", "270", "271"}
