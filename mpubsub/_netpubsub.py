@@ -54,6 +54,8 @@ _STABLE = 1.0
 _MAX_CHANGED = 1000
 
 _PING = proto.frame(proto.PING, b"")
+# Subscribed to at the broker for broadcasts only (see _want_broadcasts).
+_BROADCASTS = proto.encode_topic((LOCAL_SUFFIX,))
 _STATS = proto.frame(proto.STATS, b"")
 
 # Connection states. OFFLINE: never connected, or disconnect() was called.
@@ -66,7 +68,8 @@ class NetPubSub(PubSub):
     While connected, ``publish`` sends the message to the broker (which
     passes it to every other pub-sub subscribed to the topic, never back to
     this one) and then delivers it to the local subscribers. A topic whose
-    last element is ``'*local'`` stays local. Messages from the broker are
+    last element is ``'*local'`` stays local (its subscribers still get
+    broadcasts from other pub-subs, as every subscriber does). Messages from the broker are
     delivered by ``poll()`` or ``wait_forever()``, in the calling thread.
 
     If the broker goes away, the pub-sub keeps working locally and reconnects
@@ -395,17 +398,42 @@ class NetPubSub(PubSub):
                 present = {t for t in topics if self._has_subscribers(t)}
             wanted = self._encodings(present)
             if resync:
-                gone = self._remote - wanted
+                gone = self._remote - wanted - {_BROADCASTS}
             else:
                 gone = self._encodings(topics - present) & self._remote
             self._remote -= gone
             self._remote_bytes -= sum(map(len, gone))
             new = self._fitting(wanted - self._remote)
+            self._want_broadcasts(gone, new)
             # UNSUB first: the broker counts them against its caps in order.
             frames = [proto.frame(proto.UNSUB, t) for t in gone]
             frames += [proto.frame(proto.SUB, t) for t in new]
             if frames:
                 self._write(b"".join(frames))
+
+    def _want_broadcasts(self, gone: Set[bytes], new: Set[bytes]) -> None:
+        """Subscribe to _BROADCASTS while only *local topics have subscribers here.
+
+        The broker sends a broadcast only to clients subscribed to something;
+        without a topic to travel, this pub-sub's local subscribers would miss
+        broadcasts. Nothing is published to _BROADCASTS itself (a topic
+        ending in '*local' never leaves its pub-sub), so it brings broadcasts
+        only. *gone* and *new* get the UNSUB or SUB it takes.
+        """
+        others = len(self._remote) - (_BROADCASTS in self._remote)
+        wanted = not others and self._has_local_subscribers()
+        if wanted and _BROADCASTS not in self._remote:
+            self._remote.add(_BROADCASTS)
+            self._remote_bytes += len(_BROADCASTS)
+            new.add(_BROADCASTS)
+        elif not wanted and _BROADCASTS in self._remote:
+            self._remote.discard(_BROADCASTS)
+            self._remote_bytes -= len(_BROADCASTS)
+            gone.add(_BROADCASTS)
+
+    def _has_local_subscribers(self) -> bool:
+        with self._lock:
+            return any(_is_local(topic) for topic in self._subscribed_topics())
 
     def _check_room(self, encoded: bytes) -> None:
         """ValueError unless the broker takes one more subscription, to *encoded*."""

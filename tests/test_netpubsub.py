@@ -557,3 +557,26 @@ def blocked(thread: threading.Thread) -> bool:
     except (OSError, IndexError):
         return False
     return number in {"7", "23", "270", "271"}
+
+
+def test_local_only_subscribers_get_broadcasts(connect: Callable[..., NetPubSub]) -> None:
+    """A pub-sub whose subscribers are all *local still gets broadcasts, and nothing else."""
+    pub, sub = connect(), connect()
+    got: Received = []
+    local = collect(got)
+    sub.add_subscriber(("x", "*local"), local)
+    sub.flush()
+    pub.publish(("y",), n=0)  # nobody here wants it
+    pub.publish(("*local",), n=1)  # local to pub: never travels
+    pub.publish(None, n=2)
+    poll_until(sub, lambda: got)
+    assert got == [((), {"n": 2})]
+    remote: Received = []
+    on_z = collect(remote)
+    sub.add_subscriber(("z",), on_z)  # a real topic: broadcasts come through it
+    sub.flush()
+    pub.publish(None, n=3)
+    poll_until(sub, lambda: len(got) == 2 and remote)
+    assert got[1] == ((), {"n": 3}) and remote == [((), {"n": 3})]
+    stats = pub.broker_statistics()
+    assert stats is not None and stats["subscriptions"] == 1  # ('z',) only, now
