@@ -14,6 +14,7 @@ import select
 import socket
 import threading
 import time
+import typing
 import weakref
 from typing import Any, Callable, Deque, Dict, List, NamedTuple, Optional, Set, Tuple, Type, Union
 
@@ -103,6 +104,11 @@ class NetPubSub(PubSub):
         self._queue: Deque[bytes] = collections.deque(maxlen=max_queued)
         self._dropped = 0
         self._replies: Dict[int, bytes] = {}  # the last answer of each kind
+        # Requests sent and answers read on this connection, by kind of
+        # answer: the broker answers in order, so the Nth answer is the Nth
+        # request's, however late (a timed-out flush's PONG is not the next's).
+        self._asked: typing.Counter[int] = collections.Counter()
+        self._answered: typing.Counter[int] = collections.Counter()
         self._pending: List[bytes] = []
         self._pending_size = 0
         self._last_send = 0.0
@@ -241,6 +247,8 @@ class NetPubSub(PubSub):
         self._max_message = limits.max_message
         self._decoder = proto.FrameDecoder(limits.max_message)
         self._remote, self._remote_bytes = set(), 0
+        self._asked.clear()  # what was asked of the last connection is not answered here
+        self._answered.clear()
         self._resync = True
         self._up_since = time.monotonic()
         self._up.set()
@@ -632,11 +640,12 @@ class NetPubSub(PubSub):
             self._sync_subscriptions()
             if self._sock is None:
                 return None
-            self._replies.pop(kind, None)
             self._write_pending()
+            self._asked[kind] += 1
+            mine = self._asked[kind]
             self._write(request)
             deadline = time.monotonic() + self._timeout
-            while kind not in self._replies:
+            while self._answered[kind] < mine:
                 sock = self._sock
                 if sock is None:
                     return None
@@ -650,7 +659,7 @@ class NetPubSub(PubSub):
                     )
                 select.select([sock], [], [], remaining)
                 self._read_available()
-            return self._replies.pop(kind)
+            return self._replies[kind]
 
     # --- receiving -----------------------------------------------------------
 
@@ -736,6 +745,7 @@ class NetPubSub(PubSub):
                     self._inbox_size += len(frame)
                 elif kind in (proto.PONG, proto.STATS_REPLY):
                     self._replies[kind] = frame
+                    self._answered[kind] += 1
                 elif kind == proto.ERROR:
                     reason = printable(frame[5:].decode(errors="replace"))
                     logger.error("broker error: %s", reason)

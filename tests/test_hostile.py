@@ -1074,3 +1074,31 @@ def test_a_largest_message_fits_when_max_input_buffer_equals_it(
         pinged(sock)
     wait_for(lambda: sub.poll(0.05) or got, what="the largest message")
     assert "max_input_buffer" not in broker.output()
+
+
+def test_a_late_pong_does_not_answer_the_next_flush(tmp_path: Path) -> None:
+    """A PONG that comes after its flush() timed out is not taken for the next flush's."""
+    path, _ = fake_broker_credentials(tmp_path)
+    timed_out, pong_sent, done = threading.Event(), threading.Event(), threading.Event()
+
+    def behave(sock: socket.socket) -> None:
+        sock.recv(5)  # the first PING: answered once its flush() gave up
+        timed_out.wait(10)
+        sock.sendall(proto.frame(proto.PONG, b""))
+        pong_sent.set()
+        done.wait(10)  # the second PING: never answered
+
+    fake = FakeBroker(path, b"key", behave)
+    pubsub = NetPubSub(path, b"key", timeout=0.5)
+    try:
+        pubsub.connect()
+        with pytest.raises(TimeoutError):
+            pubsub.flush()
+        timed_out.set()
+        assert pong_sent.wait(10)
+        with pytest.raises(TimeoutError):
+            pubsub.flush()  # the late PONG is the first flush's
+    finally:
+        done.set()
+        pubsub.disconnect()
+        fake.close()
