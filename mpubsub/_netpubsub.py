@@ -100,6 +100,7 @@ class NetPubSub(PubSub):
         self._state = _OFFLINE
         self._decoder = proto.FrameDecoder(proto.DEFAULT_MAX_MESSAGE)
         self._inbox: Deque[bytes] = collections.deque()  # read, not yet delivered by poll()
+        self._ready: Optional[_Readiness] = None  # behind fileno(), once asked for
         self._inbox_size = 0
         self._queue: Deque[bytes] = collections.deque(maxlen=max_queued)
         self._dropped = 0
@@ -211,15 +212,23 @@ class NetPubSub(PubSub):
             self.disconnect()
 
     def fileno(self) -> int:
-        """The connection's descriptor, readable when ``poll()`` has work.
+        """A descriptor readable when ``poll()`` has work: for a selector or event loop.
 
-        It changes when the pub-sub reconnects: register it again after a
-        ``poll()`` that found the connection lost (``connected`` is False).
+        Readable when the broker sent something, or when messages already
+        read (by ``flush()``, say) wait for ``poll()``. It stays the same
+        across reconnections (an epoll descriptor, made at the first call).
+        RuntimeError if the pub-sub is not connected.
         """
-        sock = self._sock
-        if sock is None:
-            raise RuntimeError("Not connected")
-        return sock.fileno()
+        with self._io:
+            if self._state == _OFFLINE:
+                raise RuntimeError("Not connected")
+            if self._ready is None:
+                self._ready = _Readiness()
+                if self._sock is not None:
+                    self._ready.watch(self._sock)
+                if self._inbox:
+                    self._ready.wake()
+            return self._ready.fileno()
 
     def _open(self) -> None:
         self._install(self._dial())
@@ -252,6 +261,8 @@ class NetPubSub(PubSub):
         self._resync = True
         self._up_since = time.monotonic()
         self._up.set()
+        if self._ready is not None:
+            self._ready.watch(self._sock)
         self._sync_subscriptions()
         logger.debug("connected to broker at %s", self._address)
 
@@ -701,6 +712,8 @@ class NetPubSub(PubSub):
             frames = list(self._inbox)
             self._inbox.clear()
             self._inbox_size = 0
+            if self._ready is not None:
+                self._ready.settle()
             return frames, self._sock
 
     def wait_forever(self) -> None:
@@ -739,6 +752,8 @@ class NetPubSub(PubSub):
             except ProtocolError as exc:
                 self._lost(f"protocol error: {exc}")
                 return
+            if self._ready is not None and not self._inbox and frames:
+                self._ready.wake()  # poll() has work, whatever the socket says
             for kind, frame in frames:
                 if kind == proto.PUB:
                     self._inbox.append(frame)
@@ -790,6 +805,41 @@ def _writer_main(ref: weakref.ReferenceType[NetPubSub], kick: threading.Event) -
         if pubsub._state is _RECONNECTING:
             pause = min(pause, max(0.0, pubsub._next_attempt - time.monotonic()) + 0.001)
         del pubsub
+
+
+class _Readiness:
+    """An epoll descriptor readable while the connection is, or while woken."""
+
+    def __init__(self) -> None:
+        self._epoll = select.epoll()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._epoll.register(self._wake_r, select.EPOLLIN)
+
+    def fileno(self) -> int:
+        return self._epoll.fileno()
+
+    def watch(self, sock: socket.socket) -> None:
+        """Be readable when *sock* is (a closed socket leaves the set by itself)."""
+        try:
+            self._epoll.register(sock, select.EPOLLIN)
+        except FileExistsError:  # its descriptor number was another socket's
+            self._epoll.modify(sock, select.EPOLLIN)
+
+    def wake(self) -> None:
+        with contextlib.suppress(BlockingIOError):
+            self._wake_w.send(b"!")
+
+    def settle(self) -> None:
+        """No more readable for want of poll(): drain the wake-ups."""
+        with contextlib.suppress(BlockingIOError):
+            while self._wake_r.recv(4096):
+                pass
+
+    def __del__(self) -> None:
+        for closing in (self._epoll, self._wake_r, self._wake_w):
+            closing.close()
 
 
 def _is_local(topic: Tuple[str, ...]) -> bool:

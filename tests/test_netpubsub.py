@@ -580,3 +580,22 @@ def test_local_only_subscribers_get_broadcasts(connect: Callable[..., NetPubSub]
     assert got[1] == ((), {"n": 3}) and remote == [((), {"n": 3})]
     stats = pub.broker_statistics()
     assert stats is not None and stats["subscriptions"] == 1  # ('z',) only, now
+
+
+def test_fileno_is_readable_for_messages_flush_read(connect: Callable[..., NetPubSub]) -> None:
+    """Messages read by flush() (waiting for its PONG) still make fileno() readable."""
+    alice, bob = connect(), connect()
+    got: Received = []
+    fn = collect(got)
+    bob.add_subscriber("t", fn)
+    bob.flush()
+    for n in range(5):
+        alice.publish("t", n=n)
+    alice.flush()  # the broker has routed them to bob
+    bob.flush()  # reads them, with its PONG
+    with selectors.DefaultSelector() as sel:
+        sel.register(bob.fileno(), selectors.EVENT_READ)
+        assert sel.select(timeout=2), "poll() has work, fileno() says nothing"
+        assert bob.poll(0) is True
+        assert len(got) == 5
+        assert not sel.select(timeout=0)  # delivered: nothing more to do
