@@ -113,6 +113,7 @@ class NetPubSub(PubSub):
         self._pending: List[bytes] = []
         self._pending_size = 0
         self._last_send = 0.0
+        self._written = 0  # bytes the last _write() sent
         self._kick = threading.Event()
         self._writer: Optional[threading.Thread] = None
         self._subs_changed = False
@@ -336,8 +337,7 @@ class NetPubSub(PubSub):
             logger.warning("reconnected to the broker at %s", self._address)
             queued = self._fitting_frames(list(self._queue))
             self._queue.clear()
-            if queued and not self._write(b"".join(queued)):
-                self._queue.extend(queued)
+            self._queue.extend(self._write_frames(queued))
             return self._sock is not None
 
     def _fitting_frames(self, frames: List[bytes]) -> List[bytes]:
@@ -576,9 +576,23 @@ class NetPubSub(PubSub):
     def _write_pending(self) -> None:
         """Send the batched publishes (called with the lock held)."""
         frames, self._pending, self._pending_size = self._pending, [], 0
-        if frames and not self._write(b"".join(frames)):
-            for frame in frames:
-                self._enqueue(frame)
+        for frame in self._write_frames(frames):
+            self._enqueue(frame)
+
+    def _write_frames(self, frames: List[bytes]) -> List[bytes]:
+        """Send *frames* at once; those not wholly written if the connection broke.
+
+        A frame written whole may have been routed already: sending it again
+        after a reconnection would deliver it twice (at most once, in order).
+        """
+        if not frames or self._write(b"".join(frames)):
+            return []
+        written = self._written
+        for n, frame in enumerate(frames):
+            if written < len(frame):
+                return frames[n:]
+            written -= len(frame)
+        return []
 
     def _enqueue(self, frame: bytes) -> None:
         if self._state != _RECONNECTING:
@@ -595,14 +609,17 @@ class NetPubSub(PubSub):
         """Send all of *parts*, reading what arrives meanwhile; False if the connection broke.
 
         Called with the lock held. Blocks only while the broker does not read.
+        ``_written`` says how many bytes went, all or before the break.
         """
         sock = self._sock
         views = [memoryview(part) for part in parts]
+        self._written = 0
         while views:
             if sock is None:
                 return False
             try:
                 sent = sock.sendmsg(views) if len(views) > 1 else sock.send(views[0])
+                self._written += sent
                 while views and sent >= len(views[0]):
                     sent -= len(views.pop(0))
                 if sent:

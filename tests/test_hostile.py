@@ -1102,3 +1102,48 @@ def test_a_late_pong_does_not_answer_the_next_flush(tmp_path: Path) -> None:
         done.set()
         pubsub.disconnect()
         fake.close()
+
+
+def test_what_a_dying_broker_read_is_not_sent_again(tmp_path: Path) -> None:
+    """A broker that read part of a batch, then died: only what it did not get is re-sent."""
+    path, _ = fake_broker_credentials(tmp_path)
+    seen: List[List[int]] = [[], []]  # the n of each message, per connection
+    end = threading.Event()
+
+    def behave(sock: socket.socket) -> None:
+        first = not seen[0]
+        got = seen[0] if first else seen[1]
+        decoder = proto.FrameDecoder(1 << 30)
+        taken = 0
+        while True:
+            data = sock.recv(65536)
+            if not data:
+                return
+            taken += len(data)
+            for kind, frame in decoder.feed(data):
+                if kind == proto.PUB:
+                    n = pickle.loads(frame[proto.pub_topic_end(frame) :])["n"]
+                    got.append(n)
+                    if n == -1:
+                        end.set()
+                elif kind == proto.PING:
+                    sock.sendall(proto.frame(proto.PONG, b""))
+            if first and taken > 100_000:  # dies mid-batch, unread bytes and all
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                return
+
+    fake = FakeBroker(path, b"key", behave)
+    pubsub = NetPubSub(path, b"key", timeout=5)
+    try:
+        pubsub.connect()
+        for n in range(5000):  # 5 MB in batches of 1 MiB: the first one breaks
+            pubsub.publish(("t",), n=n, pad=b"x" * 1000)
+        pubsub.publish(("t",), n=-1)
+        wait_for(end.is_set, 30, what="the last message")  # the writer thread re-sends
+    finally:
+        pubsub.disconnect()
+        fake.close()
+    first, second = seen
+    assert len(first) > 50 and second[-1] == -1
+    assert not set(first) & set(second), "sent again after the broker had it"
+    assert second == [*sorted(second[:-1]), -1]  # in order

@@ -10,6 +10,7 @@ import os
 import resource
 import signal
 import socket
+from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Tuple
 
 import pytest
@@ -278,3 +279,55 @@ def test_non_loopback_address_warns(caplog: pytest.LogCaptureFixture) -> None:
     warn_if_exposed("192.0.2.10")  # only looked at, never bound
     (record,) = caplog.records
     assert "plain text" in record.getMessage()
+
+
+def test_broker_frozen_then_killed_under_a_flood_repeats_nothing(
+    broker_factory: Callable[..., BrokerProcess], helpers: Callable[..., Any], tmp_path: Any
+) -> None:
+    """Frozen (SIGSTOP) mid-flood, then killed and restarted: no message arrives twice.
+
+    The publisher is left blocked in backpressure with a batch partly
+    written; what the broker had already read of it must not be sent again.
+    """
+    address = str(tmp_path / "frozen.sock")
+    first = broker_factory(address, name="frozen")
+    count = 200_000  # 200 MB: still under way when the broker freezes
+    sub = helpers("subscriber", first.credentials, "flood", count, "--gaps", "--seconds", 300)
+    pub = helpers("publisher", first.credentials, "flood", count, "p", "--size", 1024)
+
+    def delivered(broker: BrokerProcess) -> int:
+        with NetPubSub.from_file(broker.credentials) as watcher:
+            stats = watcher.broker_statistics()
+        return 0 if stats is None else int(stats["messages_out"])
+
+    wait_for(lambda: delivered(first) > 1000, what="the flood under way")
+    os.kill(first.pid, signal.SIGSTOP)
+    wait_for(lambda: waiting_to_write(pub.pid), what="the publisher held by backpressure")
+    os.kill(pub.pid, signal.SIGSTOP)  # it finds the broker gone only once the subscriber is back
+    first.kill(signal.SIGKILL)
+    second = broker_factory(address, "--overwrite", name="frozen")
+    wait_for(lambda: subscriptions(second) == 1, what="the subscriber back")
+    os.kill(pub.pid, signal.SIGCONT)
+    assert pub.communicate(timeout=300)[0] == f"sent {count}\n"
+    wait_for(lambda: delivered(second) > 0, what="traffic after the restart")
+    sub.send_signal(signal.SIGTERM)
+    out, _ = sub.communicate(timeout=60)
+    _, received, *verdict = out.split()
+    assert verdict == ["in", "order"] and int(received) > 1000, out
+
+
+def subscriptions(broker: BrokerProcess) -> int:
+    with NetPubSub.from_file(broker.credentials) as watcher:
+        stats = watcher.broker_statistics()
+    return 0 if stats is None else int(stats["subscriptions"])
+
+
+def waiting_to_write(pid: int) -> bool:
+    """True while a thread of process *pid* waits in select() or poll() (Linux, x86-64)."""
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            if (task / "syscall").read_text().split()[0] in {"7", "23", "270", "271"}:
+                return True
+        except (OSError, IndexError):
+            continue
+    return False
