@@ -1147,3 +1147,28 @@ def test_what_a_dying_broker_read_is_not_sent_again(tmp_path: Path) -> None:
     assert len(first) > 50 and second[-1] == -1
     assert not set(first) & set(second), "sent again after the broker had it"
     assert second == [*sorted(second[:-1]), -1]  # in order
+
+
+def test_stats_watch_against_a_broker_that_stops_answering_is_one_line(tmp_path: Path) -> None:
+    """`mpubsub stats --watch`: figures while the broker answers, one line once it stops."""
+    path, credentials = fake_broker_credentials(tmp_path)
+    done = threading.Event()
+
+    def behave(sock: socket.socket) -> None:
+        sock.recv(5)  # the first STATS is answered, the second never
+        sock.sendall(proto.frame(proto.STATS_REPLY, b'{"clients": 7}'))
+        done.wait(30)
+
+    fake = FakeBroker(path, b"key", behave)
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "mpubsub", "stats", "--watch", "0.1", "-c", str(credentials)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    finally:
+        done.set()
+        fake.close()
+    assert "clients" in result.stdout and " 7\n" in result.stdout
+    assert (result.returncode, result.stderr) == (1, "mpubsub: the broker did not answer in time\n")
