@@ -159,7 +159,8 @@ def test_daemonizes_and_serves(mpubsubd: Daemon) -> None:
     assert int(fields[3]) != pid  # forked twice: not a session leader, no terminal ever
     info = mpubsubd.credentials.stat()
     assert stat.S_IMODE(info.st_mode) == 0o600 and info.st_uid == 0
-    assert stat.S_ISSOCK(mpubsubd.socket.stat().st_mode)
+    sock = mpubsubd.socket.stat()
+    assert stat.S_ISSOCK(sock.st_mode) and stat.S_IMODE(sock.st_mode) == 0o600  # no group set
     exchange(mpubsubd.credentials)
     assert "serving" in mpubsubd.log.read_text()
 

@@ -27,7 +27,7 @@ from typing import Callable, Iterator, List, Set, Tuple
 
 import pytest
 
-from mpubsub import Broker, NetPubSub
+from mpubsub import AuthenticationError, Broker, NetPubSub
 from mpubsub import _protocol as proto
 from mpubsub._connect import connect_socket, handshake
 from mpubsub._credentials import write_credentials
@@ -1172,3 +1172,25 @@ def test_stats_watch_against_a_broker_that_stops_answering_is_one_line(tmp_path:
         fake.close()
     assert "clients" in result.stdout and " 7\n" in result.stdout
     assert (result.returncode, result.stderr) == (1, "mpubsub: the broker did not answer in time\n")
+
+
+def test_refusals_and_slow_consumers_are_counted(
+    broker_factory: Callable[..., BrokerProcess], clients: List[NetPubSub]
+) -> None:
+    """The broker's figures count a wrong key and a cut slow consumer, once each."""
+    broker = broker_factory(None, *SMALL, "--max-buffer", str(MiB))
+    address, _ = broker.creds()
+    with pytest.raises(AuthenticationError):
+        NetPubSub(address, b"not the key").connect()
+    with authenticated(broker) as stuck:
+        stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        stuck.sendall(proto.frame(proto.SUB, proto.encode_topic(("s",))))
+        pinged(stuck)
+        publisher = connected(broker, clients)
+        for _ in range(100):  # 6 MB for a client that reads nothing
+            publisher.publish(("s",), blob=b"x" * 60_000)
+        publisher.flush()
+        wait_for(lambda: "slow consumer" in broker.output(), what="the stuck client cut")
+    stats = connected(broker, clients).broker_statistics()
+    assert stats is not None
+    assert (stats["refused"], stats["slow_consumers"]) == (1, 1)

@@ -246,7 +246,8 @@ def test_broker_killed_under_load_and_restarted(
     sub.send_signal(signal.SIGTERM)
     out, _ = sub.communicate(timeout=60)
     # What was in flight may be lost (at most once); nothing is reordered or repeated.
-    assert out.endswith(" in order\n"), out
+    _, received, *verdict = out.split()
+    assert verdict == ["in", "order"] and int(received) > count // 4, out
 
 
 def test_gigabyte_message_refused_before_sending(
