@@ -1194,3 +1194,29 @@ def test_refusals_and_slow_consumers_are_counted(
     stats = connected(broker, clients).broker_statistics()
     assert stats is not None
     assert (stats["refused"], stats["slow_consumers"]) == (1, 1)
+
+
+def test_flush_waits_for_the_brokers_pong(tmp_path: Path) -> None:
+    """flush() returns only after the broker answered its PING, however slowly."""
+    path, _ = fake_broker_credentials(tmp_path)
+    answered = threading.Event()
+
+    def behave(sock: socket.socket) -> None:
+        while True:
+            frame = sock.recv(5)
+            if not frame:
+                return
+            if frame[4] == proto.PING:
+                threading.Event().wait(0.3)  # a slow broker
+                answered.set()
+                sock.sendall(proto.frame(proto.PONG, b""))
+
+    fake = FakeBroker(path, b"key", behave)
+    pubsub = NetPubSub(path, b"key", timeout=5)
+    try:
+        pubsub.connect()
+        assert pubsub.flush() is True
+        assert answered.is_set()
+    finally:
+        pubsub.disconnect()
+        fake.close()

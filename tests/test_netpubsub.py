@@ -6,6 +6,8 @@ import logging
 import os
 import pickle
 import selectors
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -599,3 +601,24 @@ def test_fileno_is_readable_for_messages_flush_read(connect: Callable[..., NetPu
         assert bob.poll(0) is True
         assert len(got) == 5
         assert not sel.select(timeout=0)  # delivered: nothing more to do
+
+
+@pytest.mark.parametrize("ending", ["disconnect", "exit"])
+def test_a_process_that_publishes_and_ends_loses_nothing(
+    broker: BrokerProcess, connect: Callable[..., NetPubSub], ending: str
+) -> None:
+    """10,000 publishes (batched), then disconnect() or a plain exit: all 10,000 arrive."""
+    sub = connect()
+    got = subscribed(sub, ("end",))
+    code = (
+        "import sys; from mpubsub import NetPubSub\n"
+        "p = NetPubSub.from_file(sys.argv[1]); p.connect()\n"
+        "for n in range(10_000): p.publish(('end',), n=n)\n"
+        + ("p.disconnect()\n" if ending == "disconnect" else "")
+    )
+    child = subprocess.run(
+        [sys.executable, "-c", code, str(broker.credentials)], capture_output=True, timeout=60
+    )
+    assert child.returncode == 0, child.stderr
+    poll_until(sub, lambda: len(got) == 10_000, "every message")
+    assert [m["n"] for m in got] == list(range(10_000))
