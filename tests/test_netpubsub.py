@@ -6,6 +6,7 @@ import logging
 import os
 import pickle
 import selectors
+import shutil
 import subprocess
 import sys
 import threading
@@ -309,8 +310,9 @@ def test_reconnects_after_broker_restart(
         sub.poll(0.1)
         assert not sub.connected
         pub.publish("local-only-while-down", n=1)  # queued, must not raise
+        first_key = first.creds()[1]
         second = broker_factory(address, "--overwrite", name="restart")
-        assert second.creds()[1] != b""
+        assert second.creds()[1] != first_key  # a new key, read again from the file
         n = [1]
 
         def resumed() -> bool:
@@ -622,3 +624,31 @@ def test_a_process_that_publishes_and_ends_loses_nothing(
     assert child.returncode == 0, child.stderr
     poll_until(sub, lambda: len(got) == 10_000, "every message")
     assert [m["n"] for m in got] == list(range(10_000))
+
+
+def test_messages_queued_while_the_broker_is_away_arrive_newest_first_kept(
+    broker_factory: Callable[..., BrokerProcess], tmp_path: Path
+) -> None:
+    """While the broker is away, the newest max_queued messages wait; they arrive after it."""
+    address = str(tmp_path / "q.sock")
+    first = broker_factory(address, name="queue")
+    own = tmp_path / "publisher.pckl"  # the publisher's copy: it follows once sub is back
+    shutil.copy(first.credentials, own)
+    own.chmod(0o600)
+    sub = NetPubSub.from_file(first.credentials)
+    pub = NetPubSub.from_file(own, max_queued=3)
+    got: Received = []
+    fn = collect(got)
+    sub.add_subscriber("q", fn)
+    with sub, pub:
+        sub.flush()
+        first.kill()
+        sub.poll(0.1)
+        for n in range(5):
+            pub.publish("q", n=n)  # queued: the two oldest are dropped
+        second = broker_factory(address, "--overwrite", name="queue")
+        wait_for(sub.flush, what="the subscriber back")
+        shutil.copy(second.credentials, own)  # now the publisher reconnects
+        wait_for(pub.flush, what="the publisher back")
+        poll_until(sub, lambda: len(got) == 3, "the queued messages")
+        assert got == [(("q",), {"n": n}) for n in (2, 3, 4)]
