@@ -25,7 +25,10 @@ the way: a bridge only checks the MAC.
 Replays are dropped. A message sent before the receiving bridge started,
 or further from its clock than *max_skew* seconds (either way), is
 refused: so recorded envelopes are worthless once that long has passed,
-and a restarted receiver takes none of what it may have delivered before.
+and a restarted receiver takes none of what it may have delivered before
+(but for a sender whose clock is ahead of the receiver's by d: what the
+receiver delivered in the last d seconds before its restart can be
+replayed to it once, within max_skew).
 Within that time, each start of an origin's bridge has its own window of
 sequence numbers seen (the last few starts are remembered), and a start
 never seen before that began before the newest one seen is refused. So
@@ -87,6 +90,8 @@ def unescape(token: bytes) -> bytes:
     element = _ESCAPED.sub(lambda m: bytes((int(m.group(1), 16),)), token)
     if proto.SEP in element:
         raise Rejected("subject token holds a byte no topic has")
+    if escape(element).encode() != token:  # "_74" for "t": one spelling per element
+        raise Rejected("subject token not written as escape() writes it")
     return element
 
 

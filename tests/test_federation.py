@@ -59,7 +59,7 @@ def test_escaping_examples() -> None:
 
 @pytest.mark.parametrize(
     "name",
-    [b"other.a", b"p.a_2", b"p.a_2e", b"p.a..b", b"p.*", b"p._FF", b"p._C3", b"pa"],
+    [b"other.a", b"p.a_2", b"p.a_2e", b"p.a..b", b"p.*", b"p._FF", b"p._C3", b"pa", b"p._74"],
 )
 def test_subjects_no_escape_produces_are_rejected(name: bytes) -> None:
     """Lower-case hex, half escapes, empty tokens, wildcards, bytes that are not UTF-8."""
