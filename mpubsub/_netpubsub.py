@@ -439,8 +439,9 @@ class NetPubSub(PubSub):
         ending in '*local' never leaves its pub-sub), so it brings broadcasts
         only. *gone* and *new* get the UNSUB or SUB it takes.
         """
+        # With no topic that travels subscribed, any subscriber is a local one.
         others = len(self._remote) - (_BROADCASTS in self._remote)
-        wanted = not others and self._has_local_subscribers()
+        wanted = not others and self._has_any_subscribers()
         if wanted and _BROADCASTS not in self._remote:
             self._remote.add(_BROADCASTS)
             self._remote_bytes += len(_BROADCASTS)
@@ -449,10 +450,6 @@ class NetPubSub(PubSub):
             self._remote.discard(_BROADCASTS)
             self._remote_bytes -= len(_BROADCASTS)
             gone.add(_BROADCASTS)
-
-    def _has_local_subscribers(self) -> bool:
-        with self._lock:
-            return any(_is_local(topic) for topic in self._subscribed_topics())
 
     def _check_room(self, encoded: bytes) -> None:
         """ValueError unless the broker takes one more subscription, to *encoded*."""

@@ -361,6 +361,10 @@ class PubSub:
         """
         return list(self._subs)  # one C call: no other thread changes the table meanwhile
 
+    def _has_any_subscribers(self) -> bool:
+        """Whether any topic has subscribers now: O(1)."""
+        return bool(self._subs)
+
     def _has_subscribers(self, topic: Tuple[str, ...]) -> bool:
         """Whether *topic* itself (not its parents) has subscribers now: O(1)."""
         return topic in self._subs

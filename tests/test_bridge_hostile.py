@@ -28,7 +28,7 @@ from mpubsub._connect import connect_socket, handshake
 from mpubsub._credentials import read_credentials
 from mpubsubd._federation import Signer
 
-from .conftest import wait_for
+from .conftest import NatsServer, wait_for
 from .test_bridge import (  # noqa: F401  (pytestmark: skipped without nats-server)
     SECRET,
     Federation,
@@ -61,6 +61,20 @@ def restart_bridge(host: Host) -> None:
     os.kill(old, signal.SIGKILL)
     wait_for(lambda: bridge_pid(host) != old, what=f"{host.name}'s bridge restarted")
     host.wait_state("connected")
+
+
+def undisturbed(*hosts: Host) -> None:
+    """Each host kept its NATS connection and its first bridge."""
+    for host in hosts:
+        assert host.federation()["reconnects"] == 0
+        assert len(re.findall("federation bridge started", host.output())) == 1
+
+
+def nats_with_control_line(federation: Federation, size: int) -> NatsServer:
+    """A nats-server whose max_control_line is *size*."""
+    limits = federation.base / "nats.conf"
+    limits.write_text(f"max_control_line: {size}\n")
+    return federation.nats("nats", "-c", str(limits))
 
 
 def raw_nats(port: int, commands: bytes) -> None:
@@ -261,20 +275,17 @@ def test_a_topic_too_long_for_nats_stays_local(federation: Federation) -> None:
     wait_for(lambda: a.federation()["too_long"] == 3, what="a's message counted")
     wait_for(lambda: b.federation()["too_long"] == 2, what="b's subscription counted")
     assert not far
+    undisturbed(a, b)
     for host in (a, b):
-        assert host.federation()["reconnects"] == 0
-        assert len(re.findall("federation bridge started", host.output())) == 1
         assert "over NATS's control line" in host.output()
     more = collect(sub_b, ("z",))  # another change of interest: the long one counted once
     reach(pub_a, ("z",), more, [pub_a, sub_b])
     assert b.federation()["too_long"] == 2
 
 
-def test_the_control_line_limit_is_exact(federation: Federation, tmp_path: Path) -> None:
+def test_the_control_line_limit_is_exact(federation: Federation) -> None:
     """With max_control_line 256, a subject of 224 bytes (256 - 32) crosses; 225 stays home."""
-    limits = tmp_path / "nats.conf"
-    limits.write_text("max_control_line: 256\n")
-    nats = federation.nats("nats", "-c", str(limits))
+    nats = nats_with_control_line(federation, 256)
     a = federation.host("a", nats.url, max_control_line="256")
     b = federation.host("b", nats.url, max_control_line="256")
     fits, over = ("x" * 216,), ("y" * 217,)  # subjects mpubsub.xxx...: 224 and 225 bytes
@@ -287,9 +298,7 @@ def test_the_control_line_limit_is_exact(federation: Federation, tmp_path: Path)
     wait_for(lambda: b.federation()["too_long"] == 3, what="b's subjects counted")
     wait_for(lambda: a.federation()["too_long"] == 1, what="a's message counted")
     assert not got_over
-    for host in (a, b):
-        assert host.federation()["reconnects"] == 0
-        assert len(re.findall("federation bridge started", host.output())) == 1
+    undisturbed(a, b)
 
 
 def test_an_origin_name_reaches_the_log_escaped(federation: Federation) -> None:
@@ -337,7 +346,7 @@ def test_the_bridge_imports_nothing_from_the_working_directory(
 
 
 def test_a_bridge_whose_nats_connection_closes_for_good_is_restarted(
-    federation: Federation, tmp_path: Path
+    federation: Federation,
 ) -> None:
     """NATS closes the connection for good (an -ERR): the bridge exits 1, mpubsubd restarts it.
 
@@ -346,9 +355,7 @@ def test_a_bridge_whose_nats_connection_closes_for_good_is_restarted(
     the topic is gone, the next bridge stays connected. With the setting
     right, the same topic is kept local and nothing closes.
     """
-    limits = tmp_path / "nats.conf"
-    limits.write_text("max_control_line: 512\n")
-    nats = federation.nats("nats", "-c", str(limits))
+    nats = nats_with_control_line(federation, 512)
     a = federation.host("a", nats.url)
     first = bridge_pid(a)
     pubsub = a.client()

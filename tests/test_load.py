@@ -233,11 +233,6 @@ def test_broker_killed_under_load_and_restarted(
     sub = helpers("subscriber", first.credentials, "data", count, "--gaps", "--seconds", 300)
     pub = helpers("publisher", first.credentials, "data", count, "p", "--pause", 0.001)
 
-    def delivered(broker: BrokerProcess) -> int:
-        with NetPubSub.from_file(broker.credentials) as watcher:
-            stats = watcher.broker_statistics()
-        return 0 if stats is None else int(stats["messages_out"])
-
     wait_for(lambda: delivered(first) > count // 4, what="traffic before the kill")
     first.kill(signal.SIGKILL)
     second = broker_factory(address, "--overwrite", name="restart")
@@ -296,11 +291,6 @@ def test_broker_frozen_then_killed_under_a_flood_repeats_nothing(
     sub = helpers("subscriber", first.credentials, "flood", count, "--gaps", "--seconds", 300)
     pub = helpers("publisher", first.credentials, "flood", count, "p", "--size", 1024)
 
-    def delivered(broker: BrokerProcess) -> int:
-        with NetPubSub.from_file(broker.credentials) as watcher:
-            stats = watcher.broker_statistics()
-        return 0 if stats is None else int(stats["messages_out"])
-
     wait_for(lambda: delivered(first) > 1000, what="the flood under way")
     os.kill(first.pid, signal.SIGSTOP)
     wait_for(lambda: waiting_to_write(pub.pid), what="the publisher held by backpressure")
@@ -317,10 +307,19 @@ def test_broker_frozen_then_killed_under_a_flood_repeats_nothing(
     assert verdict == ["in", "order"] and int(received) > 1000, out
 
 
+def delivered(broker: BrokerProcess) -> int:
+    return figure(broker, "messages_out")
+
+
 def subscriptions(broker: BrokerProcess) -> int:
+    return figure(broker, "subscriptions")
+
+
+def figure(broker: BrokerProcess, key: str) -> int:
+    """One of the broker's figures, asked by a client of its own (0 if out of reach)."""
     with NetPubSub.from_file(broker.credentials) as watcher:
         stats = watcher.broker_statistics()
-    return 0 if stats is None else int(stats["subscriptions"])
+    return 0 if stats is None else int(stats[key])
 
 
 def waiting_to_write(pid: int) -> bool:
