@@ -33,6 +33,11 @@ from .errors import AuthenticationError, ProtocolError
 logger = logging.getLogger("mpubsub.broker")
 
 _RECV_SIZE = 64 * 1024
+# Bytes read per round, shared among the clients with input as the work is
+# (each reads at least _MIN_RECV): decoding what 200 clients sent at once,
+# 64 KiB each of tiny frames, held the loop for a second before any budget.
+_RECV_PER_ROUND = 1024 * 1024
+_MIN_RECV = 4096
 _SEND_CHUNK = 256 * 1024
 _ACCEPT_PAUSE = 0.5
 DEFAULT_MAX_BUFFER = 32 * 1024 * 1024
@@ -217,7 +222,8 @@ class Broker:
         self._routes = self._router.routes  # the one lookup of the hot path
         self._dirty: Set[Session] = set()
         self._backlogged: Set[Session] = set()  # frames read and not yet handled
-        self._budget = _WORK_PER_ROUND  # what one client's input may cost this round
+        # What one client's input may cost this round, and what may be read of it.
+        self._budget, self._recv_size = _WORK_PER_ROUND, _RECV_SIZE
         self._bridge_key = bridge_key
         self._bridge: Optional[Session] = None
         # Topics whose interest changed since the bridge was last told, with
@@ -320,6 +326,7 @@ class Broker:
                 1 for key, events in ready if events & selectors.EVENT_READ and key.data
             )
             self._budget = max(_MIN_WORK, _WORK_PER_ROUND // max(1, inputs))
+            self._recv_size = max(_MIN_RECV, min(_RECV_SIZE, _RECV_PER_ROUND // max(1, inputs)))
             for key, events in ready:
                 sock = key.fileobj
                 if sock is self._listener:
@@ -513,7 +520,7 @@ class Broker:
         if client.backlog:
             return  # what it sent before waits: read more once that is handled
         try:
-            data = client.sock.recv(_RECV_SIZE)
+            data = client.sock.recv(self._recv_size)
         except (BlockingIOError, InterruptedError):
             return
         except OSError as exc:
