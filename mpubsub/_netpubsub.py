@@ -110,10 +110,14 @@ class NetPubSub(PubSub):
         # request's, however late (a timed-out flush's PONG is not the next's).
         self._asked: typing.Counter[int] = collections.Counter()
         self._answered: typing.Counter[int] = collections.Counter()
-        self._pending: List[bytes] = []
+        self._pending: List[bytes] = []  # batched publishes, for the writer thread
         self._pending_size = 0
+        # Bytes handed over for the broker that the socket has not taken yet, in
+        # order (see _Chunk); _out_offset of the first chunk are already sent.
+        self._out: Deque[_Chunk] = collections.deque()
+        self._out_offset = 0
+        self._out_size = 0  # what is left to send of them
         self._last_send = 0.0
-        self._written = 0  # bytes the last _write() sent
         self._kick = threading.Event()
         self._writer: Optional[threading.Thread] = None
         self._subs_changed = False
@@ -187,11 +191,26 @@ class NetPubSub(PubSub):
             self._state = _CONNECTED
 
     def disconnect(self) -> None:
-        """Close the connection and stop reconnecting; RuntimeError if not connected."""
+        """Close the connection and stop reconnecting; RuntimeError if not connected.
+
+        What was published before is sent first, unless the broker takes
+        none of it for *timeout* seconds: then it is dropped, with a WARNING.
+        """
         with self._io:
             if self._state == _OFFLINE:
                 raise RuntimeError("Not connected")
             self._write_pending()
+        self._drain(0, self._timeout)
+        with self._io:
+            if self._state == _OFFLINE:  # another thread disconnected meanwhile
+                return
+            unsent = self._unwritten()
+            if unsent:
+                logger.warning(
+                    "disconnected with %d messages the broker did not read in %s s: dropped",
+                    len(unsent),
+                    self._timeout,
+                )
             self._state = _OFFLINE
             if self._queue:
                 logger.warning(
@@ -304,7 +323,7 @@ class NetPubSub(PubSub):
             self._refused_credentials = False
             self._start_writer()  # it reconnects, so that publish never waits for it
         frames, self._pending, self._pending_size = self._pending, [], 0
-        for frame in frames:
+        for frame in self._unwritten() + frames:
             self._enqueue(frame)
 
     def _reconnect(self) -> bool:
@@ -337,7 +356,7 @@ class NetPubSub(PubSub):
             logger.warning("reconnected to the broker at %s", self._address)
             queued = self._fitting_frames(list(self._queue))
             self._queue.clear()
-            self._queue.extend(self._write_frames(queued))
+            self._hand_over(queued)
             return self._sock is not None
 
     def _fitting_frames(self, frames: List[bytes]) -> List[bytes]:
@@ -513,30 +532,34 @@ class NetPubSub(PubSub):
                     f"{self._max_message} bytes"
                 )
             if len(payload) >= _LARGE:
-                self._send(proto.pub_head(encoded, len(payload)), payload)
+                full = self._send(proto.pub_head(encoded, len(payload)), payload)
             else:
-                self._send(proto.pub_frame(encoded, payload))
+                full = self._send(proto.pub_frame(encoded, payload))
+            if full:
+                self._drain(_BATCH_LIMIT, None)
         PubSub.publish(self, topic, **message)
 
-    def _send(self, *parts: bytes) -> None:
-        """Send one frame: whole, or as head and payload (a large one, never copied whole)."""
+    def _send(self, *parts: bytes) -> bool:
+        """Send one frame: whole, or as head and payload (a large one, never copied whole).
+
+        True if more than _BATCH_LIMIT bytes now wait for the broker: the
+        publisher waits for them to go (backpressure), without the lock.
+        """
         with self._io:
             sock = self._sock
             if sock is None:
                 self._enqueue(b"".join(parts))  # the writer thread reconnects
-                return
+                return False
             if len(parts) > 1:  # large: after what was batched, gathered by one sendmsg
                 self._write_pending()
-                if not self._write(*parts):
-                    self._enqueue(b"".join(parts))
-                return
+                self._queue_out((parts, None, len(parts[0]) + len(parts[1])))
+                return self._out_size > _BATCH_LIMIT
             (frame,) = parts
             now = time.monotonic()
             burst = now - self._last_send < _BURST_WINDOW
             self._last_send = now
-            if burst or self._pending:
-                self._batch(frame)
-                return
+            if burst or self._pending or self._out:
+                return self._batch(frame)
             try:
                 sent = sock.send(frame)
             except (BlockingIOError, InterruptedError):
@@ -544,19 +567,22 @@ class NetPubSub(PubSub):
             except OSError as exc:
                 self._lost(exc.strerror or str(exc))
                 self._enqueue(frame)
-                return
-            if sent != len(frame) and not self._write(frame[sent:]):
-                self._enqueue(frame)
+                return False
+            if sent != len(frame):
+                self._queue_out(((frame,), (frame,), len(frame)), sent)
+            return False
 
-    def _batch(self, frame: bytes) -> None:
+    def _batch(self, frame: bytes) -> bool:
         self._pending.append(frame)
         self._pending_size += len(frame)
         if self._pending_size >= _BATCH_LIMIT:
             self._write_pending()
-        elif self._writer is None or not self._kick.is_set():
+            return self._out_size > _BATCH_LIMIT
+        if self._writer is None or not self._kick.is_set():
             # No writer: disconnect() may have set the kick for one that was
             # never started, or has ended since.
             self._start_writer()
+        return False
 
     def _start_writer(self) -> None:
         """Wake the writer thread, starting it if needed (called with the lock held)."""
@@ -573,23 +599,114 @@ class NetPubSub(PubSub):
     def _write_pending(self) -> None:
         """Send the batched publishes (called with the lock held)."""
         frames, self._pending, self._pending_size = self._pending, [], 0
-        for frame in self._write_frames(frames):
-            self._enqueue(frame)
+        self._hand_over(frames)
 
-    def _write_frames(self, frames: List[bytes]) -> List[bytes]:
-        """Send *frames* at once; those not wholly written if the connection broke.
+    def _hand_over(self, frames: List[bytes]) -> None:
+        """Send PUB *frames* after everything before them (with the lock held)."""
+        if frames:
+            data = b"".join(frames)
+            self._queue_out(((data,), frames, len(data)))
 
-        A frame written whole may have been routed already: sending it again
+    def _write(self, *parts: bytes) -> None:
+        """Send *parts*, frames other than PUB, after everything before them (lock held)."""
+        self._queue_out((parts, (), sum(map(len, parts))))
+
+    def _queue_out(self, chunk: _Chunk, sent: int = 0) -> None:
+        """Send *chunk* after what waits; the writer thread sends what the socket does not take.
+
+        *sent*: bytes of it already sent (only when nothing else waited).
+        """
+        self._out.append(chunk)
+        self._out_offset += sent
+        self._out_size += chunk[2] - sent
+        if not self._push() and self._sock is not None:
+            self._start_writer()
+
+    def _push(self) -> bool:
+        """Send what the socket takes of _out, without waiting; True once all of it went."""
+        out = self._out
+        while out:
+            sock = self._sock
+            if sock is None:
+                return False
+            parts, _, size = out[0]
+            offset = self._out_offset
+            views = [memoryview(part) for part in parts]
+            while offset >= len(views[0]):
+                offset -= len(views.pop(0))
+            views[0] = views[0][offset:]
+            try:
+                sent = sock.sendmsg(views) if len(views) > 1 else sock.send(views[0])
+            except (BlockingIOError, InterruptedError):
+                return False
+            except OSError as exc:
+                self._lost(exc.strerror or str(exc))
+                return False
+            self._out_size -= sent
+            self._out_offset += sent
+            if self._out_offset < size:
+                return False  # the socket is full
+            out.popleft()
+            self._out_offset = 0
+        return True
+
+    def _unwritten(self) -> List[bytes]:
+        """Take the PUB frames of _out that were not wholly sent, emptying it.
+
+        A frame sent whole may have been routed already: sending it again
         after a reconnection would deliver it twice (at most once, in order).
         """
-        if not frames or self._write(b"".join(frames)):
-            return []
-        written = self._written
-        for n, frame in enumerate(frames):
-            if written < len(frame):
-                return frames[n:]
-            written -= len(frame)
-        return []
+        frames: List[bytes] = []
+        offset = self._out_offset
+        for parts, pubs, size in self._out:
+            if pubs is None:  # one large frame, in parts
+                if offset < size:
+                    frames.append(b"".join(parts))
+            else:
+                end = 0
+                for frame in pubs:
+                    end += len(frame)
+                    if end > offset:
+                        frames.append(frame)
+            offset = 0
+        self._out.clear()
+        self._out_offset = self._out_size = 0
+        return frames
+
+    def _drain(self, more_than: int, timeout: Optional[float]) -> None:
+        """Wait, without the lock, while more than *more_than* bytes wait for the broker.
+
+        Up to *timeout* seconds (None: until they go or the connection does),
+        reading what the broker sends meanwhile (it may wait for us to).
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            with self._io:
+                self._push()
+                sock = self._sock
+                if sock is None or self._out_size <= more_than:
+                    return
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                return
+            self._await(sock, remaining)
+
+    def _await(self, sock: socket.socket, timeout: Optional[float]) -> None:
+        """Wait, without the lock, for *sock* to take or bring bytes; send and read them."""
+        with self._io:
+            writing = [sock] if self._out else []
+            # Read meanwhile, unless poll() has fallen too far behind.
+            reading = [sock] if self._inbox_size < _MAX_INBOX else []
+        try:
+            readable, writable, _ = select.select(reading, writing, [], timeout)
+        except (OSError, ValueError):  # closed by another thread: the caller sees it
+            return
+        with self._io:
+            if self._sock is sock:
+                if writable:
+                    self._push()
+                if readable:
+                    self._read_available()
 
     def _enqueue(self, frame: bytes) -> None:
         if self._state != _RECONNECTING:
@@ -601,38 +718,6 @@ class NetPubSub(PubSub):
                 )
             self._dropped += 1
         self._queue.append(frame)
-
-    def _write(self, *parts: bytes) -> bool:
-        """Send all of *parts*, reading what arrives meanwhile; False if the connection broke.
-
-        Called with the lock held. Blocks only while the broker does not read.
-        ``_written`` says how many bytes went, all or before the break.
-        """
-        sock = self._sock
-        views = [memoryview(part) for part in parts]
-        self._written = 0
-        while views:
-            if sock is None:
-                return False
-            try:
-                sent = sock.sendmsg(views) if len(views) > 1 else sock.send(views[0])
-                self._written += sent
-                while views and sent >= len(views[0]):
-                    sent -= len(views.pop(0))
-                if sent:
-                    views[0] = views[0][sent:]
-            except (BlockingIOError, InterruptedError):
-                # Read meanwhile (the broker may wait for us to), unless poll()
-                # has fallen too far behind: then only wait to write.
-                reading = [sock] if self._inbox_size < _MAX_INBOX else []
-                readable, _, _ = select.select(reading, [sock], [], self._timeout)
-                if readable:
-                    self._read_available()
-                    sock = self._sock
-            except OSError as exc:
-                self._lost(exc.strerror or str(exc))
-                return False
-        return True
 
     def flush(self) -> bool:
         """Push what waits for the broker and wait until the broker has handled it.
@@ -663,28 +748,29 @@ class NetPubSub(PubSub):
             self._up.wait(self._timeout)
         with self._io:
             self._sync_subscriptions()
-            if self._sock is None:
+            sock = self._sock
+            if sock is None:
                 return None
             self._write_pending()
             self._asked[kind] += 1
             mine = self._asked[kind]
             self._write(request)
-            deadline = time.monotonic() + self._timeout
-            while self._answered[kind] < mine:
-                sock = self._sock
-                if sock is None:
-                    return None
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise TimeoutError("the broker did not answer in time")
+        deadline = time.monotonic() + self._timeout
+        while True:
+            with self._io:
+                if self._sock is not sock:
+                    return None  # lost: what it answered was lost too
+                if self._answered[kind] >= mine:
+                    return self._replies[kind]
                 if self._inbox_size >= _MAX_INBOX:
                     raise TimeoutError(
                         "the broker's answer is behind more messages than poll() has taken "
                         f"({_MAX_INBOX} bytes): poll() first"
                     )
-                select.select([sock], [], [], remaining)
-                self._read_available()
-            return self._replies[kind]
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError("the broker did not answer in time")
+            self._await(sock, remaining)
 
     # --- receiving -----------------------------------------------------------
 
@@ -815,7 +901,10 @@ def _writer_main(ref: weakref.ReferenceType[NetPubSub], kick: threading.Event) -
                 return
         if pubsub._state is _RECONNECTING:
             pubsub._reconnect()
-        pause = 1.0
+        # What the socket did not take: sent as the broker reads, the
+        # pub-sub looked at again each second (it may have been collected).
+        pubsub._drain(0, 1.0)
+        pause = 0.0 if pubsub._out_size else 1.0
         if pubsub._state is _RECONNECTING:
             pause = min(pause, max(0.0, pubsub._next_attempt - time.monotonic()) + 0.001)
         del pubsub
@@ -866,6 +955,11 @@ def _weigh(key: Union[bytes, Tuple[str, ...]], value: Union[bytes, Tuple[str, ..
     return 2 * len(encoded) + 200
 
 
+# Bytes for the broker: (parts, the PUB frames they make, size). The frames
+# are () for other frames, None for a large PUB frame in parts.
+_Chunk = Tuple[Tuple[bytes, ...], Optional[typing.Sequence[bytes]], int]
+
+
 class _Dialed(NamedTuple):
     """A connection just made, not yet in use."""
 
@@ -884,3 +978,4 @@ def _flush_at_exit() -> None:
     for pubsub in list(_LIVE):
         with pubsub._io:
             pubsub._write_pending()
+        pubsub._drain(0, pubsub._timeout)  # a broker that does not read: exit anyway

@@ -11,7 +11,6 @@ import contextlib
 import functools
 import json
 import logging
-import os
 import pickle
 import shutil
 import socket
@@ -1220,3 +1219,103 @@ def test_flush_waits_for_the_brokers_pong(tmp_path: Path) -> None:
     finally:
         pubsub.disconnect()
         fake.close()
+
+
+def _within(seconds: float, call: Callable[[], object]) -> object:
+    """What *call* returns or raises, run in a thread; fails the test if it takes longer."""
+    outcome: List[object] = []
+
+    def run() -> None:
+        try:
+            outcome.append(call())
+        except Exception as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if thread.is_alive():
+        pytest.fail(f"{getattr(call, '__name__', call)} still waiting after {seconds} s")
+    return outcome[0]
+
+
+def _stalled(count: Callable[[], int]) -> Callable[[], bool]:
+    """A condition true once *count* has not moved for 0.3 s."""
+    seen = {"n": -1, "since": time.monotonic()}
+
+    def still() -> bool:
+        n, now = count(), time.monotonic()
+        if n != seen["n"]:
+            seen.update(n=n, since=now)
+        return n > 0 and now - seen["since"] >= 0.3
+
+    return still
+
+
+def test_a_broker_that_stops_reading_blocks_publish_only(tmp_path: Path) -> None:
+    """Backpressure blocks the publishing thread; poll, flush, disconnect keep deadlines."""
+    path, _ = fake_broker_credentials(tmp_path)
+    release, stop = threading.Event(), threading.Event()
+    fake = FakeBroker(path, b"key", lambda sock: release.wait(60))  # reads nothing
+    pubsub = NetPubSub(path, b"key", timeout=1.0)
+    published = [0]
+
+    def flood() -> None:
+        while not stop.is_set():
+            pubsub.publish(("t",), pad=b"x" * 1000)
+            published[0] += 1
+
+    publisher = threading.Thread(target=flood, daemon=True)
+    try:
+        pubsub.connect()
+        publisher.start()
+        wait_for(_stalled(lambda: published[0]), 20, what="the publisher to block")
+        assert _within(3, lambda: pubsub.poll(0)) is False
+        assert isinstance(_within(4, pubsub.flush), TimeoutError)
+        assert isinstance(_within(4, pubsub.broker_statistics), TimeoutError)
+        stop.set()
+        assert _within(4, pubsub.disconnect) is None
+        publisher.join(4)  # disconnect() ends the blocked publish too
+        assert not publisher.is_alive()
+    finally:
+        stop.set()
+        release.set()
+        fake.close()
+
+
+def test_a_process_exits_while_its_broker_does_not_read(tmp_path: Path) -> None:
+    """The exit-time flush gives up after the timeout: the process ends."""
+    path, _ = fake_broker_credentials(tmp_path)
+    release = threading.Event()
+    fake = FakeBroker(path, b"key", lambda sock: release.wait(60))
+    child = (
+        "import sys, threading, time\n"
+        "from mpubsub import NetPubSub\n"
+        "pubsub = NetPubSub(sys.argv[1], b'key', timeout=1.0)\n"
+        "pubsub.connect()\n"
+        "count = [0]\n"
+        "def flood():\n"
+        "    while True:\n"
+        "        pubsub.publish(('t',), pad=b'x' * 1000)\n"
+        "        count[0] += 1\n"
+        "threading.Thread(target=flood, daemon=True).start()\n"
+        "last, since = -1, time.monotonic()\n"
+        "while time.monotonic() - since < 0.3:\n"
+        "    if count[0] != last:\n"
+        "        last, since = count[0], time.monotonic()\n"
+        "    time.sleep(0.01)\n"
+        "print('blocked', flush=True)\n"
+    )
+    with subprocess.Popen(
+        [sys.executable, "-c", child, path], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    ) as proc:
+        try:
+            assert proc.stdout is not None
+            assert proc.stdout.readline() == b"blocked\n"
+            _, stderr = proc.communicate(timeout=15)
+            assert proc.returncode == 0
+            assert b"Traceback" not in stderr
+        finally:
+            stop_process(proc)
+            release.set()
+            fake.close()
