@@ -14,16 +14,22 @@ UNITDIR ?= $(PREFIX)/lib/systemd/system
 INSTALL_PYTHON ?= /usr/bin/python3
 LIBDIR := $(PREFIX)/lib/mpubsub
 DESTDIR ?=
+# A folder of wheels for make install to take everything from, offline: the
+# tests give it $(VENV)/wheels, filled when the venv is made (the daemon's
+# dependencies and what builds the package, as [build-system] requires).
+WHEELS ?=
+BUILD_REQUIRES := $(shell sed -n 's/^requires = \[\(.*\)\]$$/\1/p' pyproject.toml)
 
 # make run: a broker for a newcomer who is not root, its files in the checkout.
 RUNDIR ?= $(CURDIR)/.run
 
 .PHONY: test test-systemd soak lint run bench install uninstall clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[test,lint,daemon,federation]'
+	$(PY) -m pip wheel --quiet --wheel-dir $(VENV)/wheels '.[daemon,federation]' $(BUILD_REQUIRES)
 	touch $(STAMP)
 
 test: $(STAMP)
@@ -55,6 +61,7 @@ bench: $(STAMP)
 
 install:
 	$(INSTALL_PYTHON) -m pip install --quiet --root-user-action=ignore --no-compile --upgrade \
+	  $(if $(WHEELS),--no-index --find-links "$(WHEELS)") \
 	  --target "$(DESTDIR)$(LIBDIR)" '.[daemon,federation]'
 	install -d "$(DESTDIR)$(PREFIX)/bin"
 	# The wrapper runs as root wherever root stands: -m would put the working directory

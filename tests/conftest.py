@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import os
@@ -25,6 +26,8 @@ from mpubsub import _protocol as proto
 from mpubsub._credentials import read_credentials
 from mpubsub.typing import Topic
 
+from . import needs
+
 ROOT = Path(__file__).resolve().parent.parent
 # Every test broker takes as its federation bridge a client showing this key.
 BRIDGE_KEY = b"the test brokers' bridge key...."
@@ -35,6 +38,41 @@ BRIDGE_KEY = b"the test brokers' bridge key...."
 settings.register_profile("test", deadline=None)
 settings.register_profile("soak", deadline=None, max_examples=5000)
 settings.load_profile("soak" if os.environ.get("MPUBSUB_SOAK") == "1" else "test")
+
+_SKIPPED = pytest.StashKey["collections.Counter[str]"]()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    """In CI (CI=true) a test that skips fails: a green run must run every test."""
+    outcome = yield
+    report: pytest.TestReport = outcome.get_result()  # type: ignore[attr-defined]
+    if report.skipped and needs.in_ci() and not hasattr(report, "wasxfail"):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else report.longrepr
+        reason = str(reason).removeprefix("Skipped: ")
+        report.outcome = "failed"
+        report.longrepr = f"CI=true, where every test must run, and this one skipped: {reason}"
+
+
+def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
+    skipped: collections.Counter[str] = collections.Counter()
+    for report in terminalreporter.stats.get("skipped", []):
+        if isinstance(report.longrepr, tuple):
+            skipped[report.longrepr[2].removeprefix("Skipped: ")] += 1
+    config.stash[_SKIPPED] = skipped
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """The run's last line: each group of tests skipped, and what would run it."""
+    skipped = config.stash.get(_SKIPPED, None)
+    reporter = config.pluginmanager.get_plugin("terminalreporter")
+    if skipped is None or reporter is None:
+        return
+    if skipped:
+        groups = "; ".join(f"{reason}: {n} tests" for reason, n in sorted(skipped.items()))
+        reporter.write_line(f"Tests skipped for want of what they need: {groups}")
+    else:
+        reporter.write_line("No test skipped: every group of tests ran.")
 
 
 def wait_for(condition: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> Any:
@@ -50,9 +88,17 @@ def wait_for(condition: Callable[[], Any], timeout: float = 10.0, what: str = "c
 
 
 def make_install(base: Path) -> None:
-    """``make install`` with every file under *base* (PREFIX base/prefix, SYSCONFDIR base/etc)."""
+    """``make install`` with every file under *base* (PREFIX base/prefix, SYSCONFDIR base/etc).
+
+    Offline: from the wheels that making the venv left in it, and, as root,
+    in a network namespace of its own, so that no download can hide in it.
+    """
+    wheels = Path(sys.prefix) / "wheels"
+    assert wheels.is_dir(), f"no {wheels}: make .venv/.installed makes it"
+    offline = ["unshare", "--net"] if needs.as_root() and needs.which("unshare") else []
+    places = [f"PREFIX={base}/prefix", f"SYSCONFDIR={base}/etc", f"WHEELS={wheels}"]
     subprocess.run(
-        ["make", "-s", "install", f"PREFIX={base}/prefix", f"SYSCONFDIR={base}/etc"],
+        [*offline, "make", "-s", "install", *places],
         cwd=ROOT,
         check=True,
         capture_output=True,

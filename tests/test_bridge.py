@@ -23,12 +23,10 @@ from mpubsub._protocol import encode_topic
 from mpubsub.typing import Topic
 from mpubsubd._federation import Signer, subject
 
+from . import needs
 from .conftest import NATS_SERVER, NatsServer, alive, free_port, stop_process, wait_for
 
-pytestmark = pytest.mark.skipif(
-    not os.path.exists(NATS_SERVER),
-    reason="nats-server is not installed (apt-get install nats-server)",
-)
+pytestmark = pytest.mark.skipif(not os.path.exists(NATS_SERVER), reason=needs.NATS.reason())
 SECRET = b"0123456789abcdef0123456789abcdef"
 
 
@@ -567,7 +565,7 @@ def _certificates(base: Path) -> Dict[str, Path]:
     return files
 
 
-@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs openssl to make certificates")
+@pytest.mark.skipif(not needs.which("openssl"), reason=needs.OPENSSL.reason())
 def test_mutual_tls(federation: Federation) -> None:
     """TLS settings are passed through: the bridge verifies the server and shows its own."""
     certs = _certificates(federation.base)

@@ -22,6 +22,7 @@ from mpubsub import AuthenticationError, Broker, NetPubSub, ProtocolError
 from mpubsub import _protocol as proto
 from mpubsub._connect import authenticate, connect_socket, handshake
 
+from . import needs
 from .conftest import (
     BRIDGE_KEY,
     BrokerProcess,
@@ -117,8 +118,7 @@ def test_out_of_descriptors(
     broker_factory: Callable[..., BrokerProcess], clients: List[NetPubSub]
 ) -> None:
     """Near its descriptor limit, the broker refuses new clients with a log line; serves others."""
-    if shutil.which("prlimit") is None:
-        pytest.skip("prlimit is not installed")
+    needs.LIMITS.check(needs.which("prlimit"))
     broker = broker_factory(None, prefix=("prlimit", "--nofile=40:40"))
     pub = connected(broker, clients)
     sub = connected(broker, clients)
@@ -279,8 +279,8 @@ def find_python(version: str) -> Optional[str]:
 def test_other_pythons_authenticate(broker: BrokerProcess, version: str) -> None:
     """Python 3.12+'s {sha256} handshake and older Pythons' MD5 one are both accepted."""
     python = find_python(version)
-    if python is None:
-        pytest.skip(f"python{version} is not installed")
+    needs.OTHER_PYTHONS.check(python)
+    assert python is not None
     address, authkey = broker.creds()
     code = (
         "import multiprocessing.connection as c\n"

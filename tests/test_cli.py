@@ -21,6 +21,7 @@ from mpubsub import _protocol as proto
 from mpubsub._cli import load_message
 from mpubsub._connect import connect_socket, handshake
 
+from . import needs
 from .conftest import BrokerProcess, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -187,8 +188,7 @@ def test_errors_are_one_line(broker: BrokerProcess, tmp_path: Path) -> None:
 
 def test_unreadable_credentials_suggest_group(broker: BrokerProcess) -> None:
     """Without permission to read the file, the error says so and points at 'group'."""
-    if shutil.which("setpriv") is None or not os.path.exists("/usr/bin/python3"):
-        pytest.skip("needs setpriv and Debian's /usr/bin/python3")
+    needs.check_other_users()
     base = Path(tempfile.mkdtemp(prefix="mpubsub-cli-"))
     try:
         base.chmod(0o755)

@@ -9,6 +9,8 @@ import pytest
 
 from mpubsubd._config import Config, ConfigError, FederationConfig, load, read_authkey
 
+from . import needs
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -135,8 +137,7 @@ def test_secret_must_be_ours(tmp_path: Path) -> None:
     key = tmp_path / "secret"
     key.write_bytes(b"0123456789abcdef")
     key.chmod(0o600)
-    if os.geteuid() != 0:
-        pytest.skip("needs root to give the file away")
+    needs.OTHER_USERS.check(needs.as_root())
     os.chown(key, 65534, -1)  # nobody
     with pytest.raises(ConfigError, match=r"^secret_file: .* must belong to the user running"):
         read_authkey(str(key), "secret_file")

@@ -17,6 +17,7 @@ import pytest
 from mpubsub import CredentialsError, NetPubSub
 from mpubsub._credentials import read_credentials, write_credentials
 
+from . import needs
 from .conftest import BrokerProcess, stop_process, subscribed, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -35,10 +36,7 @@ def good_file(path: Path) -> Path:
 
 
 def needs_root_and_nobody() -> None:
-    if os.geteuid() != 0:
-        pytest.skip("needs root to act as another user")
-    if shutil.which("setpriv") is None or not os.path.exists("/usr/bin/python3"):
-        pytest.skip("needs setpriv and Debian's /usr/bin/python3")
+    needs.check_other_users()
 
 
 def as_nobody(*args: str) -> List[str]:
@@ -74,8 +72,7 @@ def library() -> Iterator[Path]:
 
 def test_refuses_a_file_another_user_owns(tmp_path: Path) -> None:
     """A credentials file owned by neither root nor the caller is refused, naming its owner."""
-    if os.geteuid() != 0:
-        pytest.skip("needs root to give the file away")
+    needs.OTHER_USERS.check(needs.as_root())
     path = good_file(tmp_path / "broker.pckl")
     os.chown(path, NOBODY, -1)
     reason = f"owned by uid {NOBODY}, not by root or you (uid 0)"

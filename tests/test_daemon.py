@@ -18,6 +18,7 @@ import pytest
 
 from mpubsub import Broker, CredentialsError, NetPubSub
 
+from . import needs
 from .conftest import alive, make_install, stop_process, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -340,8 +341,7 @@ def test_address_in_use_is_reported(mpubsubd: Daemon) -> None:
 
 def test_group_members_connect_others_cannot(mpubsubd: Daemon) -> None:
     """With group set, nobody cannot read the credentials, but nobody in the group connects."""
-    if shutil.which("setpriv") is None or not os.path.exists("/usr/bin/python3"):
-        pytest.skip("needs setpriv and Debian's /usr/bin/python3")
+    needs.check_other_users()
     group = grp.getgrgid(100).gr_name  # 'users', present on Debian
     mpubsubd.configure(group=group)
     assert mpubsubd.launch().returncode == 0
@@ -396,8 +396,7 @@ def test_version_and_missing_dependency() -> None:
 @pytest.fixture(scope="module")
 def installed() -> Iterator[Path]:
     """The mpubsubd wrapper of ``make install`` into a temporary prefix."""
-    if not os.path.exists("/usr/bin/python3"):
-        pytest.skip("make install runs Debian's /usr/bin/python3")
+    needs.DEBIAN_PYTHON.check(os.path.exists("/usr/bin/python3"))
     base = Path(tempfile.mkdtemp(prefix="mpubsubd-install-"))
     try:
         make_install(base)
@@ -434,8 +433,7 @@ def test_installed_wrapper_imports_nothing_from_cwd(
 
 def test_unit_passes_systemd_analyze(tmp_path: Path) -> None:
     """The shipped unit, pointed at an existing mpubsubd, verifies without a warning."""
-    if shutil.which("systemd-analyze") is None:
-        pytest.skip("systemd-analyze is not installed")
+    needs.SYSTEMD.check(needs.which("systemd-analyze"))
     unit = (ROOT / "packaging" / "systemd" / "mpubsubd.service").read_text()
     executable = Path(sys.executable).parent / "mpubsubd"
     (tmp_path / "mpubsubd.service").write_text(

@@ -32,6 +32,7 @@ from mpubsub._connect import connect_socket, handshake
 from mpubsub._credentials import write_credentials
 from mpubsub._session import Session
 
+from . import needs
 from .conftest import (
     BRIDGE_KEY,
     BrokerProcess,
@@ -451,8 +452,7 @@ def test_a_peer_without_the_key_cannot_crowd_out_the_others(
     With 100 descriptors (84 connections) of which 76 are clients, a peer
     without the key made room for itself by closing others' handshakes.
     """
-    if os.geteuid() != 0 or shutil.which("setpriv") is None or shutil.which("prlimit") is None:
-        pytest.skip("needs root, setpriv and prlimit")
+    needs.OTHER_USERS.check(needs.as_root(), needs.which("setpriv", "prlimit"))
     path = shared_dir / "broker.sock"
     broker = broker_factory(str(path), prefix=("prlimit", "--nofile=100:100"))
     path.chmod(0o777)

@@ -15,6 +15,7 @@ from typing import Iterator, List
 
 import pytest
 
+from . import needs
 from .conftest import NATS_SERVER, NatsServer, make_install
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -30,18 +31,15 @@ def find_sandbox() -> str:
     for candidate in candidates:
         if candidate and os.access(candidate, os.X_OK):
             return candidate
-    pytest.skip("systemd-sandbox is not available")
+    pytest.skip(needs.SANDBOX.reason())
 
 
 @pytest.fixture
 def installed() -> Iterator[Path]:
     """``make install`` into a directory outside /tmp (the sandbox mounts its own /tmp)."""
-    if (
-        os.geteuid() != 0
-        or not shutil.which("unshare")
-        or not os.path.exists("/lib/systemd/systemd")
-    ):
-        pytest.skip("needs root, unshare and systemd")
+    needs.SYSTEMD.check(
+        needs.as_root(), needs.which("unshare"), os.path.exists("/lib/systemd/systemd")
+    )
     base = Path(tempfile.mkdtemp(prefix="mpubsub-systemd-", dir="/var/lib"))
     try:
         make_install(base)
@@ -125,8 +123,7 @@ def test_unit_under_systemd(sandbox: Sandbox) -> None:
 @pytest.fixture
 def nats_url(tmp_path: Path) -> Iterator[str]:
     """A private nats-server on a free loopback port (the sandbox shares the network)."""
-    if not os.path.exists(NATS_SERVER):
-        pytest.skip("needs nats-server")
+    needs.NATS.check(os.path.exists(NATS_SERVER))
     server = NatsServer(tmp_path, "nats").start()
     try:
         yield server.url
