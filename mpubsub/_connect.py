@@ -5,7 +5,7 @@ from __future__ import annotations
 import socket
 import struct
 import time
-from typing import Any
+from typing import Any, Optional
 
 from . import _protocol as proto
 from ._credentials import family_of
@@ -37,37 +37,48 @@ def connect_socket(address: Any, timeout: float) -> socket.socket:
     return sock
 
 
-def handshake(sock: socket.socket, authkey: bytes) -> proto.Limits:
-    """Authenticate, then say HELLO; return what the broker accepts."""
+def handshake(
+    sock: socket.socket, authkey: bytes, deadline: Optional[float] = None
+) -> proto.Limits:
+    """Authenticate, then say HELLO; return what the broker accepts.
+
+    All of it by *deadline* (time.monotonic()), or within the socket's
+    receive timeout from now: a broker slow at every step cannot stretch it.
+    """
+    if deadline is None:
+        timeval = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _TIMEVAL.size)
+        seconds, micros = _TIMEVAL.unpack(timeval)
+        if seconds or micros:
+            deadline = time.monotonic() + seconds + micros / 1e6
     try:
-        authenticate(sock, authkey)
-        return _hello(sock)
+        authenticate(sock, authkey, deadline)
+        return _hello(sock, deadline)
     except BlockingIOError:  # SO_RCVTIMEO expired
-        raise TimeoutError("the broker did not complete the handshake in time") from None
+        raise _late() from None
 
 
-def authenticate(sock: socket.socket, authkey: bytes) -> None:
+def authenticate(sock: socket.socket, authkey: bytes, deadline: Optional[float] = None) -> None:
     """multiprocessing.connection's mutual challenge, as its Client does it."""
-    challenge = _recv_mp(sock)
+    challenge = _recv_mp(sock, deadline)
     sock.sendall(proto.answer_challenge(authkey, challenge))
-    if _recv_mp(sock) != proto.WELCOME_MSG:
+    if _recv_mp(sock, deadline) != proto.WELCOME_MSG:
         raise AuthenticationError("digest sent was rejected")
     framed, message = proto.new_challenge()
     sock.sendall(framed)
     try:
-        proto.verify_answer(authkey, message, _recv_mp(sock))
+        proto.verify_answer(authkey, message, _recv_mp(sock, deadline))
     except AuthenticationError:
         sock.sendall(proto.mp_frame(proto.FAILURE_MSG))
         raise
     sock.sendall(proto.mp_frame(proto.WELCOME_MSG))
 
 
-def _hello(sock: socket.socket) -> proto.Limits:
+def _hello(sock: socket.socket, deadline: Optional[float]) -> proto.Limits:
     sock.sendall(proto.frame(proto.HELLO, proto.HELLO_BODY.pack(proto.VERSION)))
-    size, kind = proto.HEADER.unpack(_recv_exact(sock, 5))
+    size, kind = proto.HEADER.unpack(_recv_exact(sock, 5, deadline))
     if size > 4096:
         raise ProtocolError("the broker's answer to HELLO is too long")
-    body = _recv_exact(sock, size)
+    body = _recv_exact(sock, size, deadline)
     if kind == proto.ERROR:
         raise ProtocolError(f"the broker refused: {printable(body.decode(errors='replace'))}")
     if kind != proto.WELCOME:
@@ -75,28 +86,33 @@ def _hello(sock: socket.socket) -> proto.Limits:
     return proto.welcome_limits(body)
 
 
-def _recv_mp(sock: socket.socket) -> bytes:
-    (size,) = proto.MP_LEN.unpack(_recv_exact(sock, 4))
+def _recv_mp(sock: socket.socket, deadline: Optional[float]) -> bytes:
+    (size,) = proto.MP_LEN.unpack(_recv_exact(sock, 4, deadline))
     if not 0 <= size <= proto.HANDSHAKE_MAX:
         raise ProtocolError("the peer does not speak multiprocessing's handshake")
-    return _recv_exact(sock, size)
+    return _recv_exact(sock, size, deadline)
 
 
-def _recv_exact(sock: socket.socket, size: int) -> bytes:
-    # SO_RCVTIMEO bounds each read; this bounds them all, against a peer
-    # that sends one byte just before each read would time out.
-    timeval = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _TIMEVAL.size)
-    seconds, micros = _TIMEVAL.unpack(timeval)
-    deadline = time.monotonic() + seconds + micros / 1e6 if seconds or micros else None
+def _recv_exact(sock: socket.socket, size: int, deadline: Optional[float]) -> bytes:
+    # Each read waits at most until the deadline (SO_RCVTIMEO set to what is
+    # left), against a peer that sends one byte just before a read would end.
     data = b""
     while len(data) < size:
-        if deadline is not None and data and time.monotonic() > deadline:
-            raise TimeoutError("the broker did not complete the handshake in time")
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise _late()
+            timeval = _TIMEVAL.pack(int(left), max(1, int(left % 1 * 1e6)))
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
         chunk = sock.recv(size - len(data))
         if not chunk:
             raise ConnectionResetError("the broker closed the connection during the handshake")
         data += chunk
     return data
+
+
+def _late() -> TimeoutError:
+    return TimeoutError("the broker did not complete the handshake in time")
 
 
 _TIMEVAL = struct.Struct("@ll")  # struct timeval

@@ -258,9 +258,10 @@ class NetPubSub(PubSub):
         address, authkey = self._address, self._authkey
         if self._credentials is not None:
             address, authkey = read_credentials(self._credentials)
+        deadline = time.monotonic() + self._timeout  # for all of it, not each step
         sock = connect_socket(address, self._timeout)
         try:
-            limits = handshake(sock, authkey)
+            limits = handshake(sock, authkey, deadline)
         except BaseException:
             sock.close()
             raise

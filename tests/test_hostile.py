@@ -11,6 +11,7 @@ import contextlib
 import functools
 import json
 import logging
+import os
 import pickle
 import shutil
 import socket
@@ -21,6 +22,7 @@ import tempfile
 import threading
 import time
 import tracemalloc
+from multiprocessing.connection import Connection, answer_challenge, deliver_challenge
 from pathlib import Path
 from typing import Callable, Iterator, List, Set, Tuple
 
@@ -872,6 +874,39 @@ def test_a_handshake_trickled_byte_by_byte_times_out(tmp_path: Path) -> None:
     finally:
         listener.close()
     assert isinstance(outcome[0], TimeoutError)
+
+
+def test_a_broker_slow_at_each_step_cannot_stretch_connect(tmp_path: Path) -> None:
+    """*timeout* bounds the whole connect, not each read: three 0.5 s waits, timeout 1 s."""
+    path = str(tmp_path / "slow.sock")
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(path)
+    listener.listen(1)
+    done = threading.Event()
+
+    def slow() -> None:
+        sock, _ = listener.accept()
+        conn = Connection(os.dup(sock.fileno()))
+        with contextlib.suppress(OSError, EOFError), sock, conn:
+            time.sleep(0.5)
+            deliver_challenge(conn, b"key")  # the challenge, late; then WELCOME
+            time.sleep(0.5)
+            answer_challenge(conn, b"key")  # the answer to the client's, late
+            sock.recv(7)  # HELLO
+            time.sleep(0.5)
+            sock.sendall(proto.frame(proto.WELCOME, proto.welcome_body(proto.Limits())))
+            done.wait(10)
+
+    threading.Thread(target=slow, daemon=True).start()
+    pubsub = NetPubSub(path, b"key", timeout=1.0)
+    try:
+        outcome = _within(10, pubsub.connect)
+    finally:
+        done.set()
+        listener.close()
+        with contextlib.suppress(RuntimeError):
+            pubsub.disconnect()
+    assert isinstance(outcome, TimeoutError), outcome
 
 
 def test_a_flooding_broker_cannot_hold_flush_or_fill_memory(tmp_path: Path) -> None:
