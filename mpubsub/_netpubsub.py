@@ -187,8 +187,9 @@ class NetPubSub(PubSub):
         with self._io:
             if self._state != _OFFLINE:
                 raise RuntimeError("Already connected")
-            self._open()
-            self._state = _CONNECTED
+            dialed = self._dial()
+            self._state = _CONNECTED  # first: a connection lost at once is made again
+            self._install(dialed)
 
     def disconnect(self) -> None:
         """Close the connection and stop reconnecting; RuntimeError if not connected.
@@ -249,9 +250,6 @@ class NetPubSub(PubSub):
                 if self._inbox:
                     self._ready.wake()
             return self._ready.fileno()
-
-    def _open(self) -> None:
-        self._install(self._dial())
 
     def _dial(self) -> _Dialed:
         """Connect and authenticate (blocking: never called with the lock held on reconnect)."""
@@ -352,8 +350,10 @@ class NetPubSub(PubSub):
             if self._state is not _RECONNECTING or self._sock is not None:  # meanwhile
                 dialed.sock.close()
                 return False
+            self._state = _CONNECTED  # first: a connection lost at once is made again
             self._install(dialed)
-            self._state = _CONNECTED
+            if self._sock is None:
+                return False
             logger.warning("reconnected to the broker at %s", self._address)
             queued = self._fitting_frames(list(self._queue))
             self._queue.clear()

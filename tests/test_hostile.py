@@ -1354,3 +1354,37 @@ def test_a_process_exits_while_its_broker_does_not_read(tmp_path: Path) -> None:
             stop_process(proc)
             release.set()
             fake.close()
+
+
+@pytest.mark.parametrize("bad", [1, 2], ids=["connect", "reconnect"])
+def test_a_connection_lost_as_it_is_made_is_made_again(tmp_path: Path, bad: int) -> None:
+    """A broker gone right after WELCOME (the SUB write fails): the pub-sub reconnects."""
+    path, _ = fake_broker_credentials(tmp_path)
+    welcome = proto.frame(proto.WELCOME, proto.welcome_body(proto.Limits()))
+
+    def behave(sock: socket.socket) -> None:
+        number = fake.accepted
+        if number == bad:
+            sock.shutdown(socket.SHUT_RD)  # the client's first write fails: EPIPE
+            sock.sendall(welcome)
+            return
+        sock.sendall(welcome)
+        decoder = proto.FrameDecoder(1 << 20)
+        while data := sock.recv(65536):
+            for kind, _ in decoder.feed(data):
+                if kind == proto.SUB and number < bad:
+                    return  # gone once it has the subscription: a restart
+                if kind == proto.PING:
+                    sock.sendall(proto.frame(proto.PONG, b""))
+
+    fake = FakeBroker(path, b"key", behave, welcome=False)
+    pubsub = NetPubSub(path, b"key", timeout=1.0)
+    keep = lambda topic, **message: None  # noqa: E731
+    pubsub.add_subscriber("t", keep)
+    try:
+        pubsub.connect()
+        wait_for(pubsub.flush, 20, what="a connection that answers")
+        assert fake.accepted == bad + 1
+    finally:
+        pubsub.disconnect()
+        fake.close()
