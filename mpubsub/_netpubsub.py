@@ -578,12 +578,13 @@ class NetPubSub(PubSub):
         self._pending_size += len(frame)
         if self._pending_size >= _BATCH_LIMIT:
             self._write_pending()
-            return self._out_size > _BATCH_LIMIT
-        if self._writer is None or not self._kick.is_set():
+        elif self._writer is None or not self._kick.is_set():
             # No writer: disconnect() may have set the kick for one that was
             # never started, or has ended since.
             self._start_writer()
-        return False
+        # However slowly it publishes, a publisher waits while the broker has
+        # not taken what it sent: the writer hands a batch over each second.
+        return self._out_size > _BATCH_LIMIT
 
     def _start_writer(self) -> None:
         """Wake the writer thread, starting it if needed (called with the lock held)."""

@@ -1388,3 +1388,38 @@ def test_a_connection_lost_as_it_is_made_is_made_again(tmp_path: Path, bad: int)
     finally:
         pubsub.disconnect()
         fake.close()
+
+
+def test_a_slow_publisher_to_a_broker_that_does_not_read_is_held_back(tmp_path: Path) -> None:
+    """Under 1 MiB/s, a publisher is still held back: what waits stays about 1 MiB."""
+    path, _ = fake_broker_credentials(tmp_path)
+    release, stop = threading.Event(), threading.Event()
+    fake = FakeBroker(path, b"key", lambda sock: release.wait(60))  # reads nothing
+    pubsub = NetPubSub(path, b"key", timeout=1.0)
+    published = [0]
+
+    def trickle() -> None:  # about 0.9 MiB/s
+        while not stop.is_set():
+            for _ in range(90):
+                pubsub.publish(("t",), pad=b"x" * 1000)
+                published[0] += 1
+            time.sleep(0.1)
+
+    def waiting() -> int:
+        with pubsub._io:
+            return pubsub._out_size + pubsub._pending_size
+
+    publisher = threading.Thread(target=trickle, daemon=True)
+    limit = 2 * MiB + 64 * 1024
+    try:
+        pubsub.connect()
+        publisher.start()
+        blocked = _stalled(lambda: published[0])
+        wait_for(lambda: waiting() > limit or blocked(), 30, what="the publisher held back")
+        assert waiting() <= limit, f"{waiting()} bytes wait for the broker"
+    finally:
+        stop.set()
+        release.set()
+        with contextlib.suppress(RuntimeError):
+            pubsub.disconnect()
+        fake.close()
