@@ -6,6 +6,7 @@ import atexit
 import collections
 import contextlib
 import logging
+import math
 import multiprocessing
 import os
 import pickle
@@ -696,13 +697,10 @@ class NetPubSub(PubSub):
     def _await(self, sock: socket.socket, timeout: Optional[float]) -> None:
         """Wait, without the lock, for *sock* to take or bring bytes; send and read them."""
         with self._io:
-            writing = [sock] if self._out else []
+            writing = bool(self._out)
             # Read meanwhile, unless poll() has fallen too far behind.
-            reading = [sock] if self._inbox_size < _MAX_INBOX else []
-        try:
-            readable, writable, _ = select.select(reading, writing, [], timeout)
-        except (OSError, ValueError):  # closed by another thread: the caller sees it
-            return
+            reading = self._inbox_size < _MAX_INBOX
+        readable, writable = _wait(sock, reading, writing, timeout)
         with self._io:
             if self._sock is sock:
                 if writable:
@@ -797,9 +795,7 @@ class NetPubSub(PubSub):
             if sock is None:
                 self._up.wait(remaining)
             else:
-                # Closed by another thread meanwhile? Reading next tells why.
-                with contextlib.suppress(OSError, ValueError):
-                    select.select([sock], [], [], remaining)
+                _wait(sock, True, False, remaining)  # closed meanwhile? Reading next tells
             waited = True
 
     def _receive(self, read: bool) -> Tuple[List[bytes], Optional[socket.socket]]:
@@ -945,6 +941,26 @@ class _Readiness:
     def __del__(self) -> None:
         for closing in (self._epoll, self._wake_r, self._wake_w):
             closing.close()
+
+
+def _wait(
+    sock: socket.socket, reading: bool, writing: bool, timeout: Optional[float]
+) -> Tuple[bool, bool]:
+    """Wait up to *timeout* s (None: no limit) for *sock* to be readable or writable, as asked.
+
+    poll(2), not select(2), which cannot watch a descriptor over 1023. A
+    socket closed or broken meanwhile counts as both: the caller finds out.
+    """
+    events = (select.POLLIN if reading else 0) | (select.POLLOUT if writing else 0)
+    poller = select.poll()
+    try:
+        poller.register(sock, events)
+        ready = poller.poll(None if timeout is None else math.ceil(timeout * 1000))
+    except (OSError, ValueError):
+        return True, True
+    revents = ready[0][1] if ready else 0
+    broken = revents & (select.POLLHUP | select.POLLERR | select.POLLNVAL)
+    return bool(revents & select.POLLIN or broken), bool(revents & select.POLLOUT or broken)
 
 
 def _is_local(topic: Tuple[str, ...]) -> bool:

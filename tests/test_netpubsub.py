@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import pickle
+import resource
 import selectors
 import shutil
 import subprocess
@@ -23,7 +24,7 @@ from mpubsub import AuthenticationError, Broker, CredentialsError, NetPubSub
 from mpubsub._credentials import write_credentials
 from mpubsub.errors import MPubSubError
 
-from .conftest import BrokerProcess, FakeBroker, subscribed, wait_for
+from .conftest import BrokerProcess, FakeBroker, connected, subscribed, wait_for
 
 Received = List[Tuple[Tuple[str, ...], Dict[str, Any]]]
 
@@ -652,3 +653,28 @@ def test_messages_queued_while_the_broker_is_away_arrive_newest_first_kept(
         wait_for(pub.flush, what="the publisher back")
         poll_until(sub, lambda: len(got) == 3, "the queued messages")
         assert got == [(("q",), {"n": n}) for n in (2, 3, 4)]
+
+
+def test_waits_do_not_spin_on_a_descriptor_over_1023(
+    broker: BrokerProcess, clients: List[NetPubSub]
+) -> None:
+    """select() cannot watch descriptor 1024 or above: poll() and flush() still sleep."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < 1100:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 2048), hard))
+    filler = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
+    try:
+        pubsub = connected(broker, clients)
+        assert pubsub._sock is not None and pubsub._sock.fileno() >= 1024
+        got = subscribed(pubsub, "t")
+        started = time.process_time()
+        assert pubsub.poll(1.0) is False  # nothing comes: it sleeps, not spins
+        assert time.process_time() - started < 0.5
+        publisher = connected(broker, clients)
+        publisher.publish("t", n=1)
+        assert publisher.flush()
+        assert pubsub.poll(5.0) and got == [{"n": 1}]
+    finally:
+        for fd in filler:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
