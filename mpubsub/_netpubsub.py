@@ -8,6 +8,7 @@ import contextlib
 import logging
 import math
 import multiprocessing
+import multiprocessing.util
 import os
 import pickle
 import random
@@ -142,6 +143,7 @@ class NetPubSub(PubSub):
         self._loads: Callable[[bytes], Any] = pickle.loads
         self._address: Any = None
         self._authkey = b""
+        self._pid = 0  # the process that connected
         self.set_broker(address, authkey)
         _LIVE.add(self)
 
@@ -190,6 +192,8 @@ class NetPubSub(PubSub):
                 raise RuntimeError("Already connected")
             dialed = self._dial()
             self._state = _CONNECTED  # first: a connection lost at once is made again
+            self._pid = os.getpid()  # the process whose exit sends what it left
+            _flush_at_exit_of_this_process()
             self._install(dialed)
 
     def disconnect(self) -> None:
@@ -206,13 +210,7 @@ class NetPubSub(PubSub):
         with self._io:
             if self._state == _OFFLINE:  # another thread disconnected meanwhile
                 return
-            unsent = self._unwritten()
-            if unsent:
-                logger.warning(
-                    "disconnected with %d messages the broker did not read in %s s: dropped",
-                    len(unsent),
-                    self._timeout,
-                )
+            self._drop_unsent("disconnected")
             self._state = _OFFLINE
             if self._queue:
                 logger.warning(
@@ -223,6 +221,22 @@ class NetPubSub(PubSub):
             self._close()
             self._kick.set()  # the writer thread ends
             self._up.set()  # poll() waiting for a reconnection ends
+
+    def _drop_unsent(self, doing: str) -> None:
+        """Drop what the broker did not read in time, with a WARNING (lock held).
+
+        Publishes batched meanwhile go too: kept, they would reach the
+        next connection's broker first, whichever it is.
+        """
+        unsent = self._unwritten() + self._pending
+        self._pending, self._pending_size = [], 0
+        if unsent:
+            logger.warning(
+                "%s with %d messages the broker did not read in %s s: dropped",
+                doing,
+                len(unsent),
+                self._timeout,
+            )
 
     def __enter__(self) -> NetPubSub:
         if self._state == _OFFLINE:
@@ -739,6 +753,7 @@ class NetPubSub(PubSub):
         While reconnecting, the writer tries at once, and this waits for it up
         to the timeout: None if the broker is still out of reach.
         """
+        deadline = time.monotonic() + self._timeout  # for the reconnection and the reply
         with self._io:
             reconnecting = self._state is _RECONNECTING and self._sock is None
             if reconnecting:
@@ -755,7 +770,6 @@ class NetPubSub(PubSub):
             self._asked[kind] += 1
             mine = self._asked[kind]
             self._write(request)
-        deadline = time.monotonic() + self._timeout
         while True:
             with self._io:
                 if self._sock is not sock:
@@ -846,24 +860,29 @@ class NetPubSub(PubSub):
                 self._lost("connection closed by the broker")
                 return
             try:
-                frames = self._decoder.feed(data)
+                self._take(self._decoder.feed(data))
             except ProtocolError as exc:
                 self._lost(f"protocol error: {exc}")
                 return
-            if self._ready is not None and not self._inbox and frames:
-                self._ready.wake()  # poll() has work, whatever the socket says
-            for kind, frame in frames:
-                if kind == proto.PUB:
-                    self._inbox.append(frame)
-                    self._inbox_size += len(frame)
-                elif kind in (proto.PONG, proto.STATS_REPLY):
-                    self._replies[kind] = frame
-                    self._answered[kind] += 1
-                elif kind == proto.ERROR:
-                    reason = printable(frame[5:].decode(errors="replace"))
-                    logger.error("broker error: %s", reason)
             if len(data) < _RECV_SIZE:
                 return
+
+    def _take(self, frames: List[Tuple[int, bytes]]) -> None:
+        """Keep the frames just read: messages for poll(), answers for their requests."""
+        if self._ready is not None and not self._inbox and frames:
+            self._ready.wake()  # poll() has work, whatever the socket says
+        for kind, frame in frames:
+            if kind == proto.PUB:
+                self._inbox.append(frame)
+                self._inbox_size += len(frame)
+            elif kind in (proto.PONG, proto.STATS_REPLY):
+                if self._answered[kind] >= self._asked[kind]:
+                    raise ProtocolError("an answer to nothing asked")
+                self._replies[kind] = frame
+                self._answered[kind] += 1
+            elif kind == proto.ERROR:
+                reason = printable(frame[5:].decode(errors="replace"))
+                logger.error("broker error: %s", reason)
 
     def _dispatch(self, frames: List[bytes]) -> None:
         for frame in frames:
@@ -993,7 +1012,24 @@ _LIVE: weakref.WeakSet[NetPubSub] = weakref.WeakSet()
 
 @atexit.register
 def _flush_at_exit() -> None:
-    for pubsub in list(_LIVE):
+    """Send what this process's pub-subs hold, all within the longest timeout."""
+    pid = os.getpid()  # a forked child's copies of its parent's are not its own
+    live = [p for p in list(_LIVE) if p._pid == pid and p._state is not _OFFLINE]
+    deadline = time.monotonic() + max((p._timeout for p in live), default=0.0)
+    for pubsub in live:
         with pubsub._io:
             pubsub._write_pending()
-        pubsub._drain(0, pubsub._timeout)  # a broker that does not read: exit anyway
+        pubsub._drain(0, max(0.0, deadline - time.monotonic()))  # a broker that does not read
+        with pubsub._io:
+            if pubsub._sock is not None:
+                pubsub._drop_unsent("exiting")
+
+
+_EXIT_HOOKED = {"pid": 0}
+
+
+def _flush_at_exit_of_this_process() -> None:
+    """Also flush at multiprocessing's exit: a forked child's ends in os._exit(), past atexit."""
+    if _EXIT_HOOKED["pid"] != os.getpid():
+        _EXIT_HOOKED["pid"] = os.getpid()
+        multiprocessing.util.Finalize(None, _flush_at_exit, exitpriority=0)

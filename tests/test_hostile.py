@@ -1350,6 +1350,7 @@ def test_a_process_exits_while_its_broker_does_not_read(tmp_path: Path) -> None:
             _, stderr = proc.communicate(timeout=15)
             assert proc.returncode == 0
             assert b"Traceback" not in stderr
+            assert b"the broker did not read in 1.0 s: dropped" in stderr  # said, not silent
         finally:
             stop_process(proc)
             release.set()
@@ -1422,4 +1423,56 @@ def test_a_slow_publisher_to_a_broker_that_does_not_read_is_held_back(tmp_path: 
         release.set()
         with contextlib.suppress(RuntimeError):
             pubsub.disconnect()
+        fake.close()
+
+
+def test_flush_while_reconnecting_keeps_one_deadline(tmp_path: Path) -> None:
+    """flush() waits for the reconnection and the answer within one timeout, not two."""
+    path, _ = fake_broker_credentials(tmp_path)
+    gone, done = threading.Event(), threading.Event()
+    welcome = proto.frame(proto.WELCOME, proto.welcome_body(proto.Limits()))
+
+    def behave(sock: socket.socket) -> None:
+        if fake.accepted == 1:
+            sock.sendall(welcome)
+            gone.wait(10)
+            return  # closed: the client reconnects
+        time.sleep(1.5)  # a slow handshake, within the timeout
+        sock.sendall(welcome)
+        done.wait(20)  # and no answer to PING
+
+    fake = FakeBroker(path, b"key", behave, welcome=False)
+    pubsub = NetPubSub(path, b"key", timeout=2.0)
+    try:
+        pubsub.connect()
+        gone.set()
+        wait_for(lambda: (pubsub.poll(0.1), not pubsub.connected)[1], what="the connection lost")
+        outcome = _within(3.0, pubsub.flush)  # 1.5 s, then a whole timeout: 3.5 s
+        assert isinstance(outcome, TimeoutError), outcome
+    finally:
+        done.set()
+        pubsub.disconnect()
+        fake.close()
+
+
+def test_an_answer_nobody_asked_for_is_not_taken(tmp_path: Path) -> None:
+    """A PONG before any PING: the next flush() does not take it for its own."""
+    path, _ = fake_broker_credentials(tmp_path)
+    done = threading.Event()
+
+    def behave(sock: socket.socket) -> None:
+        if fake.accepted == 1:
+            sock.sendall(proto.frame(proto.PONG, b""))
+        done.wait(10)  # and no answer to anything
+
+    fake = FakeBroker(path, b"key", behave)
+    pubsub = NetPubSub(path, b"key", timeout=1.0)
+    try:
+        pubsub.connect()
+        pubsub.poll(0.5)  # reads it
+        outcome = _within(5, pubsub.flush)
+        assert outcome is not True
+    finally:
+        done.set()
+        pubsub.disconnect()
         fake.close()

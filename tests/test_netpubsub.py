@@ -606,18 +606,28 @@ def test_fileno_is_readable_for_messages_flush_read(connect: Callable[..., NetPu
         assert not sel.select(timeout=0)  # delivered: nothing more to do
 
 
-@pytest.mark.parametrize("ending", ["disconnect", "exit"])
+@pytest.mark.parametrize("ending", ["disconnect", "exit", "multiprocessing"])
 def test_a_process_that_publishes_and_ends_loses_nothing(
     broker: BrokerProcess, connect: Callable[..., NetPubSub], ending: str
 ) -> None:
-    """10,000 publishes (batched), then disconnect() or a plain exit: all 10,000 arrive."""
+    """10,000 publishes (batched), then disconnect() or a plain exit: all 10,000 arrive.
+
+    A multiprocessing child (forked) ends with os._exit(), past atexit.
+    """
     sub = connect()
     got = subscribed(sub, ("end",))
     code = (
-        "import sys; from mpubsub import NetPubSub\n"
-        "p = NetPubSub.from_file(sys.argv[1]); p.connect()\n"
-        "for n in range(10_000): p.publish(('end',), n=n)\n"
-        + ("p.disconnect()\n" if ending == "disconnect" else "")
+        "import sys, multiprocessing; from mpubsub import NetPubSub\n"
+        "def main():\n"
+        "    p = NetPubSub.from_file(sys.argv[1]); p.connect()\n"
+        "    for n in range(10_000): p.publish(('end',), n=n)\n"
+        + ("    p.disconnect()\n" if ending == "disconnect" else "")
+        + (
+            "child = multiprocessing.get_context('fork').Process(target=main)\n"
+            "child.start(); child.join(); sys.exit(child.exitcode)\n"
+            if ending == "multiprocessing"
+            else "main()\n"
+        )
     )
     child = subprocess.run(
         [sys.executable, "-c", code, str(broker.credentials)], capture_output=True, timeout=60
@@ -678,3 +688,57 @@ def test_waits_do_not_spin_on_a_descriptor_over_1023(
         for fd in filler:
             os.close(fd)
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_a_forked_child_leaves_its_parents_batch_alone(
+    broker: BrokerProcess, connect: Callable[..., NetPubSub]
+) -> None:
+    """A child forked with publishes batched exits: the parent's messages arrive once each."""
+    sub = connect()
+    got = subscribed(sub, ("f",))
+    code = (
+        "import os, sys; from mpubsub import NetPubSub\n"
+        "p = NetPubSub.from_file(sys.argv[1]); p.connect()\n"
+        "with p._io:  # the writer thread cannot send the batch before the fork\n"
+        "    for n in range(1000): p.publish(('f',), n=n)\n"
+        "    if os.fork() == 0:\n"
+        "        sys.exit(0)  # its atexit runs, in a copy of the parent\n"
+        "os.wait()\n"
+        "p.publish(('f',), n=-1)\n"
+        "p.disconnect()\n"
+    )
+    child = subprocess.run(
+        [sys.executable, "-c", code, str(broker.credentials)], capture_output=True, timeout=60
+    )
+    assert child.returncode == 0, child.stderr
+    poll_until(sub, lambda: got and got[-1]["n"] == -1, "the last message")
+    assert [m["n"] for m in got] == [*range(1000), -1]
+
+
+def test_disconnect_leaves_nothing_for_the_next_connection(tmp_path: Path) -> None:
+    """What is published while disconnect() sends is dropped, not kept for the next broker."""
+    path, credentials = str(tmp_path / "stuck.sock"), tmp_path / "stuck.pckl"
+    write_credentials(credentials, path, b"key", overwrite=True)
+    done, stop = threading.Event(), threading.Event()
+    fake = FakeBroker(path, b"key", lambda sock: done.wait(30))  # reads nothing
+    pub = NetPubSub(path, b"key", timeout=2.5)  # not a multiple of the writer's 1 s rounds
+
+    def trickle() -> None:  # batched behind what waits, never blocked: under 1 MiB waits
+        while not stop.wait(0.001):
+            pub.publish("t", n=1)
+
+    thread = threading.Thread(target=trickle)
+    try:
+        pub.connect()
+        for _ in range(600):
+            pub.publish("t", pad=b"x" * 1000)  # the socket's buffer full, the rest waits
+        thread.start()
+        pub.disconnect()  # 2.5 s of sending nothing, publishes batched meanwhile
+        stop.set()
+        thread.join(10)
+        wait_for(lambda: pub._writer is None, what="the writer thread to end")
+        assert not pub._pending and not pub._out, "kept for the next connection"
+    finally:
+        stop.set()
+        done.set()
+        fake.close()
