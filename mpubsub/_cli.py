@@ -84,9 +84,14 @@ def cmd_pub(args: argparse.Namespace) -> None:
     message = parse_message(args.pairs, args.json)
     topic = parse_topic(args.topic)
     with connect(args.credentials) as pubsub:
+        pubsub._publish_timeout = pubsub._timeout  # not forever: a broker may not read
         try:
             pubsub.publish(topic, **message)
         except (ValueError, TypeError) as exc:
+            raise CliError(str(exc)) from None
+        except TimeoutError as exc:
+            # This line says it all: not also the WARNING of the message dropped.
+            logging.getLogger("mpubsub.net").setLevel(logging.ERROR)
             raise CliError(str(exc)) from None
         if not pubsub.flush():
             raise CliError("the broker went away before the message left")

@@ -144,6 +144,7 @@ class NetPubSub(PubSub):
         self._address: Any = None
         self._authkey = b""
         self._pid = 0  # the process that connected
+        self._publish_timeout: Optional[float] = None  # backpressure's (the CLI sets one)
         self.set_broker(address, authkey)
         _LIVE.add(self)
 
@@ -551,8 +552,10 @@ class NetPubSub(PubSub):
                 full = self._send(proto.pub_head(encoded, len(payload)), payload)
             else:
                 full = self._send(proto.pub_frame(encoded, payload))
-            if full:
-                self._drain(_BATCH_LIMIT, None)
+            if full and not self._drain(_BATCH_LIMIT, self._publish_timeout):
+                raise TimeoutError(
+                    f"the broker did not read the message in {self._publish_timeout} s"
+                )
         PubSub.publish(self, topic, **message)
 
     def _send(self, *parts: bytes) -> bool:
@@ -690,11 +693,12 @@ class NetPubSub(PubSub):
         self._out_offset = self._out_size = 0
         return frames
 
-    def _drain(self, more_than: int, timeout: Optional[float]) -> None:
+    def _drain(self, more_than: int, timeout: Optional[float]) -> bool:
         """Wait, without the lock, while more than *more_than* bytes wait for the broker.
 
         Up to *timeout* seconds (None: until they go or the connection does),
         reading what the broker sends meanwhile (it may wait for us to).
+        False if the time ran out first.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
@@ -702,10 +706,10 @@ class NetPubSub(PubSub):
                 self._push()
                 sock = self._sock
                 if sock is None or self._out_size <= more_than:
-                    return
+                    return True
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
-                return
+                return False
             self._await(sock, remaining)
 
     def _await(self, sock: socket.socket, timeout: Optional[float]) -> None:

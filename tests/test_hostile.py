@@ -1476,3 +1476,27 @@ def test_an_answer_nobody_asked_for_is_not_taken(tmp_path: Path) -> None:
         done.set()
         pubsub.disconnect()
         fake.close()
+
+
+def test_cli_pub_of_a_large_message_to_a_broker_that_does_not_read_is_one_line(
+    tmp_path: Path,
+) -> None:
+    """`mpubsub pub` of 1.5 MB that the broker never reads: one line, in bounded time."""
+    path, credentials = fake_broker_credentials(tmp_path)
+    done = threading.Event()
+    fake = FakeBroker(path, b"key", lambda sock: done.wait(60))  # reads nothing
+    pairs = [f"k{n}={'x' * 100_000}" for n in range(15)]
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "mpubsub", "pub", "a", *pairs, "-c", str(credentials)],
+            capture_output=True,
+            text=True,
+            timeout=40,
+        )
+    finally:
+        done.set()
+        fake.close()
+    assert (result.returncode, result.stderr) == (
+        1,
+        "mpubsub: the broker did not read the message in 5.0 s\n",
+    )
