@@ -39,7 +39,8 @@ settings.register_profile("test", deadline=None)
 settings.register_profile("soak", deadline=None, max_examples=5000)
 settings.load_profile("soak" if os.environ.get("MPUBSUB_SOAK") == "1" else "test")
 
-_SKIPPED = pytest.StashKey["collections.Counter[str]"]()
+_SKIPPED = pytest.StashKey["collections.Counter[str]"]()  # by reason
+_FAILED_SKIPS = pytest.StashKey["collections.Counter[str]"]()  # the same, under CI=true
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -50,6 +51,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     if report.skipped and needs.in_ci() and not hasattr(report, "wasxfail"):
         reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else report.longrepr
         reason = str(reason).removeprefix("Skipped: ")
+        item.config.stash.setdefault(_FAILED_SKIPS, collections.Counter())[reason] += 1
         report.outcome = "failed"
         report.longrepr = f"CI=true, where every test must run, and this one skipped: {reason}"
 
@@ -68,11 +70,17 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     reporter = config.pluginmanager.get_plugin("terminalreporter")
     if skipped is None or reporter is None:
         return
-    if skipped:
-        groups = "; ".join(f"{reason}: {n} tests" for reason, n in sorted(skipped.items()))
-        reporter.write_line(f"Tests skipped for want of what they need: {groups}")
+    failed = config.stash.get(_FAILED_SKIPS, collections.Counter())
+    if failed:
+        reporter.write_line(f"Tests failed, as CI=true wants, for want of: {_groups(failed)}")
+    elif skipped:
+        reporter.write_line(f"Tests skipped for want of what they need: {_groups(skipped)}")
     else:
         reporter.write_line("No test skipped: every group of tests ran.")
+
+
+def _groups(counts: collections.Counter[str]) -> str:
+    return "; ".join(f"{reason}: {n} tests" for reason, n in sorted(counts.items()))
 
 
 def wait_for(condition: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> Any:
