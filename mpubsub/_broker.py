@@ -826,7 +826,7 @@ class Broker:
                 return
             client.out_size -= sent
             if sent < len(data):
-                out.appendleft(data[sent:])
+                out.appendleft(memoryview(data)[sent:])  # the rest, not a copy of it
                 break
         self._want_write(client, bool(out))
 

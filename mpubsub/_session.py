@@ -12,7 +12,7 @@ import collections
 import contextlib
 import socket
 import struct
-from typing import Deque, List, Optional, Set, Tuple
+from typing import Deque, List, Optional, Set, Tuple, Union
 
 from . import _protocol as proto
 from .errors import AuthenticationError, ProtocolError
@@ -35,7 +35,8 @@ class Session:
         self.challenge = b""
         self.handshake = bytearray()
         self.decoder: Optional[proto.FrameDecoder] = None
-        self.out: Deque[bytes] = collections.deque()
+        # Frames to send; the first may be what is left of one (a memoryview).
+        self.out: Deque[Union[bytes, memoryview]] = collections.deque()
         self.out_size = 0
         self.writing = False
         self.subs: Set[bytes] = set()

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import pickle
+import selectors
 import shutil
 import socket
 import struct
@@ -1500,3 +1501,44 @@ def test_cli_pub_of_a_large_message_to_a_broker_that_does_not_read_is_one_line(
         1,
         "mpubsub: the broker did not read the message in 5.0 s\n",
     )
+
+
+def test_large_messages_to_many_stall_nobody(
+    broker_factory: Callable[..., BrokerProcess], clients: List[NetPubSub]
+) -> None:
+    """A member fanning two 16 MB messages out to 30 connections of its own: pings prompt.
+
+    The broker copied what was left of a large frame after each partial
+    send: 16 MB per subscriber per round, pings waited 0.6-1.3 s.
+    """
+    broker = broker_factory(None)
+    pinger = connected(broker, clients)
+    topic = proto.encode_topic(("big",))
+    readers = [authenticated(broker) for _ in range(30)]
+    for sock in readers:
+        sock.sendall(proto.frame(proto.SUB, topic))
+        pinged(sock)
+    publisher = authenticated(broker)
+    frame = proto.pub_frame(topic, b"p" * 16_000_000)
+    received = [0]
+
+    def read_all() -> None:
+        selector = selectors.DefaultSelector()
+        for sock in readers:
+            sock.setblocking(False)
+            selector.register(sock, selectors.EVENT_READ)
+        deadline = time.monotonic() + 60
+        while received[0] < 2 * len(frame) * len(readers) and time.monotonic() < deadline:
+            for key, _ in selector.select(0.5):
+                with contextlib.suppress(BlockingIOError):
+                    received[0] += len(key.fileobj.recv(1 << 20))  # type: ignore[union-attr]
+
+    def fan_out() -> None:
+        publisher.sendall(frame + frame)
+
+    with contextlib.ExitStack() as stack:
+        for sock in [*readers, publisher]:
+            stack.enter_context(sock)
+        worst = worst_ping_during(pinger, fan_out, read_all)
+    assert received[0] == 2 * len(frame) * len(readers), "not all delivered"
+    assert worst < 0.3, f"a ping waited {worst * 1000:.0f} ms"
