@@ -6,6 +6,7 @@ import collections
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -141,7 +142,7 @@ def subscribed(pubsub: NetPubSub, topic: Topic) -> List[Dict[str, Any]]:
     """
     got: List[Dict[str, Any]] = []
     pubsub.add_subscriber(topic, lambda topic, **message: got.append(message), weak=False)
-    pubsub.flush()
+    assert pubsub.flush()
     return got
 
 
@@ -334,6 +335,19 @@ def helpers() -> Iterator[Callable[..., subprocess.Popen[str]]]:
         if proc.poll() is None:
             proc.kill()
         proc.communicate()
+
+
+def stopped(helper: subprocess.Popen[str], report: str) -> int:
+    r"""SIGTERM a helper that runs until told to stop; the N of its last words, matching *report*.
+
+    *report* is a regular expression with one group, N: ``r"sent (\d+)"``
+    for a publisher, ``r"stopped (\d+) in order"`` for a subscriber.
+    """
+    helper.send_signal(signal.SIGTERM)
+    out, _ = helper.communicate(timeout=60)
+    said = re.fullmatch(report + "\n", out)
+    assert said, f"expected {report!r}, the helper said {out!r}"
+    return int(said.group(1))
 
 
 NATS_SERVER = shutil.which("nats-server") or "/usr/sbin/nats-server"

@@ -382,7 +382,7 @@ def test_client_topic_cache_is_bounded_in_bytes(
     sub = connected(broker, clients)
     count = [0]
     sub.add_subscriber((), lambda topic, **m: count.__setitem__(0, count[0] + 1), weak=False)
-    sub.flush()
+    assert sub.flush()
     pub = authenticated(broker)
     tracemalloc.start()
     try:
@@ -1065,7 +1065,7 @@ def test_a_subscribers_error_reraised_by_on_error_reaches_poll(
 
     sub.on_error = reraise
     sub.add_subscriber("t", fails, weak=False)
-    sub.flush()
+    assert sub.flush()
     connected(broker, clients).publish("t", n=1)
     with pytest.raises(TypeError, match=r"^the subscriber's own$"):
         wait_for(lambda: sub.poll(0.05), what="the message")
@@ -1224,7 +1224,7 @@ def test_refusals_and_slow_consumers_are_counted(
         publisher = connected(broker, clients)
         for _ in range(100):  # 6 MB for a client that reads nothing
             publisher.publish(("s",), blob=b"x" * 60_000)
-        publisher.flush()
+        assert publisher.flush()
         wait_for(lambda: "slow consumer" in broker.output(), what="the stuck client cut")
     stats = connected(broker, clients).broker_statistics()
     assert stats is not None

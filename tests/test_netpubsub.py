@@ -93,7 +93,7 @@ def test_delivery_no_echo(connect: Callable[..., NetPubSub]) -> None:
     sub_here, sub_there = collect(here), collect(there)
     alice.add_subscriber("news", sub_here)
     bob.add_subscriber("news", sub_there)
-    bob.flush()
+    assert bob.flush()
     alice.publish("news", n=1)
     poll_until(bob, lambda: there)
     assert there == [(("news",), {"n": 1})]
@@ -113,7 +113,7 @@ def test_local_topic_stays_local(connect: Callable[..., NetPubSub]) -> None:
     sub_here, sub_there = collect(here), collect(there)
     alice.add_subscriber(None, sub_here)
     bob.add_subscriber(None, sub_there)
-    bob.flush()
+    assert bob.flush()
     alice.publish(("x", "*local"), secret=1)
     alice.publish("done")
     poll_until(bob, lambda: there)
@@ -132,7 +132,7 @@ def test_routing_by_subscription(connect: Callable[..., NetPubSub]) -> None:
     catch_all.add_subscriber(None, subs["all"])
     other.add_subscriber(("z", "y"), subs["other"])
     for p in (parent, catch_all, other):
-        p.flush()
+        assert p.flush()
     pub.publish(("a", "b"), n=1)
     pub.publish("z", n=2)  # a parent of ('z', 'y'): not for 'other'
     pub.publish(None, n=3)  # broadcast: everyone
@@ -153,12 +153,16 @@ def test_unsubscribe_stops_remote_delivery(connect: Callable[..., NetPubSub]) ->
     fn = collect(got)
     sub.add_subscriber("t", fn)
     sub.add_subscriber("sentinel", fn)
+    assert sub.flush()
+    pub.publish("t", n=0)
+    poll_until(sub, lambda: got)  # the broker sends 't' while it has a subscriber
     sub.remove_subscriber("t", fn)
+    assert sub.flush()  # the broker has the UNSUB
     pub.publish("t", n=1)
     pub.publish("sentinel")
-    poll_until(sub, lambda: got)
-    assert got == [(("sentinel",), {})]
-    assert len(sub.wire) == 1
+    poll_until(sub, lambda: len(got) == 2)
+    assert got == [(("t",), {"n": 0}), (("sentinel",), {})]
+    assert len(sub.wire) == 2
 
 
 def test_unpicklable_raises_before_delivery(connect: Callable[..., NetPubSub]) -> None:
@@ -180,6 +184,7 @@ def test_oversized_message_is_refused(connect: Callable[..., NetPubSub]) -> None
     got: Received = []
     fn = collect(got)
     bob.add_subscriber("t", fn)
+    assert bob.flush()
     with pytest.raises(ValueError, match=r"^message of \d+ bytes exceeds the broker's limit"):
         alice.publish("t", blob=b"x" * (17 * 1024 * 1024))
     alice.publish("t", small=1)
@@ -194,6 +199,7 @@ def test_wrong_key(broker: BrokerProcess, connect: Callable[..., NetPubSub]) -> 
     got: Received = []
     fn = collect(got)
     other.add_subscriber("t", fn)
+    assert other.flush()
     with pytest.raises(AuthenticationError):
         NetPubSub(address, b"wrong key").connect()
     good.publish("t")
@@ -233,6 +239,7 @@ def test_fileno_drives_a_selector(connect: Callable[..., NetPubSub]) -> None:
     got: Received = []
     fn = collect(got)
     bob.add_subscriber("t", fn)
+    assert bob.flush()
     with selectors.DefaultSelector() as sel:
         sel.register(bob.fileno(), selectors.EVENT_READ)
         alice.publish("t", n=1)
@@ -280,7 +287,7 @@ def test_subscriber_publishing_from_poll(connect: Callable[..., NetPubSub]) -> N
 
     echo.add_subscriber("ping", echo_fn)
     client.add_subscriber("pong", reply_fn)
-    echo.flush()
+    assert echo.flush() and client.flush()
     stop = threading.Event()
     server = threading.Thread(target=lambda: [echo.poll(0.05) for _ in iter(stop.is_set, True)])
     server.start()
@@ -305,11 +312,11 @@ def test_reconnects_after_broker_restart(
     fn = collect(got)
     sub.add_subscriber("t", fn)
     with sub, pub:
+        assert sub.flush()
         pub.publish("t", n=0)
         poll_until(sub, lambda: got)
         first.kill()
-        sub.poll(0.1)
-        assert not sub.connected
+        poll_until(sub, lambda: not sub.connected, "the loss noticed")
         pub.publish("local-only-while-down", n=1)  # queued, must not raise
         first_key = first.creds()[1]
         second = broker_factory(address, "--overwrite", name="restart")
@@ -337,7 +344,7 @@ def test_wait_forever_until_disconnect(connect: Callable[..., NetPubSub]) -> Non
             sub.disconnect()
 
     sub.add_subscriber(None, until_stop)
-    sub.flush()
+    assert sub.flush()
     pub.publish("data", n=1)
     pub.publish("stop")
     sub.wait_forever()
@@ -352,8 +359,7 @@ def test_broadcast_goes_only_where_someone_listens(connect: Callable[..., NetPub
     got: Received = []
     fn = collect(got)
     sub.add_subscriber("anything", fn)
-    sub.flush()
-    idle.flush()
+    assert sub.flush() and idle.flush()
     before = pub.broker_statistics()
     pub.publish(None, n=1)
     poll_until(sub, lambda: got)
@@ -393,7 +399,7 @@ def test_reconnect_survives_the_key_changing_under_it(
             got: Received = []
             sub.add_subscriber("t", collect(got), weak=False)
             with sub:
-                sub.flush()
+                assert sub.flush()
 
                 def resumed() -> bool:
                     pub.publish("t", n=1)
@@ -411,7 +417,7 @@ def test_large_and_small_messages_keep_their_order(connect: Callable[..., NetPub
     pub, sub = connect(), connect()
     got: Received = []
     sub.add_subscriber("mixed", collect(got), weak=False)
-    sub.flush()
+    assert sub.flush()
     count = 300
     for seq in range(count):  # a burst: small ones batch, every third is large
         pub.publish("mixed", seq=seq, blob=b"x" * (40_000 if seq % 3 == 0 else 100))
@@ -570,7 +576,7 @@ def test_local_only_subscribers_get_broadcasts(connect: Callable[..., NetPubSub]
     got: Received = []
     local = collect(got)
     sub.add_subscriber(("x", "*local"), local)
-    sub.flush()
+    assert sub.flush()
     pub.publish(("y",), n=0)  # nobody here wants it
     pub.publish(("*local",), n=1)  # local to pub: never travels
     pub.publish(None, n=2)
@@ -579,7 +585,7 @@ def test_local_only_subscribers_get_broadcasts(connect: Callable[..., NetPubSub]
     remote: Received = []
     on_z = collect(remote)
     sub.add_subscriber(("z",), on_z)  # a real topic: broadcasts come through it
-    sub.flush()
+    assert sub.flush()
     pub.publish(None, n=3)
     poll_until(sub, lambda: len(got) == 2 and remote)
     assert got[1] == ((), {"n": 3}) and remote == [((), {"n": 3})]
@@ -593,11 +599,11 @@ def test_fileno_is_readable_for_messages_flush_read(connect: Callable[..., NetPu
     got: Received = []
     fn = collect(got)
     bob.add_subscriber("t", fn)
-    bob.flush()
+    assert bob.flush()
     for n in range(5):
         alice.publish("t", n=n)
-    alice.flush()  # the broker has routed them to bob
-    bob.flush()  # reads them, with its PONG
+    assert alice.flush()  # the broker has routed them to bob
+    assert bob.flush()  # reads them, with its PONG
     with selectors.DefaultSelector() as sel:
         sel.register(bob.fileno(), selectors.EVENT_READ)
         assert sel.select(timeout=2), "poll() has work, fileno() says nothing"
@@ -652,9 +658,9 @@ def test_messages_queued_while_the_broker_is_away_arrive_newest_first_kept(
     fn = collect(got)
     sub.add_subscriber("q", fn)
     with sub, pub:
-        sub.flush()
+        assert sub.flush()
         first.kill()
-        sub.poll(0.1)
+        poll_until(sub, lambda: not sub.connected, "the loss noticed")
         for n in range(5):
             pub.publish("q", n=n)  # queued: the two oldest are dropped
         second = broker_factory(address, "--overwrite", name="queue")

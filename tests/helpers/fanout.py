@@ -35,7 +35,7 @@ def main() -> None:
     readers, writers = socks[: args.subscribers], socks[args.subscribers :]
     for sock in readers:
         sock.sendall(proto.frame(proto.SUB, topic) + proto.frame(proto.PING, b""))
-        sock.recv(64)  # PONG: subscribed
+        assert sock.recv(64) == proto.frame(proto.PONG, b""), "no PONG"  # subscribed
     frame = proto.pub_frame(topic, b"\x80\x05}\x94.")
     burst = frame * (64 * 1024 // len(frame))
     selector = selectors.DefaultSelector()

@@ -6,9 +6,10 @@ Subscribes to TOPIC and prints "ready" once the broker has the subscription.
 Messages carry ``seq`` (and ``pub``, the publisher's name): for each
 publisher, seq must be consecutive from 0 (with --gaps: only increasing, as
 after a broker restart, when in-flight messages are lost). Every N messages
-it publishes ('ack',) received=TOTAL. After COUNT messages it prints
-"received N in order" (or OUT OF ORDER); after S seconds (default 60)
-without getting there, or on SIGTERM, "timeout N ...".
+it publishes ('ack',) received=TOTAL. After COUNT messages (COUNT 0: never)
+it prints "received N in order" (or OUT OF ORDER). On SIGTERM it takes what
+the broker sent it until then and prints "stopped N ..."; after S seconds
+(default 60) without either, "timeout N ...".
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ def main() -> None:
     received = [0]
     in_order = [True]
     last: Dict[str, int] = {}
+    stopped = [False]
 
     def on_message(topic: Tuple[str, ...], seq: int = -1, pub: str = "", **message: Any) -> None:
         previous = last.get(pub, -1)
@@ -42,17 +44,21 @@ def main() -> None:
         if args.ack_every and received[0] % args.ack_every == 0:
             pubsub.publish("ack", received=received[0])
 
+    def wanted() -> bool:
+        return not args.count or received[0] < args.count
+
     with NetPubSub.from_file(args.credentials) as pubsub:
         pubsub.add_subscriber(args.topic, on_message)
-        pubsub.flush()
+        assert pubsub.flush(), "the broker went away before it had the subscription"
+        signal.signal(signal.SIGTERM, lambda signum, frame: stopped.__setitem__(0, True))
         print("ready", flush=True)
-        deadline = [time.monotonic() + args.seconds]
-        signal.signal(signal.SIGTERM, lambda signum, frame: deadline.__setitem__(0, 0.0))
-        while received[0] < args.count and time.monotonic() < deadline[0]:
+        deadline = time.monotonic() + args.seconds
+        while wanted() and not stopped[0] and time.monotonic() < deadline:
             pubsub.poll(0.1)
-        pubsub.flush()
+        if stopped[0] and pubsub.flush():
+            pubsub.poll(0)  # everything the broker sent before the stop
     status = "in order" if in_order[0] else "OUT OF ORDER"
-    word = "received" if received[0] >= args.count else "timeout"
+    word = "received" if not wanted() else "stopped" if stopped[0] else "timeout"
     print(f"{word} {received[0]} {status}", flush=True)
 
 
