@@ -6,6 +6,7 @@ import collections
 import contextlib
 import json
 import os
+import random
 import re
 import shutil
 import signal
@@ -354,9 +355,25 @@ NATS_SERVER = shutil.which("nats-server") or "/usr/sbin/nats-server"
 
 
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A loopback TCP port free now, for a server started next.
+
+    Below the range the kernel picks connections' own ports from: a port
+    from it could become some connection's end before the server binds it
+    (seen: nats-server's "address already in use" in a busy run).
+    """
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    for _ in range(200):
+        port = random.randrange(max(10_000, low - 10_000), low)
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise AssertionError("no free loopback port below the ephemeral range")
 
 
 class NatsServer:
