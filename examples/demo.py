@@ -40,7 +40,8 @@ def subscriber(address: Any, authkey: bytes, publishers: int, ready: Any, result
     with NetPubSub(address, authkey) as pubsub:
         pubsub.add_subscriber(("demo", "data"), on_data)
         pubsub.add_subscriber(("demo", "done"), on_done)
-        pubsub.flush()
+        if not pubsub.flush():
+            errors.append("the broker went away before it had the subscriptions")
         ready.release()
         deadline = time.monotonic() + 60
         while len(finished) < publishers and time.monotonic() < deadline:
@@ -89,7 +90,11 @@ def main() -> int:
         for process in subs:
             process.start()
         for _ in subs:
-            ready.acquire(timeout=30)
+            if not ready.acquire(timeout=30):
+                print("a subscriber did not start in 30 s", file=sys.stderr)
+                for process in subs:
+                    process.terminate()
+                return 1
         pubs = [
             mp.Process(
                 target=publisher, args=(address, authkey, args.messages), name=f"publisher-{i}"
