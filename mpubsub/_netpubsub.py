@@ -549,30 +549,30 @@ class NetPubSub(PubSub):
                     f"{self._max_message} bytes"
                 )
             if len(payload) >= _LARGE:
-                full = self._send(proto.pub_head(encoded, len(payload)), payload)
+                wait = self._send(proto.pub_head(encoded, len(payload)), payload)
             else:
-                full = self._send(proto.pub_frame(encoded, payload))
-            if full and not self._drain(_BATCH_LIMIT, self._publish_timeout):
+                wait = self._send(proto.pub_frame(encoded, payload))
+            if wait is not None and not self._drain(wait, self._publish_timeout):
                 raise TimeoutError(
                     f"the broker did not read the message in {self._publish_timeout} s"
                 )
         PubSub.publish(self, topic, **message)
 
-    def _send(self, *parts: bytes) -> bool:
+    def _send(self, *parts: bytes) -> Optional[int]:
         """Send one frame: whole, or as head and payload (a large one, never copied whole).
 
-        True if more than _BATCH_LIMIT bytes now wait for the broker: the
-        publisher waits for them to go (backpressure), without the lock.
+        What the publisher must then wait for, without the lock, while the
+        broker reads (backpressure): None, or the bytes that may still wait.
         """
         with self._io:
             sock = self._sock
             if sock is None:
                 self._enqueue(b"".join(parts))  # the writer thread reconnects
-                return False
+                return None
             if len(parts) > 1:  # large: after what was batched, gathered by one sendmsg
                 self._write_pending()
-                self._queue_out((parts, None, len(parts[0]) + len(parts[1])))
-                return self._out_size > _BATCH_LIMIT
+                self._queue_out((parts, None, len(parts[0]) + len(parts[1])), writer=False)
+                return 0 if self._out else None  # its publisher sends it, as a lone one
             (frame,) = parts
             now = time.monotonic()
             burst = now - self._last_send < _BURST_WINDOW
@@ -586,12 +586,12 @@ class NetPubSub(PubSub):
             except OSError as exc:
                 self._lost(exc.strerror or str(exc))
                 self._enqueue(frame)
-                return False
+                return None
             if sent != len(frame):
                 self._queue_out(((frame,), (frame,), len(frame)), sent)
-            return False
+            return None
 
-    def _batch(self, frame: bytes) -> bool:
+    def _batch(self, frame: bytes) -> Optional[int]:
         self._pending.append(frame)
         self._pending_size += len(frame)
         if self._pending_size >= _BATCH_LIMIT:
@@ -602,7 +602,7 @@ class NetPubSub(PubSub):
             self._start_writer()
         # However slowly it publishes, a publisher waits while the broker has
         # not taken what it sent: the writer hands a batch over each second.
-        return self._out_size > _BATCH_LIMIT
+        return _BATCH_LIMIT if self._out_size > _BATCH_LIMIT else None
 
     def _start_writer(self) -> None:
         """Wake the writer thread, starting it if needed (called with the lock held)."""
@@ -631,15 +631,16 @@ class NetPubSub(PubSub):
         """Send *parts*, frames other than PUB, after everything before them (lock held)."""
         self._queue_out((parts, (), sum(map(len, parts))))
 
-    def _queue_out(self, chunk: _Chunk, sent: int = 0) -> None:
+    def _queue_out(self, chunk: _Chunk, sent: int = 0, writer: bool = True) -> None:
         """Send *chunk* after what waits; the writer thread sends what the socket does not take.
 
         *sent*: bytes of it already sent (only when nothing else waited).
+        Not *writer*: the caller waits for it to go itself.
         """
         self._out.append(chunk)
         self._out_offset += sent
         self._out_size += chunk[2] - sent
-        if not self._push() and self._sock is not None:
+        if not self._push() and self._sock is not None and writer:
             self._start_writer()
 
     def _push(self) -> bool:
