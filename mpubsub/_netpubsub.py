@@ -711,12 +711,13 @@ class NetPubSub(PubSub):
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
                 return False
-            self._await(sock, remaining)
+            # Wait to write even if another thread sends it all meanwhile:
+            # the socket is writable then, and the next round sees it.
+            self._await(sock, remaining, writing=True)
 
-    def _await(self, sock: socket.socket, timeout: Optional[float]) -> None:
-        """Wait, without the lock, for *sock* to take or bring bytes; send and read them."""
+    def _await(self, sock: socket.socket, timeout: Optional[float], writing: bool) -> None:
+        """Wait, without the lock, for *sock* to bring bytes (or take some); read and send."""
         with self._io:
-            writing = bool(self._out)
             # Read meanwhile, unless poll() has fallen too far behind.
             reading = self._inbox_size < _MAX_INBOX
         readable, writable = _wait(sock, reading, writing, timeout)
@@ -786,10 +787,11 @@ class NetPubSub(PubSub):
                         "the broker's answer is behind more messages than poll() has taken "
                         f"({_MAX_INBOX} bytes): poll() first"
                     )
+                writing = bool(self._out)  # the request itself, maybe
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise TimeoutError("the broker did not answer in time")
-            self._await(sock, remaining)
+            self._await(sock, remaining, writing)
 
     # --- receiving -----------------------------------------------------------
 
