@@ -1212,11 +1212,14 @@ def test_stats_watch_against_a_broker_that_stops_answering_is_one_line(tmp_path:
 def test_refusals_and_slow_consumers_are_counted(
     broker_factory: Callable[..., BrokerProcess], clients: List[NetPubSub]
 ) -> None:
-    """The broker's figures count a wrong key and a cut slow consumer, once each."""
+    """The broker's figures count a wrong key, a bad frame and a cut slow consumer."""
     broker = broker_factory(None, *SMALL, "--max-buffer", str(MiB))
     address, _ = broker.creds()
     with pytest.raises(AuthenticationError):
         NetPubSub(address, b"not the key").connect()
+    with authenticated(broker) as bad:
+        bad.sendall(proto.frame(99, b""))
+        assert "unknown frame type 99" in closed_with_error(bad)
     with authenticated(broker) as stuck:
         stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         stuck.sendall(proto.frame(proto.SUB, proto.encode_topic(("s",))))
@@ -1228,7 +1231,7 @@ def test_refusals_and_slow_consumers_are_counted(
         wait_for(lambda: "slow consumer" in broker.output(), what="the stuck client cut")
     stats = connected(broker, clients).broker_statistics()
     assert stats is not None
-    assert (stats["refused"], stats["slow_consumers"]) == (1, 1)
+    assert (stats["refused"], stats["slow_consumers"]) == (2, 1)
 
 
 def test_flush_waits_for_the_brokers_pong(tmp_path: Path) -> None:
@@ -1288,7 +1291,8 @@ def _stalled(count: Callable[[], int]) -> Callable[[], bool]:
     return still
 
 
-def test_a_broker_that_stops_reading_blocks_publish_only(tmp_path: Path) -> None:
+@pytest.mark.parametrize("size", [1000, 64_000], ids=["batched", "large"])
+def test_a_broker_that_stops_reading_blocks_publish_only(tmp_path: Path, size: int) -> None:
     """Backpressure blocks the publishing thread; poll, flush, disconnect keep deadlines."""
     path, _ = fake_broker_credentials(tmp_path)
     release, stop = threading.Event(), threading.Event()
@@ -1298,7 +1302,7 @@ def test_a_broker_that_stops_reading_blocks_publish_only(tmp_path: Path) -> None
 
     def flood() -> None:
         while not stop.is_set():
-            pubsub.publish(("t",), pad=b"x" * 1000)
+            pubsub.publish(("t",), pad=b"x" * size)
             published[0] += 1
 
     publisher = threading.Thread(target=flood, daemon=True)
@@ -1306,6 +1310,7 @@ def test_a_broker_that_stops_reading_blocks_publish_only(tmp_path: Path) -> None
         pubsub.connect()
         publisher.start()
         wait_for(_stalled(lambda: published[0]), 20, what="the publisher to block")
+        assert pubsub._out_size + pubsub._pending_size <= 2 * MiB + size  # about 1 MiB
         assert _within(3, lambda: pubsub.poll(0)) is False
         assert isinstance(_within(4, pubsub.flush), TimeoutError)
         assert isinstance(_within(4, pubsub.broker_statistics), TimeoutError)

@@ -644,7 +644,7 @@ def test_a_process_that_publishes_and_ends_loses_nothing(
 
 
 def test_messages_queued_while_the_broker_is_away_arrive_newest_first_kept(
-    broker_factory: Callable[..., BrokerProcess], tmp_path: Path
+    broker_factory: Callable[..., BrokerProcess], tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """While the broker is away, the newest max_queued messages wait; they arrive after it."""
     address = str(tmp_path / "q.sock")
@@ -669,6 +669,17 @@ def test_messages_queued_while_the_broker_is_away_arrive_newest_first_kept(
         wait_for(pub.flush, what="the publisher back")
         poll_until(sub, lambda: len(got) == 3, "the queued messages")
         assert got == [(("q",), {"n": n}) for n in (2, 3, 4)]
+    assert sum("dropping the oldest" in r.getMessage() for r in caplog.records) == 1  # once
+
+
+def test_unwritten_frames_are_those_not_sent_whole() -> None:
+    """After a break: the frames of what waited that were not wholly sent, in order."""
+    pubsub = NetPubSub("/nonexistent", b"key")
+    a, b, c, d = b"a" * 10, b"b" * 10, b"c" * 3, b"d" * 3
+    pubsub._out.extend([((a + b,), [a, b], 20), ((c + d,), [c, d], 6), ((b"x",), (), 1)])
+    pubsub._out_offset = 10  # a went whole, exactly: b did not
+    assert pubsub._unwritten() == [b, c, d]
+    assert not pubsub._out and pubsub._out_offset == pubsub._out_size == 0
 
 
 def test_waits_do_not_spin_on_a_descriptor_over_1023(
