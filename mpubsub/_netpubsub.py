@@ -206,8 +206,7 @@ class NetPubSub(PubSub):
         with self._io:
             if self._state == _OFFLINE:
                 raise RuntimeError("Not connected")
-            self._write_pending()
-        self._drain(0, self._timeout)
+        self._send_the_rest(self._timeout)
         with self._io:
             if self._state == _OFFLINE:  # another thread disconnected meanwhile
                 return
@@ -222,6 +221,12 @@ class NetPubSub(PubSub):
             self._close()
             self._kick.set()  # the writer thread ends
             self._up.set()  # poll() waiting for a reconnection ends
+
+    def _send_the_rest(self, timeout: float) -> None:
+        """Send what is batched and what waits, for up to *timeout* s (without the lock)."""
+        with self._io:
+            self._write_pending()
+        self._drain(0, timeout)
 
     def _drop_unsent(self, doing: str) -> None:
         """Drop what the broker did not read in time, with a WARNING (lock held).
@@ -1024,9 +1029,7 @@ def _flush_at_exit() -> None:
     live = [p for p in list(_LIVE) if p._pid == pid and p._state is not _OFFLINE]
     deadline = time.monotonic() + max((p._timeout for p in live), default=0.0)
     for pubsub in live:
-        with pubsub._io:
-            pubsub._write_pending()
-        pubsub._drain(0, max(0.0, deadline - time.monotonic()))  # a broker that does not read
+        pubsub._send_the_rest(max(0.0, deadline - time.monotonic()))  # may not read
         with pubsub._io:
             if pubsub._sock is not None:
                 pubsub._drop_unsent("exiting")
