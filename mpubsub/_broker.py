@@ -22,9 +22,8 @@ from typing import Any, Callable, Deque, Dict, Iterator, List, Optional, Set, Tu
 
 from . import _protocol as proto
 from ._credentials import family_of
+from ._handshake import DEFAULT_HANDSHAKE_TIMEOUT, ServerHandshake
 from ._routing import DEFAULT_CACHE_BYTES, Router
-from ._session import ACTIVE as _ACTIVE
-from ._session import HELLO as _HELLO
 from ._session import Session
 from ._sockets import peer_of, raise_file_limit, remove_stale_socket, warn_if_exposed
 from ._stats import BrokerStatistics, Counters, Throttle
@@ -149,7 +148,7 @@ class Broker:
         address: Any = None,
         authkey: Optional[bytes] = None,
         backlog: int = 1024,
-        timeout: float = 5.0,
+        timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
         *,
         max_message_size: int = proto.DEFAULT_MAX_MESSAGE,
         max_buffer: int = DEFAULT_MAX_BUFFER,
@@ -444,9 +443,9 @@ class Broker:
             self._make_room(self._busiest(), "max_handshakes", len(self._handshaking), "all peers")
         sock.setblocking(False)
         self._count += 1
-        client = Session(sock, self._count, time.monotonic() + self._timeout, peer)
-        frame, client.challenge = proto.new_challenge()
-        sock.send(frame)
+        opening = ServerHandshake(self._authkey, self._limits)
+        client = Session(sock, self._count, time.monotonic() + self._timeout, opening, peer)
+        client.send_now(opening.data_to_send())
         self._clients[sock.fileno()] = client
         self._handshaking[client] = None
         self._handshakes_by_peer.setdefault(peer, {})[client] = None
@@ -527,13 +526,13 @@ class Broker:
             self._drop(client, logging.DEBUG, f"receive failed: {exc.strerror}")
             return
         if not data:
-            level = logging.DEBUG if client.state == _ACTIVE else logging.INFO
+            level = logging.DEBUG if client.active else logging.INFO
             self._drop(client, level, "connection closed by peer")
             return
         frames: List[Tuple[int, bytes]] = []
         try:
-            if client.state < _HELLO:
-                data = client.feed_handshake(data, self._authkey, self._max_message)
+            if client.decoder is None:
+                data = self._open(client, data)
             if data and client.decoder is not None:
                 frames = client.decoder.feed(data)
                 self._account_input(client, client.decoder.buffered, bool(frames))
@@ -544,6 +543,23 @@ class Broker:
             self._reject(client, str(exc))
         if frames:
             self._handle_guarded(client, frames)
+
+    def _open(self, client: Session, data: bytes) -> bytes:
+        """Advance *client*'s handshake; what follows it, once done (its first frames)."""
+        opening = client.opening
+        try:
+            opening.receive(data)
+        except (AuthenticationError, ProtocolError):
+            with contextlib.suppress(OSError):  # FAILURE, if any: the peer may not wait
+                client.send_now(opening.data_to_send())
+            raise
+        client.send_now(opening.data_to_send())
+        if not opening.done:
+            return b""
+        client.decoder = proto.FrameDecoder(self._max_message)
+        self._handshake_over(client)
+        logger.debug("%s connected", client.name)
+        return opening.trailing
 
     def _handle_guarded(self, client: Session, frames: List[Tuple[int, bytes]]) -> None:
         try:
@@ -578,7 +594,7 @@ class Broker:
 
     def _reject(self, client: Session, reason: str) -> None:
         self._stats.refused += 1
-        if client.state >= _HELLO:
+        if client.opening.authenticated:
             with contextlib.suppress(OSError):  # best effort: the peer may be gone
                 client.sock.send(proto.frame(proto.ERROR, reason.encode()))
         self._drop(client, logging.WARNING, f"protocol error: {reason}")
@@ -589,14 +605,12 @@ class Broker:
         router.work = 0  # routes computed or forgotten for this client's frames
         for done, (kind, frame) in enumerate(frames, 1):
             work += 1
-            if client.state != _ACTIVE:
-                self._hello(client, kind, frame)
-            elif kind == proto.PUB:
+            if kind == proto.PUB:
                 work += self._route(client, frame)
             elif kind == proto.SUB:
-                self._subscribe(client, self._checked_topic(frame[5:]))
+                self._subscribe(client, self._checked_topic(proto.body_of(frame)))
             elif kind == proto.UNSUB:
-                self._unsubscribe(client, self._checked_topic(frame[5:]))
+                self._unsubscribe(client, self._checked_topic(proto.body_of(frame)))
             elif kind == proto.PING:
                 self._reply(client, _PONG)
             elif kind == proto.STATS:
@@ -604,26 +618,13 @@ class Broker:
             elif kind == proto.BRIDGE:
                 self._attach_bridge(client, frame)
             elif kind == proto.FEDERATION and client is self._bridge:
-                self._federation = proto.report(frame)
+                self._federation = proto.federation_figures(frame)
             else:
                 raise ProtocolError(f"unexpected frame type {kind}")
             if work + router.work >= self._budget and done < len(frames):
                 client.backlog = frames[done:]
                 self._backlogged.add(client)
                 return
-
-    def _hello(self, client: Session, kind: int, frame: bytes) -> None:
-        if kind != proto.HELLO:
-            raise ProtocolError("expected HELLO")
-        version = proto.hello_version(frame)
-        if version != proto.VERSION:
-            raise ProtocolError(
-                f"unsupported protocol version {version}; this broker speaks {proto.VERSION}"
-            )
-        client.send_now(proto.frame(proto.WELCOME, proto.welcome_body(self._limits)))
-        client.state = _ACTIVE
-        self._handshake_over(client)
-        logger.debug("%s connected", client.name)
 
     def _reply(self, client: Session, frame: bytes) -> None:
         client.out.append(frame)
@@ -640,7 +641,7 @@ class Broker:
 
     def statistics(self) -> BrokerStatistics:
         """A snapshot of the broker's figures (call it from the broker's own thread)."""
-        active = [c for c in self._clients.values() if c.state == _ACTIVE]
+        active = [c for c in self._clients.values() if c.active]
         stats = self._stats
         return BrokerStatistics(
             uptime=time.monotonic() - stats.started,
@@ -711,7 +712,7 @@ class Broker:
     def _attach_bridge(self, client: Session, frame: bytes) -> None:
         if self._bridge_key is None:
             raise ProtocolError("BRIDGE refused: this broker takes no federation bridge")
-        if not hmac.compare_digest(frame[5:], self._bridge_key):
+        if not hmac.compare_digest(proto.body_of(frame), self._bridge_key):
             raise ProtocolError("BRIDGE refused: only mpubsubd's own bridge, with its key")
         if self._bridge is not None:
             raise ProtocolError(f"{self._bridge.name} is already the federation bridge")
@@ -749,7 +750,7 @@ class Broker:
 
     def _route(self, sender: Session, frame: bytes) -> int:
         """Queue *frame* for its subscribers; how many it went to."""
-        targets = self._routes[frame[9 : proto.pub_topic_end(frame)]]
+        targets = self._routes[proto.pub_topic(frame)]
         size = len(frame)
         dirty = self._dirty
         stats = self._stats

@@ -1,15 +1,20 @@
-"""The client's side of a connection: connect, authenticate, say HELLO (blocking)."""
+"""The client's side of a connection: connect, then the handshake (blocking, or asyncio).
+
+Both only move bytes: the handshake itself is ``_handshake.ClientHandshake``.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import socket
 import struct
 import time
-from typing import Any, Optional
+from typing import Any, Optional, Tuple
 
 from . import _protocol as proto
 from ._credentials import family_of
-from ._text import printable
+from ._handshake import ClientHandshake
 from .errors import AuthenticationError, ProtocolError
 
 
@@ -44,53 +49,30 @@ def handshake(
 
     All of it by *deadline* (time.monotonic()), or within the socket's
     receive timeout from now: a broker slow at every step cannot stretch it.
+    Reads exactly what the handshake needs, never a byte past it.
     """
     if deadline is None:
         timeval = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _TIMEVAL.size)
         seconds, micros = _TIMEVAL.unpack(timeval)
         if seconds or micros:
             deadline = time.monotonic() + seconds + micros / 1e6
+    opening = ClientHandshake(authkey)
     try:
-        authenticate(sock, authkey, deadline)
-        return _hello(sock, deadline)
+        while not opening.done:
+            data = _recv_exact(sock, opening.needed(), deadline)
+            try:
+                opening.receive(data)
+            except (AuthenticationError, ProtocolError):
+                with contextlib.suppress(OSError):  # FAILURE, if our key refused theirs
+                    sock.sendall(opening.data_to_send())
+                raise
+            reply = opening.data_to_send()
+            if reply:
+                sock.sendall(reply)
     except BlockingIOError:  # SO_RCVTIMEO expired
         raise _late() from None
-
-
-def authenticate(sock: socket.socket, authkey: bytes, deadline: Optional[float] = None) -> None:
-    """multiprocessing.connection's mutual challenge, as its Client does it."""
-    challenge = _recv_mp(sock, deadline)
-    sock.sendall(proto.answer_challenge(authkey, challenge))
-    if _recv_mp(sock, deadline) != proto.WELCOME_MSG:
-        raise AuthenticationError("digest sent was rejected")
-    framed, message = proto.new_challenge()
-    sock.sendall(framed)
-    try:
-        proto.verify_answer(authkey, message, _recv_mp(sock, deadline))
-    except AuthenticationError:
-        sock.sendall(proto.mp_frame(proto.FAILURE_MSG))
-        raise
-    sock.sendall(proto.mp_frame(proto.WELCOME_MSG))
-
-
-def _hello(sock: socket.socket, deadline: Optional[float]) -> proto.Limits:
-    sock.sendall(proto.frame(proto.HELLO, proto.HELLO_BODY.pack(proto.VERSION)))
-    size, kind = proto.HEADER.unpack(_recv_exact(sock, 5, deadline))
-    if size > 4096:
-        raise ProtocolError("the broker's answer to HELLO is too long")
-    body = _recv_exact(sock, size, deadline)
-    if kind == proto.ERROR:
-        raise ProtocolError(f"the broker refused: {printable(body.decode(errors='replace'))}")
-    if kind != proto.WELCOME:
-        raise ProtocolError("the broker did not answer HELLO")
-    return proto.welcome_limits(body)
-
-
-def _recv_mp(sock: socket.socket, deadline: Optional[float]) -> bytes:
-    (size,) = proto.MP_LEN.unpack(_recv_exact(sock, 4, deadline))
-    if not 0 <= size <= proto.HANDSHAKE_MAX:
-        raise ProtocolError("the peer does not speak multiprocessing's handshake")
-    return _recv_exact(sock, size, deadline)
+    assert opening.limits is not None
+    return opening.limits
 
 
 def _recv_exact(sock: socket.socket, size: int, deadline: Optional[float]) -> bytes:
@@ -116,3 +98,54 @@ def _late() -> TimeoutError:
 
 
 _TIMEVAL = struct.Struct("@ll")  # struct timeval
+
+
+async def open_stream(
+    address: Any, authkey: bytes, timeout: float, limit: int = 64 * 1024
+) -> Tuple[asyncio.StreamReader, asyncio.StreamWriter, proto.Limits]:
+    """connect_socket and handshake for asyncio: a stream to the broker, and its limits.
+
+    *timeout* bounds all of it; *limit* is the reader's buffer, as
+    asyncio.open_connection's.
+    """
+    if family_of(address) == socket.AF_UNIX:
+        opening = asyncio.open_unix_connection(address, limit=limit)
+    else:
+        opening = asyncio.open_connection(*address, limit=limit)
+    deadline = time.monotonic() + timeout
+    try:
+        reader, writer = await asyncio.wait_for(opening, timeout)
+    except asyncio.TimeoutError:
+        raise TimeoutError(f"the broker at {address} did not accept in time") from None
+    try:
+        limits = await asyncio.wait_for(
+            _handshake_stream(reader, writer, authkey), max(0.0, deadline - time.monotonic())
+        )
+    except BaseException as exc:
+        writer.close()
+        if isinstance(exc, asyncio.TimeoutError):
+            raise _late() from None
+        raise
+    return reader, writer, limits
+
+
+async def _handshake_stream(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, authkey: bytes
+) -> proto.Limits:
+    opening = ClientHandshake(authkey)
+    while not opening.done:
+        try:
+            data = await reader.readexactly(opening.needed())
+        except asyncio.IncompleteReadError:
+            raise ConnectionResetError(
+                "the broker closed the connection during the handshake"
+            ) from None
+        try:
+            opening.receive(data)
+        except (AuthenticationError, ProtocolError):
+            writer.write(opening.data_to_send())  # FAILURE, if our key refused theirs
+            raise
+        writer.write(opening.data_to_send())
+        await writer.drain()
+    assert opening.limits is not None
+    return opening.limits

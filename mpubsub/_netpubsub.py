@@ -387,8 +387,7 @@ class NetPubSub(PubSub):
         kept = [
             f
             for f in frames
-            if len(f) - 5 <= limits.max_message
-            and not limits.topic_excess(f[9 : proto.pub_topic_end(f)])
+            if len(f) - 5 <= limits.max_message and not limits.topic_excess(proto.pub_topic(f))
         ]
         if len(kept) < len(frames):
             logger.warning(
@@ -756,7 +755,7 @@ class NetPubSub(PubSub):
     def broker_statistics(self) -> Optional[Dict[str, Any]]:
         """The broker's figures (see ``BrokerStatistics``), or None if it is out of reach."""
         reply = self._ask(proto.STATS_REPLY, _STATS)
-        return None if reply is None else proto.statistics(reply)
+        return None if reply is None else proto.stats_figures(reply)
 
     def _ask(self, kind: int, request: bytes) -> Optional[bytes]:
         """Send *request* after everything pending; wait for the broker's reply of *kind*.
@@ -893,15 +892,14 @@ class NetPubSub(PubSub):
                 self._replies[kind] = frame
                 self._answered[kind] += 1
             elif kind == proto.ERROR:
-                reason = printable(frame[5:].decode(errors="replace"))
-                logger.error("broker error: %s", reason)
+                logger.error("broker error: %s", proto.reason_of(frame))
 
     def _dispatch(self, frames: List[bytes]) -> None:
         for frame in frames:
             try:
-                end = proto.pub_topic_end(frame)
-                topic = self._decoded[frame[9:end]]
-                message = self._loads(frame[end:])
+                encoded, payload = proto.pub_parts(frame)
+                topic = self._decoded[encoded]
+                message = self._loads(payload)
             except Exception as exc:  # one bad message must not stop the others
                 logger.error("dropping a message that cannot be decoded: %s", printable(str(exc)))
                 continue

@@ -28,7 +28,7 @@ reason, then it closes). After that:
   (broker -> bridge) whenever a topic gains its first subscriber or loses
   its last one, so the bridge knows what this host wants from other hosts.
 - FEDERATION (bridge -> broker): the bridge's state and counters as a small
-  flat JSON object (see ``report``), which the broker adds to its STATS_REPLY.
+  flat JSON object (see ``federation_figures``), which the broker adds to its STATS_REPLY.
 
 A topic is encoded as each element in UTF-8 (surrogates passed through),
 followed by the byte 0xFF, which never occurs in UTF-8. So ``()`` is
@@ -46,6 +46,7 @@ import os
 import struct
 from typing import Any, Dict, Iterator, List, NamedTuple, Tuple, Union
 
+from ._text import printable
 from .errors import AuthenticationError, ProtocolError
 
 VERSION = 1
@@ -205,11 +206,34 @@ def pub_head(topic: bytes, size: int) -> bytes:
     return PUB_HEADER.pack(4 + len(topic) + size, PUB, len(topic)) + topic
 
 
-def pub_topic_end(frame: bytes) -> int:
-    """Where the topic of a whole PUB frame ends (it starts at 9); ProtocolError if malformed.
+def kind_of(frame: Union[bytes, memoryview]) -> int:
+    """The type of a whole frame."""
+    return frame[4]
 
-    ``frame[9:end]`` is the encoded topic and ``frame[end:]`` the payload.
-    """
+
+def body_of(frame: bytes) -> bytes:
+    """The body of a whole frame: what follows its header."""
+    return frame[5:]
+
+
+def reason_of(frame: bytes) -> str:
+    """The reason an ERROR frame gives, printable (a hostile peer's bytes are not)."""
+    return printable(frame[5:].decode(errors="replace"))
+
+
+def pub_topic(frame: bytes) -> bytes:
+    """The encoded topic of a whole PUB frame; ProtocolError if malformed."""
+    return frame[9 : _pub_topic_end(frame)]
+
+
+def pub_parts(frame: bytes) -> Tuple[bytes, bytes]:
+    """The encoded topic and the payload of a whole PUB frame; ProtocolError if malformed."""
+    end = _pub_topic_end(frame)
+    return frame[9:end], frame[end:]
+
+
+def _pub_topic_end(frame: bytes) -> int:
+    """Where the topic of a whole PUB frame ends (it starts at 9)."""
     if len(frame) < 9:
         raise ProtocolError("truncated PUB frame")
     end = 9 + TOPIC_LEN.unpack_from(frame, 5)[0]
@@ -270,7 +294,7 @@ class FrameDecoder:
         return frames, pos
 
 
-def report(frame: bytes) -> Dict[str, Any]:
+def federation_figures(frame: bytes) -> Dict[str, Any]:
     """The figures in a whole FEDERATION frame; ProtocolError unless each is one of
     REPORT_FIELDS with its type: a string of at most 256 characters, or a count."""
     if len(frame) > _MAX_REPORT:
@@ -312,7 +336,12 @@ def _fits(figure: Any) -> bool:
     return len(figure) <= 256 if isinstance(figure, str) else 0 <= figure < 1 << 63
 
 
-def statistics(frame: bytes) -> Dict[str, Any]:
+def federation_frame(figures: Dict[str, Any]) -> bytes:
+    """A FEDERATION frame of the bridge's *figures* (see federation_figures)."""
+    return frame(FEDERATION, json.dumps(figures).encode())
+
+
+def stats_figures(frame: bytes) -> Dict[str, Any]:
     """The figures in a whole STATS_REPLY frame; ProtocolError if they are not a JSON object."""
     try:
         value = json.loads(frame[5:])

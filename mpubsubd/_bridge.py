@@ -30,8 +30,9 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
 from mpubsub import _protocol as proto
-from mpubsub._connect import connect_socket, handshake
+from mpubsub._connect import open_stream
 from mpubsub._credentials import read_credentials
+from mpubsub._handshake import DEFAULT_HANDSHAKE_TIMEOUT
 from mpubsub._memo import Memo
 from mpubsub._text import printable
 
@@ -201,15 +202,10 @@ class Bridge:
 
     async def _open_broker(self) -> asyncio.StreamReader:
         address, authkey = read_credentials(self._credentials)
-        sock = connect_socket(address, 5.0)
-        try:
-            self._limits = handshake(sock, authkey)
-            sock.sendall(proto.frame(proto.BRIDGE, self._bridge_key))
-            sock.setblocking(False)
-            reader, self._writer = await asyncio.open_connection(sock=sock, limit=_READ_SIZE)
-        except BaseException:
-            sock.close()
-            raise
+        reader, self._writer, self._limits = await open_stream(
+            address, authkey, DEFAULT_HANDSHAKE_TIMEOUT, limit=_READ_SIZE
+        )
+        self._writer.write(proto.frame(proto.BRIDGE, self._bridge_key))
         logger.info(
             "bridge for %s: asked the broker at %s to take it as its bridge",
             self._config.host_name,
@@ -228,15 +224,13 @@ class Bridge:
                 if kind == proto.PUB:
                     await self._publish(frame)
                 elif kind == proto.SUB:
-                    self._topics.add(frame[5:])
+                    self._topics.add(proto.body_of(frame))
                     self._resync.set()
                 elif kind == proto.UNSUB:
-                    self._topics.discard(frame[5:])
+                    self._topics.discard(proto.body_of(frame))
                     self._resync.set()
                 elif kind == proto.ERROR:
-                    raise ConnectionError(
-                        f"the broker refused: {frame[5:].decode(errors='replace')}"
-                    )
+                    raise ConnectionError(f"the broker refused: {proto.reason_of(frame)}")
 
     async def _report(self) -> None:
         while True:
@@ -244,7 +238,7 @@ class Bridge:
             await asyncio.sleep(_REPORT_EVERY)
 
     def _report_frame(self) -> bytes:
-        return proto.frame(proto.FEDERATION, json.dumps(self.statistics()).encode())
+        return proto.federation_frame(self.statistics())
 
     def statistics(self) -> Dict[str, Any]:
         return {
@@ -265,8 +259,7 @@ class Bridge:
     # --- this host -> NATS -------------------------------------------------------------
 
     async def _publish(self, frame: bytes) -> None:
-        end = proto.pub_topic_end(frame)
-        topic = frame[9:end]
+        topic, payload = proto.pub_parts(frame)
         if self._local_only and topic.startswith(self._local_only):
             return
         subj = self._subjects[topic]
@@ -287,10 +280,10 @@ class Bridge:
             self._drop_out("NATS is not keeping up: messages for other hosts are dropped")
             return
         try:
-            await nc.publish(subj, self._signer.seal(topic, frame[end:]))
+            await nc.publish(subj, self._signer.seal(topic, payload))
         except nats.errors.MaxPayloadError:
             self._drop_out(
-                f"a message of {len(frame) - end} bytes exceeds NATS's max_payload "
+                f"a message of {len(payload)} bytes exceeds NATS's max_payload "
                 f"({nc.max_payload}): not sent to other hosts",
                 "max_payload",
             )

@@ -20,7 +20,7 @@ import pytest
 
 from mpubsub import AuthenticationError, Broker, NetPubSub, ProtocolError
 from mpubsub import _protocol as proto
-from mpubsub._connect import authenticate, connect_socket, handshake
+from mpubsub._connect import connect_socket, handshake
 
 from . import needs
 from .conftest import (
@@ -314,8 +314,11 @@ def test_challenge_forms() -> None:
 def test_raw_handshake_then_hello(broker: BrokerProcess) -> None:
     """The sequence a client speaks: authenticate, HELLO, WELCOME with the size limits."""
     address, authkey = broker.creds()
-    with connect_socket(address, 5) as sock:
-        authenticate(sock, authkey)
+    # multiprocessing's own Client authenticates: the broker speaks its handshake.
+    with (
+        mpc.Client(address, authkey=authkey) as conn,
+        socket.socket(fileno=os.dup(conn.fileno())) as sock,
+    ):
         sock.sendall(proto.frame(proto.HELLO, proto.HELLO_BODY.pack(proto.VERSION)))
         header = sock.recv(5 + proto.WELCOME_BODY.size, socket.MSG_WAITALL)
     _size, kind = proto.HEADER.unpack_from(header)

@@ -33,6 +33,7 @@ from mpubsub import AuthenticationError, Broker, NetPubSub
 from mpubsub import _protocol as proto
 from mpubsub._connect import connect_socket, handshake
 from mpubsub._credentials import write_credentials
+from mpubsub._handshake import ServerHandshake
 from mpubsub._session import Session
 
 from . import needs
@@ -727,7 +728,7 @@ def test_interest_queued_for_the_bridge_is_accounted(tmp_path: Path) -> None:
     broker = Broker(str(tmp_path / "b.sock"), b"k" * 32, bridge_key=BRIDGE_KEY)
     left, right = socket.socketpair()
     with left, right:
-        bridge = Session(left, 1, 0.0)
+        bridge = Session(left, 1, 0.0, ServerHandshake(b"k", proto.Limits()))
         broker._bridge = bridge
         broker._interest = {proto.encode_topic((f"t{n}",)): n % 2 == 0 for n in range(50_000)}
         assert broker._queue_interest(bridge)
@@ -1157,7 +1158,7 @@ def test_what_a_dying_broker_read_is_not_sent_again(tmp_path: Path) -> None:
             taken += len(data)
             for kind, frame in decoder.feed(data):
                 if kind == proto.PUB:
-                    n = pickle.loads(frame[proto.pub_topic_end(frame) :])["n"]
+                    n = pickle.loads(proto.pub_parts(frame)[1])["n"]
                     got.append(n)
                     if n == -1:
                         end.set()
