@@ -113,10 +113,11 @@ class Broker:
     bound here, so ``address`` is known before ``start()``.
 
     Guarantees: a peer must complete the multiprocessing handshake within
-    *timeout* seconds, without delaying anyone; a message is sent only to
-    clients subscribed to its topic (or a prefix of it), never back to its
-    sender, in the order the sender published; a client whose unsent
-    messages exceed *max_buffer* bytes is disconnected with a WARNING;
+    *timeout* seconds (the handshake's timeout: 0.0.1's name for it),
+    without delaying anyone; a message is sent only to clients subscribed
+    to its topic (or a prefix of it), never back to its sender, in the
+    order the sender published; a client whose unsent messages exceed
+    *max_buffer* bytes is disconnected with a WARNING;
     anything malformed closes that one connection with a WARNING. Whatever
     goes wrong while serving one connection (its OS errors, or a bug of
     ours: logged at ERROR with the traceback) closes that connection only.
@@ -189,7 +190,7 @@ class Broker:
         self._authkey = (
             authkey if authkey is not None else multiprocessing.current_process().authkey
         )
-        self._timeout = timeout
+        self._handshake_timeout = timeout
         self._max_message = max_message_size
         self._max_buffer = max_buffer
         self._limits = proto.Limits(
@@ -224,7 +225,7 @@ class Broker:
         # What one client's input may cost this round, and what may be read of it.
         self._budget, self._recv_size = _WORK_PER_ROUND, _RECV_SIZE
         self._bridge_key = bridge_key
-        self._bridge: Optional[Session] = None
+        self._bridge_client: Optional[Session] = None
         # Topics whose interest changed since the bridge was last told, with
         # the news (True: subscribed): see _tell_bridge.
         self._interest: Dict[bytes, bool] = {}
@@ -283,9 +284,15 @@ class Broker:
         with contextlib.suppress(OSError):  # already woken, or closed
             self._wake_w.send(b"x")
 
-    def start(self) -> None:
-        """Serve until ``stop()``, SIGINT or SIGTERM, then close everything."""
-        handlers = self._catch_signals()
+    def start(self, *, handle_signals: bool = False) -> None:
+        """Serve until ``stop()``, then close everything.
+
+        With *handle_signals* (in the main thread only), SIGINT and SIGTERM
+        stop it too, and their handlers are restored after. Without, the
+        program's own handlers stay: a KeyboardInterrupt ends ``start()``
+        with everything closed.
+        """
+        handlers = self._catch_signals() if handle_signals else {}
         files = raise_file_limit()
         if self._max_connections > files - _SPARE_FILES:
             self._max_connections = max(1, files - _SPARE_FILES)
@@ -308,7 +315,7 @@ class Broker:
 
     def _catch_signals(self) -> Dict[int, Any]:
         if threading.current_thread() is not threading.main_thread():
-            return {}
+            raise RuntimeError("handle_signals=True needs the main thread")
 
         def handler(signum: int, frame: object) -> None:
             self.stop()
@@ -444,7 +451,9 @@ class Broker:
         sock.setblocking(False)
         self._count += 1
         opening = ServerHandshake(self._authkey, self._limits)
-        client = Session(sock, self._count, time.monotonic() + self._timeout, opening, peer)
+        client = Session(
+            sock, self._count, time.monotonic() + self._handshake_timeout, opening, peer
+        )
         client.send_now(opening.data_to_send())
         self._clients[sock.fileno()] = client
         self._handshaking[client] = None
@@ -496,10 +505,10 @@ class Broker:
             self._unsubscribe(client, topic)
         client.out.clear()
         client.out_size = 0
-        if client is self._bridge:
+        if client is self._bridge_client:
             if not self._stopping:
                 logger.warning("the federation bridge is gone")
-            self._bridge = None  # its last report stays: statistics() says why it stopped
+            self._bridge_client = None  # its last report stays: statistics() says why it stopped
             self._router.set_everything(None)
             self._interest.clear()
 
@@ -617,7 +626,7 @@ class Broker:
                 self._reply(client, self._stats_reply())
             elif kind == proto.BRIDGE:
                 self._attach_bridge(client, frame)
-            elif kind == proto.FEDERATION and client is self._bridge:
+            elif kind == proto.FEDERATION and client is self._bridge_client:
                 self._federation = proto.federation_figures(frame)
             else:
                 raise ProtocolError(f"unexpected frame type {kind}")
@@ -645,7 +654,7 @@ class Broker:
         stats = self._stats
         return BrokerStatistics(
             uptime=time.monotonic() - stats.started,
-            clients=len(active) - (self._bridge is not None),  # the bridge is in federation
+            clients=len(active) - (self._bridge_client is not None),  # the bridge is in federation
             subscriptions=sum(len(c.subs) for c in active),
             messages_in=stats.messages_in,
             bytes_in=stats.bytes_in,
@@ -663,7 +672,7 @@ class Broker:
         if self._federation is None:
             return None
         figures = {**self._federation, "dropped_behind": self._stats.bridge_dropped}
-        if self._bridge is None:
+        if self._bridge_client is None:
             figures["state"] = "bridge not running"
         return figures
 
@@ -683,7 +692,7 @@ class Broker:
         )
 
     def _subscribe(self, client: Session, topic: bytes) -> None:
-        if client is self._bridge:
+        if client is self._bridge_client:
             raise ProtocolError("the bridge receives every message without subscribing")
         if topic in client.subs:
             return
@@ -714,11 +723,11 @@ class Broker:
             raise ProtocolError("BRIDGE refused: this broker takes no federation bridge")
         if not hmac.compare_digest(proto.body_of(frame), self._bridge_key):
             raise ProtocolError("BRIDGE refused: only mpubsubd's own bridge, with its key")
-        if self._bridge is not None:
-            raise ProtocolError(f"{self._bridge.name} is already the federation bridge")
+        if self._bridge_client is not None:
+            raise ProtocolError(f"{self._bridge_client.name} is already the federation bridge")
         if client.subs:
             raise ProtocolError("a client with subscriptions cannot become the bridge")
-        self._bridge = client
+        self._bridge_client = client
         self._router.set_everything(client)
         self._interest = dict.fromkeys(self._router.topics, True)
         self._dirty.add(client)
@@ -729,11 +738,11 @@ class Broker:
         # about a topic still in _interest undoes the news waiting there, so
         # what waits is at most one entry per topic subscribed now or known
         # to the bridge, whatever the churn, and costs nothing to merge.
-        if self._bridge is None:
+        if self._bridge_client is None:
             return
         if self._interest.pop(topic, None) is None:
             self._interest[topic] = subscribed
-        self._dirty.add(self._bridge)
+        self._dirty.add(self._bridge_client)
 
     def _queue_interest(self, bridge: Session) -> bool:
         """Queue the bridge's next SUB/UNSUB frames, about one send's worth; False if none."""
@@ -775,10 +784,10 @@ class Broker:
 
     def _flush(self, client: Session) -> None:
         if client.held > self._max_buffer:
-            if client is self._bridge:
+            if client is self._bridge_client:
                 self._shed_for_bridge(client)
             if client.held > (
-                self._max_buffer // 2 if client is self._bridge else self._max_buffer
+                self._max_buffer // 2 if client is self._bridge_client else self._max_buffer
             ):
                 self._stats.slow_consumers += 1
                 self._drop(
@@ -809,7 +818,7 @@ class Broker:
         out = client.out
         # The bridge's news of interest is queued only once the rest is sent:
         # it never piles up in the queue (see _tell_bridge).
-        while out or (client is self._bridge and self._queue_interest(client)):
+        while out or (client is self._bridge_client and self._queue_interest(client)):
             if len(out) == 1 or len(out[0]) >= _SEND_CHUNK:
                 data = out.popleft()
             else:

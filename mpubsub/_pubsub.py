@@ -11,7 +11,8 @@ import weakref
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from ._memo import Memo
-from .typing import Subscriber, Topic
+from ._topics import as_topic
+from ._types import Subscriber, Topic
 
 __all__ = ["ErrorHandler", "PubSub", "as_topic"]
 
@@ -37,21 +38,6 @@ _BOUND = (types.MethodType, types.BuiltinMethodType, types.MethodWrapperType)
 
 # Dead weak references tolerated before the table is pruned (amortised O(1)).
 _MIN_DEAD_BEFORE_PRUNE = 16
-
-
-def as_topic(topic: Topic) -> Tuple[str, ...]:
-    """Return *topic* as a tuple: a string is a one-element tuple, None is ``()``."""
-    if topic.__class__ is tuple:
-        return topic
-    if topic is None:
-        return ()
-    if isinstance(topic, str):
-        return (topic,)
-    if isinstance(topic, tuple):
-        return tuple(topic)
-    raise TypeError(
-        f"topic must be a tuple of strings, a string or None, not {type(topic).__name__}"
-    )
 
 
 class _Routes(Memo[Tuple[str, ...], Tuple[_Ref, ...]]):
@@ -250,9 +236,9 @@ class PubSub:
                     failures = []
                 failures.append((subscriber, exc))
         if failures:
-            self._report(topic, message, failures)
+            self._handle_failures(topic, message, failures)
 
-    def _report(
+    def _handle_failures(
         self,
         topic: Tuple[str, ...],
         message: Dict[str, Any],

@@ -1,4 +1,4 @@
-"""Untrusted text made safe to print on a terminal or in a log line."""
+"""Text for people: untrusted text made safe to print, errors said in a few words."""
 
 from __future__ import annotations
 
@@ -35,3 +35,10 @@ def printable(text: str) -> str:
     if text.isprintable() and "\\" not in text:  # the common case, at C speed
         return text
     return _UNSAFE.sub(_escape, text)
+
+
+def reason(exc: BaseException) -> str:
+    """What went wrong, in a few words: the OS's reason, the message, or the type."""
+    return (exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)) or type(
+        exc
+    ).__name__

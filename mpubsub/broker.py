@@ -19,6 +19,7 @@ from typing import List, Optional
 
 from ._broker import CAPS, DEFAULT_MAX_BUFFER, Broker
 from ._credentials import parse_address, write_credentials
+from ._handshake import DEFAULT_HANDSHAKE_TIMEOUT
 from ._protocol import DEFAULT_MAX_MESSAGE
 
 __all__ = ["DEFAULT_MAX_BUFFER", "DEFAULT_MAX_MESSAGE", "Broker", "main"]
@@ -63,7 +64,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--handshake-timeout",
         type=float,
-        default=5.0,
+        default=DEFAULT_HANDSHAKE_TIMEOUT,
         metavar="SECONDS",
         help="time a new connection has to authenticate (default: %(default)s)",
     )
@@ -107,7 +108,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     except OSError as exc:
         sys.exit(f"error: cannot write {args.file}: {exc.strerror or exc}")
     try:
-        broker.start()
+        broker.start(handle_signals=True)
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(args.file)

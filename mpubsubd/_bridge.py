@@ -29,16 +29,19 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
-from mpubsub import _protocol as proto
-from mpubsub._connect import open_stream
-from mpubsub._credentials import read_credentials
-from mpubsub._handshake import DEFAULT_HANDSHAKE_TIMEOUT
-from mpubsub._memo import Memo
-from mpubsub._text import printable
+from mpubsub._for_mpubsubd import (
+    DEFAULT_HANDSHAKE_TIMEOUT,
+    Memo,
+    open_stream,
+    printable,
+    read_credentials,
+    reason,
+)
+from mpubsub._for_mpubsubd import protocol as proto
 
 from ._config import FederationConfig
-from ._daemon import log_file_handler, reason, stderr_handler, use_handler
 from ._federation import Duplicate, Rejected, Signer, Verifier, interest, subject, topic_of
+from ._logging import log_file_handler, stderr_handler, use_handler
 
 logger = logging.getLogger("mpubsubd.bridge")
 
@@ -163,7 +166,7 @@ class Bridge:
         tasks = [
             asyncio.ensure_future(self._connect_nats()),
             asyncio.ensure_future(self._sync_interest()),
-            asyncio.ensure_future(self._report()),
+            asyncio.ensure_future(self._send_figures_regularly()),
             asyncio.ensure_future(self._watch()),
         ]
         reading = asyncio.ensure_future(self._read_broker(reader))
@@ -232,12 +235,12 @@ class Bridge:
                 elif kind == proto.ERROR:
                     raise ConnectionError(f"the broker refused: {proto.reason_of(frame)}")
 
-    async def _report(self) -> None:
+    async def _send_figures_regularly(self) -> None:
         while True:
-            self._send_local(self._report_frame())
+            self._send_local(self._figures_frame())
             await asyncio.sleep(_REPORT_EVERY)
 
-    def _report_frame(self) -> bytes:
+    def _figures_frame(self) -> bytes:
         return proto.federation_frame(self.statistics())
 
     def statistics(self) -> Dict[str, Any]:
@@ -454,7 +457,7 @@ class Bridge:
 
     def _set_state(self, state: str, server: str) -> None:
         self.state, self.server = state, server
-        self._send_local(self._report_frame())
+        self._send_local(self._figures_frame())
 
     async def _sync_interest(self) -> None:
         while True:
@@ -472,7 +475,7 @@ class Bridge:
                 for subj in sorted(self._nats_subs.keys() - wanted):
                     await self._nats_subs.pop(subj).unsubscribe()
                 await nc.flush(5)  # the server has them: report it
-                self._send_local(self._report_frame())
+                self._send_local(self._figures_frame())
             except (nats.errors.Error, asyncio.TimeoutError) as exc:
                 logger.warning(
                     "cannot update NATS subscriptions (%s); retrying", printable(reason(exc))

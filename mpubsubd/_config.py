@@ -11,10 +11,8 @@ import stat
 from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Dict, Optional, Tuple
 
-from mpubsub._broker import CAPS, DEFAULT_MAX_BUFFER
-from mpubsub._cli import parse_topic
-from mpubsub._credentials import Address, parse_address
-from mpubsub._protocol import DEFAULT_MAX_MESSAGE
+from mpubsub._for_mpubsubd import CAPS, Address, parse_address, parse_topic
+from mpubsub.broker import DEFAULT_MAX_BUFFER, DEFAULT_MAX_MESSAGE
 
 DEFAULT_PATH = "/etc/mpubsub/mpubsubd.conf"
 SECTION = "mpubsubd"

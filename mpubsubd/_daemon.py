@@ -11,21 +11,17 @@ import secrets
 import signal
 import socket
 import stat
-import sys
-from io import TextIOWrapper
 from typing import Any, Callable, Optional
 
 from mpubsub import Broker, __version__
-from mpubsub._broker import CAPS
-from mpubsub._credentials import write_credentials
+from mpubsub._for_mpubsubd import CAPS, reason, write_credentials
 
 from ._config import Config, ConfigError, read_authkey
+from ._logging import LogFileError, log_file_handler, stderr_handler, use_handler
 from ._supervisor import BridgeSupervisor
 
 logger = logging.getLogger("mpubsubd")
 
-_FILE_FORMAT = "%(asctime)s %(name)s[%(process)d] %(levelname)s: %(message)s"
-_JOURNAL_FORMAT = "%(levelname)s %(name)s: %(message)s"  # the journal adds time and pid
 _PID_LIMIT = 1 << 22  # Linux's PID_MAX_LIMIT: every pid is below it
 
 
@@ -52,7 +48,10 @@ def run_daemon(config: Config) -> None:
     """Fork a classic daemon; return once it serves, or raise StartupError saying why not."""
     stale = check_pidfile(config.pidfile)
     _make_dirs(config, log_dir=True)
-    handler = log_file_handler(config.log_file)
+    try:
+        handler = log_file_handler(config.log_file)
+    except LogFileError as exc:
+        raise StartupError(str(exc)) from None
     read_end, write_end = os.pipe()
     pid = os.fork()
     if pid == 0:  # the daemon-to-be: python-daemon forks twice more and detaches
@@ -111,7 +110,9 @@ def _daemon_child(config: Config, handler: logging.Handler, pipe: int, stale: Op
 def _serve(config: Config, ready: Callable[[], object], reopen: Optional[logging.Handler]) -> None:
     authkey = read_authkey(config.authkey_file) if config.authkey_file else secrets.token_bytes(32)
     bridge_key = secrets.token_bytes(32)  # what tells our bridge from any other client
-    bridge = _bridge(config, bridge_key, log_file=config.log_file if reopen is not None else None)
+    bridge = _bridge_supervisor(
+        config, bridge_key, log_file=config.log_file if reopen is not None else None
+    )
     try:
         broker = Broker(
             config.broker_address,
@@ -148,7 +149,10 @@ def _serve(config: Config, ready: Callable[[], object], reopen: Optional[logging
             logger.info("SIGHUP: nothing to reopen, logging to stderr")
         sd_notify("READY=1")
 
+    # mpubsubd owns its signals: the broker is told, from its own loop.
     signal.signal(signal.SIGHUP, lambda signum, frame: broker.schedule(on_hangup))
+    for stopping in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(stopping, lambda signum, frame: broker.stop())
     logger.info("mpubsubd %s serving; clients read %s", __version__, config.credentials)
     ready()
     if bridge is not None:
@@ -164,7 +168,7 @@ def _serve(config: Config, ready: Callable[[], object], reopen: Optional[logging
         logger.info("mpubsubd stopped")
 
 
-def _bridge(
+def _bridge_supervisor(
     config: Config, bridge_key: bytes, log_file: Optional[str]
 ) -> Optional[BridgeSupervisor]:
     """The supervisor of the federation bridge, when [federation] names servers."""
@@ -336,65 +340,6 @@ def _secure_socket(broker: Broker, gid: Optional[int]) -> None:
         os.chmod(address, 0o660)
 
 
-def log_file_handler(path: str) -> logging.Handler:
-    """Lines with time and pid in *path*, reopened when logrotate renamed it.
-
-    A new log file is made 0640; an existing one keeps its mode. A symbolic link at
-    *path* is refused (StartupError), never followed.
-    """
-    try:
-        handler = _LogFile(path)
-    except OSError as exc:
-        why = "a symbolic link, not followed" if exc.errno == errno.ELOOP else reason(exc)
-        raise StartupError(f"cannot open log_file {path}: {why}") from None
-    handler.setFormatter(logging.Formatter(_FILE_FORMAT))
-    return handler
-
-
-class _LogFile(logging.handlers.WatchedFileHandler):
-    """A WatchedFileHandler that makes its file 0640 and never opens it through a link.
-
-    A log file that cannot be opened again (after logrotate, say) loses
-    lines, not the daemon: each line tries again.
-    """
-
-    def emit(self, record: logging.LogRecord) -> None:
-        try:
-            super().emit(record)
-        except OSError:  # FileHandler.emit opens the file unguarded
-            self.handleError(record)
-
-    def _open(self) -> TextIOWrapper:
-        # Also called when a SIGHUP after logrotate makes the file anew: 0640 again,
-        # and a link planted in its place meanwhile is not followed either.
-        # O_NONBLOCK: a fifo put there must not stall the broker (refused below).
-        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
-        fd = os.open(self.baseFilename, flags | os.O_NONBLOCK, 0o640)
-        try:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                raise OSError(errno.EINVAL, "not a regular file")
-            return open(fd, "a", encoding=self.encoding, errors=self.errors)
-        except BaseException:
-            os.close(fd)
-            raise
-
-
-def stderr_handler() -> logging.Handler:
-    """Lines for the journal, which adds the time and the pid itself."""
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter(_JOURNAL_FORMAT))
-    return handler
-
-
-def use_handler(handler: logging.Handler, level: str) -> None:
-    """Send every log record of *level* and above to *handler* only."""
-    root = logging.getLogger()
-    for old in root.handlers[:]:
-        root.removeHandler(old)
-    root.addHandler(handler)
-    root.setLevel(level)
-
-
 def sd_notify(message: str) -> bool:
     """Tell systemd about our state when it asked (NOTIFY_SOCKET); True if sent."""
     address = os.environ.get("NOTIFY_SOCKET")
@@ -426,18 +371,10 @@ class _Launcher:
             os.close(fd)
 
 
-def reason(exc: BaseException) -> str:
-    """What went wrong, in a few words: the OS's reason, the message, or the type."""
-    return (exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)) or type(
-        exc
-    ).__name__
-
-
 __all__ = [
     "ConfigError",
     "StartupError",
     "check_pidfile",
-    "reason",
     "run_daemon",
     "run_foreground",
     "sd_notify",

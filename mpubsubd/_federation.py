@@ -48,8 +48,8 @@ import struct
 import time
 from typing import Callable, Dict, FrozenSet, Iterable, List, Optional, Set, Tuple
 
-from mpubsub import _protocol as proto
-from mpubsub.errors import ProtocolError
+from mpubsub import ProtocolError
+from mpubsub._for_mpubsubd import protocol as proto
 
 VERSION = 2
 _STARTED = struct.Struct("!Q")
