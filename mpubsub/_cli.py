@@ -16,7 +16,8 @@ import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from ._netpubsub import NetPubSub
-from ._text import printable
+from ._text import printable, reason
+from ._topics import format_topic, parse_topic
 from .errors import AuthenticationError, MPubSubError, ProtocolError
 
 DEFAULT_CREDENTIALS = "/run/mpubsub/broker.pckl"
@@ -24,16 +25,6 @@ DEFAULT_CREDENTIALS = "/run/mpubsub/broker.pckl"
 
 class CliError(Exception):
     """A mistake or a failure, told to the user in one line."""
-
-
-def parse_topic(text: str) -> Tuple[str, ...]:
-    """``a/b/c`` is ``('a', 'b', 'c')``; ``/`` (or nothing) is the catch-all ``()``."""
-    text = text.strip("/")
-    return tuple(text.split("/")) if text else ()
-
-
-def format_topic(topic: Tuple[str, ...]) -> str:
-    return "/".join(topic) or "/"
 
 
 def parse_message(pairs: List[str], whole: Optional[str]) -> Dict[str, Any]:
@@ -75,8 +66,7 @@ def connect(path: str) -> NetPubSub:
             f"cannot reach the broker at {address}: {exc.strerror} (is it running?)"
         ) from None
     except (OSError, ProtocolError) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-        raise CliError(f"cannot reach the broker at {address}: {reason}") from None
+        raise CliError(f"cannot reach the broker at {address}: {reason(exc)}") from None
     return pubsub
 
 
@@ -84,7 +74,7 @@ def cmd_pub(args: argparse.Namespace) -> None:
     message = parse_message(args.pairs, args.json)
     topic = parse_topic(args.topic)
     with connect(args.credentials) as pubsub:
-        pubsub._publish_timeout = pubsub._timeout  # not forever: a broker may not read
+        pubsub._link.publish_timeout = pubsub._link.timeout  # not forever: a broker may not read
         try:
             pubsub.publish(topic, **message)
         except (ValueError, TypeError) as exc:

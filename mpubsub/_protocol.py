@@ -56,6 +56,9 @@ VERSION = 1
 )
 FRAME_TYPES = frozenset(range(1, 13))
 
+#: A frame as FrameDecoder gives it: its type, and the whole frame (header included).
+Frame = Tuple[int, bytes]
+
 HEADER = struct.Struct("!IB")
 PUB_HEADER = struct.Struct("!IBI")  # the header and the topic length of a PUB frame
 TOPIC_LEN = struct.Struct("!I")

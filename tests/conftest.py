@@ -242,7 +242,7 @@ def clients() -> Iterator[List[NetPubSub]]:
     made: List[NetPubSub] = []
     yield made
     for pubsub in made:
-        if pubsub._state != "offline":
+        with contextlib.suppress(RuntimeError):  # disconnected by the test already
             pubsub.disconnect()
 
 

@@ -203,8 +203,8 @@ def test_bad_frames_after_auth(
     bystander = connected(broker, clients)
     got = subscribed(bystander, None)
     offender = connected(broker, clients)
-    with offender._io:
-        offender._write(frame)
+    with offender._link.lock:
+        offender._link.write(frame)
     wait_for(lambda: reason in broker.output(), what=f"the log line {reason!r}")
     connected(broker, clients).publish("after", n=1)  # behind anything the offender got through
     wait_for(lambda: bystander.poll(0.05) or got, what="the message after the bad frame")
@@ -239,8 +239,8 @@ def test_malicious_pickle_is_never_run_by_the_broker(
 
     attacker = connected(broker, clients)
     frame = proto.pub_frame(proto.encode_topic(("nobody",)), pickle.dumps(Evil()))
-    with attacker._io:
-        attacker._write(frame)
+    with attacker._link.lock:
+        attacker._link.write(frame)
     assert attacker.flush()  # the broker has handled the frame
     assert not marker.exists()
     assert_serving(broker, clients)

@@ -729,7 +729,7 @@ def test_interest_queued_for_the_bridge_is_accounted(tmp_path: Path) -> None:
     left, right = socket.socketpair()
     with left, right:
         bridge = Session(left, 1, 0.0, ServerHandshake(b"k", proto.Limits()))
-        broker._bridge = bridge
+        broker._bridge_client = bridge
         broker._interest = {proto.encode_topic((f"t{n}",)): n % 2 == 0 for n in range(50_000)}
         assert broker._queue_interest(bridge)
         assert bridge.out and bridge.out_size == sum(map(len, bridge.out))
@@ -931,7 +931,7 @@ def test_a_flooding_broker_cannot_hold_flush_or_fill_memory(tmp_path: Path) -> N
         thread.start()
         wait_for(lambda: outcome, timeout=15, what="flush() to give up")
         assert isinstance(outcome[0], TimeoutError)
-        assert pubsub._inbox_size <= 65 * MiB
+        assert pubsub._link.inbox.size <= 65 * MiB
     finally:
         pubsub.disconnect()
         fake.close()
@@ -1311,7 +1311,7 @@ def test_a_broker_that_stops_reading_blocks_publish_only(tmp_path: Path, size: i
         pubsub.connect()
         publisher.start()
         wait_for(_stalled(lambda: published[0]), 20, what="the publisher to block")
-        assert pubsub._out_size + pubsub._pending_size <= 2 * MiB + size  # about 1 MiB
+        assert pubsub._link.outbox.size + pubsub._link.outbox.batched_size <= 2 * MiB + size
         assert _within(3, lambda: pubsub.poll(0)) is False
         assert isinstance(_within(4, pubsub.flush), TimeoutError)
         assert isinstance(_within(4, pubsub.broker_statistics), TimeoutError)
@@ -1414,8 +1414,8 @@ def test_a_slow_publisher_to_a_broker_that_does_not_read_is_held_back(tmp_path: 
             time.sleep(0.1)
 
     def waiting() -> int:
-        with pubsub._io:
-            return pubsub._out_size + pubsub._pending_size
+        with pubsub._link.lock:
+            return pubsub._link.outbox.size + pubsub._link.outbox.batched_size
 
     publisher = threading.Thread(target=trickle, daemon=True)
     limit = 2 * MiB + 64 * 1024

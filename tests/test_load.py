@@ -98,7 +98,7 @@ def test_churn_returns_to_baseline(
             pubsub = NetPubSub.from_file(broker.credentials)
             pubsub.connect()
             pubsub.add_subscriber("t", print, weak=False)
-            pubsub._close()  # the socket closes: no goodbye
+            pubsub._link._close()  # the socket closes: no goodbye
             with connect_socket(address, 5):
                 pass  # a connection that never authenticates
         killed = [helpers("subscriber", broker.credentials, "t", 1) for _ in range(rounds // 20)]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import pickle
@@ -54,7 +55,7 @@ def connect(broker: BrokerProcess) -> Iterator[Callable[..., NetPubSub]]:
 
     yield make
     for pubsub in made:
-        if pubsub._state != "offline":
+        with contextlib.suppress(RuntimeError):  # disconnected by the test already
             pubsub.disconnect()
 
 
@@ -505,7 +506,7 @@ def test_flush_while_reconnecting_tries_at_once(
     address = str(tmp_path / "b.sock")
     pubsub = orphaned(broker_factory, address)
     try:
-        wait_for(lambda: pubsub._backoff >= 1.0, what="the backoff to grow past a second")
+        wait_for(lambda: pubsub._link._backoff >= 1.0, what="the backoff to grow past a second")
         broker_factory(address, "--overwrite")  # the same credentials file
         assert pubsub.flush()
         assert pubsub.connected
@@ -522,9 +523,13 @@ def test_queued_messages_over_a_new_brokers_limits_are_dropped(
     try:
         pub.publish(("x" * 200,), n=1)
         pub.publish("t", n=2)
-        restarted = broker_factory(address, "--max-topic-size", "100", "--overwrite")
+        # The successor is elsewhere until its subscriber is in place: then its
+        # credentials replace the old ones, and pub finds it at its next attempt.
+        restarted = broker_factory(str(tmp_path / "c.sock"), "--max-topic-size", "100", name="c")
         with NetPubSub.from_file(restarted.credentials) as sub:
             got = subscribed(sub, "t")
+            shutil.copy(restarted.credentials, tmp_path / "moved.pckl")
+            os.replace(tmp_path / "moved.pckl", tmp_path / "broker.pckl")
             assert pub.flush()
             wait_for(lambda: sub.poll(0.05) or got, what="the queued message that fits")
             assert pub.connected
@@ -558,6 +563,38 @@ def test_disconnect_from_another_thread_ends_wait_forever(
     pubsub.disconnect()
     waiting.join(5)
     assert not waiting.is_alive()
+
+
+def test_poll_from_a_second_thread_is_refused(connect: Callable[..., NetPubSub]) -> None:
+    """While one thread delivers in wait_forever(), another's poll() raises a clear error,
+    and the first delivers on, in order."""
+    pubsub = connect()
+    got = subscribed(pubsub, "t")
+    waiting = threading.Thread(target=pubsub.wait_forever, daemon=True)
+    waiting.start()
+
+    def refused() -> bool:
+        try:
+            pubsub.poll(0)
+        except RuntimeError as exc:
+            assert str(exc) == (
+                "poll() is already running in another thread: call poll() and "
+                "wait_forever() from one thread at a time"
+            )
+            return True
+        return False
+
+    wait_for(refused, what="a second thread's poll() refused")
+    publisher = connect()
+    for n in range(100):
+        publisher.publish("t", n=n)
+    wait_for(lambda: len(got) == 100, what="the waiting thread to deliver")
+    assert got == [{"n": n} for n in range(100)]
+    pubsub.disconnect()
+    waiting.join(5)
+    assert not waiting.is_alive()
+    with pytest.raises(RuntimeError, match=r"^Not connected$"):
+        pubsub.poll(0)  # the claim is released: the usual error, not the conflict
 
 
 def blocked(thread: threading.Thread) -> bool:
@@ -672,16 +709,6 @@ def test_messages_queued_while_the_broker_is_away_arrive_newest_first_kept(
     assert sum("dropping the oldest" in r.getMessage() for r in caplog.records) == 1  # once
 
 
-def test_unwritten_frames_are_those_not_sent_whole() -> None:
-    """After a break: the frames of what waited that were not wholly sent, in order."""
-    pubsub = NetPubSub("/nonexistent", b"key")
-    a, b, c, d = b"a" * 10, b"b" * 10, b"c" * 3, b"d" * 3
-    pubsub._out.extend([((a + b,), [a, b], 20), ((c + d,), [c, d], 6), ((b"x",), (), 1)])
-    pubsub._out_offset = 10  # a went whole, exactly: b did not
-    assert pubsub._unwritten() == [b, c, d]
-    assert not pubsub._out and pubsub._out_offset == pubsub._out_size == 0
-
-
 def test_waits_do_not_spin_on_a_descriptor_over_1023(
     broker: BrokerProcess, clients: List[NetPubSub]
 ) -> None:
@@ -692,7 +719,7 @@ def test_waits_do_not_spin_on_a_descriptor_over_1023(
     filler = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
     try:
         pubsub = connected(broker, clients)
-        assert pubsub._sock is not None and pubsub._sock.fileno() >= 1024
+        assert pubsub._link.sock is not None and pubsub._link.sock.fileno() >= 1024
         got = subscribed(pubsub, "t")
         started = time.process_time()
         assert pubsub.poll(1.0) is False  # nothing comes: it sleeps, not spins
@@ -716,7 +743,7 @@ def test_a_forked_child_leaves_its_parents_batch_alone(
     code = (
         "import os, sys; from mpubsub import NetPubSub\n"
         "p = NetPubSub.from_file(sys.argv[1]); p.connect()\n"
-        "with p._io:  # the writer thread cannot send the batch before the fork\n"
+        "with p._link.lock:  # the writer thread cannot send the batch before the fork\n"
         "    for n in range(1000): p.publish(('f',), n=n)\n"
         "    if os.fork() == 0:\n"
         "        sys.exit(0)  # its atexit runs, in a copy of the parent\n"
@@ -753,8 +780,8 @@ def test_disconnect_leaves_nothing_for_the_next_connection(tmp_path: Path) -> No
         pub.disconnect()  # 2.5 s of sending nothing, publishes batched meanwhile
         stop.set()
         thread.join(10)
-        wait_for(lambda: pub._writer is None, what="the writer thread to end")
-        assert not pub._pending and not pub._out, "kept for the next connection"
+        wait_for(lambda: pub._link._writer is None, what="the writer thread to end")
+        assert not pub._link.outbox.batched and not pub._link.outbox, "kept for the next one"
     finally:
         stop.set()
         done.set()

@@ -1,0 +1,582 @@
+"""A client's link to its broker: open, lost, reconnected; what goes out, what comes in.
+
+``Link`` holds the connection's whole lifecycle, in one ``State``:
+OFFLINE (never connected, or ``disconnect()`` was called), CONNECTED, or
+RECONNECTING (lost under us: the writer thread dials again, backing off).
+Only the writer thread reconnects, so that nobody who publishes ever waits
+for a broker to come back; a request (``ask``) makes it try at once.
+
+Out: a lone frame is sent at once by its caller; publishes closer together
+are batched and handed to the socket by the writer thread (fewer syscalls
+and wake-ups); what the socket does not take waits in the Outbox, sent as
+the broker reads, and a publisher waits while too much does (backpressure).
+In: what the broker sends is read whenever a caller waits (``poll``, a
+request, backpressure) and kept in the Inbox.
+"""
+
+from __future__ import annotations
+
+import atexit
+import collections
+import contextlib
+import enum
+import logging
+import math
+import multiprocessing
+import multiprocessing.util
+import os
+import random
+import select
+import socket
+import threading
+import time
+import weakref
+from typing import Any, Callable, Deque, List, NamedTuple, Optional, Tuple, Union
+
+from . import _protocol as proto
+from ._connect import connect_socket, handshake
+from ._credentials import read_credentials
+from ._inbox import MAX_INBOX, Inbox
+from ._outbox import Chunk, Outbox
+from ._text import reason
+from .errors import AuthenticationError, CredentialsError, MPubSubError, ProtocolError
+
+logger = logging.getLogger("mpubsub.net")
+
+_RECV_SIZE = 64 * 1024
+# Publishes closer together than this are batched and sent by a writer
+# thread (fewer syscalls and wake-ups along the way); a lone publish is sent
+# at once by the publishing thread, so it never waits.
+_BURST_WINDOW = 0.0001
+# Batched bytes past which publish sends them itself (and so blocks while
+# the broker does not read: backpressure).
+BATCH_LIMIT = 1024 * 1024
+_BACKOFF_MIN, _BACKOFF_MAX = 0.05, 5.0
+# A connection that lasted less than this was cut, not lost: back off more.
+_STABLE = 1.0
+
+
+class State(enum.Enum):
+    """Where a link stands with its broker."""
+
+    OFFLINE = "offline"  # never connected, or disconnect() was called
+    CONNECTED = "connected"
+    RECONNECTING = "reconnecting"  # lost under us; the writer thread dials again
+
+
+class Link:
+    """One client's connection to its broker, made again whenever it is lost.
+
+    *on_connected(limits_changed)* is called, with the lock held, each time
+    a connection is made (the pub-sub sends its subscriptions then); it is
+    held weakly. Everything here runs under ``lock`` but the waits.
+    """
+
+    def __init__(
+        self,
+        address: Any,
+        authkey: Optional[bytes],
+        timeout: float,
+        max_queued: int,
+        on_connected: Callable[[bool], None],
+    ) -> None:
+        self.lock = threading.RLock()
+        self.timeout = timeout  # for connect, each request, and disconnect's last sends
+        self.state = State.OFFLINE
+        self.sock: Optional[socket.socket] = None
+        self.limits = proto.Limits()
+        self.limits_known = False  # the limits are a broker's, not our defaults
+        self.inbox = Inbox()
+        self.outbox = Outbox()
+        self.publish_timeout: Optional[float] = None  # backpressure's (the CLI sets one)
+        self._decoder = proto.FrameDecoder(proto.DEFAULT_MAX_MESSAGE)
+        self._queue: Deque[bytes] = collections.deque(maxlen=max_queued)  # while away
+        self._dropped = 0
+        self._last_send = 0.0
+        self._kick = threading.Event()
+        self._writer: Optional[threading.Thread] = None
+        self._backoff = _BACKOFF_MIN
+        self._next_attempt = 0.0
+        self._dialing = False  # a reconnection is under way (outside the lock)
+        self._up = threading.Event()  # set while connected, or once disconnected
+        self._up_since = 0.0
+        self._refused_credentials = False  # warned of it in this outage
+        self._on_connected = weakref.WeakMethod(on_connected)
+        self.address: Any = None
+        self.authkey = b""
+        self.credentials: Optional[Union[str, os.PathLike[str]]] = None
+        self._pid = 0  # the process that connected
+        self.set_broker(address, authkey)
+        _LIVE.add(self)
+
+    @property
+    def offline(self) -> bool:
+        """True before connect() and after disconnect()."""
+        return self.state is State.OFFLINE
+
+    def set_broker(self, address: Any, authkey: Optional[bytes]) -> None:
+        if self.state is not State.OFFLINE:
+            raise RuntimeError("Cannot change broker on a connected pub-sub")
+        self.address = address
+        self.authkey = authkey if authkey is not None else multiprocessing.current_process().authkey
+        self.credentials = None
+
+    # --- open and close ------------------------------------------------------------
+
+    def connect(self) -> None:
+        with self.lock:
+            if self.state is not State.OFFLINE:
+                raise RuntimeError("Already connected")
+            dialed = self._dial()
+            self.state = State.CONNECTED  # first: a connection lost at once is made again
+            self._pid = os.getpid()  # the process whose exit sends what it left
+            _flush_at_exit_of_this_process()
+            self._install(dialed)
+
+    def disconnect(self) -> None:
+        with self.lock:
+            if self.state is State.OFFLINE:
+                raise RuntimeError("Not connected")
+        self.send_the_rest(self.timeout)
+        with self.lock:
+            if self.offline:  # another thread disconnected meanwhile
+                return
+            self.drop_unsent("disconnected")
+            self.state = State.OFFLINE
+            if self._queue:
+                logger.warning(
+                    "disconnected with %d messages still waiting for the broker: dropped",
+                    len(self._queue),
+                )
+            self._queue.clear()
+            self._close()
+            self._kick.set()  # the writer thread ends
+            self._up.set()  # poll() waiting for a reconnection ends
+
+    def send_the_rest(self, timeout: float) -> None:
+        """Send what is batched and what waits, for up to *timeout* s (without the lock)."""
+        with self.lock:
+            self.write_batch()
+        self.drain(0, timeout)
+
+    def drop_unsent(self, doing: str) -> None:
+        """Drop what the broker did not read in time, with a WARNING (lock held).
+
+        Publishes batched meanwhile go too: kept, they would reach the
+        next connection's broker first, whichever it is.
+        """
+        unsent = self.outbox.unwritten() + self.outbox.take_batch()
+        if unsent:
+            logger.warning(
+                "%s with %d messages the broker did not read in %s s: dropped",
+                doing,
+                len(unsent),
+                self.timeout,
+            )
+
+    def _dial(self) -> _Dialed:
+        """Connect and authenticate (blocking: never called with the lock held on reconnect)."""
+        address, authkey = self.address, self.authkey
+        if self.credentials is not None:
+            address, authkey = read_credentials(self.credentials)
+        deadline = time.monotonic() + self.timeout  # for all of it, not each step
+        sock = connect_socket(address, self.timeout)
+        try:
+            limits = handshake(sock, authkey, deadline)
+        except BaseException:
+            sock.close()
+            raise
+        sock.setblocking(False)
+        return _Dialed(sock, limits, address, authkey)
+
+    def _install(self, dialed: _Dialed) -> None:
+        """Start using a new connection (called with the lock held)."""
+        self.sock, limits, self.address, self.authkey = dialed
+        changed = limits != self.limits or not self.limits_known
+        self.limits, self.limits_known = limits, True
+        self._decoder = proto.FrameDecoder(limits.max_message)
+        self.inbox.new_connection(self.sock)
+        self._up_since = time.monotonic()
+        self._up.set()
+        on_connected = self._on_connected()
+        if on_connected is not None:
+            on_connected(changed)
+        logger.debug("connected to broker at %s", self.address)
+
+    def _close(self) -> None:
+        sock, self.sock = self.sock, None
+        if sock is not None:
+            # shutdown() wakes a thread waiting on the socket in poll(2),
+            # as in poll() or wait_forever(); close() alone would not.
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+
+    def wait_up(self, timeout: Optional[float]) -> None:
+        """Wait up to *timeout* s for a connection (or for disconnect())."""
+        self._up.wait(timeout)
+
+    # --- lost and found -------------------------------------------------------------
+
+    def _lost(self, why: str) -> None:
+        """The connection broke under us: carry on locally and reconnect."""
+        self._close()
+        self._up.clear()
+        if self.state is State.CONNECTED:
+            logger.warning("lost the broker at %s (%s); reconnecting", self.address, why)
+            self.state = State.RECONNECTING
+            now = time.monotonic()
+            # A connection the broker cuts at once (this client goes past one
+            # of its caps?) must not make a reconnection loop: back off more.
+            stable = now - self._up_since >= _STABLE
+            self._backoff = _BACKOFF_MIN if stable else min(self._backoff * 2, _BACKOFF_MAX)
+            self._next_attempt = now + self._backoff
+            self._dropped = 0
+            self._refused_credentials = False
+            self._start_writer()  # it reconnects, so that publish never waits for it
+        for frame in self.outbox.unwritten() + self.outbox.take_batch():
+            self._enqueue(frame)
+
+    def _reconnect(self) -> bool:
+        """One reconnection attempt if one is due; True if connected.
+
+        Called without the lock, which it holds only to look and to install
+        the new connection: whoever publishes meanwhile does not wait.
+        """
+        with self.lock:
+            if self.state is not State.RECONNECTING or self.sock is not None:
+                return self.sock is not None
+            if self._dialing or time.monotonic() < self._next_attempt:
+                return False
+            self._dialing = True
+        try:
+            dialed = self._dial()
+        except (OSError, MPubSubError, AuthenticationError, ValueError) as exc:
+            # A wrong key too: a restarted broker listens before it writes
+            # its new key to the credentials file, read again next time.
+            self._failed_attempt(exc)
+            return False
+        finally:
+            self._dialing = False
+        with self.lock:
+            if self.state is not State.RECONNECTING or self.sock is not None:  # meanwhile
+                dialed.sock.close()
+                return False
+            self.state = State.CONNECTED  # first: a connection lost at once is made again
+            self._install(dialed)
+            if self.sock is None:
+                return False
+            logger.warning("reconnected to the broker at %s", self.address)
+            queued = self._fitting_frames(list(self._queue))
+            self._queue.clear()
+            self._hand_over(queued)
+            return self.sock is not None
+
+    def _fitting_frames(self, frames: List[bytes]) -> List[bytes]:
+        """The queued frames the new broker accepts (a WARNING for the others)."""
+        limits = self.limits
+        kept = [
+            f
+            for f in frames
+            if len(f) - 5 <= limits.max_message and not limits.topic_excess(proto.pub_topic(f))
+        ]
+        if len(kept) < len(frames):
+            logger.warning(
+                "dropped %d queued messages over the new broker's limits", len(frames) - len(kept)
+            )
+        return kept
+
+    def _failed_attempt(self, exc: Exception) -> None:
+        with self.lock:
+            self._backoff = min(self._backoff * 2, _BACKOFF_MAX)
+            self._next_attempt = time.monotonic() + self._backoff * random.uniform(0.5, 1.0)
+            if isinstance(exc, CredentialsError) and not self._refused_credentials:
+                self._refused_credentials = True  # once per outage: it may be an attack
+                logger.warning("cannot reconnect: %s", exc)
+            else:
+                logger.debug("reconnection failed: %s", exc)
+
+    def _enqueue(self, frame: bytes) -> None:
+        if self.state is not State.RECONNECTING:
+            return
+        if len(self._queue) == self._queue.maxlen:
+            if not self._dropped:
+                logger.warning(
+                    "broker unreachable: %d messages queued, dropping the oldest", len(self._queue)
+                )
+            self._dropped += 1
+        self._queue.append(frame)
+
+    # --- out ----------------------------------------------------------------------
+
+    def send(self, *parts: bytes) -> Optional[int]:
+        """Send one PUB frame: whole, or as head and payload (a large one, never copied whole).
+
+        What the publisher must then wait for, without the lock, while the
+        broker reads (backpressure): None, or the bytes that may still wait.
+        """
+        with self.lock:
+            sock = self.sock
+            if sock is None:
+                self._enqueue(b"".join(parts))  # the writer thread reconnects
+                return None
+            if len(parts) > 1:  # large: after what was batched, gathered by one sendmsg
+                self.write_batch()
+                self._queue_out((parts, None, len(parts[0]) + len(parts[1])), writer=False)
+                return 0 if self.outbox else None  # its publisher sends it, as a lone one
+            (frame,) = parts
+            now = time.monotonic()
+            burst = now - self._last_send < _BURST_WINDOW
+            self._last_send = now
+            if burst or self.outbox.batched or self.outbox:
+                return self._batch(frame)
+            try:
+                sent = sock.send(frame)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError as exc:
+                self._lost(reason(exc))
+                self._enqueue(frame)
+                return None
+            if sent != len(frame):
+                self._queue_out(((frame,), (frame,), len(frame)), sent)
+            return None
+
+    def _batch(self, frame: bytes) -> Optional[int]:
+        if self.outbox.batch(frame) >= BATCH_LIMIT:
+            self.write_batch()
+        elif self._writer is None or not self._kick.is_set():
+            # No writer: disconnect() may have set the kick for one that was
+            # never started, or has ended since.
+            self._start_writer()
+        # However slowly it publishes, a publisher waits while the broker has
+        # not taken what it sent: the writer hands a batch over each second.
+        return BATCH_LIMIT if self.outbox.size > BATCH_LIMIT else None
+
+    def _start_writer(self) -> None:
+        """Wake the writer thread, starting it if needed (called with the lock held)."""
+        self._kick.set()
+        if self._writer is None or not self._writer.is_alive():
+            self._writer = threading.Thread(
+                target=_writer_main,
+                args=(weakref.ref(self), self._kick),
+                name="mpubsub-writer",
+                daemon=True,
+            )
+            self._writer.start()
+
+    def write_batch(self) -> None:
+        """Send the batched publishes (called with the lock held)."""
+        self._hand_over(self.outbox.take_batch())
+
+    def _hand_over(self, frames: List[bytes]) -> None:
+        """Send PUB *frames* after everything before them (with the lock held)."""
+        if frames:
+            data = b"".join(frames)
+            self._queue_out(((data,), frames, len(data)))
+
+    def write(self, *parts: bytes) -> None:
+        """Send *parts*, frames other than PUB, after everything before them (lock held)."""
+        self._queue_out((parts, (), sum(map(len, parts))))
+
+    def _queue_out(self, chunk: Chunk, sent: int = 0, writer: bool = True) -> None:
+        """Send *chunk* after what waits; the writer thread sends what the socket does not take.
+
+        *sent*: bytes of it already sent (only when nothing else waited).
+        Not *writer*: the caller waits for it to go itself.
+        """
+        self.outbox.add(chunk, sent)
+        if not self._push() and self.sock is not None and writer:
+            self._start_writer()
+
+    def _push(self) -> bool:
+        """Send what the socket takes of the outbox, without waiting; True once all went."""
+        sock = self.sock
+        if sock is None:
+            return not self.outbox
+        try:
+            return self.outbox.push(sock)
+        except OSError as exc:
+            self._lost(reason(exc))
+            return False
+
+    def drain(self, more_than: int, timeout: Optional[float]) -> bool:
+        """Wait, without the lock, while more than *more_than* bytes wait for the broker.
+
+        Up to *timeout* seconds (None: until they go or the connection does),
+        reading what the broker sends meanwhile (it may wait for us to).
+        False if the time ran out first.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            with self.lock:
+                self._push()
+                sock = self.sock
+                if sock is None or self.outbox.size <= more_than:
+                    return True
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                return False
+            # Wait to write even if another thread sends it all meanwhile:
+            # the socket is writable then, and the next round sees it.
+            self._await(sock, remaining, writing=True)
+
+    def _await(self, sock: socket.socket, timeout: Optional[float], writing: bool) -> None:
+        """Wait, without the lock, for *sock* to bring bytes (or take some); read and send."""
+        with self.lock:
+            reading = not self.inbox.full  # unless poll() has fallen too far behind
+        readable, writable = wait(sock, reading, writing, timeout)
+        with self.lock:
+            if self.sock is sock:
+                if writable:
+                    self._push()
+                if readable:
+                    self.read()
+
+    # --- requests and what comes in -----------------------------------------------------
+
+    def ask(self, kind: int, request: bytes, first: Callable[[], None]) -> Optional[bytes]:
+        """Send *request* after everything pending; wait for the broker's answer of *kind*.
+
+        *first* runs under the lock before anything is sent. While
+        reconnecting, the writer tries at once, and this waits for it up to
+        the timeout: None if the broker is still out of reach.
+        """
+        deadline = time.monotonic() + self.timeout  # for the reconnection and the reply
+        with self.lock:
+            reconnecting = self.state is State.RECONNECTING and self.sock is None
+            if reconnecting:
+                self._next_attempt = 0.0
+                self._start_writer()
+        if reconnecting:
+            self._up.wait(self.timeout)
+        with self.lock:
+            first()
+            sock = self.sock
+            if sock is None:
+                return None
+            self.write_batch()
+            ticket = self.inbox.ask(kind)
+            self.write(request)
+        while True:
+            with self.lock:
+                if self.sock is not sock:
+                    return None  # lost: what it answered was lost too
+                answer = self.inbox.answer(kind, ticket)
+                if answer is not None:
+                    return answer
+                if self.inbox.full:
+                    raise TimeoutError(
+                        "the broker's answer is behind more messages than poll() has taken "
+                        f"({MAX_INBOX} bytes): poll() first"
+                    )
+                writing = bool(self.outbox)  # the request itself, maybe
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError("the broker did not answer in time")
+            self._await(sock, remaining, writing)
+
+    def read(self) -> None:
+        """Read what the broker sent, up to 1 MiB, and not past a full inbox (lock held)."""
+        sock = self.sock
+        for _ in range(16):
+            if sock is None or self.inbox.full:
+                return
+            try:
+                data = sock.recv(_RECV_SIZE)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                self._lost(reason(exc))
+                return
+            if not data:
+                self._lost("connection closed by the broker")
+                return
+            try:
+                self.inbox.take(self._decoder.feed(data))
+            except ProtocolError as exc:
+                self._lost(f"protocol error: {exc}")
+                return
+            if len(data) < _RECV_SIZE:
+                return
+
+
+def _writer_main(ref: weakref.ReferenceType[Link], kick: threading.Event) -> None:
+    """Send what a link batched and reconnect it, until it is offline or collected."""
+    pause = 0.0
+    while True:
+        kick.wait(pause)
+        link = ref()
+        if link is None:
+            return
+        with link.lock:
+            kick.clear()
+            link.write_batch()
+            if link.state is State.OFFLINE:
+                link._writer = None
+                return
+        if link.state is State.RECONNECTING:
+            link._reconnect()
+        # What the socket did not take: sent as the broker reads, the
+        # link looked at again each second (it may have been collected).
+        link.drain(0, 1.0)
+        pause = 0.0 if link.outbox.size else 1.0
+        if link.state is State.RECONNECTING:
+            pause = min(pause, max(0.0, link._next_attempt - time.monotonic()) + 0.001)
+        del link
+
+
+def wait(
+    sock: socket.socket, reading: bool, writing: bool, timeout: Optional[float]
+) -> Tuple[bool, bool]:
+    """Wait up to *timeout* s (None: no limit) for *sock* to be readable or writable, as asked.
+
+    poll(2), not select(2), which cannot watch a descriptor over 1023. A
+    socket closed or broken meanwhile counts as both: the caller finds out.
+    """
+    events = (select.POLLIN if reading else 0) | (select.POLLOUT if writing else 0)
+    poller = select.poll()
+    try:
+        poller.register(sock, events)
+        ready = poller.poll(None if timeout is None else math.ceil(timeout * 1000))
+    except (OSError, ValueError):
+        return True, True
+    revents = ready[0][1] if ready else 0
+    broken = revents & (select.POLLHUP | select.POLLERR | select.POLLNVAL)
+    return bool(revents & select.POLLIN or broken), bool(revents & select.POLLOUT or broken)
+
+
+class _Dialed(NamedTuple):
+    """A connection just made, not yet in use."""
+
+    sock: socket.socket
+    limits: proto.Limits
+    address: Any
+    authkey: bytes
+
+
+# Publishes still batched when the interpreter exits are sent first.
+_LIVE: weakref.WeakSet[Link] = weakref.WeakSet()
+
+
+@atexit.register
+def _flush_at_exit() -> None:
+    """Send what this process's links hold, all within the longest timeout."""
+    pid = os.getpid()  # a forked child's copies of its parent's are not its own
+    live = [k for k in list(_LIVE) if k._pid == pid and k.state is not State.OFFLINE]
+    deadline = time.monotonic() + max((k.timeout for k in live), default=0.0)
+    for link in live:
+        link.send_the_rest(max(0.0, deadline - time.monotonic()))  # may not read
+        with link.lock:
+            if link.sock is not None:
+                link.drop_unsent("exiting")
+
+
+_EXIT_HOOKED = {"pid": 0}
+
+
+def _flush_at_exit_of_this_process() -> None:
+    """Also flush at multiprocessing's exit: a forked child's ends in os._exit(), past atexit."""
+    if _EXIT_HOOKED["pid"] != os.getpid():
+        _EXIT_HOOKED["pid"] = os.getpid()
+        multiprocessing.util.Finalize(None, _flush_at_exit, exitpriority=0)
