@@ -21,6 +21,7 @@ import time
 from typing import Any, Callable, Deque, Dict, Iterator, List, Optional, Set, Tuple
 
 from . import _protocol as proto
+from ._admission import Eviction, Handshakes
 from ._credentials import family_of
 from ._handshake import DEFAULT_HANDSHAKE_TIMEOUT, ServerHandshake
 from ._routing import DEFAULT_CACHE_BYTES, Router
@@ -203,8 +204,6 @@ class Broker:
         self._max_subscriptions = max_subscriptions
         self._max_subscription_bytes = max_subscription_bytes
         self._max_connections = max_connections
-        self._max_handshakes = max_handshakes
-        self._max_handshakes_per_peer = max_handshakes_per_peer
         # Room for one whole largest frame, header included, however it arrives.
         self._max_input = max_input_buffer + proto.HEADER.size
         self._tmpdir: Optional[str] = None
@@ -213,8 +212,7 @@ class Broker:
         self._wake_w.setblocking(False)
         self._stopping = False
         self._clients: Dict[int, Session] = {}
-        self._handshaking: Dict[Session, None] = {}  # oldest first
-        self._handshakes_by_peer: Dict[str, Dict[Session, None]] = {}  # oldest first
+        self._handshakes: Handshakes[Session] = Handshakes(max_handshakes, max_handshakes_per_peer)
         self._input = 0  # unfinished input, all clients together
         self._router: Router[Session] = Router(
             route_cache_bytes, self._checked_topic, self._route_cache_full
@@ -226,9 +224,6 @@ class Broker:
         self._budget, self._recv_size = _WORK_PER_ROUND, _RECV_SIZE
         self._bridge_key = bridge_key
         self._bridge_client: Optional[Session] = None
-        # Topics whose interest changed since the bridge was last told, with
-        # the news (True: subscribed): see _tell_bridge.
-        self._interest: Dict[bytes, bool] = {}
         self._federation: Optional[Dict[str, Any]] = None
         self._throttles: Dict[str, Throttle] = collections.defaultdict(lambda: Throttle(logger))
         self._count = 0
@@ -429,9 +424,9 @@ class Broker:
                 sock.close()
 
     def _admit(self, sock: socket.socket, peer: str) -> None:
-        if len(self._clients) >= self._max_connections and self._handshaking:
+        if len(self._clients) >= self._max_connections and self._handshakes:
             # Connections that never authenticate must not fill the broker.
-            self._make_room(self._busiest(), "max_connections", len(self._clients), "all peers")
+            self._make_room(self._handshakes.busiest("max_connections", len(self._clients)))
         if len(self._clients) >= self._max_connections:
             sock.close()
             self._stats.refused += 1
@@ -440,14 +435,9 @@ class Broker:
                 self._max_connections,
             )
             return
-        # At a cap, a handshake makes room: the oldest of the peer with the
-        # most of them. A peer that keeps opening connections only ever
-        # closes its own, and cannot keep out a quick legitimate one.
-        mine = self._handshakes_by_peer.get(peer, {})
-        if len(mine) >= self._max_handshakes_per_peer:
-            self._make_room(next(iter(mine)), "max_handshakes_per_peer", len(mine), peer)
-        elif len(self._handshaking) >= self._max_handshakes:
-            self._make_room(self._busiest(), "max_handshakes", len(self._handshaking), "all peers")
+        eviction = self._handshakes.room_for(peer)  # see _admission
+        if eviction is not None:
+            self._make_room(eviction)
         sock.setblocking(False)
         self._count += 1
         opening = ServerHandshake(self._authkey, self._limits)
@@ -456,34 +446,20 @@ class Broker:
         )
         client.send_now(opening.data_to_send())
         self._clients[sock.fileno()] = client
-        self._handshaking[client] = None
-        self._handshakes_by_peer.setdefault(peer, {})[client] = None
+        self._handshakes.add(client)
         assert self._selector is not None
         self._selector.register(sock, selectors.EVENT_READ, client)
 
-    def _busiest(self) -> Session:
-        """The oldest handshake of the peer with the most connections still authenticating."""
-        busiest: Dict[Session, None] = max(self._handshakes_by_peer.values(), key=len)
-        return next(iter(busiest))
-
-    def _make_room(self, oldest: Session, setting: str, count: int, whose: str) -> None:
+    def _make_room(self, eviction: Eviction[Session]) -> None:
         self._stats.refused += 1
-        self._throttles[setting].warning(
+        self._throttles[eviction.setting].warning(
             "closing the oldest connection still authenticating to make room: "
             "%d from %s, the limit (%s)",
-            count,
-            whose,
-            setting,
+            eviction.count,
+            eviction.whose,
+            eviction.setting,
         )
-        self._drop(oldest, logging.DEBUG, "making room for a new connection")
-
-    def _handshake_over(self, client: Session) -> None:
-        """*client* no longer counts as authenticating (it did, or it is gone)."""
-        self._handshaking.pop(client, None)
-        mine = self._handshakes_by_peer[client.peer]
-        del mine[client]
-        if not mine:
-            del self._handshakes_by_peer[client.peer]
+        self._drop(eviction.oldest, logging.DEBUG, "making room for a new connection")
 
     def _drop(self, client: Session, level: int, reason: str) -> None:
         if client.sock.fileno() < 0:
@@ -494,8 +470,7 @@ class Broker:
         self._selector.unregister(client.sock)
         client.sock.close()
         del self._clients[fd]
-        if client in self._handshaking:
-            self._handshake_over(client)  # no longer authenticating, at least
+        self._handshakes.discard(client)  # no longer authenticating, at least
         self._input -= client.unfinished
         client.unfinished = 0
         self._dirty.discard(client)
@@ -510,15 +485,9 @@ class Broker:
                 logger.warning("the federation bridge is gone")
             self._bridge_client = None  # its last report stays: statistics() says why it stopped
             self._router.set_everything(None)
-            self._interest.clear()
 
     def _expire_handshakes(self, now: float) -> None:
-        late = []
-        for client in self._handshaking:  # oldest first
-            if client.deadline > now:
-                break
-            late.append(client)
-        for client in late:
+        for client in self._handshakes.late(now):
             self._stats.refused += 1
             self._drop(client, logging.WARNING, "no complete handshake in time")
 
@@ -566,7 +535,7 @@ class Broker:
         if not opening.done:
             return b""
         client.decoder = proto.FrameDecoder(self._max_message)
-        self._handshake_over(client)
+        self._handshakes.discard(client)
         logger.debug("%s connected", client.name)
         return opening.trailing
 
@@ -707,16 +676,16 @@ class Broker:
             )
         client.subs.add(topic)
         client.sub_bytes += len(topic)
-        if self._router.subscribe(client, topic):
-            self._tell_bridge(topic, True)
+        if self._router.subscribe(client, topic) and self._bridge_client is not None:
+            self._dirty.add(self._bridge_client)  # the bridge is told of a new topic
 
     def _unsubscribe(self, client: Session, topic: bytes) -> None:
         if topic not in client.subs:
             return
         client.subs.discard(topic)
         client.sub_bytes -= len(topic)
-        if self._router.unsubscribe(client, topic):
-            self._tell_bridge(topic, False)
+        if self._router.unsubscribe(client, topic) and self._bridge_client is not None:
+            self._dirty.add(self._bridge_client)  # and of a topic nobody wants any more
 
     def _attach_bridge(self, client: Session, frame: bytes) -> None:
         if self._bridge_key is None:
@@ -728,32 +697,18 @@ class Broker:
         if client.subs:
             raise ProtocolError("a client with subscriptions cannot become the bridge")
         self._bridge_client = client
-        self._router.set_everything(client)
-        self._interest = dict.fromkeys(self._router.topics, True)
+        self._router.set_everything(client)  # and tells it every topic subscribed to
         self._dirty.add(client)
         logger.info("%s is the federation bridge", client.name)
 
-    def _tell_bridge(self, topic: bytes, subscribed: bool) -> None:
-        # A topic's first subscriber and its last unsubscriber alternate: news
-        # about a topic still in _interest undoes the news waiting there, so
-        # what waits is at most one entry per topic subscribed now or known
-        # to the bridge, whatever the churn, and costs nothing to merge.
-        if self._bridge_client is None:
-            return
-        if self._interest.pop(topic, None) is None:
-            self._interest[topic] = subscribed
-        self._dirty.add(self._bridge_client)
-
     def _queue_interest(self, bridge: Session) -> bool:
         """Queue the bridge's next SUB/UNSUB frames, about one send's worth; False if none."""
-        interest, size = self._interest, 0
-        while interest and size < _SEND_CHUNK:
-            topic, subscribed = interest.popitem()
-            frame = proto.frame(proto.SUB if subscribed else proto.UNSUB, topic)
+        feed = self._router.interest
+        frames = feed.frames(_SEND_CHUNK) if feed else []
+        for frame in frames:
             bridge.out.append(frame)
             bridge.out_size += len(frame)
-            size += len(frame)
-        return size > 0
+        return bool(frames)
 
     # --- routing and output ------------------------------------------------
 
@@ -817,7 +772,7 @@ class Broker:
     def _write(self, client: Session) -> None:
         out = client.out
         # The bridge's news of interest is queued only once the rest is sent:
-        # it never piles up in the queue (see _tell_bridge).
+        # it never piles up in the queue (see _routing.InterestFeed).
         while out or (client is self._bridge_client and self._queue_interest(client)):
             if len(out) == 1 or len(out[0]) >= _SEND_CHUNK:
                 data = out.popleft()

@@ -15,9 +15,20 @@ counted) and starts afresh past its budget.
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Generic, Hashable, Iterator, Optional, Tuple, TypeVar
+from typing import (
+    Callable,
+    Dict,
+    Generic,
+    Hashable,
+    Iterable,
+    Iterator,
+    List,
+    Optional,
+    Tuple,
+    TypeVar,
+)
 
-from ._protocol import SEP, prefix_ends
+from ._protocol import SEP, SUB, UNSUB, frame, prefix_ends
 
 C = TypeVar("C", bound=Hashable)
 
@@ -47,6 +58,36 @@ def elements(topic: bytes) -> Iterator[bytes]:
         start = end
 
 
+class InterestFeed:
+    """What the client that gets everything (the federation bridge) has yet to hear
+    of the topics subscribed to: each topic's first subscriber, and its last gone.
+
+    A topic's first subscriber and its last unsubscriber alternate: news
+    about a topic still waiting undoes the news waiting there, so what waits
+    is at most one entry per topic subscribed now or known to the bridge,
+    whatever the churn, and costs nothing to merge.
+    """
+
+    def __init__(self, topics: Iterable[bytes]) -> None:
+        self._news: Dict[bytes, bool] = dict.fromkeys(topics, True)  # True: subscribed
+
+    def __bool__(self) -> bool:
+        return bool(self._news)
+
+    def tell(self, topic: bytes, subscribed: bool) -> None:
+        if self._news.pop(topic, None) is None:
+            self._news[topic] = subscribed
+
+    def frames(self, size: int) -> List[bytes]:
+        """The next SUB/UNSUB frames, about *size* bytes of them, no longer waiting."""
+        news, frames, taken = self._news, [], 0
+        while news and taken < size:
+            topic, subscribed = news.popitem()
+            frames.append(frame(SUB if subscribed else UNSUB, topic))
+            taken += len(frames[-1])
+        return frames
+
+
 class RouteCache(Dict[bytes, Tuple[C, ...]]):
     """Encoded topic -> the clients its messages go to; a miss computes the route."""
 
@@ -63,7 +104,8 @@ class Router(Generic[C]):
 
     ``routes[topic]`` is the tuple of clients subscribed to *topic* or a
     prefix of it, plus the client set by ``set_everything`` (the federation
-    bridge); for ``b''`` (broadcast) every client with a subscription. A
+    bridge), whose ``interest`` feed then tells what it should know of the
+    subscriptions; for ``b''`` (broadcast) every client with a subscription. A
     topic not yet cached is first passed to *check*, which raises if it may
     not be routed (malformed, too long): nothing is cached then. When the
     cache passes *cache_bytes*, it starts afresh and *on_full* is called.
@@ -81,6 +123,7 @@ class Router(Generic[C]):
         self._subs: Dict[bytes, Dict[C, None]] = {}  # topic -> holders, in order
         self._listening: Dict[C, int] = {}  # client -> its number of subscriptions
         self._everything: Optional[C] = None
+        self.interest: Optional[InterestFeed] = None  # for the client that gets everything
         self._tree = _Node()
         self.cache_bytes = cache_bytes
         # Work done computing and forgetting routes, in elements and nodes
@@ -106,7 +149,11 @@ class Router(Generic[C]):
         holders[client] = None
         self._count(client, +1)
         self._forget(topic)
-        return len(holders) == 1
+        if len(holders) > 1:
+            return False
+        if self.interest is not None:
+            self.interest.tell(topic, True)
+        return True
 
     def unsubscribe(self, client: C, topic: bytes) -> bool:
         """Remove a subscription if it exists; True if *topic* lost its last subscriber."""
@@ -119,11 +166,15 @@ class Router(Generic[C]):
         if holders:
             return False
         del self._subs[topic]
+        if self.interest is not None:
+            self.interest.tell(topic, False)
         return True
 
     def set_everything(self, client: Optional[C]) -> None:
-        """Send every message to *client* (None: to nobody beyond the subscribers)."""
+        """Send every message to *client* (None: to nobody beyond the subscribers), and
+        start its interest feed with every topic subscribed now."""
         self._everything = client
+        self.interest = None if client is None else InterestFeed(self._subs)
         self.clear_cache()
 
     def clear_cache(self) -> None:

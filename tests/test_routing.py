@@ -155,3 +155,41 @@ def test_a_new_catch_all_subscriber_joins_cached_routes() -> None:
     assert set(router.routes[topic]) == {"x", "all"}
     router.unsubscribe("all", b"")
     assert router.routes[topic] == ("x",)
+
+
+def test_the_interest_feed_tells_the_bridge_each_change_once_merged() -> None:
+    """The client that gets everything hears of every topic subscribed when it is set,
+    then of each topic's first subscriber and last one gone; news undone waits no more."""
+    router: Router[int] = Router()
+    a, b, c = (proto.encode_topic((t,)) for t in "abc")
+    router.subscribe(1, a)
+    assert router.interest is None  # nobody gets everything: nobody is told
+    router.set_everything(99)
+    assert router.interest is not None
+    router.subscribe(2, a)  # not a's first subscriber: no news
+    router.subscribe(1, b)
+    router.unsubscribe(1, b)  # b came and went before the bridge heard: nothing to say
+    router.subscribe(1, c)
+    assert sorted(router.interest.frames(1 << 20)) == sorted(
+        [proto.frame(proto.SUB, a), proto.frame(proto.SUB, c)]
+    )
+    assert not router.interest
+    router.unsubscribe(1, a)
+    assert not router.interest  # 2 still subscribes to a
+    router.unsubscribe(2, a)
+    assert router.interest.frames(1 << 20) == [proto.frame(proto.UNSUB, a)]
+    router.set_everything(None)
+    assert router.interest is None
+
+
+def test_the_interest_feed_gives_about_one_send_at_a_time() -> None:
+    """However many topics wait, frames() gives about the size asked for."""
+    router: Router[int] = Router()
+    for n in range(10_000):
+        router.subscribe(1, proto.encode_topic((f"topic{n}",)))
+    router.set_everything(99)
+    assert router.interest is not None
+    first = router.interest.frames(4096)
+    assert 4096 <= sum(map(len, first)) < 4096 + 64
+    rest = router.interest.frames(1 << 30)
+    assert len(first) + len(rest) == 10_000
