@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import dataclasses
 import errno
-import hmac
-import json
 import logging
 import multiprocessing
 import os
@@ -23,8 +20,9 @@ from typing import Any, Callable, Deque, Dict, Iterator, List, Optional, Set, Tu
 from . import _protocol as proto
 from ._admission import Eviction, Handshakes
 from ._credentials import family_of
+from ._exchange import Exchange
 from ._handshake import DEFAULT_HANDSHAKE_TIMEOUT, ServerHandshake
-from ._routing import DEFAULT_CACHE_BYTES, Router
+from ._routing import DEFAULT_CACHE_BYTES
 from ._session import Session
 from ._sockets import peer_of, raise_file_limit, remove_stale_socket, warn_if_exposed
 from ._stats import BrokerStatistics, Counters, Throttle
@@ -201,8 +199,6 @@ class Broker:
             max_subscriptions,
             max_subscription_bytes,
         )
-        self._max_subscriptions = max_subscriptions
-        self._max_subscription_bytes = max_subscription_bytes
         self._max_connections = max_connections
         # Room for one whole largest frame, header included, however it arrives.
         self._max_input = max_input_buffer + proto.HEADER.size
@@ -214,21 +210,20 @@ class Broker:
         self._clients: Dict[int, Session] = {}
         self._handshakes: Handshakes[Session] = Handshakes(max_handshakes, max_handshakes_per_peer)
         self._input = 0  # unfinished input, all clients together
-        self._router: Router[Session] = Router(
-            route_cache_bytes, self._checked_topic, self._route_cache_full
-        )
-        self._routes = self._router.routes  # the one lookup of the hot path
-        self._dirty: Set[Session] = set()
         self._backlogged: Set[Session] = set()  # frames read and not yet handled
         # What one client's input may cost this round, and what may be read of it.
         self._budget, self._recv_size = _WORK_PER_ROUND, _RECV_SIZE
-        self._bridge_key = bridge_key
-        self._bridge_client: Optional[Session] = None
-        self._federation: Optional[Dict[str, Any]] = None
         self._throttles: Dict[str, Throttle] = collections.defaultdict(lambda: Throttle(logger))
         self._count = 0
         self._stats = Counters()
-        self._snapshot: Optional[Tuple[float, bytes]] = None
+        self._exchange = Exchange(
+            self._limits,
+            route_cache_bytes=route_cache_bytes,
+            bridge_key=bridge_key,
+            stats=self._stats,
+            throttles=self._throttles,
+            statistics=self.statistics,
+        )
         self._scheduled: Deque[Callable[[], None]] = collections.deque()
         self._accept_again = 0.0  # when accepting resumes after running out of descriptors
         self._selector: Optional[selectors.BaseSelector] = None
@@ -339,7 +334,7 @@ class Broker:
                     self._serve_client(key.data, events)
             if self._backlogged:
                 self._work_backlogs()
-            if self._dirty:
+            if self._exchange.dirty:
                 self._flush_dirty()
             now = time.monotonic()
             if self._accept_again and now >= self._accept_again:
@@ -473,18 +468,14 @@ class Broker:
         self._handshakes.discard(client)  # no longer authenticating, at least
         self._input -= client.unfinished
         client.unfinished = 0
-        self._dirty.discard(client)
+        self._exchange.dirty.discard(client)
         self._backlogged.discard(client)
         client.backlog = []
-        for topic in list(client.subs):
-            self._unsubscribe(client, topic)
+        if client is self._exchange.bridge and not self._stopping:
+            logger.warning("the federation bridge is gone")
+        self._exchange.forget(client)
         client.out.clear()
         client.out_size = 0
-        if client is self._bridge_client:
-            if not self._stopping:
-                logger.warning("the federation bridge is gone")
-            self._bridge_client = None  # its last report stays: statistics() says why it stopped
-            self._router.set_everything(None)
 
     def _expire_handshakes(self, now: float) -> None:
         for client in self._handshakes.late(now):
@@ -570,6 +561,12 @@ class Broker:
                 raise ProtocolError(reason)
             self._reject(hog, reason)
 
+    def _handle(self, client: Session, frames: List[proto.Frame]) -> None:
+        done = self._exchange.handle(client, frames, self._budget)
+        if done < len(frames):  # over its share of this round: the rest waits
+            client.backlog = frames[done:]
+            self._backlogged.add(client)
+
     def _reject(self, client: Session, reason: str) -> None:
         self._stats.refused += 1
         if client.opening.authenticated:
@@ -577,53 +574,14 @@ class Broker:
                 client.sock.send(proto.frame(proto.ERROR, reason.encode()))
         self._drop(client, logging.WARNING, f"protocol error: {reason}")
 
-    def _handle(self, client: Session, frames: List[Tuple[int, bytes]]) -> None:
-        work = 0
-        router = self._router
-        router.work = 0  # routes computed or forgotten for this client's frames
-        for done, (kind, frame) in enumerate(frames, 1):
-            work += 1
-            if kind == proto.PUB:
-                work += self._route(client, frame)
-            elif kind == proto.SUB:
-                self._subscribe(client, self._checked_topic(proto.body_of(frame)))
-            elif kind == proto.UNSUB:
-                self._unsubscribe(client, self._checked_topic(proto.body_of(frame)))
-            elif kind == proto.PING:
-                self._reply(client, _PONG)
-            elif kind == proto.STATS:
-                self._reply(client, self._stats_reply())
-            elif kind == proto.BRIDGE:
-                self._attach_bridge(client, frame)
-            elif kind == proto.FEDERATION and client is self._bridge_client:
-                self._federation = proto.federation_figures(frame)
-            else:
-                raise ProtocolError(f"unexpected frame type {kind}")
-            if work + router.work >= self._budget and done < len(frames):
-                client.backlog = frames[done:]
-                self._backlogged.add(client)
-                return
-
-    def _reply(self, client: Session, frame: bytes) -> None:
-        client.out.append(frame)
-        client.out_size += len(frame)
-        self._dirty.add(client)
-
-    def _stats_reply(self) -> bytes:
-        # Computed at most ten times a second, however often clients ask.
-        now = time.monotonic()
-        if self._snapshot is None or now - self._snapshot[0] > 0.1:
-            body = json.dumps(dataclasses.asdict(self.statistics())).encode()
-            self._snapshot = (now, proto.frame(proto.STATS_REPLY, body))
-        return self._snapshot[1]
-
     def statistics(self) -> BrokerStatistics:
         """A snapshot of the broker's figures (call it from the broker's own thread)."""
         active = [c for c in self._clients.values() if c.active]
         stats = self._stats
         return BrokerStatistics(
             uptime=time.monotonic() - stats.started,
-            clients=len(active) - (self._bridge_client is not None),  # the bridge is in federation
+            clients=len(active)
+            - (self._exchange.bridge is not None),  # the bridge is in federation
             subscriptions=sum(len(c.subs) for c in active),
             messages_in=stats.messages_in,
             bytes_in=stats.bytes_in,
@@ -633,105 +591,13 @@ class Broker:
             slow_consumers=stats.slow_consumers,
             refused=stats.refused,
             largest_buffer=max((c.held for c in active), default=0),
-            federation=self._federation_figures(),
+            federation=self._exchange.federation_figures(),
         )
-
-    def _federation_figures(self) -> Optional[Dict[str, Any]]:
-        """The bridge's last report, with what the broker dropped for it; None if never one."""
-        if self._federation is None:
-            return None
-        figures = {**self._federation, "dropped_behind": self._stats.bridge_dropped}
-        if self._bridge_client is None:
-            figures["state"] = "bridge not running"
-        return figures
-
-    def _checked_topic(self, topic: bytes) -> bytes:
-        """*topic* if it is well formed and within the limits; ProtocolError if not."""
-        excess = self._limits.topic_excess(topic, whose="the")
-        if excess:
-            raise ProtocolError(excess)
-        proto.decode_topic(topic)
-        return topic
-
-    def _route_cache_full(self) -> None:
-        self._throttles["route_cache_bytes"].log(
-            logging.INFO,
-            "the cache of routes reached %d bytes (route_cache_bytes): starting afresh",
-            self._router.cache_bytes,
-        )
-
-    def _subscribe(self, client: Session, topic: bytes) -> None:
-        if client is self._bridge_client:
-            raise ProtocolError("the bridge receives every message without subscribing")
-        if topic in client.subs:
-            return
-        if len(client.subs) >= self._max_subscriptions:
-            raise ProtocolError(
-                f"more than {self._max_subscriptions} subscriptions (max_subscriptions)"
-            )
-        if client.sub_bytes + len(topic) > self._max_subscription_bytes:
-            raise ProtocolError(
-                f"subscribed topics over {self._max_subscription_bytes} bytes "
-                "(max_subscription_bytes)"
-            )
-        client.subs.add(topic)
-        client.sub_bytes += len(topic)
-        if self._router.subscribe(client, topic) and self._bridge_client is not None:
-            self._dirty.add(self._bridge_client)  # the bridge is told of a new topic
-
-    def _unsubscribe(self, client: Session, topic: bytes) -> None:
-        if topic not in client.subs:
-            return
-        client.subs.discard(topic)
-        client.sub_bytes -= len(topic)
-        if self._router.unsubscribe(client, topic) and self._bridge_client is not None:
-            self._dirty.add(self._bridge_client)  # and of a topic nobody wants any more
-
-    def _attach_bridge(self, client: Session, frame: bytes) -> None:
-        if self._bridge_key is None:
-            raise ProtocolError("BRIDGE refused: this broker takes no federation bridge")
-        if not hmac.compare_digest(proto.body_of(frame), self._bridge_key):
-            raise ProtocolError("BRIDGE refused: only mpubsubd's own bridge, with its key")
-        if self._bridge_client is not None:
-            raise ProtocolError(f"{self._bridge_client.name} is already the federation bridge")
-        if client.subs:
-            raise ProtocolError("a client with subscriptions cannot become the bridge")
-        self._bridge_client = client
-        self._router.set_everything(client)  # and tells it every topic subscribed to
-        self._dirty.add(client)
-        logger.info("%s is the federation bridge", client.name)
-
-    def _queue_interest(self, bridge: Session) -> bool:
-        """Queue the bridge's next SUB/UNSUB frames, about one send's worth; False if none."""
-        feed = self._router.interest
-        frames = feed.frames(_SEND_CHUNK) if feed else []
-        for frame in frames:
-            bridge.out.append(frame)
-            bridge.out_size += len(frame)
-        return bool(frames)
 
     # --- routing and output ------------------------------------------------
 
-    def _route(self, sender: Session, frame: bytes) -> int:
-        """Queue *frame* for its subscribers; how many it went to."""
-        targets = self._routes[proto.pub_topic(frame)]
-        size = len(frame)
-        dirty = self._dirty
-        stats = self._stats
-        stats.messages_in += 1
-        stats.bytes_in += size
-        for target in targets:
-            if target is sender:
-                continue
-            target.out.append(frame)
-            target.out_size += size
-            dirty.add(target)
-            stats.messages_out += 1
-            stats.bytes_out += size
-        return len(targets)
-
     def _flush_dirty(self) -> None:
-        dirty, self._dirty = self._dirty, set()
+        dirty, self._exchange.dirty = self._exchange.dirty, set()
         for client in dirty:
             if client.sock.fileno() >= 0:
                 with self._boundary(client):
@@ -739,10 +605,10 @@ class Broker:
 
     def _flush(self, client: Session) -> None:
         if client.held > self._max_buffer:
-            if client is self._bridge_client:
+            if client is self._exchange.bridge:
                 self._shed_for_bridge(client)
             if client.held > (
-                self._max_buffer // 2 if client is self._bridge_client else self._max_buffer
+                self._max_buffer // 2 if client is self._exchange.bridge else self._max_buffer
             ):
                 self._stats.slow_consumers += 1
                 self._drop(
@@ -773,7 +639,7 @@ class Broker:
         out = client.out
         # The bridge's news of interest is queued only once the rest is sent:
         # it never piles up in the queue (see _routing.InterestFeed).
-        while out or (client is self._bridge_client and self._queue_interest(client)):
+        while out or (client is self._exchange.bridge and self._exchange.queue_interest(client)):
             if len(out) == 1 or len(out[0]) >= _SEND_CHUNK:
                 data = out.popleft()
             else:

@@ -724,17 +724,24 @@ def test_a_broker_without_a_bridge_key_takes_no_bridge(
 
 
 def test_interest_queued_for_the_bridge_is_accounted(tmp_path: Path) -> None:
-    """SUB/UNSUB frames queued for the bridge count in its buffer like any frame."""
-    broker = Broker(str(tmp_path / "b.sock"), b"k" * 32, bridge_key=BRIDGE_KEY)
+    """SUB/UNSUB frames queued for the bridge count in its buffer like any frame, and are
+    queued about one send's worth at a time, however many topics wait."""
+    broker = Broker(
+        str(tmp_path / "b.sock"), b"k" * 32, bridge_key=BRIDGE_KEY, max_subscriptions=100_000
+    )
     left, right = socket.socketpair()
     with left, right:
-        bridge = Session(left, 1, 0.0, ServerHandshake(b"k", proto.Limits()))
-        other = Session(right, 2, 0.0, ServerHandshake(b"k", proto.Limits()))
-        for n in range(50_000):
-            broker._router.subscribe(other, proto.encode_topic((f"t{n}",)))
-        broker._bridge_client = bridge
-        broker._router.set_everything(bridge)  # its feed: every topic, 50,000 SUB frames
-        assert broker._queue_interest(bridge)
+        bridge, other = (
+            Session(sock, n, 0.0, ServerHandshake(b"k", proto.Limits()))
+            for n, sock in enumerate((left, right))
+        )
+        exchange = broker._exchange
+        topics = [proto.encode_topic((f"t{n}",)) for n in range(50_000)]
+        subscriptions = [(proto.SUB, proto.frame(proto.SUB, topic)) for topic in topics]
+        assert exchange.handle(other, subscriptions, budget=10**9) == len(subscriptions)
+        exchange.handle(bridge, [(proto.BRIDGE, proto.frame(proto.BRIDGE, BRIDGE_KEY))], 10)
+        assert exchange.bridge is bridge
+        assert exchange.queue_interest(bridge)  # its feed: every topic, 50,000 SUB frames
         assert 0 < bridge.out_size < 300 * 1024  # about one send's worth
         assert bridge.out_size == sum(map(len, bridge.out))
         assert {proto.kind_of(frame) for frame in bridge.out} == {proto.SUB}
