@@ -15,28 +15,19 @@ import socket
 import tempfile
 import threading
 import time
-from typing import Any, Callable, Deque, Dict, Iterator, List, Optional, Set, Tuple
+from typing import Any, Callable, Deque, Dict, Optional, Tuple
 
 from . import _protocol as proto
-from ._admission import Eviction, Handshakes
+from ._clients import Clients, Settings
 from ._credentials import family_of
 from ._exchange import Exchange
-from ._handshake import DEFAULT_HANDSHAKE_TIMEOUT, ServerHandshake
+from ._handshake import DEFAULT_HANDSHAKE_TIMEOUT
 from ._routing import DEFAULT_CACHE_BYTES
-from ._session import Session
 from ._sockets import peer_of, raise_file_limit, remove_stale_socket, warn_if_exposed
 from ._stats import BrokerStatistics, Counters, Throttle
-from .errors import AuthenticationError, ProtocolError
 
 logger = logging.getLogger("mpubsub.broker")
 
-_RECV_SIZE = 64 * 1024
-# Bytes read per round, shared among the clients with input as the work is
-# (each reads at least _MIN_RECV): decoding what 200 clients sent at once,
-# 64 KiB each of tiny frames, held the loop for a second before any budget.
-_RECV_PER_ROUND = 1024 * 1024
-_MIN_RECV = 4096
-_SEND_CHUNK = 256 * 1024
 _ACCEPT_PAUSE = 0.5
 DEFAULT_MAX_BUFFER = 32 * 1024 * 1024
 DEFAULT_MAX_SUBSCRIPTIONS = proto.DEFAULT_MAX_SUBSCRIPTIONS  # per client
@@ -69,14 +60,6 @@ CAPS: Dict[str, Tuple[int, str]] = {
     "route_cache_bytes": (DEFAULT_ROUTE_CACHE_BYTES, "bytes of cached routes"),
 }
 _MAX_CAP = 2**32 - 1  # what WELCOME can announce
-# Deliveries, frames and routing work (see Router.work) that the clients'
-# input may cost per round of the loop, shared among the clients with input
-# (each gets at least _MIN_WORK); what is over waits for the next rounds,
-# and its client is not read meanwhile: clients fanning tiny messages out
-# to many subscribers, or publishing to ever new deep topics, cannot keep
-# the loop from everyone else for long.
-_WORK_PER_ROUND = 50_000
-_MIN_WORK = 200
 # Descriptors kept free of clients: the listener, the wake-up pair, the log...
 _SPARE_FILES = 16
 # Errors accept() passes on from a connection that failed before we took it.
@@ -99,7 +82,6 @@ _ACCEPT_TRANSIENT = frozenset(
     if hasattr(errno, name)
 )
 _OUT_OF_RESOURCES = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM))
-_PONG = proto.frame(proto.PONG, b"")
 
 
 class Broker:
@@ -186,12 +168,7 @@ class Broker:
             raise ValueError("timeout must be positive")
         if bridge_key is not None and len(bridge_key) < 16:
             raise ValueError("bridge_key must be at least 16 bytes")
-        self._authkey = (
-            authkey if authkey is not None else multiprocessing.current_process().authkey
-        )
-        self._handshake_timeout = timeout
-        self._max_message = max_message_size
-        self._max_buffer = max_buffer
+        authkey = authkey if authkey is not None else multiprocessing.current_process().authkey
         self._limits = proto.Limits(
             max_message_size,
             max_topic_depth,
@@ -199,22 +176,12 @@ class Broker:
             max_subscriptions,
             max_subscription_bytes,
         )
-        self._max_connections = max_connections
-        # Room for one whole largest frame, header included, however it arrives.
-        self._max_input = max_input_buffer + proto.HEADER.size
         self._tmpdir: Optional[str] = None
         self._listener = self._listen(address, backlog)
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_w.setblocking(False)
         self._stopping = False
-        self._clients: Dict[int, Session] = {}
-        self._handshakes: Handshakes[Session] = Handshakes(max_handshakes, max_handshakes_per_peer)
-        self._input = 0  # unfinished input, all clients together
-        self._backlogged: Set[Session] = set()  # frames read and not yet handled
-        # What one client's input may cost this round, and what may be read of it.
-        self._budget, self._recv_size = _WORK_PER_ROUND, _RECV_SIZE
         self._throttles: Dict[str, Throttle] = collections.defaultdict(lambda: Throttle(logger))
-        self._count = 0
         self._stats = Counters()
         self._exchange = Exchange(
             self._limits,
@@ -224,6 +191,18 @@ class Broker:
             throttles=self._throttles,
             statistics=self.statistics,
         )
+        settings = Settings(
+            authkey=authkey,
+            limits=self._limits,
+            handshake_timeout=timeout,
+            max_buffer=max_buffer,
+            max_connections=max_connections,
+            # Room for one whole largest frame, header included, however it arrives.
+            max_input=max_input_buffer + proto.HEADER.size,
+            max_handshakes=max_handshakes,
+            max_handshakes_per_peer=max_handshakes_per_peer,
+        )
+        self._clients = Clients(settings, self._exchange, self._stats, self._throttles)
         self._scheduled: Deque[Callable[[], None]] = collections.deque()
         self._accept_again = 0.0  # when accepting resumes after running out of descriptors
         self._selector: Optional[selectors.BaseSelector] = None
@@ -270,7 +249,7 @@ class Broker:
 
     def stop(self) -> None:
         """Make ``start()`` return soon; safe from a signal handler or another thread."""
-        self._stopping = True
+        self._stopping = self._clients.stopping = True
         with contextlib.suppress(OSError):  # already woken, or closed
             self._wake_w.send(b"x")
 
@@ -284,14 +263,15 @@ class Broker:
         """
         handlers = self._catch_signals() if handle_signals else {}
         files = raise_file_limit()
-        if self._max_connections > files - _SPARE_FILES:
-            self._max_connections = max(1, files - _SPARE_FILES)
+        settings = self._clients.settings
+        if settings.max_connections > files - _SPARE_FILES:
+            settings.max_connections = max(1, files - _SPARE_FILES)
             logger.warning(
                 "max_connections lowered to %d to fit the open file limit of %d",
-                self._max_connections,
+                settings.max_connections,
                 files,
             )
-        self._selector = selectors.DefaultSelector()
+        self._selector = self._clients.selector = selectors.DefaultSelector()
         self._selector.register(self._listener, selectors.EVENT_READ)
         self._selector.register(self._wake_r, selectors.EVENT_READ)
         logger.info("broker listening on %s", self.address)
@@ -317,12 +297,12 @@ class Broker:
         select = self._selector.select
         next_expiry = time.monotonic() + 1.0
         while not self._stopping:
-            ready = select(0 if self._backlogged else 0.5)
-            inputs = len(self._backlogged) + sum(
-                1 for key, events in ready if events & selectors.EVENT_READ and key.data
+            clients = self._clients
+            ready = select(0 if clients.backlogged else 0.5)
+            clients.share_round(
+                len(clients.backlogged)
+                + sum(1 for key, events in ready if events & selectors.EVENT_READ and key.data)
             )
-            self._budget = max(_MIN_WORK, _WORK_PER_ROUND // max(1, inputs))
-            self._recv_size = max(_MIN_RECV, min(_RECV_SIZE, _RECV_PER_ROUND // max(1, inputs)))
             for key, events in ready:
                 sock = key.fileobj
                 if sock is self._listener:
@@ -331,28 +311,19 @@ class Broker:
                     self._wake_r.recv(64)
                     self._run_scheduled()
                 else:
-                    self._serve_client(key.data, events)
-            if self._backlogged:
-                self._work_backlogs()
+                    clients.serve(key.data, events)
+            if clients.backlogged:
+                clients.work_backlogs()
             if self._exchange.dirty:
-                self._flush_dirty()
+                clients.flush_dirty()
             now = time.monotonic()
             if self._accept_again and now >= self._accept_again:
                 self._accept_again = 0.0
                 self._selector.register(self._listener, selectors.EVENT_READ)
             if now >= next_expiry:
                 self._stats.tick(now)
-                self._expire_handshakes(now)
+                clients.expire_handshakes(now)
                 next_expiry = now + 0.5
-
-    def _work_backlogs(self) -> None:
-        backlogged, self._backlogged = self._backlogged, set()
-        for client in backlogged:
-            frames, client.backlog = client.backlog, []
-            if client.sock.fileno() < 0:
-                continue  # dropped meanwhile
-            with self._boundary(client):
-                self._handle_guarded(client, frames)
 
     def _run_scheduled(self) -> None:
         while self._scheduled:
@@ -361,25 +332,6 @@ class Broker:
                 callback()
             except Exception:
                 logger.exception("a scheduled callback (%r) failed", callback)
-
-    def _serve_client(self, client: Session, events: int) -> None:
-        """Read from and write to one client: its trouble ends its connection only."""
-        with self._boundary(client):
-            if events & selectors.EVENT_READ and client.sock.fileno() >= 0:
-                self._read(client)
-            if events & selectors.EVENT_WRITE and client.sock.fileno() >= 0:
-                self._write(client)
-
-    @contextlib.contextmanager
-    def _boundary(self, client: Session) -> Iterator[None]:
-        """Where one connection's failures are turned into closing it, with one log line."""
-        try:
-            yield
-        except OSError as exc:  # the peer went away under us
-            self._drop(client, logging.INFO, f"connection failed: {exc.strerror or exc}")
-        except Exception:
-            logger.exception("internal error while serving %s; closing it", client.name)
-            self._drop(client, logging.ERROR, "internal error (see above)")
 
     # --- connections --------------------------------------------------------
 
@@ -396,8 +348,7 @@ class Broker:
                 if exc.errno not in _ACCEPT_TRANSIENT:
                     self._throttles["accept"].warning("accept failed: %s", exc)
                 continue  # that connection failed before we took it; the next may not
-            with self._boundary_of_new(sock):
-                self._admit(sock, peer_of(sock, addr))
+            self._clients.admit(sock, peer_of(sock, addr))
 
     def _pause_accepting(self, exc: OSError) -> None:
         # Out of descriptors: stop accepting for a moment (the backlog
@@ -408,175 +359,11 @@ class Broker:
         self._selector.unregister(self._listener)
         self._accept_again = time.monotonic() + _ACCEPT_PAUSE
 
-    @contextlib.contextmanager
-    def _boundary_of_new(self, sock: socket.socket) -> Iterator[None]:
-        """A connection that fails while being admitted is closed, and that is all."""
-        try:
-            yield
-        except OSError as exc:
-            logger.debug("new connection failed: %s", exc)
-            if sock.fileno() >= 0 and sock.fileno() not in self._clients:
-                sock.close()
-
-    def _admit(self, sock: socket.socket, peer: str) -> None:
-        if len(self._clients) >= self._max_connections and self._handshakes:
-            # Connections that never authenticate must not fill the broker.
-            self._make_room(self._handshakes.busiest("max_connections", len(self._clients)))
-        if len(self._clients) >= self._max_connections:
-            sock.close()
-            self._stats.refused += 1
-            self._throttles["max_connections"].warning(
-                "refusing a connection: %d connections, the limit (max_connections)",
-                self._max_connections,
-            )
-            return
-        eviction = self._handshakes.room_for(peer)  # see _admission
-        if eviction is not None:
-            self._make_room(eviction)
-        sock.setblocking(False)
-        self._count += 1
-        opening = ServerHandshake(self._authkey, self._limits)
-        client = Session(
-            sock, self._count, time.monotonic() + self._handshake_timeout, opening, peer
-        )
-        client.send_now(opening.data_to_send())
-        self._clients[sock.fileno()] = client
-        self._handshakes.add(client)
-        assert self._selector is not None
-        self._selector.register(sock, selectors.EVENT_READ, client)
-
-    def _make_room(self, eviction: Eviction[Session]) -> None:
-        self._stats.refused += 1
-        self._throttles[eviction.setting].warning(
-            "closing the oldest connection still authenticating to make room: "
-            "%d from %s, the limit (%s)",
-            eviction.count,
-            eviction.whose,
-            eviction.setting,
-        )
-        self._drop(eviction.oldest, logging.DEBUG, "making room for a new connection")
-
-    def _drop(self, client: Session, level: int, reason: str) -> None:
-        if client.sock.fileno() < 0:
-            return
-        logger.log(level, "closing %s: %s", client.name, reason)
-        fd = client.sock.fileno()
-        assert self._selector is not None
-        self._selector.unregister(client.sock)
-        client.sock.close()
-        del self._clients[fd]
-        self._handshakes.discard(client)  # no longer authenticating, at least
-        self._input -= client.unfinished
-        client.unfinished = 0
-        self._exchange.dirty.discard(client)
-        self._backlogged.discard(client)
-        client.backlog = []
-        if client is self._exchange.bridge and not self._stopping:
-            logger.warning("the federation bridge is gone")
-        self._exchange.forget(client)
-        client.out.clear()
-        client.out_size = 0
-
-    def _expire_handshakes(self, now: float) -> None:
-        for client in self._handshakes.late(now):
-            self._stats.refused += 1
-            self._drop(client, logging.WARNING, "no complete handshake in time")
-
     # --- input ---------------------------------------------------------------
-
-    def _read(self, client: Session) -> None:
-        if client.backlog:
-            return  # what it sent before waits: read more once that is handled
-        try:
-            data = client.sock.recv(self._recv_size)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError as exc:
-            self._drop(client, logging.DEBUG, f"receive failed: {exc.strerror}")
-            return
-        if not data:
-            level = logging.DEBUG if client.active else logging.INFO
-            self._drop(client, level, "connection closed by peer")
-            return
-        frames: List[Tuple[int, bytes]] = []
-        try:
-            if client.decoder is None:
-                data = self._open(client, data)
-            if data and client.decoder is not None:
-                frames = client.decoder.feed(data)
-                self._account_input(client, client.decoder.buffered, bool(frames))
-        except AuthenticationError as exc:
-            self._stats.refused += 1
-            self._drop(client, logging.WARNING, f"authentication failed: {exc}")
-        except ProtocolError as exc:
-            self._reject(client, str(exc))
-        if frames:
-            self._handle_guarded(client, frames)
-
-    def _open(self, client: Session, data: bytes) -> bytes:
-        """Advance *client*'s handshake; what follows it, once done (its first frames)."""
-        opening = client.opening
-        try:
-            opening.receive(data)
-        except (AuthenticationError, ProtocolError):
-            with contextlib.suppress(OSError):  # FAILURE, if any: the peer may not wait
-                client.send_now(opening.data_to_send())
-            raise
-        client.send_now(opening.data_to_send())
-        if not opening.done:
-            return b""
-        client.decoder = proto.FrameDecoder(self._max_message)
-        self._handshakes.discard(client)
-        logger.debug("%s connected", client.name)
-        return opening.trailing
-
-    def _handle_guarded(self, client: Session, frames: List[Tuple[int, bytes]]) -> None:
-        try:
-            self._handle(client, frames)
-        except AuthenticationError as exc:
-            self._stats.refused += 1
-            self._drop(client, logging.WARNING, f"authentication failed: {exc}")
-        except ProtocolError as exc:
-            self._reject(client, str(exc))
-
-    def _account_input(self, client: Session, unfinished: int, completed: bool) -> None:
-        if completed or not client.unfinished:
-            client.unfinished_since = time.monotonic()  # a new frame begins
-        self._input += unfinished - client.unfinished
-        client.unfinished = unfinished
-        while self._input > self._max_input:
-            # The client whose unfinished frame began the longest ago goes:
-            # whoever merely crossed the line may be an honest one sending a
-            # large message beside some that hold frames open.
-            hog = min(
-                (c for c in self._clients.values() if c.unfinished),
-                key=lambda c: c.unfinished_since,
-            )
-            reason = (
-                f"{hog.unfinished} bytes of a frame unfinished for "
-                f"{time.monotonic() - hog.unfinished_since:.1f} s while the broker holds "
-                f"{self._input}, over its limit of {self._max_input} (max_input_buffer)"
-            )
-            if hog is client:
-                raise ProtocolError(reason)
-            self._reject(hog, reason)
-
-    def _handle(self, client: Session, frames: List[proto.Frame]) -> None:
-        done = self._exchange.handle(client, frames, self._budget)
-        if done < len(frames):  # over its share of this round: the rest waits
-            client.backlog = frames[done:]
-            self._backlogged.add(client)
-
-    def _reject(self, client: Session, reason: str) -> None:
-        self._stats.refused += 1
-        if client.opening.authenticated:
-            with contextlib.suppress(OSError):  # best effort: the peer may be gone
-                client.sock.send(proto.frame(proto.ERROR, reason.encode()))
-        self._drop(client, logging.WARNING, f"protocol error: {reason}")
 
     def statistics(self) -> BrokerStatistics:
         """A snapshot of the broker's figures (call it from the broker's own thread)."""
-        active = [c for c in self._clients.values() if c.active]
+        active = self._clients.active()
         stats = self._stats
         return BrokerStatistics(
             uptime=time.monotonic() - stats.started,
@@ -596,81 +383,8 @@ class Broker:
 
     # --- routing and output ------------------------------------------------
 
-    def _flush_dirty(self) -> None:
-        dirty, self._exchange.dirty = self._exchange.dirty, set()
-        for client in dirty:
-            if client.sock.fileno() >= 0:
-                with self._boundary(client):
-                    self._flush(client)
-
-    def _flush(self, client: Session) -> None:
-        if client.held > self._max_buffer:
-            if client is self._exchange.bridge:
-                self._shed_for_bridge(client)
-            if client.held > (
-                self._max_buffer // 2 if client is self._exchange.bridge else self._max_buffer
-            ):
-                self._stats.slow_consumers += 1
-                self._drop(
-                    client,
-                    logging.WARNING,
-                    f"slow consumer: {client.held} bytes waiting, "
-                    f"over the limit of {self._max_buffer} (max_buffer)",
-                )
-                return
-        if not client.writing:
-            self._write(client)
-
-    def _shed_for_bridge(self, bridge: Session) -> None:
-        # The bridge is not cut off like a slow consumer (it would come back
-        # and fall behind again): what it cannot take is dropped for other
-        # hosts, at most once as everything else, and local delivery goes on.
-        # Shedding takes the newest messages, each at the price of one pop;
-        # only if what is left (replies to the bridge's own requests) still
-        # fills half its buffer is it cut: its memory stays bounded.
-        dropped = bridge.shed(self._max_buffer // 2)
-        self._stats.bridge_dropped += dropped
-        self._throttles["bridge"].warning(
-            "the federation bridge is behind: dropped %d messages for other hosts so far",
-            self._stats.bridge_dropped,
-        )
-
-    def _write(self, client: Session) -> None:
-        out = client.out
-        # The bridge's news of interest is queued only once the rest is sent:
-        # it never piles up in the queue (see _routing.InterestFeed).
-        while out or (client is self._exchange.bridge and self._exchange.queue_interest(client)):
-            if len(out) == 1 or len(out[0]) >= _SEND_CHUNK:
-                data = out.popleft()
-            else:
-                parts, size = [], 0
-                while out and size < _SEND_CHUNK:
-                    parts.append(out.popleft())
-                    size += len(parts[-1])
-                data = b"".join(parts)
-            try:
-                sent = client.sock.send(data)
-            except (BlockingIOError, InterruptedError):
-                sent = 0
-            except OSError as exc:
-                self._drop(client, logging.DEBUG, f"send failed: {exc.strerror}")
-                return
-            client.out_size -= sent
-            if sent < len(data):
-                out.appendleft(memoryview(data)[sent:])  # the rest, not a copy of it
-                break
-        self._want_write(client, bool(out))
-
-    def _want_write(self, client: Session, want: bool) -> None:
-        if want != client.writing:
-            client.writing = want
-            events = selectors.EVENT_READ | (selectors.EVENT_WRITE if want else 0)
-            assert self._selector is not None
-            self._selector.modify(client.sock, events, client)
-
     def _close_all(self) -> None:
-        for client in list(self._clients.values()):
-            self._drop(client, logging.DEBUG, "broker stopping")
+        self._clients.close_all()
         if self._selector is not None:
             self._selector.close()
         path = self.address if self._listener.family == socket.AF_UNIX else None

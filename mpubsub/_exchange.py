@@ -18,14 +18,13 @@ from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
 from . import _protocol as proto
 from ._routing import Router
-from ._session import Session
+from ._session import SEND_CHUNK, Session
 from ._stats import BrokerStatistics, Counters, Throttle
 from .errors import ProtocolError
 
 logger = logging.getLogger("mpubsub.broker")
 
 _PONG = proto.frame(proto.PONG, b"")
-_SEND_CHUNK = 256 * 1024  # the bridge's news of interest, queued about a send at a time
 
 
 class Exchange:
@@ -178,7 +177,7 @@ class Exchange:
     def queue_interest(self, bridge: Session) -> bool:
         """Queue the bridge's next SUB/UNSUB frames, about one send's worth; False if none."""
         feed = self._router.interest
-        frames = feed.frames(_SEND_CHUNK) if feed else []
+        frames = feed.frames(SEND_CHUNK) if feed else []
         for frame in frames:
             bridge.out.append(frame)
             bridge.out_size += len(frame)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import collections
 import socket
 import struct
-from typing import Deque, List, Optional, Set, Tuple, Union
+from typing import Callable, Deque, List, Optional, Set, Tuple, Union
 
 from . import _protocol as proto
 from ._handshake import ServerHandshake
@@ -13,6 +13,8 @@ from .errors import ProtocolError
 
 # What a queued frame costs beyond its bytes: the bytes object and its slot.
 FRAME_COST = 64
+# Queued frames are joined into sends of about this size.
+SEND_CHUNK = 256 * 1024
 
 
 class Session:
@@ -64,6 +66,34 @@ class Session:
             self.out_size -= len(out.pop())
             dropped += 1
         return dropped
+
+    def send_queued(self, more: Optional[Callable[[Session], bool]] = None) -> bool:
+        """Send what the socket takes of ``out``, then what *more* queues once it is
+        empty, until it returns False; True while something still waits.
+
+        Small frames go out joined, about SEND_CHUNK at a time; what a short
+        send leaves stays first in ``out``, a view of the rest, not a copy.
+        OSError (but BlockingIOError) if the connection failed.
+        """
+        out = self.out
+        while out or (more is not None and more(self)):
+            if len(out) == 1 or len(out[0]) >= SEND_CHUNK:
+                data = out.popleft()
+            else:
+                parts, size = [], 0
+                while out and size < SEND_CHUNK:
+                    parts.append(out.popleft())
+                    size += len(parts[-1])
+                data = b"".join(parts)
+            try:
+                sent = self.sock.send(data)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            self.out_size -= sent
+            if sent < len(data):
+                out.appendleft(memoryview(data)[sent:])
+                break
+        return bool(out)
 
     def send_now(self, data: bytes) -> None:
         """Send a small reply at once (the handshake's)."""
