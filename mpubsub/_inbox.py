@@ -17,12 +17,14 @@ import socket
 from typing import Counter, Deque, Dict, List, Optional
 
 from . import _protocol as proto
+from ._text import reason
 from .errors import ProtocolError
 
 logger = logging.getLogger("mpubsub.net")
 
 # Messages read and not yet delivered by poll() past which nothing more is read.
 MAX_INBOX = 64 * 1024 * 1024
+_RECV_SIZE = 64 * 1024
 
 
 class Inbox:
@@ -35,11 +37,34 @@ class Inbox:
         self._asked: Counter[int] = collections.Counter()
         self._answered: Counter[int] = collections.Counter()
         self._ready: Optional[_Readiness] = None  # behind fileno(), once asked for
+        self._decoder = proto.FrameDecoder(proto.DEFAULT_MAX_MESSAGE)
 
     @property
     def full(self) -> bool:
         """True once poll() has fallen so far behind that nothing more is read."""
         return self.size >= MAX_INBOX
+
+    def read(self, sock: socket.socket) -> Optional[str]:
+        """Read what *sock* brings, up to 1 MiB, and not past ``full``; why the
+        connection is lost, if it is (None: it is not)."""
+        for _ in range(16):
+            if self.full:
+                break
+            try:
+                data = sock.recv(_RECV_SIZE)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as exc:
+                return reason(exc)
+            if not data:
+                return "connection closed by the broker"
+            try:
+                self.take(self._decoder.feed(data))
+            except ProtocolError as exc:
+                return f"protocol error: {exc}"
+            if len(data) < _RECV_SIZE:
+                break
+        return None
 
     def take(self, frames: List[proto.Frame]) -> None:
         """Keep the frames just read; ProtocolError for an answer nobody asked for."""
@@ -75,8 +100,10 @@ class Inbox:
         """The answer to the request of *ticket*, or None while it has not come."""
         return self._replies[kind] if self._answered[kind] >= ticket else None
 
-    def new_connection(self, sock: socket.socket) -> None:
-        """What was asked of the last connection is not answered on *sock*."""
+    def new_connection(self, sock: socket.socket, max_message: int) -> None:
+        """What was asked of the last connection is not answered on *sock*, whose
+        broker accepts messages of up to *max_message* bytes (and sends no larger)."""
+        self._decoder = proto.FrameDecoder(max_message)
         self._asked.clear()
         self._answered.clear()
         if self._ready is not None:

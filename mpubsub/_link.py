@@ -17,7 +17,6 @@ request, backpressure) and kept in the Inbox.
 from __future__ import annotations
 
 import atexit
-import collections
 import contextlib
 import enum
 import logging
@@ -25,25 +24,24 @@ import math
 import multiprocessing
 import multiprocessing.util
 import os
-import random
 import select
 import socket
 import threading
 import time
 import weakref
-from typing import Any, Callable, Deque, List, NamedTuple, Optional, Tuple, Union
+from typing import Any, Callable, List, NamedTuple, Optional, Tuple, Union
 
 from . import _protocol as proto
 from ._connect import connect_socket, handshake
 from ._credentials import read_credentials
 from ._inbox import MAX_INBOX, Inbox
 from ._outbox import Chunk, Outbox
+from ._redial import Redial
 from ._text import reason
-from .errors import AuthenticationError, CredentialsError, MPubSubError, ProtocolError
+from .errors import AuthenticationError, MPubSubError
 
 logger = logging.getLogger("mpubsub.net")
 
-_RECV_SIZE = 64 * 1024
 # Publishes closer together than this are batched and sent by a writer
 # thread (fewer syscalls and wake-ups along the way); a lone publish is sent
 # at once by the publishing thread, so it never waits.
@@ -51,9 +49,6 @@ _BURST_WINDOW = 0.0001
 # Batched bytes past which publish sends them itself (and so blocks while
 # the broker does not read: backpressure).
 BATCH_LIMIT = 1024 * 1024
-_BACKOFF_MIN, _BACKOFF_MAX = 0.05, 5.0
-# A connection that lasted less than this was cut, not lost: back off more.
-_STABLE = 1.0
 
 
 class State(enum.Enum):
@@ -89,18 +84,11 @@ class Link:
         self.inbox = Inbox()
         self.outbox = Outbox()
         self.publish_timeout: Optional[float] = None  # backpressure's (the CLI sets one)
-        self._decoder = proto.FrameDecoder(proto.DEFAULT_MAX_MESSAGE)
-        self._queue: Deque[bytes] = collections.deque(maxlen=max_queued)  # while away
-        self._dropped = 0
+        self.redial = Redial(max_queued)
         self._last_send = 0.0
         self._kick = threading.Event()
         self._writer: Optional[threading.Thread] = None
-        self._backoff = _BACKOFF_MIN
-        self._next_attempt = 0.0
-        self._dialing = False  # a reconnection is under way (outside the lock)
         self._up = threading.Event()  # set while connected, or once disconnected
-        self._up_since = 0.0
-        self._refused_credentials = False  # warned of it in this outage
         self._on_connected = weakref.WeakMethod(on_connected)
         self.address: Any = None
         self.authkey = b""
@@ -127,7 +115,7 @@ class Link:
         with self.lock:
             if self.state is not State.OFFLINE:
                 raise RuntimeError("Already connected")
-            dialed = self._dial()
+            dialed = dial(self.address, self.authkey, self.credentials, self.timeout)
             self.state = State.CONNECTED  # first: a connection lost at once is made again
             self._pid = os.getpid()  # the process whose exit sends what it left
             _flush_at_exit_of_this_process()
@@ -143,12 +131,7 @@ class Link:
                 return
             self.drop_unsent("disconnected")
             self.state = State.OFFLINE
-            if self._queue:
-                logger.warning(
-                    "disconnected with %d messages still waiting for the broker: dropped",
-                    len(self._queue),
-                )
-            self._queue.clear()
+            self.redial.drop_all()
             self._close()
             self._kick.set()  # the writer thread ends
             self._up.set()  # poll() waiting for a reconnection ends
@@ -174,29 +157,13 @@ class Link:
                 self.timeout,
             )
 
-    def _dial(self) -> _Dialed:
-        """Connect and authenticate (blocking: never called with the lock held on reconnect)."""
-        address, authkey = self.address, self.authkey
-        if self.credentials is not None:
-            address, authkey = read_credentials(self.credentials)
-        deadline = time.monotonic() + self.timeout  # for all of it, not each step
-        sock = connect_socket(address, self.timeout)
-        try:
-            limits = handshake(sock, authkey, deadline)
-        except BaseException:
-            sock.close()
-            raise
-        sock.setblocking(False)
-        return _Dialed(sock, limits, address, authkey)
-
     def _install(self, dialed: _Dialed) -> None:
         """Start using a new connection (called with the lock held)."""
         self.sock, limits, self.address, self.authkey = dialed
         changed = limits != self.limits or not self.limits_known
         self.limits, self.limits_known = limits, True
-        self._decoder = proto.FrameDecoder(limits.max_message)
-        self.inbox.new_connection(self.sock)
-        self._up_since = time.monotonic()
+        self.inbox.new_connection(self.sock, limits.max_message)
+        self.redial.connected()
         self._up.set()
         on_connected = self._on_connected()
         if on_connected is not None:
@@ -225,17 +192,15 @@ class Link:
         if self.state is State.CONNECTED:
             logger.warning("lost the broker at %s (%s); reconnecting", self.address, why)
             self.state = State.RECONNECTING
-            now = time.monotonic()
-            # A connection the broker cuts at once (this client goes past one
-            # of its caps?) must not make a reconnection loop: back off more.
-            stable = now - self._up_since >= _STABLE
-            self._backoff = _BACKOFF_MIN if stable else min(self._backoff * 2, _BACKOFF_MAX)
-            self._next_attempt = now + self._backoff
-            self._dropped = 0
-            self._refused_credentials = False
+            self.redial.lost()
             self._start_writer()  # it reconnects, so that publish never waits for it
         for frame in self.outbox.unwritten() + self.outbox.take_batch():
-            self._enqueue(frame)
+            self._keep(frame)
+
+    def _keep(self, frame: bytes) -> None:
+        """Keep a PUB frame for the next connection, while reconnecting."""
+        if self.state is State.RECONNECTING:
+            self.redial.keep(frame)
 
     def _reconnect(self) -> bool:
         """One reconnection attempt if one is due; True if connected.
@@ -246,18 +211,19 @@ class Link:
         with self.lock:
             if self.state is not State.RECONNECTING or self.sock is not None:
                 return self.sock is not None
-            if self._dialing or time.monotonic() < self._next_attempt:
+            if not self.redial.due():
                 return False
-            self._dialing = True
+            self.redial.dialing = True
         try:
-            dialed = self._dial()
+            dialed = dial(self.address, self.authkey, self.credentials, self.timeout)
         except (OSError, MPubSubError, AuthenticationError, ValueError) as exc:
             # A wrong key too: a restarted broker listens before it writes
             # its new key to the credentials file, read again next time.
-            self._failed_attempt(exc)
+            with self.lock:
+                self.redial.failed(exc)
             return False
         finally:
-            self._dialing = False
+            self.redial.dialing = False
         with self.lock:
             if self.state is not State.RECONNECTING or self.sock is not None:  # meanwhile
                 dialed.sock.close()
@@ -267,45 +233,8 @@ class Link:
             if self.sock is None:
                 return False
             logger.warning("reconnected to the broker at %s", self.address)
-            queued = self._fitting_frames(list(self._queue))
-            self._queue.clear()
-            self._hand_over(queued)
+            self._hand_over(self.redial.take(self.limits))
             return self.sock is not None
-
-    def _fitting_frames(self, frames: List[bytes]) -> List[bytes]:
-        """The queued frames the new broker accepts (a WARNING for the others)."""
-        limits = self.limits
-        kept = [
-            f
-            for f in frames
-            if len(f) - 5 <= limits.max_message and not limits.topic_excess(proto.pub_topic(f))
-        ]
-        if len(kept) < len(frames):
-            logger.warning(
-                "dropped %d queued messages over the new broker's limits", len(frames) - len(kept)
-            )
-        return kept
-
-    def _failed_attempt(self, exc: Exception) -> None:
-        with self.lock:
-            self._backoff = min(self._backoff * 2, _BACKOFF_MAX)
-            self._next_attempt = time.monotonic() + self._backoff * random.uniform(0.5, 1.0)
-            if isinstance(exc, CredentialsError) and not self._refused_credentials:
-                self._refused_credentials = True  # once per outage: it may be an attack
-                logger.warning("cannot reconnect: %s", exc)
-            else:
-                logger.debug("reconnection failed: %s", exc)
-
-    def _enqueue(self, frame: bytes) -> None:
-        if self.state is not State.RECONNECTING:
-            return
-        if len(self._queue) == self._queue.maxlen:
-            if not self._dropped:
-                logger.warning(
-                    "broker unreachable: %d messages queued, dropping the oldest", len(self._queue)
-                )
-            self._dropped += 1
-        self._queue.append(frame)
 
     # --- out ----------------------------------------------------------------------
 
@@ -318,7 +247,7 @@ class Link:
         with self.lock:
             sock = self.sock
             if sock is None:
-                self._enqueue(b"".join(parts))  # the writer thread reconnects
+                self._keep(b"".join(parts))  # the writer thread reconnects
                 return None
             if len(parts) > 1:  # large: after what was batched, gathered by one sendmsg
                 self.write_batch()
@@ -336,7 +265,7 @@ class Link:
                 sent = 0
             except OSError as exc:
                 self._lost(reason(exc))
-                self._enqueue(frame)
+                self._keep(frame)
                 return None
             if sent != len(frame):
                 self._queue_out(((frame,), (frame,), len(frame)), sent)
@@ -446,7 +375,7 @@ class Link:
         with self.lock:
             reconnecting = self.state is State.RECONNECTING and self.sock is None
             if reconnecting:
-                self._next_attempt = 0.0
+                self.redial.hurry()
                 self._start_writer()
         if reconnecting:
             self._up.wait(self.timeout)
@@ -478,27 +407,10 @@ class Link:
 
     def read(self) -> None:
         """Read what the broker sent, up to 1 MiB, and not past a full inbox (lock held)."""
-        sock = self.sock
-        for _ in range(16):
-            if sock is None or self.inbox.full:
-                return
-            try:
-                data = sock.recv(_RECV_SIZE)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:
-                self._lost(reason(exc))
-                return
-            if not data:
-                self._lost("connection closed by the broker")
-                return
-            try:
-                self.inbox.take(self._decoder.feed(data))
-            except ProtocolError as exc:
-                self._lost(f"protocol error: {exc}")
-                return
-            if len(data) < _RECV_SIZE:
-                return
+        if self.sock is not None:
+            lost = self.inbox.read(self.sock)
+            if lost:
+                self._lost(lost)
 
 
 def _writer_main(ref: weakref.ReferenceType[Link], kick: threading.Event) -> None:
@@ -522,7 +434,7 @@ def _writer_main(ref: weakref.ReferenceType[Link], kick: threading.Event) -> Non
         link.drain(0, 1.0)
         pause = 0.0 if link.outbox.size else 1.0
         if link.state is State.RECONNECTING:
-            pause = min(pause, max(0.0, link._next_attempt - time.monotonic()) + 0.001)
+            pause = min(pause, link.redial.wait() + 0.001)
         del link
 
 
@@ -553,6 +465,30 @@ class _Dialed(NamedTuple):
     limits: proto.Limits
     address: Any
     authkey: bytes
+
+
+def dial(
+    address: Any,
+    authkey: bytes,
+    credentials: Optional[Union[str, os.PathLike[str]]],
+    timeout: float,
+) -> _Dialed:
+    """Connect and authenticate (blocking: never called with the lock held on reconnect).
+
+    The credentials file, if any, names the broker and its key: read again
+    at each attempt. *timeout* bounds all of it, not each step.
+    """
+    if credentials is not None:
+        address, authkey = read_credentials(credentials)
+    deadline = time.monotonic() + timeout
+    sock = connect_socket(address, timeout)
+    try:
+        limits = handshake(sock, authkey, deadline)
+    except BaseException:
+        sock.close()
+        raise
+    sock.setblocking(False)
+    return _Dialed(sock, limits, address, authkey)
 
 
 # Publishes still batched when the interpreter exits are sent first.

@@ -506,7 +506,9 @@ def test_flush_while_reconnecting_tries_at_once(
     address = str(tmp_path / "b.sock")
     pubsub = orphaned(broker_factory, address)
     try:
-        wait_for(lambda: pubsub._link._backoff >= 1.0, what="the backoff to grow past a second")
+        wait_for(
+            lambda: pubsub._link.redial.backoff >= 1.0, what="the backoff to grow past a second"
+        )
         broker_factory(address, "--overwrite")  # the same credentials file
         assert pubsub.flush()
         assert pubsub.connected
