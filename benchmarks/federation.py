@@ -17,11 +17,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import json
 import os
 import pickle
-import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -31,56 +30,17 @@ from pathlib import Path
 from typing import Any, Dict, List
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run with -I: find remote.py
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # and the tests' servers
 
 import remote
 
-NATS_SERVER = shutil.which("nats-server") or "/usr/sbin/nats-server"
+from tests.processes import NATS_SERVER, NatsServer, stop_process, wait_until
+
 SECRET = os.urandom(32)
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def wait(condition: Any, what: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"timed out waiting for {what}")
-        time.sleep(0.02)
-
-
-def listening(port: int) -> bool:
-    with socket.socket() as sock:
-        return sock.connect_ex(("127.0.0.1", port)) == 0
-
-
-class NatsServer:
-    def __init__(self, workdir: str) -> None:
-        self.port = free_port()
-        self.url = f"nats://127.0.0.1:{self.port}"
-        log = open(os.path.join(workdir, "nats.log"), "wb")  # noqa: SIM115  (closed in stop)
-        self.log = log
-        self.proc = subprocess.Popen(
-            [NATS_SERVER, "-a", "127.0.0.1", "-p", str(self.port)], stdout=log, stderr=log
-        )
-        wait(lambda: listening(self.port), "nats-server")
-
-    def stop(self) -> None:
-        stop(self.proc)
-        self.log.close()
-
-
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+def start_nats(workdir: str) -> NatsServer:
+    return NatsServer(Path(workdir), "nats").start()
 
 
 class Federated(remote.System):
@@ -88,7 +48,7 @@ class Federated(remote.System):
 
     def start(self) -> None:
         self.hosts: Dict[str, subprocess.Popen[bytes]] = {}
-        self.nats = NatsServer(self.workdir)
+        self.nats = start_nats(self.workdir)
         try:
             self._start_hosts()
         except BaseException:
@@ -116,7 +76,7 @@ class Federated(remote.System):
                     stderr=log,
                 )
         for name in self.hosts:
-            wait(lambda name=name: self._connected(name), f"host {name} to join NATS")
+            wait_until(functools.partial(self._connected, name), 30, f"host {name} to join NATS")
 
     def _connected(self, name: str) -> bool:
         if self.hosts[name].poll() is not None:
@@ -134,7 +94,7 @@ class Federated(remote.System):
 
     def stop(self) -> None:
         for proc in self.hosts.values():
-            stop(proc)
+            stop_process(proc, 20)
         self.nats.stop()
 
     @property
@@ -284,7 +244,7 @@ def main() -> None:
             args.subscribers, args.stall, args.idle = 1, 60.0, 0
             result = remote.run_scenario(Federated(workdir), args)
         else:
-            server = NatsServer(workdir)
+            server = start_nats(workdir)
             try:
                 if args.scenario == "throughput":
                     result = nats_throughput(server.url, args.count, args.size)

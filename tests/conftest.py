@@ -4,18 +4,13 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import json
 import os
-import random
 import re
-import shutil
 import signal
 import socket
 import subprocess
 import sys
 import threading
-import time
-import urllib.request
 from multiprocessing.connection import Listener
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
@@ -29,6 +24,7 @@ from mpubsub._credentials import read_credentials
 from mpubsub.typing import Topic
 
 from . import needs
+from .processes import stop_process, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 # Every test broker takes as its federation bridge a client showing this key.
@@ -87,14 +83,10 @@ def _groups(counts: collections.Counter[str]) -> str:
 
 def wait_for(condition: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> Any:
     """Poll *condition* until it is truthy; fail the test after *timeout* seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = condition()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        time.sleep(0.01)
+    try:
+        return wait_until(condition, timeout, what)
+    except TimeoutError as exc:
+        pytest.fail(str(exc))
 
 
 def make_install(base: Path) -> None:
@@ -114,17 +106,6 @@ def make_install(base: Path) -> None:
         capture_output=True,
         timeout=300,
     )
-
-
-def stop_process(proc: Optional[subprocess.Popen[Any]], timeout: float = 10.0) -> None:
-    """SIGTERM *proc* if it runs, SIGKILL it if it is still there after *timeout* s; reap it."""
-    if proc is not None and proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def alive(pid: int) -> bool:
@@ -349,69 +330,3 @@ def stopped(helper: subprocess.Popen[str], report: str) -> int:
     said = re.fullmatch(report + "\n", out)
     assert said, f"expected {report!r}, the helper said {out!r}"
     return int(said.group(1))
-
-
-NATS_SERVER = shutil.which("nats-server") or "/usr/sbin/nats-server"
-
-
-def free_port() -> int:
-    """A loopback TCP port free now, for a server started next.
-
-    Below the range the kernel picks connections' own ports from: a port
-    from it could become some connection's end before the server binds it
-    (seen: nats-server's "address already in use" in a busy run).
-    """
-    try:
-        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        low = 32768
-    for _ in range(200):
-        port = random.randrange(max(10_000, low - 10_000), low)
-        with socket.socket() as sock:
-            try:
-                sock.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise AssertionError("no free loopback port below the ephemeral range")
-
-
-class NatsServer:
-    """One nats-server on loopback, optionally a node of a cluster."""
-
-    def __init__(self, base: Path, name: str, *args: str, port: int = 0) -> None:
-        self.port, self.monitor = port or free_port(), free_port()
-        self.url = f"nats://127.0.0.1:{self.port}"
-        self.log = base / f"{name}.log"
-        self.args = [
-            NATS_SERVER,
-            "-a",
-            "127.0.0.1",
-            "-p",
-            str(self.port),
-            "-m",
-            str(self.monitor),
-            "-n",
-            name,
-            *args,
-        ]
-        self.proc: Optional[subprocess.Popen[bytes]] = None
-
-    def start(self, routes: int = 0) -> NatsServer:
-        with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(self.args, stdout=log, stderr=log)
-        wait_for(lambda: self._routes() >= routes, what=f"nats-server with {routes} routes")
-        return self
-
-    def _routes(self) -> int:
-        assert self.proc is not None
-        if self.proc.poll() is not None:
-            pytest.fail(f"nats-server exited: {self.log.read_text()[-2000:]}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.monitor}/routez", timeout=1) as r:
-                return int(json.load(r)["num_routes"])
-        except OSError:
-            return -1
-
-    def stop(self) -> None:
-        stop_process(self.proc)

@@ -25,14 +25,11 @@ from mpubsubd._federation import Signer, subject
 
 from . import needs
 from .conftest import (
-    NATS_SERVER,
-    NatsServer,
     alive,
-    free_port,
-    stop_process,
     stopped,
     wait_for,
 )
+from .processes import NATS_SERVER, NatsServer, free_port, stop_process
 
 pytestmark = pytest.mark.skipif(not os.path.exists(NATS_SERVER), reason=needs.NATS.reason())
 SECRET = b"0123456789abcdef0123456789abcdef"

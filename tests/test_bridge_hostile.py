@@ -28,7 +28,10 @@ from mpubsub._connect import connect_socket, handshake
 from mpubsub._credentials import read_credentials
 from mpubsubd._federation import Signer
 
-from .conftest import NatsServer, wait_for
+from .conftest import (
+    wait_for,
+)
+from .processes import NatsServer
 from .test_bridge import (  # noqa: F401  (pytestmark: skipped without nats-server)
     SECRET,
     Federation,

@@ -25,6 +25,7 @@ from mpubsub._connect import connect_socket, handshake
 from . import needs
 from .conftest import (
     BRIDGE_KEY,
+    HELPERS,
     BrokerProcess,
     assert_serving,
     connected,
@@ -33,7 +34,6 @@ from .conftest import (
 )
 
 Received = List[Dict[str, Any]]
-HELPERS = Path(__file__).resolve().parent / "helpers"
 
 
 def closed_by_peer(sock: socket.socket) -> bool:

@@ -18,7 +18,12 @@ from mpubsub import CredentialsError, NetPubSub
 from mpubsub._credentials import read_credentials, write_credentials
 
 from . import needs
-from .conftest import BrokerProcess, stop_process, subscribed, wait_for
+from .conftest import (
+    BrokerProcess,
+    subscribed,
+    wait_for,
+)
+from .processes import stop_process
 
 ROOT = Path(__file__).resolve().parent.parent
 NOBODY = 65534

@@ -19,7 +19,13 @@ import pytest
 from mpubsub import Broker, CredentialsError, NetPubSub
 
 from . import needs
-from .conftest import alive, make_install, stop_process, stopped, wait_for
+from .conftest import (
+    alive,
+    make_install,
+    stopped,
+    wait_for,
+)
+from .processes import stop_process
 
 ROOT = Path(__file__).resolve().parent.parent
 MPUBSUBD = [sys.executable, "-m", "mpubsubd"]

@@ -44,11 +44,10 @@ from .conftest import (
     assert_serving,
     broker_rss,
     connected,
-    free_port,
-    stop_process,
     subscribed,
     wait_for,
 )
+from .processes import free_port, stop_process
 
 MiB = 1024 * 1024
 

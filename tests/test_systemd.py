@@ -16,7 +16,10 @@ from typing import Iterator, List
 import pytest
 
 from . import needs
-from .conftest import NATS_SERVER, NatsServer, make_install
+from .conftest import (
+    make_install,
+)
+from .processes import NATS_SERVER, NatsServer
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.systemd
