@@ -302,12 +302,7 @@ def federation_figures(frame: bytes) -> Dict[str, Any]:
     REPORT_FIELDS with its type: a string of at most 256 characters, or a count."""
     if len(frame) > _MAX_REPORT:
         raise ProtocolError("FEDERATION frame too long")
-    try:
-        value = json.loads(frame[5:])
-    except (ValueError, RecursionError):
-        raise ProtocolError("FEDERATION frame is not JSON") from None
-    if not isinstance(value, dict):
-        raise ProtocolError("FEDERATION frame is not a JSON object")
+    value = _json_object(frame, "FEDERATION frame is")
     for key, figure in value.items():
         kind = REPORT_FIELDS.get(key)
         if kind is None:
@@ -346,12 +341,17 @@ def federation_frame(figures: Dict[str, Any]) -> bytes:
 
 def stats_figures(frame: bytes) -> Dict[str, Any]:
     """The figures in a whole STATS_REPLY frame; ProtocolError if they are not a JSON object."""
+    return _json_object(frame, "the broker's statistics are")
+
+
+def _json_object(frame: bytes, subject: str) -> Dict[str, Any]:
+    """The JSON object in a whole frame's body; ProtocolError, "*subject* not ...", if not."""
     try:
         value = json.loads(frame[5:])
     except (ValueError, RecursionError):
-        raise ProtocolError("the broker's statistics are not JSON") from None
+        raise ProtocolError(f"{subject} not JSON") from None
     if not isinstance(value, dict):
-        raise ProtocolError("the broker's statistics are not a JSON object")
+        raise ProtocolError(f"{subject} not a JSON object")
     return value
 
 
