@@ -3,11 +3,17 @@
 How the pieces build on each other: ``PubSub`` (``_pubsub.py``) delivers
 messages inside one process. ``NetPubSub`` (``_netpubsub.py``) is a PubSub
 that also sends what it publishes to a ``Broker`` (``_broker.py``) and
-delivers what the broker sends it. Between them runs the wire protocol of
-``_protocol.py``: multiprocessing's authentication, then frames whose topic
-the broker reads and whose pickled message only pub-subs unpickle.
-mpubsubd (the ``mpubsubd`` package) runs a Broker for a host and, through
-its federation bridge, joins it to other hosts' brokers over NATS.
+delivers what the broker sends it; its connection, made again whenever it
+is lost, is a ``Link`` (``_link.py``). Between them runs the wire protocol
+of ``_protocol.py``, opened by the handshake of ``_handshake.py`` (both
+roles, bytes in and out, no sockets): multiprocessing's authentication,
+then frames whose topic the broker reads and whose pickled message only
+pub-subs unpickle. The broker's loop hands its connections (``_clients.py``)
+what the selector says, and their frames to the ``Exchange``
+(``_exchange.py``), which routes them through the ``Router``
+(``_routing.py``). mpubsubd (the ``mpubsubd`` package) runs a Broker for a
+host and, through its federation bridge, joins it to other hosts' brokers
+over NATS; of the library's insides it uses ``_for_mpubsubd.py`` only.
 """
 
 from ._broker import Broker

@@ -21,7 +21,7 @@ import signal
 import ssl
 import sys
 import time
-from typing import Any, Callable, Dict, FrozenSet, List, Optional, Set, Tuple, Union
+from typing import Any, Callable, Dict, FrozenSet, List, Optional, Set, Tuple
 
 import nats
 import nats.errors
@@ -40,7 +40,7 @@ from mpubsub._for_mpubsubd import (
 from mpubsub._for_mpubsubd import protocol as proto
 
 from ._config import FederationConfig
-from ._federation import Duplicate, Rejected, Signer, Verifier, interest, subject, topic_of
+from ._federation import Arrivals, Signer, Verifier, interest, subject, weigh
 from ._logging import log_file_handler, stderr_handler, use_handler
 
 logger = logging.getLogger("mpubsubd.bridge")
@@ -110,11 +110,6 @@ class _Client(Client):
         )
 
 
-def _weigh(key: Union[str, bytes], value: Union[str, bytes]) -> int:
-    """What a memo entry of topics and subjects holds, roughly, in bytes."""
-    return len(key) + len(value) + 200
-
-
 class Bridge:
     """One bridge between the local broker at *credentials* and NATS."""
 
@@ -127,13 +122,9 @@ class Bridge:
         self._prefix = config.subject_prefix
         self._local_only = tuple(proto.encode_topic(t) for t in config.local_only_topics)
         self._signer = Signer(secret, config.host_name)
-        self._verifier = Verifier(secret, config.host_name, max_skew=config.max_clock_skew)
         self._subjects: Memo[bytes, str] = Memo(
-            lambda topic: subject(self._prefix, topic), weigh=_weigh
+            lambda topic: subject(self._prefix, topic), weigh=weigh
         )
-        prefix = self._prefix.encode()
-        self._topics_of: Memo[str, bytes] = Memo(self._topic_of, weigh=_weigh)
-        self._prefix_bytes = prefix
         self._max_subject = config.max_control_line - _LINE_OVERHEAD
         self._too_long: FrozenSet[str] = frozenset()  # wanted subjects NATS cannot carry
         self._topics: Set[bytes] = set()  # what this host's subscribers want
@@ -157,6 +148,13 @@ class Bridge:
         }
         self.state = "connecting"
         self.server = ""
+        self._arrivals = Arrivals(
+            self._prefix,
+            Verifier(secret, config.host_name, max_skew=config.max_clock_skew),
+            self._local_only,
+            self.counters,
+            self._warn,
+        )
 
     # --- the whole life ----------------------------------------------------------
 
@@ -303,6 +301,16 @@ class Bridge:
 
     # --- NATS -> this host ---------------------------------------------------------------
 
+    def _deliver(self) -> None:
+        inbox, self._inbox = self._inbox, []
+        frames, count = self._arrivals.frames(inbox, self._limits)
+        if not count:
+            return
+        if self._send_local(frames):  # one write for the lot
+            self.counters["forwarded_in"] += count
+        else:
+            self._warn("the broker is not reading: dropping messages from other hosts")
+
     async def _on_message(self, msg: Msg) -> None:
         # One task per NATS subscription calls this; the messages of one
         # network read are gathered and delivered together, sorted back
@@ -310,55 +318,6 @@ class Bridge:
         if not self._inbox:
             asyncio.get_running_loop().call_soon(self._deliver)
         self._inbox.append((msg.subject, msg.data))
-
-    def _deliver(self) -> None:
-        inbox, self._inbox = self._inbox, []
-        ready: List[Tuple[str, int, bytes, bytes]] = []
-        for subj, body in inbox:
-            try:
-                topic = self._topics_of[subj]
-                origin, seq, payload = self._verifier.open(topic, body)
-            except Duplicate:
-                self.counters["duplicates"] += 1
-                continue
-            except Rejected as exc:
-                self.counters["dropped_unverified"] += 1
-                where = printable(subj[:100])
-                self._warn(f"dropped an unverified message from NATS on {where}: {exc}", str(exc))
-                continue
-            if self._local_only and topic.startswith(self._local_only):
-                continue
-            if 4 + len(topic) + len(payload) > self._limits.max_message:
-                self._warn(
-                    f"dropped a message from {printable(origin)} over this host's max_message_size",
-                    "too big",
-                )
-                continue
-            ready.append((origin, seq, topic, payload))
-        if not ready:
-            return
-        ready.sort(key=lambda item: (item[0], item[1]))
-        frames = b"".join([proto.pub_frame(topic, payload) for _, _, topic, payload in ready])
-        if self._send_local(frames):  # one write for the lot
-            self.counters["forwarded_in"] += len(ready)
-        else:
-            self._warn("the broker is not reading: dropping messages from other hosts")
-
-    def _topic_of(self, subj: str) -> bytes:
-        """The topic a subject from NATS stands for; Rejected if none this host takes."""
-        # Cheap bounds first: junk subjects of thousands of tokens must not
-        # cost thousands of unescapes each.
-        limits = self._limits
-        depth = subj.count(".") - self._prefix.count(".")
-        if depth > limits.max_topic_depth or len(subj) > (
-            len(self._prefix) + 3 * limits.max_topic_size + 2 * limits.max_topic_depth
-        ):
-            raise Rejected("subject deeper or longer than any topic this host takes")
-        topic = topic_of(self._prefix_bytes, subj.encode("utf-8", "surrogateescape"))
-        excess = limits.topic_excess(topic, "this host's")
-        if excess:  # the broker would take the bridge for a client breaking its limits
-            raise Rejected(excess)
-        return topic
 
     def _malformed(self, exc: Exception) -> None:
         # The message goes on to _deliver, which drops it (and counts it).
@@ -416,40 +375,13 @@ class Bridge:
             self._set_state("closed", "")
             self._nats_closed.set()
 
-        options: Dict[str, Any] = {
-            "servers": list(config.server_urls),
-            "name": f"mpubsubd bridge {config.host_name}",
-            "no_echo": True,  # our own messages were delivered here already
-            "allow_reconnect": True,
-            "max_reconnect_attempts": -1,
-            "reconnect_time_wait": 1,
-            "connect_timeout": 2,
-            # nats-py's own watchdog: a server that leaves this many PINGs
-            # unanswered is stale, and nats-py reconnects (see also _watch).
-            "ping_interval": 5,
-            "max_outstanding_pings": 3,
+        return {
+            **nats_options(config),
             "disconnected_cb": disconnected,
             "reconnected_cb": reconnected,
             "error_cb": error,
             "closed_cb": closed,
-            "pending_size": 2 * _NATS_BACKLOG,
-            # Our subjects are escape()d: never white space, CR or LF (see _federation).
-            "skip_subject_validation": True,
         }
-        if config.user:
-            options["user"] = config.user
-        if config.password:
-            options["password"] = config.password
-        if config.token:
-            options["token"] = config.token
-        if config.creds_file:
-            options["user_credentials"] = config.creds_file
-        if config.tls_ca_file or config.tls_cert_file:
-            context = ssl.create_default_context(cafile=config.tls_ca_file or None)
-            if config.tls_cert_file:
-                context.load_cert_chain(config.tls_cert_file, config.tls_key_file or None)
-            options["tls"] = context
-        return options
 
     def _url(self) -> str:
         url = self._nc.connected_url if self._nc is not None else None
@@ -525,6 +457,40 @@ class Bridge:
                 if self.state == "not answering":
                     self._set_state("connected", self._url())
                     logger.info("NATS at %s answers again", self.server)
+
+
+def nats_options(config: FederationConfig) -> Dict[str, Any]:
+    """What nats-py's connect() is given for *config*, but the callbacks."""
+    options: Dict[str, Any] = {
+        "servers": list(config.server_urls),
+        "name": f"mpubsubd bridge {config.host_name}",
+        "no_echo": True,  # our own messages were delivered here already
+        "allow_reconnect": True,
+        "max_reconnect_attempts": -1,
+        "reconnect_time_wait": 1,
+        "connect_timeout": 2,
+        # nats-py's own watchdog: a server that leaves this many PINGs
+        # unanswered is stale, and nats-py reconnects (see also _watch).
+        "ping_interval": 5,
+        "max_outstanding_pings": 3,
+        "pending_size": 2 * _NATS_BACKLOG,
+        # Our subjects are escape()d: never white space, CR or LF (see _federation).
+        "skip_subject_validation": True,
+    }
+    if config.user:
+        options["user"] = config.user
+    if config.password:
+        options["password"] = config.password
+    if config.token:
+        options["token"] = config.token
+    if config.creds_file:
+        options["user_credentials"] = config.creds_file
+    if config.tls_ca_file or config.tls_cert_file:
+        context = ssl.create_default_context(cafile=config.tls_ca_file or None)
+        if config.tls_cert_file:
+            context.load_cert_chain(config.tls_cert_file, config.tls_key_file or None)
+        options["tls"] = context
+    return options
 
 
 def main() -> None:

@@ -46,9 +46,10 @@ import os
 import re
 import struct
 import time
-from typing import Callable, Dict, FrozenSet, Iterable, List, Optional, Set, Tuple
+from typing import Callable, Dict, FrozenSet, Iterable, List, Optional, Set, Tuple, Union
 
 from mpubsub import ProtocolError
+from mpubsub._for_mpubsubd import Memo, printable
 from mpubsub._for_mpubsubd import protocol as proto
 
 VERSION = 2
@@ -285,3 +286,80 @@ class Mac:
         outer = self._outer.copy()
         outer.update(inner.digest())
         return outer.digest()
+
+
+def weigh(key: Union[str, bytes], value: Union[str, bytes]) -> int:
+    """What a memo entry of topics and subjects holds, roughly, in bytes."""
+    return len(key) + len(value) + 200
+
+
+class Arrivals:
+    """Messages from NATS, checked and made frames for this host's broker (no I/O).
+
+    A message must come signed by a host of the federation, not seen before
+    (Duplicate), on a topic this host takes: what fails is counted in
+    *counters* and told to *warn* (rate-limited by its kind), never passed on.
+    """
+
+    def __init__(
+        self,
+        prefix: str,
+        verifier: Verifier,
+        local_only: Tuple[bytes, ...],
+        counters: Dict[str, int],
+        warn: Callable[[str, str], None],
+    ) -> None:
+        self._prefix = prefix
+        self._prefix_bytes = prefix.encode()
+        self._verifier = verifier
+        self._local_only = local_only
+        self.counters = counters
+        self._warn = warn
+        self._limits = proto.Limits()
+        self._topics_of: Memo[str, bytes] = Memo(self._topic_of, weigh=weigh)
+
+    def frames(self, inbox: List[Tuple[str, bytes]], limits: proto.Limits) -> Tuple[bytes, int]:
+        """The PUB frames for this host's broker (which takes *limits*) of what NATS
+        brought, in each origin's order, and how many; the rest dropped and counted."""
+        self._limits = limits
+        ready: List[Tuple[str, int, bytes, bytes]] = []
+        for subj, body in inbox:
+            try:
+                topic = self._topics_of[subj]
+                origin, seq, payload = self._verifier.open(topic, body)
+            except Duplicate:
+                self.counters["duplicates"] += 1
+                continue
+            except Rejected as exc:
+                self.counters["dropped_unverified"] += 1
+                where = printable(subj[:100])
+                self._warn(f"dropped an unverified message from NATS on {where}: {exc}", str(exc))
+                continue
+            if self._local_only and topic.startswith(self._local_only):
+                continue
+            if 4 + len(topic) + len(payload) > limits.max_message:
+                self._warn(
+                    f"dropped a message from {printable(origin)} over this host's max_message_size",
+                    "too big",
+                )
+                continue
+            ready.append((origin, seq, topic, payload))
+        ready.sort(key=lambda item: (item[0], item[1]))
+        frames = b"".join([proto.pub_frame(topic, payload) for _, _, topic, payload in ready])
+        return frames, len(ready)
+
+    def _topic_of(self, subj: str) -> bytes:
+        """The topic a subject from NATS stands for; Rejected if none this host takes."""
+        # Cheap bounds first: junk subjects of thousands of tokens must not
+        # cost thousands of unescapes each.
+        limits = self._limits
+        depth = subj.count(".") - self._prefix.count(".")
+        if depth > limits.max_topic_depth or len(subj) > (
+            len(self._prefix) + 3 * limits.max_topic_size + 2 * limits.max_topic_depth
+        ):
+            raise Rejected("subject deeper or longer than any topic this host takes")
+        topic = topic_of(self._prefix_bytes, subj.encode("utf-8", "surrogateescape"))
+        excess = limits.topic_excess(topic, "this host's")
+        if excess:  # the broker would take the bridge for a client breaking its limits
+            raise Rejected(excess)
+        return topic

@@ -13,10 +13,12 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from mpubsub import _protocol as proto
 from mpubsub._protocol import encode_topic
 from mpubsubd._federation import (
     STARTS,
     WINDOW,
+    Arrivals,
     Duplicate,
     Mac,
     Rejected,
@@ -203,3 +205,33 @@ def test_stale_envelopes_and_restarted_receivers() -> None:
         verifier.open(b"", ahead)
     behind = Signer(SECRET, "host-c", clock=lambda: now[0] - 4 * 10**9).seal(b"", b"behind")
     assert verifier.open(b"", behind)[2] == b"behind"  # clocks apart within max_skew
+
+
+def test_arrivals_become_frames_in_each_origins_order_and_the_rest_is_counted() -> None:
+    """What NATS brings in one read: verified, sorted back per origin, made PUB frames;
+    duplicates, forgeries, local-only topics and messages too big are not passed on."""
+    secret = b"s" * 32
+    counters = {"duplicates": 0, "dropped_unverified": 0}
+    warned = []
+    arrivals = Arrivals(
+        "mp",
+        Verifier(secret, "here"),
+        (encode_topic(("private",)),),
+        counters,
+        lambda message, kind: warned.append(kind),
+    )
+    a, b = Signer(secret, "a"), Signer(secret, "b")
+    topic = encode_topic(("t",))
+    subj = subject("mp", topic)
+    sealed = [(subj, a.seal(topic, b"a%d" % n)) for n in range(3)]
+    inbox = [sealed[2], (subj, b.seal(topic, b"b0")), sealed[0], sealed[1]]
+    inbox.append(sealed[1])  # a duplicate
+    inbox.append((subj, Signer(b"x" * 32, "c").seal(topic, b"forged")))
+    private = encode_topic(("private", "x"))
+    inbox.append((subject("mp", private), a.seal(private, b"stays")))
+    inbox.append((subj, a.seal(topic, b"y" * 200)))  # over the broker's max_message below
+    frames, count = arrivals.frames(inbox, proto.Limits(max_message=100))
+    payloads = [proto.pub_parts(frame)[1] for _, frame in proto.FrameDecoder(1 << 20).feed(frames)]
+    assert (payloads, count) == ([b"a0", b"a1", b"a2", b"b0"], 4)
+    assert counters == {"duplicates": 1, "dropped_unverified": 1}
+    assert len(warned) == 2 and warned[-1] == "too big"  # the forgery's, and the large one's
