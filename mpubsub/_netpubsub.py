@@ -7,14 +7,13 @@ itself, its reconnections and its queues are the Link's (``_link.py``).
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import pickle
 import socket
 import threading
 import time
-from typing import Any, Callable, Dict, Iterator, List, Optional, Set, Tuple, Type, Union
+from typing import Any, Callable, Dict, List, Optional, Set, Tuple, Type, TypeVar, Union
 
 from . import _protocol as proto
 from ._credentials import read_credentials
@@ -38,6 +37,7 @@ DEFAULT_MAX_QUEUED = 10_000
 _LARGE = 32 * 1024
 
 _PING = proto.frame(proto.PING, b"")
+_T = TypeVar("_T")
 _STATS = proto.frame(proto.STATS, b"")
 
 
@@ -78,7 +78,8 @@ class NetPubSub(PubSub):
         self._decoded: Memo[bytes, Tuple[str, ...]] = Memo(proto.decode_topic, weigh=_weigh)
         # How payloads from the broker become messages (the CLI restricts it).
         self._loads: Callable[[bytes], Any] = pickle.loads
-        self._poller: Optional[int] = None  # the thread in poll(), if any
+        self._delivering = threading.Lock()  # held by the thread in poll() or wait_forever()
+        self._poller: Optional[int] = None  # that thread
 
     @classmethod
     def from_file(
@@ -283,26 +284,26 @@ class NetPubSub(PubSub):
         connected at all, or if another thread is in poll() or
         wait_forever() (call them from one thread at a time).
         """
-        with self._polling():
-            return self._poll(timeout)
+        return self._claimed(self._poll, timeout)
 
-    @contextlib.contextmanager
-    def _polling(self) -> Iterator[None]:
-        """Claim delivery for this thread: another's poll() raises meanwhile (trio's
-        conflict detector). A subscriber's poll() inside a delivery is the same thread."""
+    def _claimed(self, deliver: Callable[..., _T], *args: Any) -> _T:
+        """Run *deliver* as the one thread delivering: another thread's poll() or
+        wait_forever() raises meanwhile (trio's conflict detector); a subscriber's,
+        inside a delivery, is this thread's and goes on."""
         me = threading.get_ident()
-        with self._link.lock:
-            poller = self._poller
-            if poller is not None and poller != me:
+        if not self._delivering.acquire(False):
+            if self._poller != me:
                 raise RuntimeError(
                     "poll() is already running in another thread: call poll() and "
                     "wait_forever() from one thread at a time"
                 )
-            self._poller = me
+            return deliver(*args)
+        self._poller = me
         try:
-            yield
+            return deliver(*args)
         finally:
-            self._poller = poller  # None, unless a subscriber polled inside a poll
+            self._poller = None
+            self._delivering.release()
 
     def _poll(self, timeout: Optional[float]) -> bool:
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -338,10 +339,10 @@ class NetPubSub(PubSub):
 
         By a subscriber, or by another thread: it returns at once then.
 
-        RuntimeError if the pub-sub is not connected to begin with.
+        RuntimeError if the pub-sub is not connected to begin with, or if
+        another thread is in poll() or wait_forever().
         """
-        with self._polling():
-            self._wait_forever()
+        self._claimed(self._wait_forever)
 
     def _wait_forever(self) -> None:
         self._poll(0)
