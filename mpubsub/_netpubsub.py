@@ -269,7 +269,10 @@ class NetPubSub(PubSub):
         return self._link.ask(proto.PONG, _PING, self._sync_subscriptions) is not None
 
     def broker_statistics(self) -> Optional[Dict[str, Any]]:
-        """The broker's figures (see ``BrokerStatistics``), or None if it is out of reach."""
+        """The broker's figures (see ``BrokerStatistics``), or None if it is out of reach.
+
+        TimeoutError if it does not answer, ProtocolError if its answer is not figures.
+        """
         reply = self._link.ask(proto.STATS_REPLY, _STATS, self._sync_subscriptions)
         return None if reply is None else proto.stats_figures(reply)
 
