@@ -9,6 +9,7 @@ import functools
 import io
 import json
 import logging
+import math
 import os
 import pickle
 import sys
@@ -359,6 +360,29 @@ def cmd_ping(args: argparse.Namespace) -> None:
                 time.sleep(args.interval)
 
 
+def _count(text: str) -> int:
+    """A count for --count: a whole number above 0."""
+    try:
+        count = int(text)
+    except ValueError:
+        count = 0
+    if count < 1:
+        raise argparse.ArgumentTypeError(f"not a whole number above 0: {text!r}")
+    return count
+
+
+def _seconds(text: str, above_zero: bool = False) -> float:
+    """Seconds to wait: finite, not negative (above 0, if asked)."""
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = math.nan
+    if not (seconds > 0 if above_zero else seconds >= 0) or math.isinf(seconds):
+        above = " above 0" if above_zero else ""
+        raise argparse.ArgumentTypeError(f"not a number of seconds{above}: {text!r}")
+    return seconds
+
+
 def _parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
@@ -381,7 +405,7 @@ def _parser() -> argparse.ArgumentParser:
 
     sub = commands.add_parser("sub", parents=[common], help="print messages as they arrive")
     sub.add_argument("topics", metavar="TOPIC", nargs="*", help="default: every topic")
-    sub.add_argument("--count", type=int, metavar="N", help="exit after N messages")
+    sub.add_argument("--count", type=_count, metavar="N", help="exit after N messages")
     sub.add_argument("--json", action="store_true", help="one JSON object per line")
     sub.add_argument(
         "--unsafe-pickle",
@@ -393,12 +417,17 @@ def _parser() -> argparse.ArgumentParser:
 
     stats = commands.add_parser("stats", parents=[common], help="the broker's figures")
     stats.add_argument("--json", action="store_true", help="as one JSON object")
-    stats.add_argument("--watch", type=float, metavar="SECONDS", help="repeat every SECONDS")
+    stats.add_argument(
+        "--watch",
+        type=functools.partial(_seconds, above_zero=True),
+        metavar="SECONDS",
+        help="repeat every SECONDS",
+    )
     stats.set_defaults(func=cmd_stats)
 
     ping = commands.add_parser("ping", parents=[common], help="round-trip time to the broker")
-    ping.add_argument("--count", type=int, default=1, metavar="N", help="pings (default: 1)")
-    ping.add_argument("--interval", type=float, default=1.0, metavar="SECONDS")
+    ping.add_argument("--count", type=_count, default=1, metavar="N", help="pings (default: 1)")
+    ping.add_argument("--interval", type=_seconds, default=1.0, metavar="SECONDS")
     ping.set_defaults(func=cmd_ping)
     return parser
 

@@ -416,3 +416,27 @@ def test_sub_to_two_topics_prints_a_broadcast_once(
     assert run(broker, "pub", "b/c", "n=2").returncode == 0
     out, err = sub.communicate(timeout=30)
     assert (sub.returncode, out) == (0, "/ n=0\na n=1\nb/c n=2\n"), err
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["stats", "--watch", "-1"], "argument --watch: not a number of seconds above 0: '-1'"),
+        (["stats", "--watch", "nan"], "argument --watch: not a number of seconds above 0: 'nan'"),
+        (["stats", "--watch", "0"], "argument --watch: not a number of seconds above 0: '0'"),
+        (["ping", "--interval", "-2"], "argument --interval: not a number of seconds: '-2'"),
+        (["ping", "--interval", "inf"], "argument --interval: not a number of seconds: 'inf'"),
+        (["sub", "--count", "0"], "argument --count: not a whole number above 0: '0'"),
+        (["sub", "--count", "-1"], "argument --count: not a whole number above 0: '-1'"),
+        (["ping", "--count", "0"], "argument --count: not a whole number above 0: '0'"),
+    ],
+)
+def test_counts_and_intervals_that_mean_nothing_are_refused(args: List[str], message: str) -> None:
+    """A negative, zero or not-a-number interval or count is a usage error, not a traceback
+    (stats --watch -1 was one) nor a loop that never sleeps (stats --watch 0 was one)."""
+    result = subprocess.run(
+        [*MPUBSUB, *args, "-c", "/nonexistent"], capture_output=True, text=True, timeout=30
+    )
+    assert result.returncode == 2
+    assert result.stderr.splitlines()[-1] == f"mpubsub {args[0]}: error: {message}"
+    assert result.stdout == ""
