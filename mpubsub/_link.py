@@ -368,17 +368,30 @@ class Link:
         """Send *request* after everything pending; wait for the broker's answer of *kind*.
 
         *first* runs under the lock before anything is sent. While
-        reconnecting, the writer tries at once, and this waits for it up to
-        the timeout: None if the broker is still out of reach.
+        reconnecting, the writer tries at once, and this waits for it: all
+        of it within the timeout. A connection found broken by the request
+        itself is made again the same way, and asked again. None if the
+        broker is still out of reach.
         """
-        deadline = time.monotonic() + self.timeout  # for the reconnection and the reply
+        deadline = time.monotonic() + self.timeout  # for the reconnections and the reply
+        while True:
+            answer = self._ask_once(kind, request, first, deadline)
+            if answer is not _LOST:
+                return answer
+            with self.lock:
+                if self.state is not State.RECONNECTING or time.monotonic() >= deadline:
+                    return None
+
+    def _ask_once(
+        self, kind: int, request: bytes, first: Callable[[], None], deadline: float
+    ) -> Union[bytes, _Lost, None]:
         with self.lock:
             reconnecting = self.state is State.RECONNECTING and self.sock is None
             if reconnecting:
                 self.redial.hurry()
                 self._start_writer()
         if reconnecting:
-            self._up.wait(self.timeout)
+            self._up.wait(max(0.0, deadline - time.monotonic()))
         with self.lock:
             first()
             sock = self.sock
@@ -390,7 +403,7 @@ class Link:
         while True:
             with self.lock:
                 if self.sock is not sock:
-                    return None  # lost: what it answered was lost too
+                    return _LOST  # and what it answered with it
                 answer = self.inbox.answer(kind, ticket)
                 if answer is not None:
                     return answer
@@ -456,6 +469,15 @@ def wait(
     revents = ready[0][1] if ready else 0
     broken = revents & (select.POLLHUP | select.POLLERR | select.POLLNVAL)
     return bool(revents & select.POLLIN or broken), bool(revents & select.POLLOUT or broken)
+
+
+class _Lost(enum.Enum):
+    """The connection broke while a request waited for its answer."""
+
+    LOST = "lost"
+
+
+_LOST = _Lost.LOST
 
 
 class _Dialed(NamedTuple):

@@ -499,6 +499,24 @@ def orphaned(broker_factory: Callable[..., BrokerProcess], address: str) -> NetP
     return pubsub
 
 
+def test_flush_that_finds_the_broker_gone_waits_for_it_to_come_back(
+    broker_factory: Callable[..., BrokerProcess], tmp_path: Path
+) -> None:
+    """An idle pub-sub whose broker restarted finds out in flush() itself: flush() then
+    reconnects within its timeout and answers True, not False at once."""
+    address = str(tmp_path / "b.sock")
+    first = broker_factory(address)
+    pubsub = NetPubSub.from_file(first.credentials)
+    pubsub.connect()
+    try:
+        first.kill()
+        broker_factory(address, "--overwrite")  # the same credentials file, a new key
+        assert pubsub.flush()
+        assert pubsub.connected
+    finally:
+        pubsub.disconnect()
+
+
 def test_flush_while_reconnecting_tries_at_once(
     broker_factory: Callable[..., BrokerProcess], tmp_path: Path
 ) -> None:
