@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import socket
 import struct
 import time
-from typing import Any, Optional, Tuple
+from typing import Any, NamedTuple, Optional, Tuple, Union
 
 from . import _protocol as proto
-from ._credentials import family_of
+from ._credentials import family_of, read_credentials
 from ._handshake import ClientHandshake
 from .errors import AuthenticationError, ProtocolError
 
@@ -149,3 +150,36 @@ async def _handshake_stream(
         await writer.drain()
     assert opening.limits is not None
     return opening.limits
+
+
+class Dialed(NamedTuple):
+    """A connection just made, not yet in use."""
+
+    sock: socket.socket
+    limits: proto.Limits
+    address: Any
+    authkey: bytes
+
+
+def dial(
+    address: Any,
+    authkey: bytes,
+    credentials: Optional[Union[str, os.PathLike[str]]],
+    timeout: float,
+) -> Dialed:
+    """Connect and authenticate (blocking: never called with the lock held on reconnect).
+
+    The credentials file, if any, names the broker and its key: read again
+    at each attempt. *timeout* bounds all of it, not each step.
+    """
+    if credentials is not None:
+        address, authkey = read_credentials(credentials)
+    deadline = time.monotonic() + timeout
+    sock = connect_socket(address, timeout)
+    try:
+        limits = handshake(sock, authkey, deadline)
+    except BaseException:
+        sock.close()
+        raise
+    sock.setblocking(False)
+    return Dialed(sock, limits, address, authkey)

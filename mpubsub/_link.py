@@ -4,7 +4,7 @@
 OFFLINE (never connected, or ``disconnect()`` was called), CONNECTED, or
 RECONNECTING (lost under us: the writer thread dials again, backing off).
 Only the writer thread reconnects, so that nobody who publishes ever waits
-for a broker to come back; a request (``ask``) makes it try at once.
+for a broker to come back; a request (``_requests``) makes it try at once.
 
 Out: a lone frame is sent at once by its caller; publishes closer together
 are batched and handed to the socket by the writer thread (fewer syscalls
@@ -29,12 +29,11 @@ import socket
 import threading
 import time
 import weakref
-from typing import Any, Callable, List, NamedTuple, Optional, Tuple, Union
+from typing import Any, Callable, List, Optional, Tuple, Union
 
 from . import _protocol as proto
-from ._connect import connect_socket, handshake
-from ._credentials import read_credentials
-from ._inbox import MAX_INBOX, Inbox
+from ._connect import Dialed, dial
+from ._inbox import Inbox
 from ._outbox import Chunk, Outbox
 from ._redial import Redial
 from ._text import reason
@@ -157,7 +156,7 @@ class Link:
                 self.timeout,
             )
 
-    def _install(self, dialed: _Dialed) -> None:
+    def _install(self, dialed: Dialed) -> None:
         """Start using a new connection (called with the lock held)."""
         self.sock, limits, self.address, self.authkey = dialed
         changed = limits != self.limits or not self.limits_known
@@ -183,6 +182,15 @@ class Link:
         """Wait up to *timeout* s for a connection (or for disconnect())."""
         self._up.wait(timeout)
 
+    def hurry(self) -> bool:
+        """If reconnecting, have the writer try at once; True if it does."""
+        with self.lock:
+            if self.state is not State.RECONNECTING or self.sock is not None:
+                return False
+            self.redial.hurry()
+            self.start_writer()
+            return True
+
     # --- lost and found -------------------------------------------------------------
 
     def _lost(self, why: str) -> None:
@@ -193,7 +201,7 @@ class Link:
             logger.warning("lost the broker at %s (%s); reconnecting", self.address, why)
             self.state = State.RECONNECTING
             self.redial.lost()
-            self._start_writer()  # it reconnects, so that publish never waits for it
+            self.start_writer()  # it reconnects, so that publish never waits for it
         for frame in self.outbox.unwritten() + self.outbox.take_batch():
             self._keep(frame)
 
@@ -277,12 +285,12 @@ class Link:
         elif self._writer is None or not self._kick.is_set():
             # No writer: disconnect() may have set the kick for one that was
             # never started, or has ended since.
-            self._start_writer()
+            self.start_writer()
         # However slowly it publishes, a publisher waits while the broker has
         # not taken what it sent: the writer hands a batch over each second.
         return BATCH_LIMIT if self.outbox.size > BATCH_LIMIT else None
 
-    def _start_writer(self) -> None:
+    def start_writer(self) -> None:
         """Wake the writer thread, starting it if needed (called with the lock held)."""
         self._kick.set()
         if self._writer is None or not self._writer.is_alive():
@@ -316,7 +324,7 @@ class Link:
         """
         self.outbox.add(chunk, sent)
         if not self._push() and self.sock is not None and writer:
-            self._start_writer()
+            self.start_writer()
 
     def _push(self) -> bool:
         """Send what the socket takes of the outbox, without waiting; True once all went."""
@@ -348,9 +356,9 @@ class Link:
                 return False
             # Wait to write even if another thread sends it all meanwhile:
             # the socket is writable then, and the next round sees it.
-            self._await(sock, remaining, writing=True)
+            self.await_socket(sock, remaining, writing=True)
 
-    def _await(self, sock: socket.socket, timeout: Optional[float], writing: bool) -> None:
+    def await_socket(self, sock: socket.socket, timeout: Optional[float], writing: bool) -> None:
         """Wait, without the lock, for *sock* to bring bytes (or take some); read and send."""
         with self.lock:
             reading = not self.inbox.full  # unless poll() has fallen too far behind
@@ -363,60 +371,6 @@ class Link:
                     self.read()
 
     # --- requests and what comes in -----------------------------------------------------
-
-    def ask(self, kind: int, request: bytes, first: Callable[[], None]) -> Optional[bytes]:
-        """Send *request* after everything pending; wait for the broker's answer of *kind*.
-
-        *first* runs under the lock before anything is sent. While
-        reconnecting, the writer tries at once, and this waits for it: all
-        of it within the timeout. A connection found broken by the request
-        itself is made again the same way, and asked again. None if the
-        broker is still out of reach.
-        """
-        deadline = time.monotonic() + self.timeout  # for the reconnections and the reply
-        while True:
-            answer = self._ask_once(kind, request, first, deadline)
-            if answer is not _LOST:
-                return answer
-            with self.lock:
-                if self.state is not State.RECONNECTING or time.monotonic() >= deadline:
-                    return None
-
-    def _ask_once(
-        self, kind: int, request: bytes, first: Callable[[], None], deadline: float
-    ) -> Union[bytes, _Lost, None]:
-        with self.lock:
-            reconnecting = self.state is State.RECONNECTING and self.sock is None
-            if reconnecting:
-                self.redial.hurry()
-                self._start_writer()
-        if reconnecting:
-            self._up.wait(max(0.0, deadline - time.monotonic()))
-        with self.lock:
-            first()
-            sock = self.sock
-            if sock is None:
-                return None
-            self.write_batch()
-            ticket = self.inbox.ask(kind)
-            self.write(request)
-        while True:
-            with self.lock:
-                if self.sock is not sock:
-                    return _LOST  # and what it answered with it
-                answer = self.inbox.answer(kind, ticket)
-                if answer is not None:
-                    return answer
-                if self.inbox.full:
-                    raise TimeoutError(
-                        "the broker's answer is behind more messages than poll() has taken "
-                        f"({MAX_INBOX} bytes): poll() first"
-                    )
-                writing = bool(self.outbox)  # the request itself, maybe
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise TimeoutError("the broker did not answer in time")
-            self._await(sock, remaining, writing)
 
     def read(self) -> None:
         """Read what the broker sent, up to 1 MiB, and not past a full inbox (lock held)."""
@@ -469,48 +423,6 @@ def wait(
     revents = ready[0][1] if ready else 0
     broken = revents & (select.POLLHUP | select.POLLERR | select.POLLNVAL)
     return bool(revents & select.POLLIN or broken), bool(revents & select.POLLOUT or broken)
-
-
-class _Lost(enum.Enum):
-    """The connection broke while a request waited for its answer."""
-
-    LOST = "lost"
-
-
-_LOST = _Lost.LOST
-
-
-class _Dialed(NamedTuple):
-    """A connection just made, not yet in use."""
-
-    sock: socket.socket
-    limits: proto.Limits
-    address: Any
-    authkey: bytes
-
-
-def dial(
-    address: Any,
-    authkey: bytes,
-    credentials: Optional[Union[str, os.PathLike[str]]],
-    timeout: float,
-) -> _Dialed:
-    """Connect and authenticate (blocking: never called with the lock held on reconnect).
-
-    The credentials file, if any, names the broker and its key: read again
-    at each attempt. *timeout* bounds all of it, not each step.
-    """
-    if credentials is not None:
-        address, authkey = read_credentials(credentials)
-    deadline = time.monotonic() + timeout
-    sock = connect_socket(address, timeout)
-    try:
-        limits = handshake(sock, authkey, deadline)
-    except BaseException:
-        sock.close()
-        raise
-    sock.setblocking(False)
-    return _Dialed(sock, limits, address, authkey)
 
 
 # Publishes still batched when the interpreter exits are sent first.

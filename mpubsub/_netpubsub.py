@@ -21,6 +21,7 @@ from ._link import Link, State, wait
 from ._memo import Memo
 from ._pubsub import ErrorHandler, PubSub
 from ._remote import LOCAL_SUFFIX, RemoteTopics, is_local
+from ._requests import Requests
 from ._text import printable
 from ._topics import as_topic
 from ._types import Subscriber, Topic
@@ -73,6 +74,7 @@ class NetPubSub(PubSub):
     ) -> None:
         super().__init__(on_error=on_error)
         self._link = Link(address, authkey, timeout, max_queued, self._connected)
+        self._requests = Requests(self._link)
         self._remote = RemoteTopics()
         self._encoded: Memo[Tuple[str, ...], bytes] = Memo(self._encode, weigh=_weigh)
         self._decoded: Memo[bytes, Tuple[str, ...]] = Memo(proto.decode_topic, weigh=_weigh)
@@ -266,14 +268,14 @@ class NetPubSub(PubSub):
         every message published before the call. False if the broker is out
         of reach (messages stay queued); TimeoutError if it does not answer.
         """
-        return self._link.ask(proto.PONG, _PING, self._sync_subscriptions) is not None
+        return self._requests.ask(proto.PONG, _PING, self._sync_subscriptions) is not None
 
     def broker_statistics(self) -> Optional[Dict[str, Any]]:
         """The broker's figures (see ``BrokerStatistics``), or None if it is out of reach.
 
         TimeoutError if it does not answer, ProtocolError if its answer is not figures.
         """
-        reply = self._link.ask(proto.STATS_REPLY, _STATS, self._sync_subscriptions)
+        reply = self._requests.ask(proto.STATS_REPLY, _STATS, self._sync_subscriptions)
         return None if reply is None else proto.stats_figures(reply)
 
     # --- receiving -----------------------------------------------------------
