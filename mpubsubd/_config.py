@@ -11,7 +11,13 @@ import stat
 from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Dict, Optional, Tuple
 
-from mpubsub._for_mpubsubd import CAPS, Address, parse_address, parse_topic
+from mpubsub._for_mpubsubd import (
+    CAPS,
+    DEFAULT_HANDSHAKE_TIMEOUT,
+    Address,
+    parse_address,
+    parse_topic,
+)
 from mpubsub.broker import DEFAULT_MAX_BUFFER, DEFAULT_MAX_MESSAGE
 
 DEFAULT_PATH = "/etc/mpubsub/mpubsubd.conf"
@@ -75,7 +81,7 @@ class Config:
     log_level: str = "INFO"
     max_message_size: int = DEFAULT_MAX_MESSAGE
     max_buffer: int = DEFAULT_MAX_BUFFER
-    handshake_timeout: float = 5.0
+    handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT
     max_topic_depth: int = CAPS["max_topic_depth"][0]
     max_topic_size: int = CAPS["max_topic_size"][0]
     max_subscriptions: int = CAPS["max_subscriptions"][0]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import glob
 import hmac
 import multiprocessing.connection as mpc
@@ -457,3 +458,28 @@ def test_one_bridge_at_a_time_and_its_figures(
         ),
         what="the broker to notice the bridge is gone",
     )
+
+
+def test_a_burst_over_a_rounds_budget_is_delivered_whole(
+    broker: BrokerProcess, clients: List[NetPubSub]
+) -> None:
+    """Frames a client sent past its share of one round wait for the next rounds, and
+    every one of them is handled, in order: 3,000 messages read at once, fanned out
+    to 40 subscribers (far more work than a round allows), arrive whole everywhere."""
+    subscribers = [connected(broker, clients) for _ in range(40)]
+    received = [subscribed(sub, "t") for sub in subscribers]
+    address, authkey = broker.creds()
+    topic = proto.encode_topic(("t",))
+    burst = b"".join(proto.pub_frame(topic, pickle.dumps({"n": n})) for n in range(3000))
+    with connect_socket(address, 5) as publisher:
+        handshake(publisher, authkey)
+        publisher.sendall(burst)
+        for sub, got in zip(subscribers, received):
+            wait_for(functools.partial(_delivered, sub, got, 3000), 60, what="the whole burst")
+            assert got == [{"n": n} for n in range(3000)]
+
+
+def _delivered(sub: NetPubSub, got: List[Dict[str, Any]], count: int) -> bool:
+    """Deliver what arrived; True once *count* messages were."""
+    sub.poll(0.05)
+    return len(got) >= count

@@ -4,22 +4,27 @@ from __future__ import annotations
 
 import contextlib
 import hmac
+import inspect
 import os
+import subprocess
+import sys
 from typing import List, Tuple
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mpubsub import AuthenticationError, ProtocolError
+from mpubsub import AuthenticationError, Broker, ProtocolError
 from mpubsub import _protocol as proto
 from mpubsub._handshake import (
     CLIENT_STATES,
+    DEFAULT_HANDSHAKE_TIMEOUT,
     SERVER_STATES,
     ClientHandshake,
     ServerHandshake,
     State,
 )
+from mpubsubd._config import Config
 
 from .test_protocol import chunked
 
@@ -190,3 +195,38 @@ def test_garbage_raises_only_protocol_errors(
         with contextlib.suppress(ProtocolError, AuthenticationError):
             for chunk in chunked(stream, cuts):
                 opening.receive(chunk)
+
+
+def test_a_hello_of_the_wrong_size_is_refused_from_its_header() -> None:
+    """A HELLO announcing a body it cannot have is refused before any of it arrives:
+    an authenticated peer cannot make the broker buffer a huge opening."""
+    server, client = ServerHandshake(b"key", LIMITS), ClientHandshake(b"key")
+    client.receive(server.data_to_send())
+    server.receive(client.data_to_send())
+    client.receive(server.data_to_send())
+    server.receive(client.data_to_send())
+    server.receive(proto.mp_frame(proto.WELCOME_MSG))
+    assert server.state is State.HELLO
+    with pytest.raises(ProtocolError, match=r"^malformed HELLO frame$"):
+        server.receive(proto.HEADER.pack(10**6, proto.HELLO))
+
+
+def test_only_a_welcome_answers_hello() -> None:
+    """Another frame with a body the size of a WELCOME's is not taken for one."""
+    server, client = ServerHandshake(b"key", LIMITS), ClientHandshake(b"key")
+    converse_until_welcome(server, client)
+    impostor = proto.frame(proto.PONG, proto.welcome_body(LIMITS))
+    with pytest.raises(ProtocolError, match=r"^the broker did not answer HELLO$"):
+        client.receive(impostor)
+    assert client.limits is None
+
+
+def test_one_default_handshake_timeout_everywhere() -> None:
+    """The broker, python -m mpubsub.broker and mpubsubd.conf all default to 5 s."""
+    assert DEFAULT_HANDSHAKE_TIMEOUT == 5.0  # as docs/reliability.md says
+    assert inspect.signature(Broker).parameters["timeout"].default == DEFAULT_HANDSHAKE_TIMEOUT
+    assert Config().handshake_timeout == DEFAULT_HANDSHAKE_TIMEOUT
+    usage = subprocess.run(
+        [sys.executable, "-m", "mpubsub.broker", "--help"], capture_output=True, text=True
+    ).stdout
+    assert "(default: 5.0)" in " ".join(usage.split()).split("--handshake-timeout", 1)[1]

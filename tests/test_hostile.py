@@ -776,6 +776,45 @@ def test_a_bad_federation_report_closes_the_bridge_only(
     assert stats is not None and stats["federation"] is None
 
 
+def test_only_the_bridge_reports_for_federation(
+    broker: BrokerProcess, clients: List[NetPubSub]
+) -> None:
+    """A FEDERATION frame from a client that is not the bridge closes it; nothing of it
+    reaches the statistics."""
+    report = json.dumps({"state": "forged"}).encode()
+    with authenticated(broker) as forger:
+        forger.sendall(proto.frame(proto.FEDERATION, report))
+        assert closed_with_error(forger) == f"unexpected frame type {proto.FEDERATION}"
+    stats = connected(broker, clients).broker_statistics()
+    assert stats is not None and stats["federation"] is None
+
+
+def test_a_client_with_subscriptions_cannot_become_the_bridge(
+    broker: BrokerProcess, clients: List[NetPubSub]
+) -> None:
+    """Even with the key: the bridge gets everything, and a subscriber would get it twice."""
+    with authenticated(broker) as claimer:
+        claimer.sendall(
+            proto.frame(proto.SUB, proto.encode_topic(("t",)))
+            + proto.frame(proto.BRIDGE, BRIDGE_KEY)
+        )
+        assert closed_with_error(claimer) == "a client with subscriptions cannot become the bridge"
+    assert_serving(broker, clients)
+
+
+@pytest.mark.parametrize("body", [b"", b"\x00", b"\x00\x00\x00"])
+def test_a_truncated_pub_frame_is_a_protocol_error(
+    broker: BrokerProcess, clients: List[NetPubSub], body: bytes
+) -> None:
+    """A PUB frame too short to hold its topic's length is refused as such, not as an
+    internal error."""
+    with authenticated(broker) as sender:
+        sender.sendall(proto.frame(proto.PUB, body))
+        assert closed_with_error(sender) == "truncated PUB frame"
+    assert "internal error" not in broker.output()
+    assert_serving(broker, clients)
+
+
 def test_stats_show_a_bridges_text_escaped(broker: BrokerProcess) -> None:
     """What a bridge reports reaches `mpubsub stats` escaped: no terminal escapes, no new lines."""
     forged = "\x1b]0;pwned\x07connected\nfederation  forged\u202e"
@@ -1000,6 +1039,14 @@ def test_caps_hold_exactly_at_their_values(
         first.add_subscriber(topic, logging.info)
         first.remove_subscriber(topic, logging.info)
     assert first.flush() and first.connected
+    with authenticated(broker) as exact:  # topics of 100 bytes in all: the cap, not over it
+        topics = [proto.encode_topic((letter * 49,)) for letter in "ab"]
+        exact.sendall(b"".join(proto.frame(proto.SUB, t) for t in topics))
+        pinged(exact)
+        exact.sendall(proto.frame(proto.SUB, proto.encode_topic(("c",))))
+        assert closed_with_error(exact) == (
+            "subscribed topics over 100 bytes (max_subscription_bytes)"
+        )
     connected(broker, clients)
     connected(broker, clients)
     with pytest.raises(OSError):

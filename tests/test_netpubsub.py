@@ -806,3 +806,28 @@ def test_disconnect_leaves_nothing_for_the_next_connection(tmp_path: Path) -> No
         stop.set()
         done.set()
         fake.close()
+
+
+def test_a_subscriber_may_poll_inside_a_delivery(connect: Callable[..., NetPubSub]) -> None:
+    """poll() from a subscriber, in the thread that delivers, is not a second thread: it
+    delivers what waits, and the outer delivery goes on."""
+    pubsub, publisher = connect(), connect()
+    got: List[int] = []
+    refused: List[Exception] = []
+
+    def nested(topic: Tuple[str, ...], n: int) -> None:
+        got.append(n)
+        if n == 0:
+            try:
+                pubsub.poll(0)
+            except RuntimeError as exc:
+                refused.append(exc)
+
+    pubsub.add_subscriber("t", nested, weak=False)
+    assert pubsub.flush()
+    publisher.publish("t", n=0)
+    publisher.publish("t", n=1)
+    assert publisher.flush()
+    poll_until(pubsub, lambda: len(got) == 2, "both messages")
+    assert got == [0, 1]
+    assert refused == []

@@ -103,3 +103,12 @@ def test_reports_are_checked_field_by_field() -> None:
     ):
         with pytest.raises(ProtocolError, match=r"^FEDERATION frame holds"):
             report(**bad)
+
+
+@pytest.mark.parametrize("size", range(5, 9))
+def test_a_pub_frame_too_short_for_its_topic_length_is_truncated(size: int) -> None:
+    """pub_topic and pub_parts refuse a frame that cannot hold the topic's length."""
+    frame = proto.frame(proto.PUB, b"\x00" * (size - 5))
+    for read in (proto.pub_topic, proto.pub_parts):
+        with pytest.raises(ProtocolError, match=r"^truncated PUB frame$"):
+            read(frame)
