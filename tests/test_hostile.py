@@ -370,7 +370,10 @@ def test_unfinished_frames_are_capped_in_total(
     for sock in socks:
         sock.close()
     assert broker.output().count("(max_input_buffer)") >= 15  # those holding the most, cut
-    assert grown < 64 * MiB + 40 * MiB, f"grew by {grown / MiB:.0f} MiB"
+    # 64 MiB held at most, and room for what the allocator keeps of the buffers of the
+    # clients cut (glibc's dynamic mmap threshold leaves freed ones in the heap): runs
+    # gave 77-106 MiB, before and after issue 15 alike. Without the cap: 320 MiB.
+    assert grown < 64 * MiB + 64 * MiB, f"grew by {grown / MiB:.0f} MiB"
     assert "(max_input_buffer)" in broker.output()
     assert_serving(broker, clients)
 
