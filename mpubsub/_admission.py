@@ -65,7 +65,8 @@ class Handshakes(Generic[C]):
 
     def discard(self, client: C) -> None:
         """*client* no longer counts as authenticating (it did, or it is gone)."""
-        if self._all.pop(client, 0) is None:
+        if client in self._all:
+            del self._all[client]
             mine = self._by_peer[client.peer]
             del mine[client]
             if not mine:

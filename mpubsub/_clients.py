@@ -83,9 +83,6 @@ class Clients:
         self.selector: Optional[selectors.BaseSelector] = None  # the loop's, once it runs
         self.stopping = False
 
-    def __len__(self) -> int:
-        return len(self._by_fd)
-
     def active(self) -> List[Session]:
         """The clients that completed their handshake."""
         return [c for c in self._by_fd.values() if c.active]

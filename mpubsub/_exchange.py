@@ -97,8 +97,7 @@ class Exchange:
         return len(frames)
 
     def _reply(self, client: Session, frame: bytes) -> None:
-        client.out.append(frame)
-        client.out_size += len(frame)
+        client.queue(frame)
         self.dirty.add(client)
 
     def _stats_reply(self) -> bytes:
@@ -179,8 +178,7 @@ class Exchange:
         feed = self._router.interest
         frames = feed.frames(SEND_CHUNK) if feed else []
         for frame in frames:
-            bridge.out.append(frame)
-            bridge.out_size += len(frame)
+            bridge.queue(frame)
         return bool(frames)
 
     def _route(self, sender: Session, frame: bytes) -> int:
@@ -191,7 +189,7 @@ class Exchange:
         stats = self._stats
         stats.messages_in += 1
         stats.bytes_in += size
-        for target in targets:
+        for target in targets:  # Session.queue, inlined: the hot path
             if target is sender:
                 continue
             target.out.append(frame)

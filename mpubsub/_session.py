@@ -67,6 +67,11 @@ class Session:
             dropped += 1
         return dropped
 
+    def queue(self, frame: bytes) -> None:
+        """Queue *frame* for sending (the caller marks the session dirty)."""
+        self.out.append(frame)
+        self.out_size += len(frame)
+
     def send_queued(self, more: Optional[Callable[[Session], bool]] = None) -> bool:
         """Send what the socket takes of ``out``, then what *more* queues once it is
         empty, until it returns False; True while something still waits.

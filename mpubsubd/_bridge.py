@@ -206,6 +206,7 @@ class Bridge:
         reader, self._writer, self._limits = await open_stream(
             address, authkey, DEFAULT_HANDSHAKE_TIMEOUT, limit=_READ_SIZE
         )
+        self._arrivals.use_limits(self._limits)
         self._writer.write(proto.frame(proto.BRIDGE, self._bridge_key))
         logger.info(
             "bridge for %s: asked the broker at %s to take it as its bridge",
@@ -303,7 +304,7 @@ class Bridge:
 
     def _deliver(self) -> None:
         inbox, self._inbox = self._inbox, []
-        frames, count = self._arrivals.frames(inbox, self._limits)
+        frames, count = self._arrivals.frames(inbox)
         if not count:
             return
         if self._send_local(frames):  # one write for the lot

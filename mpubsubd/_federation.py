@@ -318,10 +318,15 @@ class Arrivals:
         self._limits = proto.Limits()
         self._topics_of: Memo[str, bytes] = Memo(self._topic_of, weigh=weigh)
 
-    def frames(self, inbox: List[Tuple[str, bytes]], limits: proto.Limits) -> Tuple[bytes, int]:
-        """The PUB frames for this host's broker (which takes *limits*) of what NATS
-        brought, in each origin's order, and how many; the rest dropped and counted."""
+    def use_limits(self, limits: proto.Limits) -> None:
+        """This host's broker takes *limits* (its WELCOME said so)."""
         self._limits = limits
+        self._topics_of.clear()  # checked against the old ones
+
+    def frames(self, inbox: List[Tuple[str, bytes]]) -> Tuple[bytes, int]:
+        """The PUB frames for this host's broker of what NATS brought, in each
+        origin's order, and how many; the rest dropped and counted."""
+        limits = self._limits
         ready: List[Tuple[str, int, bytes, bytes]] = []
         for subj, body in inbox:
             try:

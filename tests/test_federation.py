@@ -230,7 +230,8 @@ def test_arrivals_become_frames_in_each_origins_order_and_the_rest_is_counted() 
     private = encode_topic(("private", "x"))
     inbox.append((subject("mp", private), a.seal(private, b"stays")))
     inbox.append((subj, a.seal(topic, b"y" * 200)))  # over the broker's max_message below
-    frames, count = arrivals.frames(inbox, proto.Limits(max_message=100))
+    arrivals.use_limits(proto.Limits(max_message=100))
+    frames, count = arrivals.frames(inbox)
     payloads = [proto.pub_parts(frame)[1] for _, frame in proto.FrameDecoder(1 << 20).feed(frames)]
     assert (payloads, count) == ([b"a0", b"a1", b"a2", b"b0"], 4)
     assert counters == {"duplicates": 1, "dropped_unverified": 1}
