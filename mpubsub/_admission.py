@@ -42,6 +42,10 @@ class Handshakes(Generic[C]):
     def __len__(self) -> int:
         return len(self._all)
 
+    def set_caps(self, max_handshakes: int, max_per_peer: int) -> None:
+        """New caps, for the handshakes to come (those under way stay)."""
+        self._max, self._max_per_peer = max_handshakes, max_per_peer
+
     def __contains__(self, client: object) -> bool:
         return client in self._all
 

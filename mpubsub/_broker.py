@@ -60,6 +60,18 @@ CAPS: Dict[str, Tuple[int, str]] = {
     "route_cache_bytes": (DEFAULT_ROUTE_CACHE_BYTES, "bytes of cached routes"),
 }
 _MAX_CAP = 2**32 - 1  # what WELCOME can announce
+#: What ``Broker.reconfigure`` may change while it serves: the settings
+#: no client is told of. The others are announced in WELCOME and hold for
+#: the life of the broker.
+LIVE_SETTINGS = (
+    "timeout",
+    "max_buffer",
+    "max_connections",
+    "max_handshakes",
+    "max_handshakes_per_peer",
+    "max_input_buffer",
+    "route_cache_bytes",
+)
 # Descriptors kept free of clients: the listener, the wake-up pair, the log...
 _SPARE_FILES = 16
 # Errors accept() passes on from a connection that failed before we took it.
@@ -145,10 +157,6 @@ class Broker:
         route_cache_bytes: int = DEFAULT_ROUTE_CACHE_BYTES,
         bridge_key: Optional[bytes] = None,
     ) -> None:
-        if max_buffer < max_message_size:
-            raise ValueError("max_buffer must be at least max_message_size")
-        if max_input_buffer < max_message_size:
-            raise ValueError("max_input_buffer must be at least max_message_size")
         if max_topic_size > max_message_size:
             raise ValueError("max_topic_size must be at most max_message_size")
         for name, value in (
@@ -156,18 +164,21 @@ class Broker:
             ("max_topic_size", max_topic_size),
             ("max_subscriptions", max_subscriptions),
             ("max_subscription_bytes", max_subscription_bytes),
-            ("max_connections", max_connections),
-            ("max_handshakes", max_handshakes),
-            ("max_handshakes_per_peer", max_handshakes_per_peer),
         ):
             if not 1 <= value <= _MAX_CAP:
                 raise ValueError(f"{name} must be at least 1 and at most {_MAX_CAP}")
-        if route_cache_bytes < 0:
-            raise ValueError("route_cache_bytes must not be negative")
-        if timeout <= 0:
-            raise ValueError("timeout must be positive")
         if bridge_key is not None and len(bridge_key) < 16:
             raise ValueError("bridge_key must be at least 16 bytes")
+        live: Dict[str, Any] = dict(
+            timeout=timeout,
+            max_buffer=max_buffer,
+            max_connections=max_connections,
+            max_handshakes=max_handshakes,
+            max_handshakes_per_peer=max_handshakes_per_peer,
+            max_input_buffer=max_input_buffer,
+            route_cache_bytes=route_cache_bytes,
+        )
+        _check_live(live, max_message_size)
         authkey = authkey if authkey is not None else multiprocessing.current_process().authkey
         self._limits = proto.Limits(
             max_message_size,
@@ -191,21 +202,53 @@ class Broker:
             throttles=self._throttles,
             statistics=self.statistics,
         )
-        settings = Settings(
-            authkey=authkey,
-            limits=self._limits,
-            handshake_timeout=timeout,
-            max_buffer=max_buffer,
-            max_connections=max_connections,
-            # Room for one whole largest frame, header included, however it arrives.
-            max_input=max_input_buffer + proto.HEADER.size,
-            max_handshakes=max_handshakes,
-            max_handshakes_per_peer=max_handshakes_per_peer,
+        self._live = live
+        self._files = 0  # the open file limit, once start() raised it
+        self._clients = Clients(
+            self._settings(authkey), self._exchange, self._stats, self._throttles
         )
-        self._clients = Clients(settings, self._exchange, self._stats, self._throttles)
         self._scheduled: Deque[Callable[[], None]] = collections.deque()
         self._accept_again = 0.0  # when accepting resumes after running out of descriptors
         self._selector: Optional[selectors.BaseSelector] = None
+
+    def _settings(self, authkey: bytes) -> Settings:
+        live = self._live
+        max_connections = live["max_connections"]
+        if self._files and max_connections > self._files - _SPARE_FILES:
+            max_connections = max(1, self._files - _SPARE_FILES)
+            logger.warning(
+                "max_connections lowered to %d to fit the open file limit of %d",
+                max_connections,
+                self._files,
+            )
+        return Settings(
+            authkey=authkey,
+            limits=self._limits,
+            handshake_timeout=live["timeout"],
+            max_buffer=live["max_buffer"],
+            max_connections=max_connections,
+            # Room for one whole largest frame, header included, however it arrives.
+            max_input=live["max_input_buffer"] + proto.HEADER.size,
+            max_handshakes=live["max_handshakes"],
+            max_handshakes_per_peer=live["max_handshakes_per_peer"],
+        )
+
+    def reconfigure(self, **changes: Any) -> None:
+        """Change settings while serving: those of ``LIVE_SETTINGS``, by keyword.
+
+        Call it from the broker's loop (through ``schedule()``) or before
+        ``start()``. New values hold for what comes next: a connection
+        already past a lowered cap is not cut for it. ValueError (and
+        nothing changed) for a value the constructor would refuse.
+        """
+        unknown = sorted(set(changes) - set(LIVE_SETTINGS))
+        if unknown:
+            raise TypeError(f"not a setting that can change while serving: {', '.join(unknown)}")
+        live = {**self._live, **changes}
+        _check_live(live, self._limits.max_message)
+        self._live = live
+        self._clients.apply(self._settings(self._clients.settings.authkey))
+        self._exchange.set_cache_bytes(live["route_cache_bytes"])
 
     @property
     def address(self) -> Any:
@@ -262,15 +305,8 @@ class Broker:
         with everything closed.
         """
         handlers = self._catch_signals() if handle_signals else {}
-        files = raise_file_limit()
-        settings = self._clients.settings
-        if settings.max_connections > files - _SPARE_FILES:
-            settings.max_connections = max(1, files - _SPARE_FILES)
-            logger.warning(
-                "max_connections lowered to %d to fit the open file limit of %d",
-                settings.max_connections,
-                files,
-            )
+        self._files = raise_file_limit()
+        self._clients.apply(self._settings(self._clients.settings.authkey))
         self._selector = self._clients.selector = selectors.DefaultSelector()
         self._selector.register(self._listener, selectors.EVENT_READ)
         self._selector.register(self._wake_r, selectors.EVENT_READ)
@@ -390,7 +426,9 @@ class Broker:
         path = self.address if self._listener.family == socket.AF_UNIX else None
         self._listener.close()
         if path and not path.startswith("\0"):
-            with contextlib.suppress(FileNotFoundError):
+            # PermissionError: a process that bound as root, then became another user
+            # (mpubsubd), leaves the file to whoever still may remove it.
+            with contextlib.suppress(FileNotFoundError, PermissionError):
                 os.unlink(path)
         self._remove_tmpdir()
         self._wake_r.close()
@@ -400,3 +438,18 @@ class Broker:
         if self._tmpdir is not None:
             shutil.rmtree(self._tmpdir, ignore_errors=True)
             self._tmpdir = None
+
+
+def _check_live(live: Dict[str, Any], max_message_size: int) -> None:
+    """ValueError if a setting of ``LIVE_SETTINGS`` in *live* is out of bounds."""
+    if live["max_buffer"] < max_message_size:
+        raise ValueError("max_buffer must be at least max_message_size")
+    if live["max_input_buffer"] < max_message_size:
+        raise ValueError("max_input_buffer must be at least max_message_size")
+    for name in ("max_connections", "max_handshakes", "max_handshakes_per_peer"):
+        if not 1 <= live[name] <= _MAX_CAP:
+            raise ValueError(f"{name} must be at least 1 and at most {_MAX_CAP}")
+    if live["route_cache_bytes"] < 0:
+        raise ValueError("route_cache_bytes must not be negative")
+    if live["timeout"] <= 0:
+        raise ValueError("timeout must be positive")

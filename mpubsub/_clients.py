@@ -83,6 +83,11 @@ class Clients:
         self.selector: Optional[selectors.BaseSelector] = None  # the loop's, once it runs
         self.stopping = False
 
+    def apply(self, settings: Settings) -> None:
+        """Take new *settings*, for what comes next (connections already over a cap stay)."""
+        self.settings = settings
+        self._handshakes.set_caps(settings.max_handshakes, settings.max_handshakes_per_peer)
+
     def active(self) -> List[Session]:
         """The clients that completed their handshake."""
         return [c for c in self._by_fd.values() if c.active]

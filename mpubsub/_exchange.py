@@ -58,6 +58,10 @@ class Exchange:
         self._statistics = statistics
         self._snapshot: Optional[Tuple[float, bytes]] = None
 
+    def set_cache_bytes(self, cache_bytes: int) -> None:
+        """A new cap on the cache of routes (it starts afresh when next past it)."""
+        self._router.cache_bytes = cache_bytes
+
     def forget(self, client: Session) -> None:
         """*client* is gone: its subscriptions go, and if it was the bridge, the bridge."""
         for topic in list(client.subs):

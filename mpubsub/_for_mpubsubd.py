@@ -8,7 +8,7 @@ mpubsubd imports nothing else of mpubsub.
 """
 
 from . import _protocol as protocol
-from ._broker import CAPS
+from ._broker import CAPS, LIVE_SETTINGS
 from ._connect import open_stream
 from ._credentials import Address, parse_address, read_credentials, write_credentials
 from ._handshake import DEFAULT_HANDSHAKE_TIMEOUT
@@ -19,6 +19,7 @@ from ._topics import format_topic, parse_topic
 __all__ = [
     "CAPS",
     "DEFAULT_HANDSHAKE_TIMEOUT",
+    "LIVE_SETTINGS",
     "Address",
     "Memo",
     "format_topic",

@@ -31,17 +31,17 @@ from nats.aio.subscription import Subscription
 
 from mpubsub._for_mpubsubd import (
     DEFAULT_HANDSHAKE_TIMEOUT,
+    Address,
     Memo,
     open_stream,
     printable,
-    read_credentials,
     reason,
 )
 from mpubsub._for_mpubsubd import protocol as proto
 
 from ._config import FederationConfig
 from ._federation import Arrivals, Signer, Verifier, interest, subject, weigh
-from ._logging import log_file_handler, stderr_handler, use_handler
+from ._logging import stderr_handler, use_handler
 
 logger = logging.getLogger("mpubsubd.bridge")
 
@@ -111,13 +111,22 @@ class _Client(Client):
 
 
 class Bridge:
-    """One bridge between the local broker at *credentials* and NATS."""
+    """One bridge between the local broker at *address* (with *authkey*) and NATS.
+
+    mpubsubd hands it the broker's address and key rather than the path of
+    the credentials file: the bridge runs as mpubsubd's user, which may not
+    read that root-owned file.
+    """
 
     def __init__(
-        self, config: FederationConfig, credentials: str, secret: bytes, bridge_key: bytes
+        self,
+        config: FederationConfig,
+        broker: Tuple[Address, bytes],
+        secret: bytes,
+        bridge_key: bytes,
     ) -> None:
         self._config = config
-        self._credentials = credentials
+        self._broker = broker
         self._bridge_key = bridge_key
         self._prefix = config.subject_prefix
         self._local_only = tuple(proto.encode_topic(t) for t in config.local_only_topics)
@@ -202,7 +211,7 @@ class Bridge:
     # --- the local broker ------------------------------------------------------------
 
     async def _open_broker(self) -> asyncio.StreamReader:
-        address, authkey = read_credentials(self._credentials)
+        address, authkey = self._broker
         reader, self._writer, self._limits = await open_stream(
             address, authkey, DEFAULT_HANDSHAKE_TIMEOUT, limit=_READ_SIZE
         )
@@ -497,11 +506,16 @@ def nats_options(config: FederationConfig) -> Dict[str, Any]:
 def main() -> None:
     """``python -m mpubsubd._bridge``: settings as JSON on stdin (see _supervisor)."""
     settings = json.load(sys.stdin)
-    _log_to(settings.get("log_file"), settings["log_level"])
+    # mpubsubd copies what the bridge writes on stderr into its log file.
+    use_handler(stderr_handler(file_format=settings["log_to_file"]), settings["log_level"])
     logger.debug("bridge running mpubsubd from %s", os.path.dirname(os.path.dirname(__file__)))
+    address = settings["address"]
     bridge = Bridge(
         FederationConfig(**settings["federation"]),
-        settings["credentials"],
+        (
+            address if isinstance(address, str) else tuple(address),
+            bytes.fromhex(settings["authkey"]),
+        ),
         bytes.fromhex(settings["secret"]),
         bytes.fromhex(settings["bridge_key"]),
     )
@@ -519,11 +533,6 @@ def main() -> None:
         code = 1
     logger.info("bridge stopped")
     sys.exit(code)
-
-
-def _log_to(log_file: Optional[str], level: str) -> None:
-    handler = log_file_handler(log_file) if log_file else stderr_handler()
-    use_handler(handler, level)
 
 
 if __name__ == "__main__":

@@ -2,21 +2,26 @@
 
 from __future__ import annotations
 
+import ast
 import configparser
 import grp
 import os
+import pwd
 import re
 import socket
 import stat
 from dataclasses import dataclass, field, fields
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from mpubsub._for_mpubsubd import (
     CAPS,
     DEFAULT_HANDSHAKE_TIMEOUT,
+    LIVE_SETTINGS,
     Address,
     parse_address,
     parse_topic,
+    printable,
+    reason,
 )
 from mpubsub.broker import DEFAULT_MAX_BUFFER, DEFAULT_MAX_MESSAGE
 
@@ -26,8 +31,33 @@ FEDERATION = "federation"
 _LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
+#: What a reload (SIGHUP) applies while mpubsubd serves. The rest takes
+#: effect at the next start: where the broker listens and its files, the
+#: keys, the user, the limits announced to clients when they connect
+#: (max_message_size, max_topic_*, max_subscription*), and [federation].
+#: BROKER_KEYS are the live keys that are the broker's settings of that name.
+BROKER_KEYS = tuple(key for key in LIVE_SETTINGS if key != "timeout")
+LIVE_KEYS = (
+    "log_level",
+    "log_file",
+    "group",
+    "handshake_timeout",  # the broker's timeout
+    *BROKER_KEYS,
+)
+
+
 class ConfigError(Exception):
-    """The configuration cannot be used; the message names the file and the key."""
+    """The configuration cannot be used: one line per problem, naming the file and the key.
+
+    ``str()`` is the first problem (and how many more there are), for a
+    one-line message; ``problems`` holds each.
+    """
+
+    def __init__(self, *problems: str) -> None:
+        self.problems = list(problems)
+        more = len(problems) - 1
+        extra = f" (and {more} more: mpubsubd --check-config lists them)" if more > 0 else ""
+        super().__init__(problems[0] + extra)
 
 
 @dataclass(frozen=True)
@@ -75,6 +105,7 @@ class Config:
     address: str = "/run/mpubsub/broker.sock"
     credentials: str = "/run/mpubsub/broker.pckl"
     group: str = ""
+    user: str = ""
     pidfile: str = "/run/mpubsub/mpubsubd.pid"
     authkey_file: str = ""
     log_file: str = "/var/log/mpubsub/mpubsubd.log"
@@ -103,57 +134,251 @@ class Config:
         """The group allowed to connect, or None."""
         return grp.getgrnam(self.group).gr_gid if self.group else None
 
+    @property
+    def account(self) -> Optional[pwd.struct_passwd]:
+        """The user mpubsubd serves as once started, or None to stay as it started.
 
-def load(path: Optional[str]) -> Config:
-    """Read *path* (or the default file, which may be missing) and check every value."""
+        ConfigError if there is no such user.
+        """
+        if not self.user:
+            return None
+        try:
+            return pwd.getpwnam(self.user)
+        except KeyError:
+            raise ConfigError(
+                f"user: no user named {self.user!r} "
+                "(make install creates mpubsub; empty: stay root)"
+            ) from None
+
+
+def changed_keys(old: Config, new: Config) -> List[str]:
+    """The keys whose values differ, in the file's order; ``[federation]`` for that section."""
+    return [
+        f"[{FEDERATION}]" if f.name == "federation" else f.name
+        for f in fields(Config)
+        if getattr(old, f.name) != getattr(new, f.name)
+    ]
+
+
+def config_path(instance: str = "") -> str:
+    """The file mpubsubd reads without ``-c``: its own, or instance NAME's."""
+    return f"/etc/mpubsub/{instance}.conf" if instance else DEFAULT_PATH
+
+
+def instance_defaults(instance: str) -> Dict[str, Any]:
+    """What an instance keeps apart from the host's main broker: its runtime files and log."""
+    if not instance:
+        return {}
+    run = f"/run/mpubsub-{instance}"
+    return {
+        "address": f"{run}/broker.sock",
+        "credentials": f"{run}/broker.pckl",
+        "pidfile": f"{run}/mpubsubd.pid",
+        "log_file": f"/var/log/mpubsub/{instance}.log",
+    }
+
+
+def check_instance(name: str) -> str:
+    """*name* if it can name an instance (a file name, a directory's suffix); ValueError if not."""
+    if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}", name):
+        raise ValueError(
+            f"instance {name!r}: use letters, digits, '_', '.' and '-' (not first), at most 64"
+        )
+    return name
+
+
+def load(path: Optional[str] = None, instance: str = "") -> Config:
+    """Read *path* (or the default file, which may be missing) and check every value.
+
+    Raises ConfigError naming each problem (file, line and key); files the
+    configuration names are checked by ``check_files``.
+    """
+    config, problems = _read(path, instance)
+    if problems:
+        raise ConfigError(*problems)
+    assert config is not None
+    return config
+
+
+def check(path: Optional[str] = None, instance: str = "") -> Tuple[Optional[Config], List[str]]:
+    """Everything ``--check-config`` checks: the file, then the files it names.
+
+    Returns the configuration (None if it cannot be read at all) and one
+    line per problem, naming the file, the line and the key.
+    """
+    config, problems = _read(path, instance)
+    if config is not None and not problems:
+        problems.extend(check_files(config))
+    return config, problems
+
+
+def _read(path: Optional[str], instance: str) -> Tuple[Optional[Config], List[str]]:
+    name = path or config_path(instance)
     parser = configparser.ConfigParser(interpolation=None)
-    name = path or DEFAULT_PATH
     try:
         with open(name, encoding="utf-8") as f:
-            parser.read_file(f)
+            text = f.read()
+        parser.read_string(text, name)
     except FileNotFoundError:
-        if path is not None:
-            raise ConfigError(f"{name}: no such file") from None
-        return Config()
-    except (OSError, configparser.Error) as exc:
-        raise ConfigError(f"{name}: {exc}") from None
-    if not parser.has_section(SECTION):
-        raise ConfigError(f"{name}: no [{SECTION}] section")
-    for section in parser.sections():
-        if section not in (SECTION, FEDERATION):
-            raise ConfigError(f"{name}: unknown section [{section}]")
-    values = _section(parser, name, SECTION, Config)
-    if parser.has_section(FEDERATION):
-        values["federation"] = FederationConfig(
-            **_section(parser, name, FEDERATION, FederationConfig)
+        if path is not None or instance:
+            return None, [f"{name}: no such file"]
+        return Config(), []
+    except configparser.Error as exc:
+        line = getattr(exc, "lineno", None) or (
+            exc.errors[0][0] if isinstance(exc, configparser.ParsingError) and exc.errors else None
         )
+        where = f"{name}:{line}" if line else name
+        return None, [f"{where}: {_parser_message(exc)}"]
+    except (OSError, UnicodeDecodeError) as exc:
+        return None, [f"{name}: cannot read: {reason(exc)}"]
+    lines = _Lines(name, text)
+    if not parser.has_section(SECTION):
+        return None, [f"{name}: no [{SECTION}] section"]
+    problems = [
+        f"{lines.at(section)}: unknown section [{section}]"
+        for section in parser.sections()
+        if section not in (SECTION, FEDERATION)
+    ]
+    values: Dict[str, Any] = {**instance_defaults(instance)}
+    values.update(_section(parser, lines, SECTION, Config, problems))
+    if parser.has_section(FEDERATION):
+        section = _section(parser, lines, FEDERATION, FederationConfig, problems)
+        values["federation"] = FederationConfig(**section)
     config = Config(**values)
     for key, least in (
         ("max_buffer", "max_message_size"),
         ("max_input_buffer", "max_message_size"),
     ):
         if getattr(config, key) < getattr(config, least):
-            raise ConfigError(f"{name}: {key}: must be at least {least}")
+            problems.append(f"{lines.at(SECTION, key)}: {key}: must be at least {least}")
     if config.max_topic_size > config.max_message_size:
-        raise ConfigError(f"{name}: max_topic_size: must be at most max_message_size")
+        problems.append(
+            f"{lines.at(SECTION, 'max_topic_size')}: max_topic_size: "
+            "must be at most max_message_size"
+        )
     federation = config.federation
     if federation.enabled and not federation.secret_file:
-        raise ConfigError(f"{name}: secret_file: required in [{FEDERATION}] when servers is set")
-    return config
+        problems.append(
+            f"{lines.at(FEDERATION, 'servers')}: secret_file: "
+            f"required in [{FEDERATION}] when servers is set"
+        )
+    return config, problems
+
+
+def _parser_message(exc: configparser.Error) -> str:
+    """configparser's complaint in one line, without the file name it repeats."""
+    if isinstance(exc, configparser.DuplicateOptionError):
+        return f"{exc.option}: set twice in [{exc.section}]"
+    if isinstance(exc, configparser.DuplicateSectionError):
+        return f"[{exc.section}] appears twice"
+    if isinstance(exc, configparser.MissingSectionHeaderError):
+        return f"a key before any section: {printable(exc.line.strip())}"
+    if isinstance(exc, configparser.ParsingError):
+        line = ast.literal_eval(exc.errors[0][1]) if exc.errors else ""  # it gives a repr
+        return f"not KEY = VALUE: {printable(line.strip())}"
+    return printable(str(exc).splitlines()[0])
+
+
+class _Lines:
+    """Where each section and key of a configuration file is, for messages."""
+
+    def __init__(self, name: str, text: str) -> None:
+        self.name = name
+        self._where: Dict[Tuple[str, str], int] = {}
+        section = ""
+        for number, line in enumerate(text.splitlines(), 1):
+            stripped = line.strip()
+            if not stripped or stripped[0] in "#;" or line[0].isspace():
+                continue  # blank, a comment, or a value continued
+            header = re.fullmatch(r"\[(.*)\]", stripped)
+            if header:
+                section = header.group(1)
+                self._where.setdefault((section, ""), number)
+            else:
+                key = re.split("[=:]", stripped, maxsplit=1)[0].strip().lower()
+                self._where[(section, key)] = number
+
+    def at(self, section: str, key: str = "") -> str:
+        """``FILE:LINE`` of *key* in *section* (of the section if the key is absent)."""
+        line = self._where.get((section, key)) or self._where.get((section, ""))
+        return f"{self.name}:{line}" if line else self.name
+
+
+def check_files(config: Config) -> List[str]:
+    """Problems with the files *config* names: keys, and what the bridge must read."""
+    problems = []
+    try:
+        config.account  # noqa: B018  (it checks the user exists)
+    except ConfigError as exc:
+        problems.extend(exc.problems)
+    if config.authkey_file:
+        try:
+            read_authkey(config.authkey_file)
+        except ConfigError as exc:
+            problems.extend(exc.problems)
+    federation = config.federation
+    if federation.enabled:
+        try:
+            read_authkey(federation.secret_file, "secret_file")
+        except ConfigError as exc:
+            problems.extend(exc.problems)
+        for key in ("creds_file", "tls_ca_file", "tls_cert_file", "tls_key_file"):
+            path = getattr(federation, key)
+            why = path and unreadable(path, config.user)
+            if why:
+                problems.append(f"{key}: {why}")
+    return problems
+
+
+def unreadable(path: str, user: str) -> str:
+    """Why *user* (the bridge's; '' for root) cannot read *path*, or ``''``."""
+    try:
+        info = os.stat(path)
+    except OSError as exc:
+        return f"cannot read {path}: {reason(exc)}"
+    if not stat.S_ISREG(info.st_mode):
+        return f"{path} is not a regular file"
+    if not user:
+        return "" if os.access(path, os.R_OK) else f"cannot read {path}"
+    try:
+        entry = pwd.getpwnam(user)
+    except KeyError:
+        return ""  # said once already, as the user's own problem
+    groups = {entry.pw_gid, *(g.gr_gid for g in grp.getgrall() if user in g.gr_mem)}
+    if info.st_uid == entry.pw_uid:
+        readable = info.st_mode & stat.S_IRUSR
+    elif info.st_gid in groups:
+        readable = info.st_mode & stat.S_IRGRP
+    else:
+        readable = info.st_mode & stat.S_IROTH
+    if readable:
+        return ""
+    return (
+        f"{path} cannot be read by user {user}, who runs the federation bridge "
+        f"(owner uid {info.st_uid}, group gid {info.st_gid}, mode {stat.S_IMODE(info.st_mode):o})"
+    )
 
 
 def _section(
-    parser: configparser.ConfigParser, name: str, section: str, cls: type
+    parser: configparser.ConfigParser,
+    lines: _Lines,
+    section: str,
+    cls: type,
+    problems: List[str],
 ) -> Dict[str, Any]:
+    """The valid values of *section*; a line in *problems* for each invalid one."""
     known = {f.name for f in fields(cls)} - {"federation"}
     values: Dict[str, Any] = {}
     for key, raw in parser.items(section):
         if key not in known:
-            raise ConfigError(f"{name}: unknown key '{key}' in [{section}]")
+            problems.append(
+                f"{lines.at(section, key)}: unknown key '{printable(key)}' in [{section}]"
+            )
+            continue
         try:
-            values[key] = _CHECKS.get(key, _text)(raw.strip())
+            values[key] = _CHECKS.get(f"{section}.{key}", _CHECKS.get(key, _text))(raw.strip())
         except ValueError as exc:
-            raise ConfigError(f"{name}: {key}: {exc}") from None
+            problems.append(f"{lines.at(section, key)}: {key}: {exc}")
     return values
 
 
@@ -186,6 +411,14 @@ def _group(value: str) -> str:
             grp.getgrnam(value)
         except KeyError:
             raise ValueError(f"no group named {value!r}") from None
+    return value
+
+
+def _user(value: str) -> str:
+    # Whether the user exists is checked at start and by --check-config: the
+    # shipped file names mpubsub, which make install creates.
+    if value and not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*\$?", value):
+        raise ValueError(f"{value!r} is not a user name")
     return value
 
 
@@ -245,7 +478,9 @@ def _local_only(value: str) -> str:
     return value
 
 
+# KEY, or SECTION.KEY where sections share a key's name ([federation]'s user is NATS's).
 _CHECKS: Dict[str, Callable[[str], Any]] = {
+    f"{SECTION}.user": _user,
     "address": _address,
     "credentials": _absolute_path,
     "group": _group,
@@ -279,7 +514,7 @@ def read_authkey(path: str, key: str = "authkey_file") -> bytes:
             info = os.fstat(f.fileno())
             secret = f.read(4096)
     except OSError as exc:
-        raise ConfigError(f"{key}: cannot read {path}: {exc.strerror}") from None
+        raise ConfigError(f"{key}: cannot read {path}: {reason(exc)}") from None
     mode = info.st_mode
     if info.st_uid != os.geteuid():
         raise ConfigError(

@@ -5,32 +5,44 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
-import logging.handlers
 import os
+import pwd
 import secrets
 import signal
 import socket
 import stat
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Tuple, Union
 
 from mpubsub import Broker, __version__
 from mpubsub._for_mpubsubd import CAPS, reason, write_credentials
 
-from ._config import Config, ConfigError, read_authkey
-from ._logging import LogFileError, log_file_handler, stderr_handler, use_handler
+from ._config import (
+    BROKER_KEYS,
+    LIVE_KEYS,
+    Config,
+    ConfigError,
+    changed_keys,
+    config_path,
+    read_authkey,
+    unreadable,
+)
+from ._logging import LogFile, LogFileError, log_file_handler, stderr_handler, use_handler
+from ._pidfile import pid_in, read_pid
+from ._privileges import Keeper, Root, drop_to
 from ._supervisor import BridgeSupervisor
 
 logger = logging.getLogger("mpubsubd")
-
-_PID_LIMIT = 1 << 22  # Linux's PID_MAX_LIMIT: every pid is below it
 
 
 class StartupError(Exception):
     """mpubsubd cannot start; the message is the one line the user sees."""
 
 
-def run_foreground(config: Config) -> None:
-    """Serve until SIGTERM/SIGINT, logging to stderr and speaking sd_notify."""
+def run_foreground(config: Config, path: Optional[str] = None, instance: str = "") -> None:
+    """Serve until SIGTERM/SIGINT, logging to stderr and speaking sd_notify.
+
+    *path* and *instance* say where the configuration was read, for reloads.
+    """
     use_handler(stderr_handler(), config.log_level)
     stale = check_pidfile(config.pidfile)
     if stale:
@@ -39,12 +51,13 @@ def run_foreground(config: Config) -> None:
     _make_dirs(config, log_dir=False)
     _acquire(pidfile, config.pidfile)
     try:
-        _serve(config, ready=lambda: sd_notify("READY=1\nSTATUS=serving"), reopen=None)
+        ready = lambda: sd_notify("READY=1\nSTATUS=serving")  # noqa: E731
+        _serve(config, (path, instance), ready=ready, log=None)
     finally:
         pidfile.release()
 
 
-def run_daemon(config: Config) -> None:
+def run_daemon(config: Config, path: Optional[str] = None, instance: str = "") -> None:
     """Fork a classic daemon; return once it serves, or raise StartupError saying why not."""
     stale = check_pidfile(config.pidfile)
     _make_dirs(config, log_dir=True)
@@ -58,7 +71,7 @@ def run_daemon(config: Config) -> None:
         os.close(read_end)
         code = 1
         try:
-            code = _daemon_child(config, handler, write_end, stale)
+            code = _daemon_child(config, (path, instance), handler, write_end, stale)
         finally:
             os._exit(code)
     os.close(write_end)
@@ -66,21 +79,28 @@ def run_daemon(config: Config) -> None:
     with os.fdopen(read_end, "rb") as pipe:
         report = pipe.readline().decode(errors="replace").strip()
     os.waitpid(pid, 0)
+    if report.startswith("CONFIG "):
+        raise ConfigError(report.removeprefix("CONFIG "))
     if report != "READY":
         raise StartupError(report.removeprefix("ERROR ") or "the daemon exited before it was ready")
 
 
-def _daemon_child(config: Config, handler: logging.Handler, pipe: int, stale: Optional[str]) -> int:
+def _daemon_child(
+    config: Config,
+    source: Tuple[Optional[str], str],
+    handler: LogFile,
+    pipe: int,
+    stale: Optional[str],
+) -> int:
     launcher = _Launcher(pipe)
     import daemon  # noqa: PLC0415
 
-    stream = getattr(handler, "stream", None)
     context = daemon.DaemonContext(
         working_directory="/",
         umask=0o022,
         detach_process=True,
         pidfile=_pid_lock(config.pidfile),
-        files_preserve=[pipe, stream],
+        files_preserve=[pipe, handler.stream],
         # The broker handles SIGTERM and SIGINT itself, and mpubsubd SIGHUP.
         signal_map={signal.SIGTTIN: None, signal.SIGTTOU: None, signal.SIGTSTP: None},
     )
@@ -93,10 +113,12 @@ def _daemon_child(config: Config, handler: logging.Handler, pipe: int, stale: Op
     if stale:  # said here, in the daemon's log, not on the launcher's terminal
         logger.warning("%s", stale)
     try:
-        _serve(config, ready=lambda: launcher.tell("READY"), reopen=handler)
+        _serve(config, source, ready=lambda: launcher.tell("READY"), log=handler)
     except (StartupError, ConfigError) as exc:
-        logger.error("%s", exc)
-        launcher.tell(f"ERROR {exc}")
+        # Said on the launcher's terminal only: the log file may be that of
+        # another mpubsubd, running, that this one failed to start beside.
+        kind = "CONFIG" if isinstance(exc, ConfigError) else "ERROR"
+        launcher.tell(f"{kind} {exc}")
         return 1
     except Exception:
         logger.exception("mpubsubd failed")
@@ -107,12 +129,17 @@ def _daemon_child(config: Config, handler: logging.Handler, pipe: int, stale: Op
     return 0
 
 
-def _serve(config: Config, ready: Callable[[], object], reopen: Optional[logging.Handler]) -> None:
+def _serve(
+    config: Config,
+    source: Tuple[Optional[str], str],
+    ready: Callable[[], object],
+    log: Optional[LogFile],
+) -> None:
+    """Start the broker as root, serve as ``config.user``, and clean up at the end."""
+    account = _account(config)
     authkey = read_authkey(config.authkey_file) if config.authkey_file else secrets.token_bytes(32)
     bridge_key = secrets.token_bytes(32)  # what tells our bridge from any other client
-    bridge = _bridge_supervisor(
-        config, bridge_key, log_file=config.log_file if reopen is not None else None
-    )
+    bridge = _bridge_supervisor(config, bridge_key, log)
     try:
         broker = Broker(
             config.broker_address,
@@ -125,51 +152,188 @@ def _serve(config: Config, ready: Callable[[], object], reopen: Optional[logging
         )
     except OSError as exc:
         raise StartupError(f"cannot listen on {config.address}: {reason(exc)}") from None
+    root = Root(config, *source, pid=os.getpid())
     try:
-        _secure_socket(broker, config.gid)
-        write_credentials(
-            config.credentials, broker.address, authkey, overwrite=True, gid=config.gid
-        )
-    except OSError as exc:
+        _publish(config, broker, authkey)
+        privileged = _become(account, root)
+    except BaseException:
         broker.close()
-        raise StartupError(f"cannot write {config.credentials}: {reason(exc)}") from None
-
-    def on_hangup() -> None:
-        sd_notify("RELOADING=1")
-        if isinstance(reopen, logging.handlers.WatchedFileHandler):
-            try:
-                reopen.reopenIfNeeded()
-            except OSError as exc:  # each log line tries again; the broker goes on
-                logger.error(
-                    "SIGHUP: cannot open the log file %s: %s", config.log_file, reason(exc)
-                )
-            else:
-                logger.info("SIGHUP: reopened the log file %s", config.log_file)
-        else:
-            logger.info("SIGHUP: nothing to reopen, logging to stderr")
-        sd_notify("READY=1")
-
+        root.remove_files()
+        raise
+    service = _Service(config, source, broker, privileged, log)
     # mpubsubd owns its signals: the broker is told, from its own loop.
-    signal.signal(signal.SIGHUP, lambda signum, frame: broker.schedule(on_hangup))
+    signal.signal(signal.SIGHUP, lambda signum, frame: broker.schedule(service.reload))
     for stopping in (signal.SIGTERM, signal.SIGINT):
         signal.signal(stopping, lambda signum, frame: broker.stop())
     logger.info("mpubsubd %s serving; clients read %s", __version__, config.credentials)
     ready()
     if bridge is not None:
-        bridge.start()
+        bridge.start(broker.address, authkey)
     try:
         broker.start()
     finally:
         sd_notify("STOPPING=1")
         if bridge is not None:
             bridge.stop()
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(config.credentials)
+        service.close()
         logger.info("mpubsubd stopped")
 
 
+def _account(config: Config) -> Optional[pwd.struct_passwd]:
+    """The user to serve as (None: stay as started); StartupError if it cannot be."""
+    account = config.account
+    if account is None or account.pw_uid == os.geteuid():
+        return None
+    if os.geteuid() != 0:
+        raise StartupError(
+            f"user = {config.user}: only root can serve as another user "
+            f"(mpubsubd runs as uid {os.geteuid()}; leave user empty)"
+        )
+    return account
+
+
+def _publish(config: Config, broker: Broker, authkey: bytes) -> None:
+    """Give the socket and the credentials file to root (and the group) only."""
+    gid = config.gid
+    try:
+        write_credentials(config.credentials, broker.address, authkey, overwrite=True)
+    except OSError as exc:
+        raise StartupError(f"cannot write {config.credentials}: {reason(exc)}") from None
+    files = [config.credentials]
+    address = broker.address
+    if isinstance(address, str) and not address.startswith("\0"):
+        files.append(address)
+    for path in files:
+        try:
+            if gid is not None:
+                os.chown(path, -1, gid, follow_symlinks=False)
+            shared = 0o660 if path == address else 0o640
+            os.chmod(path, 0o600 if gid is None else shared, follow_symlinks=False)
+        except OSError as exc:
+            hint = ""
+            if exc.errno == errno.EPERM and os.geteuid() == 0:
+                hint = (
+                    " (root may not chown here: does a SystemCallFilter= without @chown, "
+                    "or a CapabilityBoundingSet= without CAP_CHOWN, forbid it?)"
+                )
+            raise StartupError(
+                f"cannot give {path} to group {config.group or 'root'}: {reason(exc)}{hint}"
+            ) from None
+
+
+def _become(account: Optional[pwd.struct_passwd], root: Root) -> Union[Root, Keeper]:
+    """Serve as *account* from now on, a keeper keeping root's work; or stay, with *root*."""
+    if account is None:
+        return root
+    keeper = Keeper(root)
+    try:
+        drop_to(account)
+    except OSError as exc:
+        keeper.close()
+        raise StartupError(
+            f"cannot serve as user {account.pw_name} (uid {account.pw_uid}): {reason(exc)}"
+            " (a CapabilityBoundingSet= without CAP_SETUID and CAP_SETGID?)"
+        ) from None
+    logger.info(
+        "serving as user %s (uid %d); root's work is left to the keeper, pid %d",
+        account.pw_name,
+        account.pw_uid,
+        keeper.pid,
+    )
+    return keeper
+
+
+class _Service:
+    """What mpubsubd does while its broker serves: reloads, and the cleanup at the end."""
+
+    def __init__(
+        self,
+        config: Config,
+        source: Tuple[Optional[str], str],
+        broker: Broker,
+        privileged: Union[Root, Keeper],
+        log: Optional[LogFile],
+    ) -> None:
+        self._config = config
+        self._name = source[0] or config_path(source[1])
+        self._broker = broker
+        self._privileged = privileged
+        self._log = log
+
+    def reload(self) -> None:
+        """SIGHUP, in the broker's loop: read the configuration again, apply what can change."""
+        sd_notify("RELOADING=1")
+        try:
+            self._reload()
+        except OSError as exc:  # the keeper is gone: nothing changed
+            logger.error("reload failed: %s", reason(exc))
+        finally:
+            sd_notify("READY=1")
+
+    def _reload(self) -> None:
+        reloaded = self._privileged.reload()
+        new = reloaded.config
+        if new is None:
+            more = len(reloaded.problems) - 1
+            logger.error(
+                "reload refused, the running configuration stays: %s%s",
+                reloaded.problems[0],
+                f" (and {more} more: mpubsubd --check-config lists them)" if more else "",
+            )
+            self._reopen_log()
+            return
+        for warning in reloaded.warnings:
+            logger.warning("reload: %s", warning)
+        old, self._config = self._config, new
+        changed = changed_keys(old, new)
+        logging.getLogger().setLevel(new.log_level)
+        try:
+            self._broker.reconfigure(
+                timeout=new.handshake_timeout,
+                **{key: getattr(new, key) for key in LIVE_KEYS if key in BROKER_KEYS},
+            )
+        except ValueError as exc:
+            logger.error("reload: the broker's caps stay as they were: %s", exc)
+        self._reopen_log()
+        live = [key for key in changed if key in LIVE_KEYS]
+        later = [key for key in changed if key not in LIVE_KEYS]
+        logger.info(
+            "reloaded %s: %s",
+            self._name,
+            ", ".join(live) + " changed" if live else "nothing changed",
+        )
+        if later:
+            logger.warning(
+                "reload: %s changed in %s, but take%s effect only at the next restart",
+                ", ".join(later),
+                self._name,
+                "s" if len(later) == 1 else "",
+            )
+
+    def _reopen_log(self) -> None:
+        if self._log is None:
+            return
+        try:
+            self._log.use(self._privileged.open_log())
+        except (LogFileError, OSError) as exc:  # the old file goes on
+            logger.error("cannot reopen the log file: %s", reason(exc))
+        else:
+            logger.info("reopened the log file %s", self._config.log_file)
+
+    def close(self) -> None:
+        """Remove the broker's files (root's work) and let the keeper go."""
+        try:
+            failed = self._privileged.remove_files()
+        except OSError as exc:
+            failed = [reason(exc)]
+        for line in failed:
+            logger.warning("%s", line)
+        if isinstance(self._privileged, Keeper):
+            self._privileged.close()
+
+
 def _bridge_supervisor(
-    config: Config, bridge_key: bytes, log_file: Optional[str]
+    config: Config, bridge_key: bytes, log: Optional[LogFile]
 ) -> Optional[BridgeSupervisor]:
     """The supervisor of the federation bridge, when [federation] names servers."""
     federation = config.federation
@@ -189,10 +353,13 @@ def _bridge_supervisor(
             raise StartupError("creds_file needs the nkeys package: pip install nkeys") from None
     for key in ("creds_file", "tls_ca_file", "tls_cert_file", "tls_key_file"):
         path = getattr(federation, key)
-        if path and not os.access(path, os.R_OK):
-            raise StartupError(f"{key}: cannot read {path}")
+        why = path and unreadable(path, config.user)
+        if why:
+            raise ConfigError(f"{key}: {why}")
     secret = read_authkey(federation.secret_file, "secret_file")
-    return BridgeSupervisor(config, secret, bridge_key, log_file=log_file)
+    return BridgeSupervisor(
+        config, secret, bridge_key, log_line=log.write_line if log is not None else None
+    )
 
 
 def check_pidfile(path: str) -> Optional[str]:
@@ -223,7 +390,7 @@ def check_pidfile(path: str) -> Optional[str]:
         os.close(fd)
     if text is None:
         return _remove_pidfile(path, f"removed pidfile {path}: not a regular file, not read")
-    pid = _pid_in(text)
+    pid = pid_in(text)
     if pid is not None and _is_mpubsubd(pid):
         raise StartupError(f"mpubsubd is already running (pid {pid}, pidfile {path})")
     return _remove_pidfile(
@@ -244,36 +411,17 @@ def _pid_lock(path: str) -> Any:
 
     class PidLock(daemon.pidfile.TimeoutPIDLockFile):  # type: ignore[misc]
         def read_pid(self) -> Optional[int]:
-            return _read_pid(self.path)
+            return read_pid(self.path)
 
         def release(self) -> None:
+            if not os.path.lexists(self.path):
+                return  # removed with the broker's other files, by root
             try:
                 super().release()
             except lockfile.Error as exc:  # replaced meanwhile: not ours to remove
                 logger.warning("left pidfile %s as it is: %s", self.path, reason(exc))
 
     return PidLock(path, 0)
-
-
-def _read_pid(path: str) -> Optional[int]:
-    """The pid in the regular file *path*; None for anything else, never blocking."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError:
-        return None
-    try:
-        return _pid_in(os.read(fd, 64)) if stat.S_ISREG(os.fstat(fd).st_mode) else None
-    except OSError:
-        return None
-    finally:
-        os.close(fd)
-
-
-def _pid_in(text: bytes) -> Optional[int]:
-    """The pid *text* holds (ASCII digits, blanks around), or None if it holds no pid."""
-    digits = text.strip()
-    pid = int(digits) if digits.isdigit() else 0  # bytes.isdigit(): ASCII digits only
-    return pid if 0 < pid < _PID_LIMIT else None
 
 
 def _remove_pidfile(path: str, said: str) -> str:
@@ -326,18 +474,6 @@ def _make_dirs(config: Config, *, log_dir: bool) -> None:
             os.chmod(directory, 0o755 if gid is None else 0o750)
         except OSError as exc:
             raise StartupError(f"cannot create directory {directory}: {reason(exc)}") from None
-
-
-def _secure_socket(broker: Broker, gid: Optional[int]) -> None:
-    """A Unix socket only root (and GROUP, when set) may connect to."""
-    address = broker.address
-    if not isinstance(address, str) or address.startswith("\0"):
-        return
-    if gid is None:
-        os.chmod(address, 0o600)
-    else:
-        os.chown(address, -1, gid)
-        os.chmod(address, 0o660)
 
 
 def sd_notify(message: str) -> bool:

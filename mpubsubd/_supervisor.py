@@ -17,7 +17,9 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Any, Dict, Optional
+from typing import IO, Any, Callable, Dict, Optional
+
+from mpubsub._for_mpubsubd import Address
 
 from ._config import Config
 
@@ -40,17 +42,23 @@ class BridgeSupervisor:
     """Keeps one bridge process running from ``start()`` to ``stop()``."""
 
     def __init__(
-        self, config: Config, secret: bytes, bridge_key: bytes, *, log_file: Optional[str]
+        self,
+        config: Config,
+        secret: bytes,
+        bridge_key: bytes,
+        *,
+        log_line: Optional[Callable[[str], None]],
     ) -> None:
-        settings: Dict[str, Any] = {
+        """*log_line*, if given, takes each line the bridge writes on stderr (for the log
+        file); without, the bridge's stderr is mpubsubd's (the journal)."""
+        self._settings: Dict[str, Any] = {
             "federation": dataclasses.asdict(config.federation),
-            "credentials": config.credentials,
             "secret": secret.hex(),
             "bridge_key": bridge_key.hex(),  # the broker takes as bridge only who shows it
-            "log_file": log_file,
+            "log_to_file": log_line is not None,
             "log_level": config.log_level,
         }
-        self._settings = json.dumps(settings).encode()
+        self._log_line = log_line
         self._stopping = threading.Event()
         self._lock = threading.Lock()
         self._process: Optional[subprocess.Popen[bytes]] = None
@@ -62,7 +70,10 @@ class BridgeSupervisor:
         process = self._process
         return process.pid if process is not None and process.poll() is None else None
 
-    def start(self) -> None:
+    def start(self, address: Address, authkey: bytes) -> None:
+        """Start a bridge to the broker at *address* (which it authenticates to with
+        *authkey*: the bridge, as mpubsubd's user, may not read the credentials file)."""
+        self._settings.update(address=address, authkey=authkey.hex())
         self._thread.start()
 
     def stop(self) -> None:
@@ -104,17 +115,29 @@ class BridgeSupervisor:
             delay = min(delay * 2, _MAX_DELAY)
 
     def _spawn(self) -> subprocess.Popen[bytes]:
-        # The bridge runs as root: isolated (-I: neither the working directory
-        # nor PYTHON* variables reach its sys.path) and from "/", it imports
-        # mpubsubd from where this process found it, and the rest from the
-        # interpreter's own directories.
+        # The bridge runs as mpubsubd's user (root, or the user it became):
+        # isolated (-I: neither the working directory nor PYTHON* variables
+        # reach its sys.path) and from "/", it imports mpubsubd from where this
+        # process found it, and the rest from the interpreter's own directories.
         process = subprocess.Popen(
             [sys.executable, "-I", "-c", _BRIDGE_MAIN, _PACKAGES],
             stdin=subprocess.PIPE,
+            stderr=subprocess.PIPE if self._log_line is not None else None,
             close_fds=True,
             cwd="/",
         )
         assert process.stdin is not None
-        process.stdin.write(self._settings)
+        process.stdin.write(json.dumps(self._settings).encode())
         process.stdin.close()
+        if process.stderr is not None:
+            threading.Thread(
+                target=self._copy_lines, args=(process.stderr,), name="bridge log", daemon=True
+            ).start()
         return process
+
+    def _copy_lines(self, stream: IO[bytes]) -> None:
+        """The bridge's lines into mpubsubd's log file, until the bridge exits."""
+        assert self._log_line is not None
+        with stream:
+            for line in stream:
+                self._log_line(line.decode("utf-8", "backslashreplace"))

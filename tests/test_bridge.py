@@ -456,7 +456,7 @@ def test_bridge_restarted_and_nats_late(federation: Federation) -> None:
 
 
 def test_secret_file_problems_stop_mpubsubd(tmp_path: Path) -> None:
-    """A missing or group-readable secret file is one line on stderr and exit status 1."""
+    """A missing or group-readable secret file is one line on stderr and exit status 78."""
     secret = tmp_path / "secret"
     config = tmp_path / "mpubsubd.conf"
     config.write_text(
@@ -466,21 +466,21 @@ def test_secret_file_problems_stop_mpubsubd(tmp_path: Path) -> None:
     )
     command = [sys.executable, "-m", "mpubsubd", "-f", "-c", str(config)]
     result = subprocess.run(command, capture_output=True, text=True, timeout=30)
-    assert result.returncode == 1
+    assert result.returncode == 78  # EX_CONFIG
     assert result.stderr.splitlines()[-1] == (
         f"mpubsubd: secret_file: cannot read {secret}: No such file or directory"
     )
     secret.write_bytes(SECRET)
     secret.chmod(0o640)
     result = subprocess.run(command, capture_output=True, text=True, timeout=30)
-    assert result.returncode == 1 and "must be readable by its owner only" in result.stderr
+    assert result.returncode == 78 and "must be readable by its owner only" in result.stderr
     assert "Traceback" not in result.stderr
     secret.chmod(0o600)
     config.write_text(config.read_text() + "tls_ca_file = /nonexistent/ca.pem\n")
     result = subprocess.run(command, capture_output=True, text=True, timeout=30)
-    assert result.returncode == 1
+    assert result.returncode == 78
     assert result.stderr.splitlines()[-1] == (
-        "mpubsubd: tls_ca_file: cannot read /nonexistent/ca.pem"
+        "mpubsubd: tls_ca_file: cannot read /nonexistent/ca.pem: No such file or directory"
     )
 
 

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import re
 from pathlib import Path
+from typing import Union
 
 import pytest
 
@@ -21,9 +24,12 @@ def write(tmp_path: Path, body: str) -> str:
 
 
 def test_shipped_file_documents_the_defaults() -> None:
-    """etc/mpubsubd.conf sets every key, to exactly the built-in defaults."""
+    """etc/mpubsubd.conf sets every key, to exactly the built-in defaults (user: mpubsub)."""
     text = (ROOT / "etc" / "mpubsubd.conf").read_text()
-    assert load(str(ROOT / "etc" / "mpubsubd.conf")) == Config()
+    assert load(str(ROOT / "etc" / "mpubsubd.conf")) == dataclasses.replace(
+        Config(), user="mpubsub"
+    )
+    assert "\nuser = mpubsub\n" in text.split("\n[federation]\n")[0]
     keys = [*Config.__dataclass_fields__, *FederationConfig.__dataclass_fields__]
     for key in keys:
         if key != "federation":
@@ -54,11 +60,11 @@ def test_values_are_read(tmp_path: Path) -> None:
         ("pidfile = run/x.pid", r"pidfile: 'run/x.pid' is not an absolute path$"),
         ("colour = blue", r"unknown key 'colour' in \[mpubsubd\]$"),
         (
-            "max_message_size = 100\nmax_buffer = 10",
+            "max_topic_size = 10\nmax_message_size = 100\nmax_buffer = 10",
             r"max_buffer: must be at least max_message_size$",
         ),
         (
-            "max_message_size = 100\nmax_input_buffer = 99",
+            "max_topic_size = 10\nmax_message_size = 100\nmax_input_buffer = 99",
             r"max_input_buffer: must be at least max_message_size$",
         ),
         (
@@ -87,10 +93,56 @@ def test_values_are_read(tmp_path: Path) -> None:
     ],
 )
 def test_bad_values_name_the_key(tmp_path: Path, body: str, message: str) -> None:
-    """Each bad value (or section) is a ConfigError naming the file and the key."""
+    """Each bad value (or section) is a ConfigError naming the file, the line and the key."""
     path = write(tmp_path, body + "\n")
-    with pytest.raises(ConfigError, match=rf"^{path}: {message}"):
+    with pytest.raises(ConfigError, match=rf"^{path}:[234]: {message}"):
         load(path)
+
+
+def test_every_problem_is_named_with_its_line(tmp_path: Path) -> None:
+    """All problems of a file, each with its line; str() is the first and how many more."""
+    path = write(
+        tmp_path,
+        "# a comment\nmax_bufer = 1\nlog_level = LOUD\n  continued\n"
+        "max_message_size = 100\nmax_buffer = 10\n[federation]\nservers = http://h\n[extra]\n",
+    )
+    with pytest.raises(ConfigError) as caught:
+        load(path)
+    assert caught.value.problems == [
+        f"{path}:10: unknown section [extra]",
+        f"{path}:3: unknown key 'max_bufer' in [mpubsubd]",
+        f"{path}:4: log_level: 'LOUD\\ncontinued' is not one of DEBUG, INFO, WARNING, ERROR, "
+        "CRITICAL",
+        f"{path}:9: servers: 'http://h' is not a NATS URL like nats://host:4222",
+        f"{path}:7: max_buffer: must be at least max_message_size",
+        f"{path}:1: max_topic_size: must be at most max_message_size",  # not set: its section
+    ]
+    assert str(caught.value) == (
+        f"{path}:10: unknown section [extra] (and 5 more: mpubsubd --check-config lists them)"
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[mpubsubd]\nlog_level = INFO\nlog_level = DEBUG\n", ":3: log_level: set twice"),
+        ("log_level = INFO\n", ":1: a key before any section: log_level = INFO"),
+        ("[mpubsubd]\njust words\n", ":2: not KEY = VALUE: just words"),
+        ("[mpubsubd]\n[mpubsubd]\n", ":2: [mpubsubd] appears twice"),
+        (b"[mpubsubd]\nname = \xff\n", ": cannot read: "),
+    ],
+)
+def test_unreadable_files_name_the_line(
+    tmp_path: Path, text: Union[str, bytes], message: str
+) -> None:
+    """What configparser cannot read at all is one line, with the line where it could."""
+    path = tmp_path / "mpubsubd.conf"
+    if isinstance(text, bytes):
+        path.write_bytes(text)
+    else:
+        path.write_text(text)
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(path) + message)}"):
+        load(str(path))
 
 
 def test_missing_files(tmp_path: Path) -> None:

@@ -49,14 +49,15 @@ class Daemon:
         self.configure()
 
     def configure(self, **extra: str) -> None:
-        lines = [
-            "[mpubsubd]",
-            f"address = {self.socket}",
-            f"credentials = {self.credentials}",
-            f"pidfile = {self.pidfile}",
-            f"log_file = {self.log}",
-            *(f"{key} = {value}" for key, value in extra.items()),
-        ]
+        """Write the configuration: this directory's files, then *extra* (may replace them)."""
+        keys = {
+            "address": str(self.socket),
+            "credentials": str(self.credentials),
+            "pidfile": str(self.pidfile),
+            "log_file": str(self.log),
+            **extra,
+        }
+        lines = ["[mpubsubd]", *(f"{key} = {value}" for key, value in keys.items())]
         self.config.write_text("\n".join(lines) + "\n")
 
     def launch(self, *args: str) -> subprocess.CompletedProcess[str]:
@@ -320,12 +321,12 @@ def test_foreground_speaks_sd_notify(mpubsubd: Daemon) -> None:
 
 
 def test_bad_config_starts_nothing(mpubsubd: Daemon) -> None:
-    """An invalid log_level is one line naming the key; nothing is started."""
+    """An invalid log_level is one line naming the file, line and key, and status 78."""
     mpubsubd.configure(log_level="LOUD")
     result = mpubsubd.launch()
-    assert result.returncode != 0
+    assert result.returncode == 78  # EX_CONFIG: the unit's RestartPreventExitStatus=
     assert result.stderr == (
-        f"mpubsubd: {mpubsubd.config}: log_level: 'LOUD' is not one of "
+        f"mpubsubd: {mpubsubd.config}:6: log_level: 'LOUD' is not one of "
         "DEBUG, INFO, WARNING, ERROR, CRITICAL\n"
     )
     assert not mpubsubd.pidfile.exists() and not mpubsubd.run.exists()
@@ -404,6 +405,7 @@ def installed() -> Iterator[Path]:
     """The mpubsubd wrapper of ``make install`` into a temporary prefix."""
     needs.DEBIAN_PYTHON.check(os.path.exists("/usr/bin/python3"))
     base = Path(tempfile.mkdtemp(prefix="mpubsubd-install-"))
+    base.chmod(0o755)  # what mpubsubd runs once it is nobody must read it
     try:
         make_install(base)
         yield base / "prefix" / "bin" / "mpubsubd"
@@ -506,3 +508,208 @@ def test_log_file_swapped_for_a_fifo_stalls_nothing(mpubsubd: Daemon) -> None:
         for _ in range(3):  # each log line tries the file again
             assert pubsub.broker_statistics() is not None
     assert mpubsubd.signal(signal.SIGTERM) == pid
+
+
+def log_has(daemon: Daemon, text: str, what: str) -> str:
+    """Wait until the daemon's log holds *text*; the log."""
+    wait_for(lambda: daemon.log.exists() and text in daemon.log.read_text(), what=what)
+    return daemon.log.read_text()
+
+
+def test_check_config_says_ok_or_each_problem(mpubsubd: Daemon) -> None:
+    """--check-config: OK and 0; or each problem with file, line and key, and 78; starts nothing."""
+    check = [*MPUBSUBD, "--check-config", "-c", str(mpubsubd.config)]
+    good = subprocess.run(check, capture_output=True, text=True, timeout=60)
+    assert (good.returncode, good.stdout, good.stderr) == (0, "OK\n", "")
+    mpubsubd.configure(max_bufer="1", log_level="LOUD", authkey_file=str(mpubsubd.base / "key"))
+    bad = subprocess.run(check, capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 78 and bad.stdout == ""
+    assert bad.stderr.splitlines() == [
+        f"{mpubsubd.config}:6: unknown key 'max_bufer' in [mpubsubd]",
+        f"{mpubsubd.config}:7: log_level: 'LOUD' is not one of "
+        "DEBUG, INFO, WARNING, ERROR, CRITICAL",
+    ]
+    mpubsubd.configure(authkey_file=str(mpubsubd.base / "key"))  # files it names are checked
+    missing = subprocess.run(check, capture_output=True, text=True, timeout=60)
+    assert missing.returncode == 78
+    assert missing.stderr == f"authkey_file: cannot read {mpubsubd.base / 'key'}: " + (
+        "No such file or directory\n"
+    )
+    assert not mpubsubd.run.exists()  # nothing was started
+    usage = subprocess.run([*check, "--instance", "../etc"], capture_output=True, text=True)
+    assert usage.returncode == 2 and "instance '../etc'" in usage.stderr
+
+
+def test_instance_keeps_its_files_apart(tmp_path: Path) -> None:
+    """--instance NAME: /etc/mpubsub/NAME.conf, files under /run/mpubsub-NAME/ unless set."""
+    code = (
+        "from mpubsubd._config import load, config_path\n"
+        "import sys\n"
+        "c = load(sys.argv[1], 'sensors')\n"
+        "print(config_path('sensors'), c.address, c.credentials, c.pidfile, c.log_file, c.group)\n"
+    )
+    config = tmp_path / "sensors.conf"
+    config.write_text("[mpubsubd]\ngroup = users\n")
+    shown = subprocess.run(
+        [sys.executable, "-c", code, str(config)], capture_output=True, text=True, check=True
+    )
+    assert shown.stdout.split() == [
+        "/etc/mpubsub/sensors.conf",
+        "/run/mpubsub-sensors/broker.sock",
+        "/run/mpubsub-sensors/broker.pckl",
+        "/run/mpubsub-sensors/mpubsubd.pid",
+        "/var/log/mpubsub/sensors.log",
+        "users",
+    ]
+    absent = subprocess.run(
+        [*MPUBSUBD, "--check-config", "--instance", "no-such-bus-here"],
+        capture_output=True,
+        text=True,
+    )
+    assert absent.returncode == 78
+    assert absent.stderr == "/etc/mpubsub/no-such-bus-here.conf: no such file\n"
+
+
+def test_reload_applies_what_can_change_and_names_the_rest(mpubsubd: Daemon) -> None:
+    """SIGHUP re-reads the file: log level and caps apply at once; the address waits, WARNING."""
+    pid = mpubsubd.started()
+    with NetPubSub.from_file(str(mpubsubd.credentials), timeout=5) as first:
+        assert first.flush()
+        mpubsubd.configure(log_level="DEBUG", max_connections="1")
+        text = mpubsubd.config.read_text()
+        mpubsubd.config.write_text(text.replace(str(mpubsubd.socket), f"{mpubsubd.socket}.new"))
+        os.kill(pid, signal.SIGHUP)
+        log = log_has(mpubsubd, "reloaded", "the reload")
+        assert f"reloaded {mpubsubd.config}: log_level, max_connections changed" in log
+        assert (
+            f"WARNING: reload: address changed in {mpubsubd.config}, "
+            "but takes effect only at the next restart"
+        ) in log
+        second = NetPubSub.from_file(str(mpubsubd.credentials), timeout=2)
+        with pytest.raises((ConnectionError, OSError)):  # max_connections = 1 holds
+            second.connect()
+        log_has(mpubsubd, "refusing a connection: 1 connections", "the cap's warning")
+        assert first.flush()  # the client connected before goes on
+    log_has(mpubsubd, "DEBUG: closing client", "a DEBUG line of its disconnection")
+    assert mpubsubd.socket.exists()  # still where it started
+
+
+def test_reload_refuses_a_bad_config(mpubsubd: Daemon) -> None:
+    """A typo at reload is one ERROR naming file, line and key; the broker serves on as it was."""
+    pid = mpubsubd.started()
+    mpubsubd.configure(max_bufer="1")
+    os.kill(pid, signal.SIGHUP)
+    log = log_has(mpubsubd, "reload refused", "the refusal")
+    assert (
+        "ERROR: reload refused, the running configuration stays: "
+        f"{mpubsubd.config}:6: unknown key 'max_bufer' in [mpubsubd]\n"
+    ) in log
+    exchange(mpubsubd.credentials)
+    assert mpubsubd.pid() == pid
+
+
+def test_journal_lines_carry_their_priority(mpubsubd: Daemon) -> None:
+    """When stderr is the journal (JOURNAL_STREAM names it), each line starts <N>: <4> WARNING."""
+    mpubsubd.run.mkdir()
+    mpubsubd.pidfile.write_text("999999\n")  # stale: a WARNING at start
+    read_end, write_end = os.pipe()
+    info = os.fstat(write_end)
+    env = {**os.environ, "JOURNAL_STREAM": f"{info.st_dev}:{info.st_ino}"}
+    proc = subprocess.Popen(
+        [*MPUBSUBD, "-f", "-c", str(mpubsubd.config)], stderr=write_end, env=env
+    )
+    os.close(write_end)
+    try:
+        wait_for(mpubsubd.credentials.exists, what="mpubsubd -f")
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+    finally:
+        stop_process(proc)
+    with os.fdopen(read_end) as stream:
+        lines = stream.read().splitlines()
+    assert f"<4>WARNING mpubsubd: removed stale pidfile {mpubsubd.pidfile} " in "\n".join(lines)
+    assert "<6>INFO mpubsubd: mpubsubd 0.1.0 serving; clients read " in "\n".join(lines)
+    assert all(line.startswith(("<4>", "<6>", "<7>")) for line in lines), lines
+
+
+def children_of(pid: int) -> List[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        found.append(int(entry))
+            except (OSError, IndexError):
+                pass
+    return found
+
+
+def uid_of(pid: int) -> List[int]:
+    with open(f"/proc/{pid}/status") as f:
+        line = next(line for line in f if line.startswith("Uid:"))
+    return [int(n) for n in line.split()[1:]]
+
+
+def test_serves_as_its_user_with_root_owned_files(installed: Path, mpubsubd: Daemon) -> None:
+    """user = nobody: the broker serves as nobody, its files stay root's; reload regroups them,
+    logrotate's SIGHUP gets a new root-owned log, and the stop removes everything."""
+    needs.check_other_users()
+    mpubsubd.command = [str(installed)]
+    mpubsubd.configure(user="nobody")
+    pid = mpubsubd.started()
+    assert uid_of(pid) == [65534] * 4
+    (keeper,) = children_of(pid)  # root's work: reload, log file, cleanup
+    assert uid_of(keeper) == [0] * 4
+    for path, mode in ((mpubsubd.credentials, 0o600), (mpubsubd.socket, 0o600)):
+        info = path.stat()
+        assert (info.st_uid, info.st_gid, stat.S_IMODE(info.st_mode)) == (0, 0, mode)
+    assert "serving as user nobody (uid 65534)" in mpubsubd.log.read_text()
+    exchange(mpubsubd.credentials)
+    mpubsubd.configure(user="nobody", group="users")
+    mpubsubd.log.rename(mpubsubd.log.with_suffix(".log.1"))
+    os.kill(pid, signal.SIGHUP)
+    log_has(mpubsubd, f"reloaded {mpubsubd.config}: group changed", "the reload")
+    for path, mode in ((mpubsubd.credentials, 0o640), (mpubsubd.socket, 0o660)):
+        info = path.stat()
+        assert (info.st_uid, info.st_gid, stat.S_IMODE(info.st_mode)) == (0, 100, mode)
+    info = mpubsubd.log.stat()  # made anew by the keeper, for logrotate's rename
+    assert (info.st_uid, stat.S_IMODE(info.st_mode)) == (0, 0o640)
+    exchange(mpubsubd.credentials)
+    assert mpubsubd.signal(signal.SIGTERM) == pid
+    wait_for(lambda: not alive(keeper), what="the keeper to exit")
+    assert not mpubsubd.credentials.exists() and not mpubsubd.socket.exists()
+    assert not mpubsubd.pidfile.exists()
+    log = mpubsubd.log.read_text()
+    assert "mpubsubd stopped" in log and "WARNING" not in log and "ERROR" not in log
+
+
+def test_user_that_cannot_be_taken_is_refused(installed: Path, mpubsubd: Daemon) -> None:
+    """Not root with another user configured: one line, status 1, nothing left behind."""
+    needs.check_other_users()
+    mpubsubd.configure(  # nobody's own, writable places: later keys win
+        user="root",
+        **{
+            "address": str(mpubsubd.base / "nobody" / "s"),
+            "credentials": str(mpubsubd.base / "nobody" / "c"),
+            "log_file": str(mpubsubd.base / "nobody" / "l"),
+            "pidfile": str(mpubsubd.base / "nobody" / "p"),
+        },
+    )
+    (mpubsubd.base / "nobody").mkdir()
+    os.chown(mpubsubd.base / "nobody", 65534, 65534)
+    result = subprocess.run(
+        [
+            *("setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups"),
+            *(str(installed), "-f", "-c", str(mpubsubd.config)),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd="/",
+    )
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.splitlines()[-1] == (
+        "mpubsubd: user = root: only root can serve as another user "
+        "(mpubsubd runs as uid 65534; leave user empty)"
+    )

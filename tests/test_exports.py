@@ -31,8 +31,8 @@ PUBLIC: Dict[str, str] = {
     "mpubsub.errors": "AuthenticationError CredentialsError MPubSubError ProtocolError",
     "mpubsub.typing": "Message Subscriber Topic",
     # What mpubsubd may use beyond the public names: this module, and only it.
-    "mpubsub._for_mpubsubd": "Address CAPS DEFAULT_HANDSHAKE_TIMEOUT Memo format_topic "
-    "open_stream parse_address parse_topic printable protocol read_credentials reason "
+    "mpubsub._for_mpubsubd": "Address CAPS DEFAULT_HANDSHAKE_TIMEOUT LIVE_SETTINGS Memo "
+    "format_topic open_stream parse_address parse_topic printable protocol read_credentials reason "
     "write_credentials",
 }
 
