@@ -14,7 +14,7 @@ import stat
 from typing import Any, Callable, Optional, Tuple, Union
 
 from mpubsub import Broker, __version__
-from mpubsub._for_mpubsubd import CAPS, reason, write_credentials
+from mpubsub._for_mpubsubd import CAPS, printable, reason, write_credentials
 
 from ._config import (
     BROKER_KEYS,
@@ -391,11 +391,10 @@ def check_pidfile(path: str) -> Optional[str]:
     if text is None:
         return _remove_pidfile(path, f"removed pidfile {path}: not a regular file, not read")
     pid = pid_in(text)
-    if pid is not None and _is_mpubsubd(pid):
+    why = _not_mpubsubd(pid)
+    if why is None:
         raise StartupError(f"mpubsubd is already running (pid {pid}, pidfile {path})")
-    return _remove_pidfile(
-        path, f"removed stale pidfile {path} (pid {pid or '?'} is not a running mpubsubd)"
-    )
+    return _remove_pidfile(path, f"removed stale pidfile {path} ({why})")
 
 
 def _pid_lock(path: str) -> Any:
@@ -435,18 +434,36 @@ def _remove_pidfile(path: str, said: str) -> str:
     return said
 
 
-def _is_mpubsubd(pid: int) -> bool:
+def _not_mpubsubd(pid: Optional[int]) -> Optional[str]:
+    """Why *pid* is not a running mpubsubd, or None if it may be one (or is someone else's)."""
+    if pid is None:
+        return "it holds no pid"
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
-        return False
+        return f"pid {pid} is not running"
     except PermissionError:
-        return True  # alive, someone else's: do not take its place
+        return None  # alive, someone else's: do not take its place
     try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return b"mpubsubd" in f.read()
+        name = _other_than_mpubsubd(pid)
     except OSError:
-        return True
+        return None
+    if name is None:
+        return None
+    return f"pid {pid} is {name}, not mpubsubd" if name else f"pid {pid} is not running"
+
+
+def _other_than_mpubsubd(pid: int) -> Optional[str]:
+    """The command name of *pid*, a process that is not mpubsubd ('' for a zombie, not yet
+    reaped); None if it is mpubsubd."""
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        if f.read().rsplit(b")", 1)[-1].split()[:1] == [b"Z"]:
+            return ""
+    with open(f"/proc/{pid}/cmdline", "rb") as f:
+        if b"mpubsubd" in f.read():
+            return None
+    with open(f"/proc/{pid}/comm", "rb") as f:
+        return printable(f.read().strip().decode("utf-8", "replace"))
 
 
 def _acquire(pidfile: object, path: str) -> None:

@@ -199,7 +199,7 @@ def test_recovers_after_kill_9(mpubsubd: Daemon) -> None:
     result = mpubsubd.launch()
     assert result.returncode == 0 and result.stderr == ""  # the daemon's log says it
     assert mpubsubd.pid() != old
-    assert f"removed stale pidfile {mpubsubd.pidfile} (pid {old} is not a running mpubsubd)" in (
+    assert f"removed stale pidfile {mpubsubd.pidfile} (pid {old} is not running)" in (
         mpubsubd.log.read_text()
     )
     exchange(mpubsubd.credentials)
@@ -243,14 +243,14 @@ def test_pidfile_not_a_regular_file_is_not_read(
     ids=["word", "pid-and", "escape", "huge"],
 )
 def test_pidfile_text_is_not_logged(mpubsubd: Daemon, text: str) -> None:
-    """A pidfile that does not hold a pid is removed as stale; only '?' stands for its text."""
+    """A pidfile that does not hold a pid is removed as stale, its text never repeated."""
     mpubsubd.run.mkdir()
     mpubsubd.pidfile.write_text(text)
     result = mpubsubd.launch()
     assert result.returncode == 0, result.stderr
     log = mpubsubd.log.read_text()
     assert "hunter2" not in log and "\x1b" not in log
-    assert f"removed stale pidfile {mpubsubd.pidfile} (pid ? is not a running mpubsubd)" in log
+    assert f"removed stale pidfile {mpubsubd.pidfile} (it holds no pid)" in log
 
 
 def test_sigterm_cleans_up(mpubsubd: Daemon) -> None:
@@ -713,3 +713,27 @@ def test_user_that_cannot_be_taken_is_refused(installed: Path, mpubsubd: Daemon)
         "mpubsubd: user = root: only root can serve as another user "
         "(mpubsubd runs as uid 65534; leave user empty)"
     )
+
+
+def test_pidfile_naming_another_process_says_what_it_is(mpubsubd: Daemon) -> None:
+    """A pidfile naming PID 1 (running, not mpubsubd) is stale, and the log says what pid 1 is."""
+    mpubsubd.run.mkdir()
+    mpubsubd.pidfile.write_text("1\n")
+    mpubsubd.started()
+    init = Path("/proc/1/comm").read_text().strip()
+    assert f"removed stale pidfile {mpubsubd.pidfile} (pid 1 is {init}, not mpubsubd)" in (
+        mpubsubd.log.read_text()
+    )
+
+
+def test_refused_second_instance_leaves_the_running_log_alone(mpubsubd: Daemon) -> None:
+    """A second mpubsubd on the same socket and log, another pidfile: the reason on its terminal,
+    nothing in the running daemon's log."""
+    mpubsubd.started()
+    before = mpubsubd.log.read_text()
+    mpubsubd.configure(pidfile=str(mpubsubd.base / "second.pid"))
+    result = mpubsubd.launch()
+    assert result.returncode == 1
+    assert result.stderr.startswith(f"mpubsubd: cannot listen on {mpubsubd.socket}: ")
+    assert mpubsubd.log.read_text() == before
+    exchange(mpubsubd.credentials)  # the first serves on
