@@ -11,7 +11,7 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
-from typing import Iterator, List
+from typing import Dict, Iterator, List
 
 import pytest
 
@@ -56,18 +56,20 @@ def installed() -> Iterator[Path]:
 
 
 class Sandbox:
-    """A private systemd running the installed unit; ``inside()`` runs a command in it."""
+    """A private systemd running the installed units; ``inside()`` runs a command in it.
 
-    def __init__(self, installed: Path) -> None:
+    ``make install`` wrote the units with the test's PREFIX and SYSCONFDIR:
+    they run the installed mpubsubd on the installed configuration, as
+    shipped, with *extra* lines added to their [Service] section.
+    """
+
+    def __init__(self, installed: Path, extra: str = "") -> None:
         self.tool = find_sandbox()
-        unit = installed / "prefix" / "lib" / "systemd" / "system" / "mpubsubd.service"
+        units = installed / "prefix" / "lib" / "systemd" / "system"
         dropin = installed / "10-test.conf"
-        command = (
-            f"{installed}/prefix/bin/mpubsubd --foreground -c {installed}/etc/mpubsub/mpubsubd.conf"
-        )
-        dropin.write_text(f"[Service]\nExecStart=\nExecStart={command}\n")
+        dropin.write_text(f"[Service]\n{extra}")
         started = subprocess.run(
-            [self.tool, "start", str(unit), "--", str(dropin)],
+            [self.tool, "start", str(units / "mpubsubd.service"), "--", str(dropin)],
             capture_output=True,
             text=True,
             timeout=120,
@@ -76,6 +78,12 @@ class Sandbox:
             pytest.skip(f"systemd-sandbox could not boot: {started.stderr.strip()}")
         self.pid = started.stdout.strip()
         self.pythonpath = f"PYTHONPATH={installed}/prefix/lib/mpubsub"
+        # The template is no unit to boot with: it joins the sandbox afterwards.
+        template = "/run/systemd/system/mpubsubd@.service"
+        self.inside("cp", str(units / "mpubsubd@.service"), template)
+        self.inside("mkdir", "-p", f"{template}.d")
+        self.inside("cp", str(dropin), f"{template}.d/10-test.conf")
+        self.inside("systemctl", "daemon-reload")
 
     def inside(self, *args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
@@ -86,8 +94,17 @@ class Sandbox:
         """Run *code* inside with the installed package, as an application would."""
         return self.inside("env", self.pythonpath, "/usr/bin/python3", "-c", code)
 
-    def journal(self) -> str:
-        return self.inside("journalctl", "-u", "mpubsubd", "--no-pager").stdout
+    def journal(self, unit: str = "mpubsubd", *options: str) -> str:
+        return self.inside("journalctl", "-u", unit, "--no-pager", *options).stdout
+
+    def show(self, unit: str, *properties: str) -> Dict[str, str]:
+        """systemctl show's *properties* of *unit*."""
+        shown = self.inside("systemctl", "show", "-p", ",".join(properties), unit).stdout
+        return dict(line.split("=", 1) for line in shown.splitlines() if "=" in line)
+
+    def owner(self, path: str) -> str:
+        """USER:GROUP:MODE of *path* inside."""
+        return self.inside("stat", "-c", "%U:%G:%a", path).stdout.strip()
 
     def stop(self) -> None:
         subprocess.run([self.tool, "stop", self.pid], capture_output=True, timeout=30)
@@ -125,6 +142,112 @@ def test_unit_under_systemd(sandbox: Sandbox) -> None:
     for line in lines:
         assert line in journal, journal
     assert inside("test", "-e", "/run/mpubsub/broker.pckl").returncode != 0
+
+
+def test_serves_as_its_user_with_root_owned_files(sandbox: Sandbox) -> None:
+    """The unit's broker serves as the configured user (nobody here); root keeps its files."""
+    assert sandbox.inside("systemctl", "start", "mpubsubd").returncode == 0
+    main = sandbox.show("mpubsubd", "MainPID")["MainPID"]
+    assert sandbox.inside("ps", "-o", "user=", "-p", main).stdout.strip() == "nobody"
+    assert sandbox.owner("/run/mpubsub/broker.pckl") == "root:root:600"
+    assert sandbox.owner("/run/mpubsub/broker.sock") == "root:root:600"
+    processes = sandbox.inside("ps", "-o", "user=,ppid=", "--ppid", main).stdout.split()
+    assert processes == ["root", main]  # the keeper: root's work, and nothing else
+    client = sandbox.python(
+        "from mpubsub import NetPubSub\n"
+        "with NetPubSub.from_file('/run/mpubsub/broker.pckl') as p:\n"
+        "    print('flushed', p.flush())\n",
+    )
+    assert client.stdout == "flushed True\n", client.stderr
+    assert sandbox.inside("systemctl", "stop", "mpubsubd").returncode == 0
+    assert "WARNING" not in sandbox.journal(), sandbox.journal()
+
+
+def test_config_is_checked_before_start_and_reload(installed: Path, sandbox: Sandbox) -> None:
+    """A typo fails the reload (the broker serves on) and the start (no restarts, status 78);
+    journalctl -p warning shows exactly the warnings and errors."""
+    config = installed / "etc" / "mpubsub" / "mpubsubd.conf"
+    good = config.read_text()
+    inside = sandbox.inside
+    assert inside("systemctl", "start", "mpubsubd").returncode == 0
+    main = sandbox.show("mpubsubd", "MainPID")["MainPID"]
+    config.write_text(good.replace("\n[federation]\n", "\nmax_bufer = 1\n[federation]\n"))
+    assert inside("systemctl", "reload", "mpubsubd").returncode != 0
+    assert sandbox.show("mpubsubd", "ActiveState", "MainPID") == {
+        "ActiveState": "active",
+        "MainPID": main,
+    }
+    assert f"{config}:" in sandbox.journal()
+    assert "unknown key 'max_bufer' in [mpubsubd]" in sandbox.journal()
+    config.write_text(
+        good.replace("\nlog_level = INFO\n", "\nlog_level = DEBUG\n").replace(
+            "\naddress = /run/mpubsub/broker.sock\n", "\naddress = /run/mpubsub/other.sock\n"
+        )
+    )
+    assert inside("systemctl", "reload", "mpubsubd").returncode == 0
+    assert sandbox.show("mpubsubd", "MainPID")["MainPID"] == main
+    journal = sandbox.journal()
+    assert f"reloaded {config}: log_level changed" in journal, journal
+    warnings = sandbox.journal("mpubsubd", "-p", "warning")
+    assert f"reload: address changed in {config}, but takes effect only at the next restart" in (
+        warnings
+    )
+    assert "unknown key 'max_bufer'" in warnings and "serving" not in warnings
+    config.write_text(good.replace("\n[federation]\n", "\nmax_bufer = 1\n[federation]\n"))
+    assert inside("systemctl", "restart", "mpubsubd").returncode != 0
+    shown = sandbox.show("mpubsubd", "ActiveState", "NRestarts", "ExecMainStatus")
+    assert shown == {"ActiveState": "failed", "NRestarts": "0", "ExecMainStatus": "78"}, (
+        sandbox.journal()
+    )
+
+
+def test_blocked_chown_is_named(installed: Path) -> None:
+    """A SystemCallFilter= that forbids chown: the start fails saying what root could not do."""
+    config = installed / "etc" / "mpubsub" / "mpubsubd.conf"
+    config.write_text(config.read_text().replace("\ngroup =\n", "\ngroup = users\n"))
+    box = Sandbox(installed, extra="SystemCallFilter=~@chown\n")
+    try:
+        assert box.inside("systemctl", "start", "mpubsubd").returncode != 0
+        assert (
+            "cannot give /run/mpubsub/broker.pckl to group users: Operation not permitted "
+            "(root may not chown here: does a SystemCallFilter= without @chown, "
+            "or a CapabilityBoundingSet= without CAP_CHOWN, forbid it?)"
+        ) in box.journal()
+    finally:
+        box.stop()
+
+
+def test_two_buses_side_by_side(installed: Path, sandbox: Sandbox) -> None:
+    """mpubsubd@sensors and mpubsubd@lab: their own files in /run/mpubsub-NAME, their own
+    groups, their own names in the journal, beside the main bus."""
+    etc = installed / "etc" / "mpubsub"
+    (etc / "sensors.conf").write_text("[mpubsubd]\nuser = nobody\ngroup = users\n")
+    (etc / "lab.conf").write_text("[mpubsubd]\nuser = nobody\n")
+    inside = sandbox.inside
+    for unit in ("mpubsubd", "mpubsubd@sensors", "mpubsubd@lab"):
+        assert inside("systemctl", "start", unit).returncode == 0, sandbox.journal(unit)
+    assert sandbox.owner("/run/mpubsub-sensors/broker.pckl") == "root:users:640"
+    assert sandbox.owner("/run/mpubsub-lab/broker.pckl") == "root:root:600"
+    code = (
+        "from mpubsub import NetPubSub\n"
+        "for bus in ('mpubsub', 'mpubsub-sensors', 'mpubsub-lab'):\n"
+        "    with NetPubSub.from_file(f'/run/{bus}/broker.pckl') as p:\n"
+        "        print(bus, p.address, p.flush())\n"
+    )
+    client = sandbox.python(code)
+    assert client.stdout.splitlines() == [
+        "mpubsub /run/mpubsub/broker.sock True",
+        "mpubsub-sensors /run/mpubsub-sensors/broker.sock True",
+        "mpubsub-lab /run/mpubsub-lab/broker.sock True",
+    ], client.stderr
+    named = inside("journalctl", "-t", "mpubsubd@sensors", "--no-pager").stdout
+    assert "clients read /run/mpubsub-sensors/broker.pckl" in named
+    assert inside("systemctl", "reload", "mpubsubd@sensors").returncode == 0
+    assert "reloaded " in sandbox.journal("mpubsubd@sensors")
+    for unit in ("mpubsubd@sensors", "mpubsubd@lab"):
+        assert inside("systemctl", "stop", unit).returncode == 0
+    assert inside("test", "-e", "/run/mpubsub-lab").returncode != 0  # RuntimeDirectory=
+    assert inside("systemctl", "is-active", "mpubsubd").stdout == "active\n"
 
 
 @pytest.fixture
@@ -166,6 +289,9 @@ def test_federation_under_systemd(installed: Path, nats_url: str) -> None:
         assert result.stdout == f"connected {nats_url}\n", (result.stderr, box.journal())
         status = box.inside("systemctl", "status", "--no-pager", "-l", "mpubsubd").stdout
         assert "from mpubsubd._bridge import main" in status, status  # in the unit's cgroup
+        processes = box.inside("ps", "-eo", "user=,args=").stdout.splitlines()
+        bridge = {line.split()[0] for line in processes if "mpubsubd._bridge" in line}
+        assert bridge == {"nobody"}  # the bridge runs as mpubsubd's user too
         assert box.inside("systemctl", "stop", "mpubsubd").returncode == 0
         journal = box.journal()
         assert f"connected to NATS at {nats_url}" in journal, journal
