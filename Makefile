@@ -59,19 +59,28 @@ run: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/run.py $(if $(QUICK),--quick)
 
+# The module of a command's main(), as [project.scripts] names it.
+entry_module = $(shell sed -n 's/^$(1) = "\(.*\):main"$$/\1/p' pyproject.toml)
+
+# $(call install-wrapper,COMMAND): COMMAND on PATH. It runs as root wherever
+# root stands: -m would put the working directory first on sys.path, so the
+# interpreter runs isolated (-I) and is given LIBDIR itself.
+define install-wrapper
+	printf '%s\n' '#!/bin/sh' \
+	  "# $(1), as installed by mpubsub's make install. Isolated (-I): it imports" \
+	  '# nothing from the working directory and ignores PYTHON* variables.' \
+	  'exec $(INSTALL_PYTHON) -I -c '"'"'import sys; sys.path.insert(0, "$(LIBDIR)"); from $(call entry_module,$(1)) import main; main()'"'"' "$$@"' \
+	  > "$(DESTDIR)$(PREFIX)/bin/$(1)"
+	chmod 755 "$(DESTDIR)$(PREFIX)/bin/$(1)"
+endef
+
 install:
 	$(INSTALL_PYTHON) -m pip install --quiet --root-user-action=ignore --no-compile --upgrade \
 	  $(if $(WHEELS),--no-index --find-links "$(WHEELS)") \
 	  --target "$(DESTDIR)$(LIBDIR)" '.[daemon,federation]'
 	install -d "$(DESTDIR)$(PREFIX)/bin"
-	# The wrapper runs as root wherever root stands: -m would put the working directory
-	# first on sys.path, so the interpreter runs isolated (-I) and is given LIBDIR itself.
-	printf '%s\n' '#!/bin/sh' \
-	  "# mpubsubd, as installed by mpubsub's make install. Isolated (-I): it imports" \
-	  '# nothing from the working directory and ignores PYTHON* variables.' \
-	  'exec $(INSTALL_PYTHON) -I -c '"'"'import sys; sys.path.insert(0, "$(LIBDIR)"); from mpubsubd import main; main()'"'"' "$$@"' \
-	  > "$(DESTDIR)$(PREFIX)/bin/mpubsubd"
-	chmod 755 "$(DESTDIR)$(PREFIX)/bin/mpubsubd"
+	$(call install-wrapper,mpubsubd)
+	$(call install-wrapper,mpubsub)
 	install -d "$(DESTDIR)$(UNITDIR)"
 	sed 's|/usr/local/bin/mpubsubd|$(PREFIX)/bin/mpubsubd|' packaging/systemd/mpubsubd.service \
 	  > "$(DESTDIR)$(UNITDIR)/mpubsubd.service"
@@ -83,7 +92,8 @@ install:
 
 uninstall:
 	rm -rf "$(DESTDIR)$(LIBDIR)"
-	rm -f "$(DESTDIR)$(PREFIX)/bin/mpubsubd" "$(DESTDIR)$(UNITDIR)/mpubsubd.service" \
+	rm -f "$(DESTDIR)$(PREFIX)/bin/mpubsubd" "$(DESTDIR)$(PREFIX)/bin/mpubsub" \
+	  "$(DESTDIR)$(UNITDIR)/mpubsubd.service" \
 	  "$(DESTDIR)$(SYSCONFDIR)/logrotate.d/mpubsubd"
 	@echo "kept $(SYSCONFDIR)/mpubsub/mpubsubd.conf (remove it by hand if unwanted)"
 

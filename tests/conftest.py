@@ -120,6 +120,15 @@ def make_install(
     return done.stdout
 
 
+@pytest.fixture
+def planted(tmp_path: Path) -> Path:
+    """A working directory whose argparse.py and json.py leave NAME.imported when imported."""
+    for name in ("argparse", "json"):
+        mark = str(tmp_path / f"{name}.imported")
+        (tmp_path / f"{name}.py").write_text(f"open({mark!r}, 'w').close()\n")
+    return tmp_path
+
+
 def alive(pid: int) -> bool:
     """True while *pid* runs (a zombie, waiting for its parent to reap it, does not)."""
     try:

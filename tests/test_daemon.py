@@ -411,15 +411,6 @@ def installed() -> Iterator[Path]:
         shutil.rmtree(base, ignore_errors=True)
 
 
-@pytest.fixture
-def planted(tmp_path: Path) -> Path:
-    """A working directory whose argparse.py and json.py leave NAME.imported when imported."""
-    for name in ("argparse", "json"):
-        mark = str(tmp_path / f"{name}.imported")
-        (tmp_path / f"{name}.py").write_text(f"open({mark!r}, 'w').close()\n")
-    return tmp_path
-
-
 def test_installed_wrapper_imports_nothing_from_cwd(
     installed: Path, planted: Path, mpubsubd: Daemon
 ) -> None:
