@@ -4,6 +4,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 SOURCES := mpubsub mpubsubd tests benchmarks examples
+# The exact versions of the daemon's dependencies: what make install ships
+# and what the venv (and its wheels, make install's offline source) holds.
+CONSTRAINTS := packaging/constraints.txt
 
 # make install: a self-contained copy of the package and its daemon's
 # dependencies under $(LIBDIR), run by the system's Python (as systemd
@@ -25,11 +28,13 @@ RUNDIR ?= $(CURDIR)/.run
 
 .PHONY: test test-systemd soak lint run bench install uninstall clean
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml Makefile $(CONSTRAINTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test,lint,daemon,federation]'
-	$(PY) -m pip wheel --quiet --wheel-dir $(VENV)/wheels '.[daemon,federation]' $(BUILD_REQUIRES)
+	$(PY) -m pip install --quiet -c $(CONSTRAINTS) -e '.[test,lint,daemon,federation]'
+	rm -rf $(VENV)/wheels  # a version left from before the pins changed is not a pinned one
+	$(PY) -m pip wheel --quiet -c $(CONSTRAINTS) --wheel-dir $(VENV)/wheels \
+	  '.[daemon,federation]' $(BUILD_REQUIRES)
 	touch $(STAMP)
 
 test: $(STAMP)
@@ -76,7 +81,7 @@ endef
 
 install:
 	$(INSTALL_PYTHON) -m pip install --quiet --root-user-action=ignore --no-compile --upgrade \
-	  $(if $(WHEELS),--no-index --find-links "$(WHEELS)") \
+	  $(if $(WHEELS),--no-index --find-links "$(WHEELS)") -c $(CONSTRAINTS) \
 	  --target "$(DESTDIR)$(LIBDIR)" '.[daemon,federation]'
 	install -d "$(DESTDIR)$(PREFIX)/bin"
 	$(call install-wrapper,mpubsubd)

@@ -6,26 +6,70 @@ user (conftest.make_install).
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import os
+import re
 import shutil
 import subprocess
 import tempfile
+import zipfile
 from pathlib import Path
-from typing import Iterator
+from typing import Dict, Iterator
 
 import pytest
 
 from . import needs
-from .conftest import make_install
+from .conftest import ROOT, VENV_WHEELS, make_install
+
+
+def shipped_pins() -> Dict[str, str]:
+    """packaging/constraints.txt: each distribution make install ships, and its version.
+
+    The pins of what builds the package ([build-system] requires) are left out.
+    """
+    text = (ROOT / "packaging" / "constraints.txt").read_text()
+    found = re.findall(r"^([A-Za-z0-9._-]+)==(\S+)$", text, re.MULTILINE)
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    build = re.search(r"^requires = \[(.*)\]$", pyproject, re.MULTILINE)
+    assert build
+    builders = {normalized(re.split(r"[<>=!~ ]", r)[0]) for r in re.findall(r'"([^"]+)"', build[1])}
+    return {normalized(name): v for name, v in found if normalized(name) not in builders}
+
+
+def normalized(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def decoy_wheel(folder: Path, name: str, version: str) -> None:
+    """A wheel of *name* at *version* that holds nothing but its metadata."""
+    dist = f"{re.sub(r'[-_.]+', '_', name)}-{version}"
+    info = f"{dist}.dist-info"
+    files = {
+        f"{info}/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n",
+        f"{info}/WHEEL": "Wheel-Version: 1.0\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+    }
+    record = []
+    for path, text in files.items():
+        digest = base64.urlsafe_b64encode(hashlib.sha256(text.encode()).digest()).rstrip(b"=")
+        record.append(f"{path},sha256={digest.decode()},{len(text.encode())}\n")
+    files[f"{info}/RECORD"] = "".join(record) + f"{info}/RECORD,,\n"
+    with zipfile.ZipFile(folder / f"{dist}-py3-none-any.whl", "w") as wheel:
+        for path, text in files.items():
+            wheel.writestr(path, text)
 
 
 @pytest.fixture(scope="module")
 def installed() -> Iterator[Path]:
-    """``make install`` under a temporary base."""
+    """``make install`` under a temporary base, from wheels with a newer decoy of each pin."""
     needs.DEBIAN_PYTHON.check(os.path.exists("/usr/bin/python3"))
     base = Path(tempfile.mkdtemp(prefix="mpubsub-packaging-"))
     try:
-        make_install(base)
+        wheels = base / "wheels"
+        shutil.copytree(VENV_WHEELS, wheels)
+        for name, version in shipped_pins().items():
+            decoy_wheel(wheels, name, f"{version}.post1")
+        make_install(base, wheels=wheels)
         yield base
     finally:
         shutil.rmtree(base, ignore_errors=True)
@@ -40,3 +84,13 @@ def test_mpubsub_wrapper_imports_nothing_from_cwd(installed: Path, planted: Path
     assert shown.returncode == 0, shown.stderr
     assert shown.stdout.startswith("usage: mpubsub ")
     assert [p.name for p in planted.glob("*.imported")] == []
+
+
+def test_installed_dependencies_are_the_pinned_ones(installed: Path) -> None:
+    """LIBDIR holds the package and each pin at its version, though newer wheels were offered."""
+    libdir = installed / "prefix" / "lib" / "mpubsub"
+    found = {}
+    for info in libdir.glob("*.dist-info"):
+        name, version = info.name[: -len(".dist-info")].split("-")
+        found[normalized(name)] = version
+    assert found == {**shipped_pins(), "mpubsub": "0.1.0"}
