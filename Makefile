@@ -79,6 +79,23 @@ define install-wrapper
 	chmod 755 "$(DESTDIR)$(PREFIX)/bin/$(1)"
 endef
 
+# $(call install-config,SOURCE,TARGET,MODE,NEW): SOURCE as TARGET, unless an
+# administrator edited TARGET: then it stays, and SOURCE goes beside it as NEW.
+define install-config
+	if [ -e "$(2)" ] && ! cmp -s "$(1)" "$(2)"; then \
+	  install -m $(3) "$(1)" "$(4)"; \
+	  echo "kept your $(2); the new one is $(4): merge what you need"; \
+	else \
+	  install -m $(3) "$(1)" "$(2)"; \
+	fi
+endef
+
+# An edited configuration keeps its place and the new one goes beside it: as
+# .dist, or .dpkg-dist in logrotate.d, since logrotate reads every file there but
+# those with an extension of its taboo list (a mpubsubd.dist would fail each rotation).
+CONF := $(DESTDIR)$(SYSCONFDIR)/mpubsub/mpubsubd.conf
+LOGROTATE := $(DESTDIR)$(SYSCONFDIR)/logrotate.d/mpubsubd
+
 install:
 	$(INSTALL_PYTHON) -m pip install --quiet --root-user-action=ignore --no-compile --upgrade \
 	  $(if $(WHEELS),--no-index --find-links "$(WHEELS)") -c $(CONSTRAINTS) \
@@ -91,9 +108,8 @@ install:
 	  > "$(DESTDIR)$(UNITDIR)/mpubsubd.service"
 	chmod 644 "$(DESTDIR)$(UNITDIR)/mpubsubd.service"
 	install -d "$(DESTDIR)$(SYSCONFDIR)/mpubsub" "$(DESTDIR)$(SYSCONFDIR)/logrotate.d"
-	test -e "$(DESTDIR)$(SYSCONFDIR)/mpubsub/mpubsubd.conf" || \
-	  install -m 644 etc/mpubsubd.conf "$(DESTDIR)$(SYSCONFDIR)/mpubsub/mpubsubd.conf"
-	install -m 644 etc/logrotate.d/mpubsubd "$(DESTDIR)$(SYSCONFDIR)/logrotate.d/mpubsubd"
+	$(call install-config,etc/mpubsubd.conf,$(CONF),640,$(CONF).dist)
+	$(call install-config,etc/logrotate.d/mpubsubd,$(LOGROTATE),644,$(LOGROTATE).dpkg-dist)
 
 uninstall:
 	rm -rf "$(DESTDIR)$(LIBDIR)"

@@ -94,3 +94,29 @@ def test_installed_dependencies_are_the_pinned_ones(installed: Path) -> None:
         name, version = info.name[: -len(".dist-info")].split("-")
         found[normalized(name)] = version
     assert found == {**shipped_pins(), "mpubsub": "0.1.0"}
+
+
+def test_edited_configuration_is_kept(tmp_path: Path) -> None:
+    """A second install keeps edited files and puts the new ones beside them, saying so."""
+    assert make_install(tmp_path) == ""
+    config = tmp_path / "etc" / "mpubsub" / "mpubsubd.conf"
+    logrotate = tmp_path / "etc" / "logrotate.d" / "mpubsubd"
+    info = config.stat()
+    assert oct(info.st_mode & 0o7777) == "0o640"
+    if needs.as_root():
+        assert (info.st_uid, info.st_gid) == (0, 0)
+    assert make_install(tmp_path) == ""  # unedited: replaced, silently
+    config.write_text("[mpubsubd]\nlog_level = DEBUG\n")
+    logrotate.write_text("# rotated elsewhere\n")
+    said = make_install(tmp_path)
+    assert config.read_text() == "[mpubsubd]\nlog_level = DEBUG\n"
+    assert logrotate.read_text() == "# rotated elsewhere\n"
+    shipped_config = config.with_name("mpubsubd.conf.dist")
+    shipped_logrotate = logrotate.with_name("mpubsubd.dpkg-dist")
+    assert shipped_config.read_text() == (ROOT / "etc" / "mpubsubd.conf").read_text()
+    assert oct(shipped_config.stat().st_mode & 0o7777) == "0o640"
+    assert shipped_logrotate.read_text() == (ROOT / "etc" / "logrotate.d" / "mpubsubd").read_text()
+    assert said == (
+        f"kept your {config}; the new one is {shipped_config}: merge what you need\n"
+        f"kept your {logrotate}; the new one is {shipped_logrotate}: merge what you need\n"
+    )
