@@ -14,9 +14,15 @@ CONSTRAINTS := packaging/constraints.txt
 PREFIX ?= /usr/local
 SYSCONFDIR ?= /etc
 UNITDIR ?= $(PREFIX)/lib/systemd/system
+# systemd-sysusers reads /usr/local/lib/sysusers.d as well as /usr/lib's
+# (systemd-sysusers --cat-config), as systemd reads the units of UNITDIR.
+SYSUSERSDIR ?= $(PREFIX)/lib/sysusers.d
 INSTALL_PYTHON ?= /usr/bin/python3
 LIBDIR := $(PREFIX)/lib/mpubsub
 DESTDIR ?=
+# make install creates the system user mpubsub, whom the daemon becomes, on
+# this host only: never into a DESTDIR staged for another.
+CREATE_USER ?= $(if $(DESTDIR),no,yes)
 # A folder of wheels for make install to take everything from, offline: the
 # tests give it $(VENV)/wheels, filled when the venv is made (the daemon's
 # dependencies and what builds the package, as [build-system] requires).
@@ -107,9 +113,20 @@ install:
 	sed 's|/usr/local/bin/mpubsubd|$(PREFIX)/bin/mpubsubd|' packaging/systemd/mpubsubd.service \
 	  > "$(DESTDIR)$(UNITDIR)/mpubsubd.service"
 	chmod 644 "$(DESTDIR)$(UNITDIR)/mpubsubd.service"
+	install -d "$(DESTDIR)$(SYSUSERSDIR)"
+	install -m 644 packaging/sysusers.d/mpubsub.conf "$(DESTDIR)$(SYSUSERSDIR)/mpubsub.conf"
 	install -d "$(DESTDIR)$(SYSCONFDIR)/mpubsub" "$(DESTDIR)$(SYSCONFDIR)/logrotate.d"
 	$(call install-config,etc/mpubsubd.conf,$(CONF),640,$(CONF).dist)
 	$(call install-config,etc/logrotate.d/mpubsubd,$(LOGROTATE),644,$(LOGROTATE).dpkg-dist)
+# The user: by systemd-sysusers, from the file it reads at boot; else by Debian's adduser.
+ifeq ($(if $(DESTDIR),no,$(CREATE_USER)),yes)
+	if command -v systemd-sysusers >/dev/null; then \
+	  systemd-sysusers "$(SYSUSERSDIR)/mpubsub.conf"; \
+	else \
+	  adduser --system --group --no-create-home --home /nonexistent \
+	    --gecos "mpubsub broker" mpubsub; \
+	fi
+endif
 
 uninstall:
 	rm -rf "$(DESTDIR)$(LIBDIR)"

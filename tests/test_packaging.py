@@ -120,3 +120,50 @@ def test_edited_configuration_is_kept(tmp_path: Path) -> None:
         f"kept your {config}; the new one is {shipped_config}: merge what you need\n"
         f"kept your {logrotate}; the new one is {shipped_logrotate}: merge what you need\n"
     )
+
+
+def staged(tmp_path: Path) -> Path:
+    """``make install`` of a host's /usr/local and /etc into the DESTDIR tmp_path/dest."""
+    dest = tmp_path / "dest"
+    make_install(tmp_path, f"DESTDIR={dest}", "PREFIX=/usr/local", "SYSCONFDIR=/etc")
+    return dest
+
+
+def dry_run(*variables: str, target: str = "install") -> str:
+    """What ``make -n`` would run: nothing runs, so nothing happens to this host."""
+    done = subprocess.run(
+        ["make", "-n", target, *variables], cwd=ROOT, capture_output=True, text=True, check=True
+    )
+    return done.stdout
+
+
+def test_user_is_created_on_this_host_only() -> None:
+    """make install creates the user without DESTDIR, never with one or with CREATE_USER=no."""
+    assert 'systemd-sysusers "/usr/local/lib/sysusers.d/mpubsub.conf"' in dry_run()
+    staged_or_told = [
+        ("DESTDIR=/stage",),
+        ("DESTDIR=/stage", "CREATE_USER=yes"),
+        ("CREATE_USER=no",),
+    ]
+    for variables in staged_or_told:
+        commands = dry_run(*variables)
+        assert "systemd-sysusers " not in commands and "adduser " not in commands
+
+
+def test_sysusers_file_makes_a_system_user(tmp_path: Path) -> None:
+    """systemd-sysusers, on a staged root, finds the file and makes mpubsub: no home, no shell."""
+    needs.SYSTEMD.check(needs.which("systemd-sysusers"))
+    dest = staged(tmp_path)
+    # --root: it reads and writes dest's /usr/local/lib and /etc only.
+    subprocess.run(["systemd-sysusers", f"--root={dest}"], check=True, capture_output=True)
+    user = (dest / "etc" / "passwd").read_text().split(":")
+    group = (dest / "etc" / "group").read_text()
+    name, _, uid, gid, gecos, home, shell = user
+    assert (name, gecos, home, shell.strip()) == (
+        "mpubsub",
+        "mpubsub broker",
+        "/nonexistent",
+        "/usr/sbin/nologin",
+    )
+    assert int(uid) < 1000
+    assert group == f"mpubsub:x:{gid}:\n"
