@@ -85,6 +85,13 @@ define install-wrapper
 	chmod 755 "$(DESTDIR)$(PREFIX)/bin/$(1)"
 endef
 
+# $(call install-unit,FILE): a unit of packaging/systemd/, run from PREFIX.
+define install-unit
+	sed 's|/usr/local/bin/mpubsubd|$(PREFIX)/bin/mpubsubd|g' packaging/systemd/$(1) \
+	  > "$(DESTDIR)$(UNITDIR)/$(1)"
+	chmod 644 "$(DESTDIR)$(UNITDIR)/$(1)"
+endef
+
 # $(call install-config,SOURCE,TARGET,MODE,NEW): SOURCE as TARGET, unless an
 # administrator edited TARGET: then it stays, and SOURCE goes beside it as NEW.
 define install-config
@@ -110,9 +117,7 @@ install:
 	$(call install-wrapper,mpubsubd)
 	$(call install-wrapper,mpubsub)
 	install -d "$(DESTDIR)$(UNITDIR)"
-	sed 's|/usr/local/bin/mpubsubd|$(PREFIX)/bin/mpubsubd|' packaging/systemd/mpubsubd.service \
-	  > "$(DESTDIR)$(UNITDIR)/mpubsubd.service"
-	chmod 644 "$(DESTDIR)$(UNITDIR)/mpubsubd.service"
+	$(call install-unit,mpubsubd.service)
 	install -d "$(DESTDIR)$(SYSUSERSDIR)"
 	install -m 644 packaging/sysusers.d/mpubsub.conf "$(DESTDIR)$(SYSUSERSDIR)/mpubsub.conf"
 	install -d "$(DESTDIR)$(SYSCONFDIR)/mpubsub" "$(DESTDIR)$(SYSCONFDIR)/logrotate.d"

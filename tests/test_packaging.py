@@ -1,7 +1,8 @@
 """Tests for what ``make install`` writes from packaging/ and etc/.
 
 Each install goes under a temporary directory, offline, and never creates a
-user (conftest.make_install).
+user (conftest.make_install). The units are checked statically here, and
+under a real systemd in test_systemd.py.
 """
 
 from __future__ import annotations
@@ -21,6 +22,12 @@ import pytest
 
 from . import needs
 from .conftest import ROOT, VENV_WHEELS, make_install
+
+UNITS = ["mpubsubd.service"]
+# As low as systemd-analyze rates a unit that starts as root (no User=),
+# becomes another user (CAP_SETUID, CAP_SETGID), then signals it (CAP_KILL)
+# and reaches the network.
+EXPOSURE = 2.4
 
 
 def shipped_pins() -> Dict[str, str]:
@@ -94,6 +101,31 @@ def test_installed_dependencies_are_the_pinned_ones(installed: Path) -> None:
         name, version = info.name[: -len(".dist-info")].split("-")
         found[normalized(name)] = version
     assert found == {**shipped_pins(), "mpubsub": "0.1.0"}
+
+
+@pytest.mark.parametrize("unit", UNITS)
+def test_installed_unit_passes_systemd_analyze_verify(installed: Path, unit: str) -> None:
+    """Each installed unit runs the installed mpubsubd and verifies without a warning."""
+    needs.SYSTEMD.check(needs.which("systemd-analyze"))
+    path = installed / "prefix" / "lib" / "systemd" / "system" / unit
+    assert "/usr/local/" not in path.read_text()
+    result = subprocess.run(
+        ["systemd-analyze", "verify", str(path)], capture_output=True, text=True
+    )
+    assert (result.returncode, result.stdout + result.stderr) == (0, "")
+
+
+@pytest.mark.parametrize("unit", UNITS)
+def test_installed_unit_exposure(installed: Path, unit: str) -> None:
+    """systemd-analyze security rates each unit at most EXPOSURE."""
+    needs.SYSTEMD.check(needs.which("systemd-analyze"))
+    path = installed / "prefix" / "lib" / "systemd" / "system" / unit
+    result = subprocess.run(
+        ["systemd-analyze", "security", "--offline=yes", str(path)], capture_output=True, text=True
+    )
+    level = re.search(r"^→ Overall exposure level for \S+: ([\d.]+) ", result.stdout, re.MULTILINE)
+    assert level, result.stdout + result.stderr
+    assert float(level[1]) <= EXPOSURE, result.stdout
 
 
 def test_edited_configuration_is_kept(tmp_path: Path) -> None:

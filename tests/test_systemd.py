@@ -56,14 +56,14 @@ class Sandbox:
 
     def __init__(self, installed: Path) -> None:
         self.tool = find_sandbox()
-        unit = installed / "prefix" / "lib" / "systemd" / "system" / "mpubsubd.service"
-        dropin = installed / "10-test.conf"
-        command = (
-            f"{installed}/prefix/bin/mpubsubd --foreground -c {installed}/etc/mpubsub/mpubsubd.conf"
-        )
-        dropin.write_text(f"[Service]\nExecStart=\nExecStart={command}\n")
+        shipped = installed / "prefix" / "lib" / "systemd" / "system" / "mpubsubd.service"
+        config = installed / "etc" / "mpubsub" / "mpubsubd.conf"
+        # The installed unit, each of its mpubsubd commands given the installed configuration.
+        unit = installed / "sandboxed" / "mpubsubd.service"
+        unit.parent.mkdir(exist_ok=True)
+        unit.write_text(shipped.read_text().replace("bin/mpubsubd ", f"bin/mpubsubd -c {config} "))
         started = subprocess.run(
-            [self.tool, "start", str(unit), "--", str(dropin)],
+            [self.tool, "start", str(unit)],
             capture_output=True,
             text=True,
             timeout=120,
