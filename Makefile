@@ -118,6 +118,7 @@ install:
 	$(call install-wrapper,mpubsub)
 	install -d "$(DESTDIR)$(UNITDIR)"
 	$(call install-unit,mpubsubd.service)
+	$(call install-unit,mpubsubd@.service)
 	install -d "$(DESTDIR)$(SYSUSERSDIR)"
 	install -m 644 packaging/sysusers.d/mpubsub.conf "$(DESTDIR)$(SYSUSERSDIR)/mpubsub.conf"
 	install -d "$(DESTDIR)$(SYSCONFDIR)/mpubsub" "$(DESTDIR)$(SYSCONFDIR)/logrotate.d"

@@ -23,11 +23,19 @@ import pytest
 from . import needs
 from .conftest import ROOT, VENV_WHEELS, make_install
 
-UNITS = ["mpubsubd.service"]
+UNITS = ["mpubsubd.service", "mpubsubd@.service"]
 # As low as systemd-analyze rates a unit that starts as root (no User=),
 # becomes another user (CAP_SETUID, CAP_SETGID), then signals it (CAP_KILL)
 # and reaches the network.
 EXPOSURE = 2.4
+# The lines of mpubsubd@.service that differ from mpubsubd.service's, and
+# what they read there.
+INSTANCE_ONLY = {
+    "Description=mpubsub message broker %i\n": "Description=mpubsub message broker\n",
+    " --instance %i\n": "\n",
+    "RuntimeDirectory=mpubsub-%i\n": "RuntimeDirectory=mpubsub\n",
+    "SyslogIdentifier=mpubsubd@%i\n": "",
+}
 
 
 def shipped_pins() -> Dict[str, str]:
@@ -126,6 +134,20 @@ def test_installed_unit_exposure(installed: Path, unit: str) -> None:
     level = re.search(r"^→ Overall exposure level for \S+: ([\d.]+) ", result.stdout, re.MULTILINE)
     assert level, result.stdout + result.stderr
     assert float(level[1]) <= EXPOSURE, result.stdout
+
+
+def test_instance_unit_differs_only_by_its_instance() -> None:
+    """mpubsubd@.service is mpubsubd.service but for its INSTANCE_ONLY lines and first comment."""
+    systemd = ROOT / "packaging" / "systemd"
+    template = (systemd / "mpubsubd@.service").read_text()
+    commands = [line for line in template.splitlines() if "bin/mpubsubd" in line]
+    assert len(commands) == 3
+    assert all(line.endswith(" --instance %i") for line in commands), commands
+    body = template[template.index("[Unit]") :]
+    for instance, main in INSTANCE_ONLY.items():
+        assert instance in body
+        body = body.replace(instance, main)
+    assert body == (systemd / "mpubsubd.service").read_text()
 
 
 def test_edited_configuration_is_kept(tmp_path: Path) -> None:
