@@ -135,11 +135,27 @@ ifeq ($(if $(DESTDIR),no,$(CREATE_USER)),yes)
 endif
 
 uninstall:
+ifeq ($(DESTDIR),)
+	# Stopped before their files go; "not loaded" is no error here.
+	if [ -d /run/systemd/system ]; then \
+	  systemctl disable --now mpubsubd.service 2>/dev/null || true; \
+	  systemctl stop 'mpubsubd@*.service' 2>/dev/null || true; \
+	  systemctl disable mpubsubd@.service 2>/dev/null || true; \
+	fi
+endif
 	rm -rf "$(DESTDIR)$(LIBDIR)"
 	rm -f "$(DESTDIR)$(PREFIX)/bin/mpubsubd" "$(DESTDIR)$(PREFIX)/bin/mpubsub" \
-	  "$(DESTDIR)$(UNITDIR)/mpubsubd.service" \
-	  "$(DESTDIR)$(SYSCONFDIR)/logrotate.d/mpubsubd"
-	@echo "kept $(SYSCONFDIR)/mpubsub/mpubsubd.conf (remove it by hand if unwanted)"
+	  "$(DESTDIR)$(UNITDIR)/mpubsubd.service" "$(DESTDIR)$(UNITDIR)/mpubsubd@.service" \
+	  "$(DESTDIR)$(SYSUSERSDIR)/mpubsub.conf" "$(LOGROTATE).dpkg-dist"
+	if cmp -s etc/logrotate.d/mpubsubd "$(LOGROTATE)"; then \
+	  rm -f "$(LOGROTATE)"; \
+	elif [ -e "$(LOGROTATE)" ]; then \
+	  echo "kept your edited $(LOGROTATE) (remove it by hand if unwanted)"; \
+	fi
+ifeq ($(DESTDIR),)
+	if [ -d /run/systemd/system ]; then systemctl daemon-reload; fi
+endif
+	@echo "kept $(DESTDIR)$(SYSCONFDIR)/mpubsub$(if $(DESTDIR),, and the user mpubsub (userdel mpubsub removes it))"
 
 clean:
 	rm -rf $(VENV) .bench-venv .run build *.egg-info .pytest_cache .mypy_cache .ruff_cache

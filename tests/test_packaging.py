@@ -1,4 +1,4 @@
-"""Tests for what ``make install`` writes from packaging/ and etc/.
+"""Tests for what ``make install`` writes from packaging/ and etc/, and ``make uninstall``.
 
 Each install goes under a temporary directory, offline, and never creates a
 user (conftest.make_install). The units are checked statically here, and
@@ -183,6 +183,23 @@ def staged(tmp_path: Path) -> Path:
     return dest
 
 
+@pytest.mark.parametrize("edited", [False, True])
+def test_uninstall_keeps_only_configuration(tmp_path: Path, edited: bool) -> None:
+    """make uninstall removes every file but /etc/mpubsub's, and an edited logrotate file."""
+    dest = staged(tmp_path)
+    if edited:
+        (dest / "etc" / "logrotate.d" / "mpubsubd").write_text("# rotated elsewhere\n")
+        staged(tmp_path)  # which leaves the shipped one beside it, for uninstall to remove
+    places = [f"DESTDIR={dest}", "PREFIX=/usr/local", "SYSCONFDIR=/etc"]
+    said = make_install(tmp_path, *places, target="uninstall")
+    left = sorted(str(p.relative_to(dest)) for p in dest.rglob("*") if not p.is_dir())
+    kept = ["etc/logrotate.d/mpubsubd"] if edited else []
+    assert left == [*kept, "etc/mpubsub/mpubsubd.conf"]
+    logrotate = dest / "etc" / "logrotate.d" / "mpubsubd"
+    kept_logrotate = f"kept your edited {logrotate} (remove it by hand if unwanted)\n"
+    assert said == (kept_logrotate if edited else "") + f"kept {dest}/etc/mpubsub\n"
+
+
 def dry_run(*variables: str, target: str = "install") -> str:
     """What ``make -n`` would run: nothing runs, so nothing happens to this host."""
     done = subprocess.run(
@@ -202,6 +219,12 @@ def test_user_is_created_on_this_host_only() -> None:
     for variables in staged_or_told:
         commands = dry_run(*variables)
         assert "systemd-sysusers " not in commands and "adduser " not in commands
+
+
+def test_staged_uninstall_touches_no_unit() -> None:
+    """make uninstall stops the units on this host only: never for a DESTDIR."""
+    assert "systemctl disable --now mpubsubd.service" in dry_run(target="uninstall")
+    assert "systemctl" not in dry_run("DESTDIR=/stage", target="uninstall")
 
 
 def test_sysusers_file_makes_a_system_user(tmp_path: Path) -> None:
