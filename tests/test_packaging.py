@@ -12,6 +12,7 @@ import hashlib
 import os
 import re
 import shutil
+import signal
 import subprocess
 import tempfile
 import zipfile
@@ -244,3 +245,42 @@ def test_sysusers_file_makes_a_system_user(tmp_path: Path) -> None:
     )
     assert int(uid) < 1000
     assert group == f"mpubsub:x:{gid}:\n"
+
+
+def test_logrotate_rotates_every_instance_and_hups_it(tmp_path: Path) -> None:
+    """logrotate, on the shipped file pointed at tmp_path, rotates each log and HUPs each pid."""
+    needs.LOGROTATE.check(needs.as_root(), needs.which("logrotate"))
+    text = (ROOT / "etc" / "logrotate.d" / "mpubsubd").read_text()
+    text = text.replace("/var/log/mpubsub/", f"{tmp_path}/var/log/")
+    text = text.replace("/run/mpubsub", f"{tmp_path}/run/mpubsub")
+    for place in ("/run/", "/var/"):  # no pidfile or log of this host is touched
+        assert text.count(place) == text.count(f"{tmp_path}{place}")
+    (tmp_path / "logrotate.conf").write_text(text)
+    logs = tmp_path / "var" / "log"
+    logs.mkdir(parents=True)
+    sleepers = []
+    try:
+        for name, run in [("mpubsubd", "mpubsub"), ("sensors", "mpubsub-sensors")]:
+            (logs / f"{name}.log").write_text("a line\n")
+            (tmp_path / "run" / run).mkdir(parents=True)
+            sleepers.append(subprocess.Popen(["sleep", "60"]))
+            (tmp_path / "run" / run / "mpubsubd.pid").write_text(f"{sleepers[-1].pid}\n")
+        rotated = subprocess.run(
+            ["logrotate", "--force", "--state", str(tmp_path / "state"), "logrotate.conf"],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+        )
+        assert rotated.returncode == 0, rotated.stderr
+        assert sorted(p.name for p in logs.iterdir()) == [
+            "mpubsubd.log",
+            "mpubsubd.log.1",
+            "sensors.log",
+            "sensors.log.1",
+        ]
+        assert [s.wait(timeout=10) for s in sleepers] == [-signal.SIGHUP, -signal.SIGHUP]
+    finally:
+        for sleeper in sleepers:
+            if sleeper.poll() is None:
+                sleeper.kill()
+                sleeper.wait()
