@@ -89,23 +89,44 @@ def wait_for(condition: Callable[[], Any], timeout: float = 10.0, what: str = "c
         pytest.fail(str(exc))
 
 
-def make_install(base: Path) -> None:
+VENV_WHEELS = Path(sys.prefix) / "wheels"
+
+
+def make_install(
+    base: Path, *variables: str, target: str = "install", wheels: Path = VENV_WHEELS
+) -> str:
     """``make install`` with every file under *base* (PREFIX base/prefix, SYSCONFDIR base/etc).
 
-    Offline: from the wheels that making the venv left in it, and, as root,
-    in a network namespace of its own, so that no download can hide in it.
+    Offline: from *wheels* (by default those that making the venv left in
+    it), and, as root, in a network namespace of its own, so that no
+    download can hide in it. Returns what make printed. *target* may be
+    ``uninstall`` (with a DESTDIR among *variables*: without one, it would
+    stop the host's mpubsubd); *variables* add to make's, but CREATE_USER=no
+    comes last: a test never creates a user on the machine that runs it.
     """
-    wheels = Path(sys.prefix) / "wheels"
+    staged = any(v.startswith("DESTDIR=") and v != "DESTDIR=" for v in variables)
+    assert target == "install" or staged, f"make {target} outside a DESTDIR"
     assert wheels.is_dir(), f"no {wheels}: make .venv/.installed makes it"
     offline = ["unshare", "--net"] if needs.as_root() and needs.which("unshare") else []
     places = [f"PREFIX={base}/prefix", f"SYSCONFDIR={base}/etc", f"WHEELS={wheels}"]
-    subprocess.run(
-        [*offline, "make", "-s", "install", *places],
+    done = subprocess.run(
+        [*offline, "make", "-s", target, *places, *variables, "CREATE_USER=no"],
         cwd=ROOT,
-        check=True,
         capture_output=True,
+        text=True,
         timeout=300,
     )
+    assert done.returncode == 0, f"make {target} failed: {done.stderr}"
+    return done.stdout
+
+
+@pytest.fixture
+def planted(tmp_path: Path) -> Path:
+    """A working directory whose argparse.py and json.py leave NAME.imported when imported."""
+    for name in ("argparse", "json"):
+        mark = str(tmp_path / f"{name}.imported")
+        (tmp_path / f"{name}.py").write_text(f"open({mark!r}, 'w').close()\n")
+    return tmp_path
 
 
 def alive(pid: int) -> bool:

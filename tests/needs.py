@@ -36,6 +36,7 @@ DEBIAN_PYTHON = Need("make install", "apt-get install python3 python3-pip")
 LIMITS = Need("descriptor limits", "apt-get install util-linux")
 OTHER_USERS = Need("other users", "run as root; apt-get install util-linux python3")
 SYSTEMD = Need("the systemd unit", "apt-get install systemd util-linux")
+LOGROTATE = Need("logrotate's configuration", "run as root; apt-get install logrotate")
 OTHER_PYTHONS = Need("other Pythons' handshakes", "pyenv install 3.9 3.12 3.13: not in Debian 12")
 SANDBOX = Need("the unit under systemd", "SYSTEMD_SANDBOX=the shared systemd-sandbox tool")
 

@@ -58,15 +58,22 @@ def installed() -> Iterator[Path]:
 class Sandbox:
     """A private systemd running the installed units; ``inside()`` runs a command in it.
 
-    ``make install`` wrote the units with the test's PREFIX and SYSCONFDIR:
-    they run the installed mpubsubd on the installed configuration, as
-    shipped, with *extra* lines added to their [Service] section.
+    The units are those ``make install`` wrote (with the test's PREFIX), each
+    mpubsubd command given the installed configuration (``etc/mpubsub/NAME.conf``
+    for mpubsubd@NAME), and *extra* lines added to their [Service] section.
     """
 
     def __init__(self, installed: Path, extra: str = "") -> None:
         self.tool = find_sandbox()
-        units = installed / "prefix" / "lib" / "systemd" / "system"
-        dropin = installed / "10-test.conf"
+        shipped = installed / "prefix" / "lib" / "systemd" / "system"
+        etc = installed / "etc" / "mpubsub"
+        units = installed / "sandboxed"
+        units.mkdir(exist_ok=True)
+        for name, config in (("mpubsubd", "mpubsubd.conf"), ("mpubsubd@", "%i.conf")):
+            text = (shipped / f"{name}.service").read_text()
+            text = text.replace("bin/mpubsubd ", f"bin/mpubsubd -c {etc}/{config} ")
+            (units / f"{name}.service").write_text(text)
+        dropin = units / "10-test.conf"
         dropin.write_text(f"[Service]\n{extra}")
         started = subprocess.run(
             [self.tool, "start", str(units / "mpubsubd.service"), "--", str(dropin)],
