@@ -284,6 +284,15 @@ class Broker:
         if self._listener.fileno() >= 0:
             self._close_all()
 
+    def open_pair(self) -> socket.socket:
+        """A new connection to this broker that needs no address: one end of a socket
+        pair, whose other end the broker takes as a client (it must authenticate like any
+        other). For a process that may not open the broker's socket file: mpubsubd's
+        federation bridge, once mpubsubd serves as its own user. Safe from any thread."""
+        ours, theirs = socket.socketpair()
+        self.schedule(lambda: self._clients.admit(ours, "a socket pair"))
+        return theirs
+
     def schedule(self, callback: Callable[[], None]) -> None:
         """Run *callback* in the broker's loop soon; safe from a signal handler or a thread."""
         self._scheduled.append(callback)

@@ -102,14 +102,22 @@ _TIMEVAL = struct.Struct("@ll")  # struct timeval
 
 
 async def open_stream(
-    address: Any, authkey: bytes, timeout: float, limit: int = 64 * 1024
+    address: Any,
+    authkey: bytes,
+    timeout: float,
+    limit: int = 64 * 1024,
+    *,
+    sock: Optional[socket.socket] = None,
 ) -> Tuple[asyncio.StreamReader, asyncio.StreamWriter, proto.Limits]:
     """connect_socket and handshake for asyncio: a stream to the broker, and its limits.
 
     *timeout* bounds all of it; *limit* is the reader's buffer, as
-    asyncio.open_connection's.
+    asyncio.open_connection's. With *sock*, a socket already connected to the
+    broker (``Broker.open_pair()``), only the handshake is done, on it.
     """
-    if family_of(address) == socket.AF_UNIX:
+    if sock is not None:
+        opening = asyncio.open_unix_connection(sock=sock, limit=limit)
+    elif family_of(address) == socket.AF_UNIX:
         opening = asyncio.open_unix_connection(address, limit=limit)
     else:
         opening = asyncio.open_connection(*address, limit=limit)

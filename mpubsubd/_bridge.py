@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import json
 import logging
 import os
 import signal
+import socket
 import ssl
 import sys
 import time
@@ -124,9 +126,14 @@ class Bridge:
         broker: Tuple[Address, bytes],
         secret: bytes,
         bridge_key: bytes,
+        *,
+        connected: Optional[socket.socket] = None,
     ) -> None:
+        """*connected*, if given, is a socket already connected to the broker (the end of
+        mpubsubd's pair: the bridge, as mpubsubd's user, may not open the socket file)."""
         self._config = config
         self._broker = broker
+        self._connected = connected
         self._bridge_key = bridge_key
         self._prefix = config.subject_prefix
         self._local_only = tuple(proto.encode_topic(t) for t in config.local_only_topics)
@@ -213,7 +220,7 @@ class Bridge:
     async def _open_broker(self) -> asyncio.StreamReader:
         address, authkey = self._broker
         reader, self._writer, self._limits = await open_stream(
-            address, authkey, DEFAULT_HANDSHAKE_TIMEOUT, limit=_READ_SIZE
+            address, authkey, DEFAULT_HANDSHAKE_TIMEOUT, limit=_READ_SIZE, sock=self._connected
         )
         self._arrivals.use_limits(self._limits)
         self._writer.write(proto.frame(proto.BRIDGE, self._bridge_key))
@@ -505,6 +512,7 @@ def nats_options(config: FederationConfig) -> Dict[str, Any]:
 
 def main() -> None:
     """``python -m mpubsubd._bridge``: settings as JSON on stdin (see _supervisor)."""
+    _not_dumpable()  # before it reads the keys: see below
     settings = json.load(sys.stdin)
     # mpubsubd copies what the bridge writes on stderr into its log file.
     use_handler(stderr_handler(file_format=settings["log_to_file"]), settings["log_level"])
@@ -518,6 +526,7 @@ def main() -> None:
         ),
         bytes.fromhex(settings["secret"]),
         bytes.fromhex(settings["bridge_key"]),
+        connected=socket.socket(fileno=settings["fd"]),
     )
 
     async def serve() -> int:
@@ -533,6 +542,17 @@ def main() -> None:
         code = 1
     logger.info("bridge stopped")
     sys.exit(code)
+
+
+def _not_dumpable() -> None:
+    """Keep other processes of mpubsubd's user out of this one's memory (the broker's key,
+    the federation secret): prctl(PR_SET_DUMPABLE, 0), which a setuid process like
+    mpubsubd's broker gets by itself but a process it starts does not."""
+    with contextlib.suppress(OSError, AttributeError):  # not Linux: its own rules hold
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0)
+
+
+_PR_SET_DUMPABLE = 4  # linux/prctl.h
 
 
 if __name__ == "__main__":

@@ -168,7 +168,7 @@ def _serve(
     logger.info("mpubsubd %s serving; clients read %s", __version__, config.credentials)
     ready()
     if bridge is not None:
-        bridge.start(broker.address, authkey)
+        bridge.start(broker.address, authkey, broker.open_pair)
     try:
         broker.start()
     finally:

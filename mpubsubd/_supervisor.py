@@ -13,6 +13,7 @@ import dataclasses
 import json
 import logging
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -59,6 +60,7 @@ class BridgeSupervisor:
             "log_level": config.log_level,
         }
         self._log_line = log_line
+        self._dial: Callable[[], socket.socket] = socket.socket  # start() says how
         self._stopping = threading.Event()
         self._lock = threading.Lock()
         self._process: Optional[subprocess.Popen[bytes]] = None
@@ -70,10 +72,13 @@ class BridgeSupervisor:
         process = self._process
         return process.pid if process is not None and process.poll() is None else None
 
-    def start(self, address: Address, authkey: bytes) -> None:
-        """Start a bridge to the broker at *address* (which it authenticates to with
-        *authkey*: the bridge, as mpubsubd's user, may not read the credentials file)."""
+    def start(self, address: Address, authkey: bytes, dial: Callable[[], socket.socket]) -> None:
+        """Start a bridge to the broker at *address*, which it authenticates to with
+        *authkey*, over a connection *dial* opens for each bridge (``Broker.open_pair``:
+        the bridge, as mpubsubd's user, may open neither the credentials file nor the
+        socket's)."""
         self._settings.update(address=address, authkey=authkey.hex())
+        self._dial = dial
         self._thread.start()
 
     def stop(self) -> None:
@@ -119,15 +124,17 @@ class BridgeSupervisor:
         # isolated (-I: neither the working directory nor PYTHON* variables
         # reach its sys.path) and from "/", it imports mpubsubd from where this
         # process found it, and the rest from the interpreter's own directories.
-        process = subprocess.Popen(
-            [sys.executable, "-I", "-c", _BRIDGE_MAIN, _PACKAGES],
-            stdin=subprocess.PIPE,
-            stderr=subprocess.PIPE if self._log_line is not None else None,
-            close_fds=True,
-            cwd="/",
-        )
+        with self._dial() as connected:
+            process = subprocess.Popen(
+                [sys.executable, "-I", "-c", _BRIDGE_MAIN, _PACKAGES],
+                stdin=subprocess.PIPE,
+                stderr=subprocess.PIPE if self._log_line is not None else None,
+                pass_fds=(connected.fileno(),),
+                cwd="/",
+            )
+            settings = {**self._settings, "fd": connected.fileno()}
         assert process.stdin is not None
-        process.stdin.write(json.dumps(self._settings).encode())
+        process.stdin.write(json.dumps(settings).encode())
         process.stdin.close()
         if process.stderr is not None:
             threading.Thread(

@@ -25,10 +25,10 @@ from . import needs
 from .conftest import ROOT, VENV_WHEELS, make_install
 
 UNITS = ["mpubsubd.service", "mpubsubd@.service"]
-# As low as systemd-analyze rates a unit that starts as root (no User=),
-# becomes another user (CAP_SETUID, CAP_SETGID), then signals it (CAP_KILL)
-# and reaches the network.
-EXPOSURE = 2.4
+# What the issue asks: a unit that starts as root (no User=), becomes
+# another user (CAP_SETUID, CAP_SETGID) and reaches the network (this host
+# only, unless a drop-in allows more) rates 2.0.
+EXPOSURE = 2.0
 # The lines of mpubsubd@.service that differ from mpubsubd.service's, and
 # what they read there.
 INSTANCE_ONLY = {
