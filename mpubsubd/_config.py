@@ -235,7 +235,7 @@ def _read(path: Optional[str], instance: str) -> Tuple[Optional[Config], List[st
     if not parser.has_section(SECTION):
         return None, [f"{name}: no [{SECTION}] section"]
     problems = [
-        f"{lines.at(section)}: unknown section [{section}]"
+        f"{lines.at(section)}: unknown section [{printable(section)}]"
         for section in parser.sections()
         if section not in (SECTION, FEDERATION)
     ]

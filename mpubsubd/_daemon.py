@@ -162,7 +162,7 @@ def _serve(
         raise
     service = _Service(config, source, broker, privileged, log)
     # mpubsubd owns its signals: the broker is told, from its own loop.
-    signal.signal(signal.SIGHUP, lambda signum, frame: broker.schedule(service.reload))
+    signal.signal(signal.SIGHUP, lambda signum, frame: service.hangup())
     for stopping in (signal.SIGTERM, signal.SIGINT):
         signal.signal(stopping, lambda signum, frame: broker.stop())
     logger.info("mpubsubd %s serving; clients read %s", __version__, config.credentials)
@@ -259,9 +259,18 @@ class _Service:
         self._broker = broker
         self._privileged = privileged
         self._log = log
+        self._pending = False  # a reload is scheduled and has not started
+
+    def hangup(self) -> None:
+        """SIGHUP: one reload in the broker's loop, however many signals came before it
+        started (a storm of them must not keep the loop from its clients)."""
+        if not self._pending:
+            self._pending = True
+            self._broker.schedule(self.reload)
 
     def reload(self) -> None:
-        """SIGHUP, in the broker's loop: read the configuration again, apply what can change."""
+        """In the broker's loop: read the configuration again, apply what can change."""
+        self._pending = False
         sd_notify("RELOADING=1")
         try:
             self._reload()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import sys
 from typing import List, Optional
 
@@ -54,8 +56,13 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> None:
     """Start mpubsubd; on failure, one line on stderr and exit status 1 (78: configuration)."""
+    # logrotate may signal the pid in the pidfile the moment it appears: until
+    # mpubsubd handles SIGHUP (a reload), one must not kill it.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     parser = _parser()
     args = parser.parse_args(argv)
+    if args.config:  # reloads read it again after the daemon moved to /
+        args.config = os.path.abspath(args.config)
     if args.instance:
         try:
             check_instance(args.instance)

@@ -25,7 +25,8 @@ import pwd
 import signal
 import socket
 import stat
-from typing import List, Optional, Tuple
+import struct
+from typing import Callable, Iterator, List, Optional, Tuple
 
 from mpubsub._for_mpubsubd import reason
 
@@ -105,28 +106,50 @@ class Root:
         return failed
 
     def _regroup(self, old: Optional[int], new: Optional[int]) -> None:
-        """The socket and credentials to group *new* (root only: None), as a start does."""
+        """The socket and credentials to group *new* (root only: None), as a start does.
+
+        Only what is still a socket and a regular file is touched, through a
+        descriptor opened without following a link.
+        """
         started = self._started
+        gid = 0 if new is None else new
         address = started.broker_address
-        files = [(started.credentials, 0o640, 0o600)]
+        with _opened(started.credentials, stat.S_ISREG) as fd:
+            os.fchown(fd, -1, gid)
+            os.fchmod(fd, 0o600 if new is None else 0o640)
+        directories = {os.path.dirname(started.credentials)}
         if isinstance(address, str) and not address.startswith("\0"):
-            files.append((address, 0o660, 0o600))
-        for path, shared, private in files:
-            os.chown(path, -1, 0 if new is None else new, follow_symlinks=False)
-            os.chmod(path, private if new is None else shared, follow_symlinks=False)
+            # A socket cannot be opened: lchown, then chmod of what lstat said is one.
+            if not stat.S_ISSOCK(os.lstat(address).st_mode):
+                raise OSError(f"{address} is no longer a socket")
+            os.chown(address, -1, gid, follow_symlinks=False)
+            os.chmod(address, 0o600 if new is None else 0o660)
+            directories.add(os.path.dirname(address))
         # Directories mpubsubd made for the old group (0750 root:OLD) follow it.
-        for directory in sorted({os.path.dirname(path) for path, _, _ in files}):
-            info = os.lstat(directory)
-            if old is not None and stat.S_ISDIR(info.st_mode) and info.st_gid == old:
-                os.chown(directory, -1, 0 if new is None else new, follow_symlinks=False)
-                os.chmod(directory, 0o755 if new is None else 0o750)
+        for directory in sorted(directories):
+            with _opened(directory, stat.S_ISDIR) as fd:
+                if old is not None and os.fstat(fd).st_gid == old:
+                    os.fchown(fd, -1, gid)
+                    os.fchmod(fd, 0o755 if new is None else 0o750)
+
+
+@contextlib.contextmanager
+def _opened(path: str, kind: Callable[[int], bool]) -> Iterator[int]:
+    """A descriptor of *path*, never through a link, which must be of *kind* (S_ISREG...)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        if not kind(os.fstat(fd).st_mode):
+            raise OSError(f"{path} is not what mpubsubd made there")
+        yield fd
+    finally:
+        os.close(fd)
 
 
 class Keeper:
     """A forked process that stays root and does a Root's work when the broker asks."""
 
     def __init__(self, root: Root) -> None:
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         self.pid = os.fork()
         if self.pid == 0:  # the keeper
             code = 1
@@ -140,18 +163,16 @@ class Keeper:
         self._sock = ours
 
     def reload(self) -> Reloaded:
-        data, _ = self._ask("reload")
-        return Reloaded.from_json(data)
+        return Reloaded.from_json(self._ask("reload")[0])
 
     def open_log(self) -> int:
-        data, fds = self._ask("log")
+        error, fds = self._ask("log")
         if not fds:
-            raise LogFileError(data.decode(errors="replace"))
+            raise LogFileError(json.loads(error))
         return fds[0]
 
     def remove_files(self) -> List[str]:
-        data, _ = self._ask("stop")
-        failed: List[str] = json.loads(data)
+        failed: List[str] = json.loads(self._ask("stop")[0])
         return failed
 
     def close(self) -> None:
@@ -162,13 +183,31 @@ class Keeper:
 
     def _ask(self, request: str) -> Tuple[bytes, List[int]]:
         try:
-            self._sock.sendall(request.encode())
-            data, fds, _, _ = socket.recv_fds(self._sock, 1 << 20, 1)
-        except OSError as exc:
+            self._sock.sendall(request.encode() + b"\n")
+            return _receive(self._sock)
+        except (OSError, ValueError) as exc:
             raise OSError(f"mpubsubd's keeper (pid {self.pid}) is gone: {reason(exc)}") from None
-        if not data:
-            raise OSError(f"mpubsubd's keeper (pid {self.pid}) is gone")
-        return data, fds
+
+
+_HEADER = struct.Struct("!I")  # the length of the reply that follows
+_MAX_REPLY = 16 * 1024 * 1024
+
+
+def _receive(sock: socket.socket) -> Tuple[bytes, List[int]]:
+    """One reply of the keeper: its bytes, and the descriptor it may carry."""
+    header, fds, _, _ = socket.recv_fds(sock, _HEADER.size, 1, socket.MSG_WAITALL)
+    if len(header) != _HEADER.size:
+        raise ValueError("the keeper closed its end")
+    (size,) = _HEADER.unpack(header)
+    if size > _MAX_REPLY:
+        raise ValueError(f"a reply of {size} bytes")
+    data = b""
+    while len(data) < size:
+        chunk = sock.recv(size - len(data))
+        if not chunk:
+            raise ValueError("the keeper closed its end")
+        data += chunk
+    return data, fds
 
 
 def _keep(root: Root, sock: socket.socket) -> None:
@@ -180,22 +219,37 @@ def _keep(root: Root, sock: socket.socket) -> None:
     # leave clients waiting on a broker that is gone.
     os.closerange(3, keep)
     os.closerange(keep + 1, os.sysconf("SC_OPEN_MAX"))
-    while True:
-        request = sock.recv(64)
-        if request == b"reload":
-            sock.sendall(root.reload().to_json())
-        elif request == b"log":
-            try:
-                fd = root.open_log()
-            except LogFileError as exc:
-                sock.sendall(str(exc).encode())
-            else:
-                socket.send_fds(sock, [b"ok"], [fd])
-                os.close(fd)
-        elif request == b"stop":
-            sock.sendall(json.dumps(root.remove_files()).encode())
-        else:  # the broker process closed its end (b""), or is not itself
-            return
+    requests = sock.makefile("rb")
+    for line in requests:  # ends when the broker process closes its end
+        request = line.strip()
+        fds: List[int] = []
+        try:
+            if request == b"reload":
+                reply = root.reload().to_json()
+            elif request == b"log":
+                try:
+                    fds = [root.open_log()]
+                    reply = b'""'
+                except LogFileError as exc:
+                    reply = json.dumps(str(exc)).encode()
+            elif request == b"stop":
+                reply = json.dumps(root.remove_files()).encode()
+            else:  # not the broker process as it was made: nothing more for it
+                return
+        except Exception as exc:  # a bug of ours: say it, and keep keeping
+            reply = _failed(request, exc)
+        socket.send_fds(sock, [_HEADER.pack(len(reply))], fds)
+        sock.sendall(reply)
+        for fd in fds:
+            os.close(fd)
+
+
+def _failed(request: bytes, exc: Exception) -> bytes:
+    """The reply to *request* when doing it raised *exc*."""
+    why = f"the keeper failed to {request.decode()}: {type(exc).__name__}: {reason(exc)}"
+    if request == b"reload":
+        return Reloaded(None, [why], []).to_json()
+    return json.dumps([why] if request == b"stop" else why).encode()
 
 
 def drop_to(account: pwd.struct_passwd) -> None:

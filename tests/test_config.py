@@ -90,6 +90,7 @@ def test_values_are_read(tmp_path: Path) -> None:
         ("[federation]\nmax_clock_skew = 0", r"max_clock_skew: '0' must be positive$"),
         ("[federation]\ncolour = blue", r"unknown key 'colour' in \[federation\]$"),
         ("[federaton]\nservers = nats://h:4222", r"unknown section \[federaton\]$"),
+        ("[\x1b[31mred]\nx = 1", r"unknown section \[\\x1b\[31mred\]$"),
     ],
 )
 def test_bad_values_name_the_key(tmp_path: Path, body: str, message: str) -> None:

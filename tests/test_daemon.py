@@ -11,6 +11,7 @@ import stat
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
@@ -711,3 +712,61 @@ def test_refused_second_instance_leaves_the_running_log_alone(mpubsubd: Daemon) 
     assert result.stderr.startswith(f"mpubsubd: cannot listen on {mpubsubd.socket}: ")
     assert mpubsubd.log.read_text() == before
     exchange(mpubsubd.credentials)  # the first serves on
+
+
+def test_a_storm_of_sighups_is_one_reload_at_a_time(mpubsubd: Daemon) -> None:
+    """Signals that come while a reload waits to run make no more reloads: no backlog of
+    reloads keeps the loop from its clients once the storm is over."""
+    pid = mpubsubd.started()
+    end = time.monotonic() + 1.0
+    while time.monotonic() < end:
+        os.kill(pid, signal.SIGHUP)
+    during = mpubsubd.log.read_text().count(": nothing changed")
+    with NetPubSub.from_file(str(mpubsubd.credentials), timeout=5) as pubsub:
+        assert pubsub.flush()
+    mpubsubd.configure(log_level="DEBUG")  # the last reload, after every one of the storm
+    os.kill(pid, signal.SIGHUP)
+    log_has(mpubsubd, "log_level changed", "the last reload")
+    after = mpubsubd.log.read_text().count(": nothing changed") - during
+    assert after <= 2, (during, after)
+
+
+def test_relative_config_path_still_reloads(mpubsubd: Daemon) -> None:
+    """-c mpubsubd.conf from the config's directory: the daemon moved to /, reloads read it."""
+    mpubsubd.cwd = mpubsubd.base
+    result = subprocess.run(
+        [*mpubsubd.command, "-c", mpubsubd.config.name],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=mpubsubd.base,
+    )
+    assert result.returncode == 0, result.stderr
+    mpubsubd.pids.append(mpubsubd.pid())
+    os.kill(mpubsubd.pid(), signal.SIGHUP)
+    assert f"reloaded {mpubsubd.config}: nothing changed" in log_has(mpubsubd, "reload", "it")
+
+
+def test_keeper_outlives_what_it_refuses(installed: Path, mpubsubd: Daemon) -> None:
+    """A credentials file swapped for a link before a reload that changes group: the keeper
+    touches neither, says so, and still does the next reload and the cleanup."""
+    needs.check_other_users()
+    mpubsubd.command = [str(installed)]
+    mpubsubd.configure(user="nobody")
+    pid = mpubsubd.started()
+    target = mpubsubd.base / "target"
+    target.write_text("root's\n")
+    target.chmod(0o600)
+    mpubsubd.credentials.unlink()
+    mpubsubd.credentials.symlink_to(target)
+    mpubsubd.configure(user="nobody", group="users")
+    os.kill(pid, signal.SIGHUP)
+    log = log_has(mpubsubd, "reloaded", "the reload")
+    assert "WARNING: reload: cannot give the broker's files to group 'users': " in log
+    info = target.stat()
+    assert (info.st_gid, stat.S_IMODE(info.st_mode)) == (0, 0o600)
+    mpubsubd.configure(user="nobody", log_level="DEBUG")
+    os.kill(pid, signal.SIGHUP)
+    log_has(mpubsubd, "log_level", "the second reload")
+    assert mpubsubd.signal(signal.SIGTERM) == pid
+    assert not mpubsubd.socket.exists() and not mpubsubd.pidfile.exists()

@@ -295,9 +295,11 @@ def test_federation_under_systemd(installed: Path, nats_url: str) -> None:
         assert result.stdout == f"connected {nats_url}\n", (result.stderr, box.journal())
         status = box.inside("systemctl", "status", "--no-pager", "-l", "mpubsubd").stdout
         assert "from mpubsubd._bridge import main" in status, status  # in the unit's cgroup
-        processes = box.inside("ps", "-eww", "-o", "user=,args=").stdout.splitlines()
-        bridge = {line.split()[0] for line in processes if "mpubsubd._bridge" in line}
-        assert bridge == {"nobody"}  # the bridge runs as mpubsubd's user too
+        processes = box.inside("ps", "-eww", "-o", "user=,pid=,args=").stdout.splitlines()
+        bridge = [line.split()[:2] for line in processes if "mpubsubd._bridge" in line]
+        assert [user for user, _ in bridge] == ["nobody"]  # as mpubsubd's user, too
+        # Not dumpable: its /proc files are root's, so nobody else's process reads its keys.
+        assert box.owner(f"/proc/{bridge[0][1]}/mem").startswith("root:")
         assert box.inside("systemctl", "stop", "mpubsubd").returncode == 0
         # The bridge's last line may reach journald a moment after the unit stopped.
         journal = wait_for(lambda: "bridge stopped" in box.journal() and box.journal())
