@@ -85,9 +85,11 @@ define install-wrapper
 	chmod 755 "$(DESTDIR)$(PREFIX)/bin/$(1)"
 endef
 
-# $(call install-unit,FILE): a unit of packaging/systemd/, run from PREFIX.
+# $(call install-unit,FILE): a unit of packaging/systemd/, run from PREFIX on the
+# configuration in SYSCONFDIR.
 define install-unit
-	sed 's|/usr/local/bin/mpubsubd|$(PREFIX)/bin/mpubsubd|g' packaging/systemd/$(1) \
+	sed -e 's|/usr/local/bin/mpubsubd|$(PREFIX)/bin/mpubsubd|g' \
+	  -e 's|/etc/mpubsub/|$(SYSCONFDIR)/mpubsub/|g' packaging/systemd/$(1) \
 	  > "$(DESTDIR)$(UNITDIR)/$(1)"
 	chmod 644 "$(DESTDIR)$(UNITDIR)/$(1)"
 endef

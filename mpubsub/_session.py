@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import os
 import socket
 import struct
 from typing import Callable, Deque, List, Optional, Set, Tuple, Union
@@ -112,7 +113,9 @@ def _peer_name(sock: socket.socket) -> str:
     try:
         if sock.family == socket.AF_UNIX:
             creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-            return f"pid {struct.unpack('3i', creds)[0]}"
+            pid = struct.unpack("3i", creds)[0]
+            # A pair the broker made itself (Broker.open_pair) names the broker's pid.
+            return "a socket pair" if pid == os.getpid() else f"pid {pid}"
         host, port = sock.getpeername()[:2]
         return f"{host}:{port}"
     except OSError:

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
-import json
 import logging
 import os
 import signal
@@ -510,10 +508,14 @@ def nats_options(config: FederationConfig) -> Dict[str, Any]:
     return options
 
 
-def main() -> None:
-    """``python -m mpubsubd._bridge``: settings as JSON on stdin (see _supervisor)."""
-    _not_dumpable()  # before it reads the keys: see below
-    settings = json.load(sys.stdin)
+def main(settings: Dict[str, Any], fds: List[int]) -> None:
+    """The bridge process: *settings* and *fds* (the broker's connection, then the log
+    pipe when mpubsubd copies the bridge's lines to its log file) as _handover gives them."""
+    if len(fds) > 1:  # stderr is that pipe from now on
+        os.dup2(fds[1], 2)
+        os.close(fds[1])
+        if sys.stderr is None:  # it was closed when Python started
+            sys.stderr = open(2, "w", encoding="utf-8", errors="backslashreplace")  # noqa: SIM115
     # mpubsubd copies what the bridge writes on stderr into its log file.
     use_handler(stderr_handler(file_format=settings["log_to_file"]), settings["log_level"])
     logger.debug("bridge running mpubsubd from %s", os.path.dirname(os.path.dirname(__file__)))
@@ -526,7 +528,7 @@ def main() -> None:
         ),
         bytes.fromhex(settings["secret"]),
         bytes.fromhex(settings["bridge_key"]),
-        connected=socket.socket(fileno=settings["fd"]),
+        connected=socket.socket(fileno=fds[0]),
     )
 
     async def serve() -> int:
@@ -542,18 +544,3 @@ def main() -> None:
         code = 1
     logger.info("bridge stopped")
     sys.exit(code)
-
-
-def _not_dumpable() -> None:
-    """Keep other processes of mpubsubd's user out of this one's memory (the broker's key,
-    the federation secret): prctl(PR_SET_DUMPABLE, 0), which a setuid process like
-    mpubsubd's broker gets by itself but a process it starts does not."""
-    with contextlib.suppress(OSError, AttributeError):  # not Linux: its own rules hold
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0)
-
-
-_PR_SET_DUMPABLE = 4  # linux/prctl.h
-
-
-if __name__ == "__main__":
-    main()

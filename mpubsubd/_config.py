@@ -184,6 +184,8 @@ def check_instance(name: str) -> str:
         raise ValueError(
             f"instance {name!r}: use letters, digits, '_', '.' and '-' (not first), at most 64"
         )
+    if name == "mpubsubd":  # its file would be the main bus's
+        raise ValueError("instance 'mpubsubd' is the host's main bus: leave --instance out")
     return name
 
 
@@ -193,7 +195,7 @@ def load(path: Optional[str] = None, instance: str = "") -> Config:
     Raises ConfigError naming each problem (file, line and key); files the
     configuration names are checked by ``check_files``.
     """
-    config, problems = _read(path, instance)
+    config, problems, _ = _read(path, instance)
     if problems:
         raise ConfigError(*problems)
     assert config is not None
@@ -206,13 +208,16 @@ def check(path: Optional[str] = None, instance: str = "") -> Tuple[Optional[Conf
     Returns the configuration (None if it cannot be read at all) and one
     line per problem, naming the file, the line and the key.
     """
-    config, problems = _read(path, instance)
-    if config is not None and not problems:
-        problems.extend(check_files(config))
+    config, problems, lines = _read(path, instance)
+    if config is not None:
+        problems.extend(check_files(config, lines.at if lines is not None else None))
     return config, problems
 
 
-def _read(path: Optional[str], instance: str) -> Tuple[Optional[Config], List[str]]:
+def _read(
+    path: Optional[str], instance: str
+) -> Tuple[Optional[Config], List[str], Optional[_Lines]]:
+    """The configuration (None if unreadable), its problems, and where its keys are."""
     name = path or config_path(instance)
     parser = configparser.ConfigParser(interpolation=None)
     try:
@@ -221,19 +226,19 @@ def _read(path: Optional[str], instance: str) -> Tuple[Optional[Config], List[st
         parser.read_string(text, name)
     except FileNotFoundError:
         if path is not None or instance:
-            return None, [f"{name}: no such file"]
-        return Config(), []
+            return None, [f"{name}: no such file"], None
+        return Config(), [], None
     except configparser.Error as exc:
         line = getattr(exc, "lineno", None) or (
             exc.errors[0][0] if isinstance(exc, configparser.ParsingError) and exc.errors else None
         )
         where = f"{name}:{line}" if line else name
-        return None, [f"{where}: {_parser_message(exc)}"]
+        return None, [f"{where}: {_parser_message(exc)}"], None
     except (OSError, UnicodeDecodeError) as exc:
-        return None, [f"{name}: cannot read: {reason(exc)}"]
+        return None, [f"{name}: cannot read: {reason(exc)}"], None
     lines = _Lines(name, text)
     if not parser.has_section(SECTION):
-        return None, [f"{name}: no [{SECTION}] section"]
+        return None, [f"{name}: no [{SECTION}] section"], lines
     problems = [
         f"{lines.at(section)}: unknown section [{printable(section)}]"
         for section in parser.sections()
@@ -262,7 +267,7 @@ def _read(path: Optional[str], instance: str) -> Tuple[Optional[Config], List[st
             f"{lines.at(FEDERATION, 'servers')}: secret_file: "
             f"required in [{FEDERATION}] when servers is set"
         )
-    return config, problems
+    return config, problems, lines
 
 
 def _parser_message(exc: configparser.Error) -> str:
@@ -304,29 +309,36 @@ class _Lines:
         return f"{self.name}:{line}" if line else self.name
 
 
-def check_files(config: Config) -> List[str]:
-    """Problems with the files *config* names: keys, and what the bridge must read."""
-    problems = []
+def check_files(config: Config, where: Optional[Callable[[str, str], str]] = None) -> List[str]:
+    """Problems with what *config* names: its user, keys, and what the bridge must read.
+
+    *where(section, key)* says ``FILE:LINE`` of a key, to begin each line with.
+    """
+    problems: List[str] = []
+
+    def problem(section: str, key: str, text: str) -> None:
+        problems.append(f"{where(section, key)}: {text}" if where is not None else text)
+
     try:
         config.account  # noqa: B018  (it checks the user exists)
     except ConfigError as exc:
-        problems.extend(exc.problems)
+        problem(SECTION, "user", str(exc))
     if config.authkey_file:
         try:
             read_authkey(config.authkey_file)
         except ConfigError as exc:
-            problems.extend(exc.problems)
+            problem(SECTION, "authkey_file", str(exc))
     federation = config.federation
     if federation.enabled:
         try:
             read_authkey(federation.secret_file, "secret_file")
         except ConfigError as exc:
-            problems.extend(exc.problems)
+            problem(FEDERATION, "secret_file", str(exc))
         for key in ("creds_file", "tls_ca_file", "tls_cert_file", "tls_key_file"):
             path = getattr(federation, key)
             why = path and unreadable(path, config.user)
             if why:
-                problems.append(f"{key}: {why}")
+                problem(FEDERATION, key, f"{key}: {why}")
     return problems
 
 

@@ -11,7 +11,7 @@ import secrets
 import signal
 import socket
 import stat
-from typing import Any, Callable, Optional, Tuple, Union
+from typing import Any, Callable, List, Optional, Tuple, Union
 
 from mpubsub import Broker, __version__
 from mpubsub._for_mpubsubd import CAPS, printable, reason, write_credentials
@@ -28,10 +28,15 @@ from ._config import (
 )
 from ._logging import LogFile, LogFileError, log_file_handler, stderr_handler, use_handler
 from ._pidfile import pid_in, read_pid
-from ._privileges import Keeper, Root, drop_to
+from ._privileges import Keeper, Root, drop_to, give
 from ._supervisor import BridgeSupervisor
 
 logger = logging.getLogger("mpubsubd")
+
+
+#: Where the configuration was read (the -c path, the instance) and the runtime
+#: directories mpubsubd made: what a reload needs to know.
+Source = Tuple[Optional[str], str, List[str]]
 
 
 class StartupError(Exception):
@@ -48,11 +53,11 @@ def run_foreground(config: Config, path: Optional[str] = None, instance: str = "
     if stale:
         logger.warning("%s", stale)
     pidfile = _pid_lock(config.pidfile)
-    _make_dirs(config, log_dir=False)
+    made = _make_dirs(config, log_dir=False)
     _acquire(pidfile, config.pidfile)
     try:
         ready = lambda: sd_notify("READY=1\nSTATUS=serving")  # noqa: E731
-        _serve(config, (path, instance), ready=ready, log=None)
+        _serve(config, (path, instance, made), ready=ready, log=None)
     finally:
         pidfile.release()
 
@@ -60,7 +65,7 @@ def run_foreground(config: Config, path: Optional[str] = None, instance: str = "
 def run_daemon(config: Config, path: Optional[str] = None, instance: str = "") -> None:
     """Fork a classic daemon; return once it serves, or raise StartupError saying why not."""
     stale = check_pidfile(config.pidfile)
-    _make_dirs(config, log_dir=True)
+    made = _make_dirs(config, log_dir=True)
     try:
         handler = log_file_handler(config.log_file)
     except LogFileError as exc:
@@ -71,7 +76,7 @@ def run_daemon(config: Config, path: Optional[str] = None, instance: str = "") -
         os.close(read_end)
         code = 1
         try:
-            code = _daemon_child(config, (path, instance), handler, write_end, stale)
+            code = _daemon_child(config, (path, instance, made), handler, write_end, stale)
         finally:
             os._exit(code)
     os.close(write_end)
@@ -87,7 +92,7 @@ def run_daemon(config: Config, path: Optional[str] = None, instance: str = "") -
 
 def _daemon_child(
     config: Config,
-    source: Tuple[Optional[str], str],
+    source: Source,
     handler: LogFile,
     pipe: int,
     stale: Optional[str],
@@ -131,7 +136,7 @@ def _daemon_child(
 
 def _serve(
     config: Config,
-    source: Tuple[Optional[str], str],
+    source: Source,
     ready: Callable[[], object],
     log: Optional[LogFile],
 ) -> None:
@@ -152,7 +157,7 @@ def _serve(
         )
     except OSError as exc:
         raise StartupError(f"cannot listen on {config.address}: {reason(exc)}") from None
-    root = Root(config, *source, pid=os.getpid())
+    root = Root(config, *source[:2], pid=os.getpid(), made=source[2])
     try:
         _publish(config, broker, authkey)
         privileged = _become(account, root)
@@ -199,16 +204,13 @@ def _publish(config: Config, broker: Broker, authkey: bytes) -> None:
         write_credentials(config.credentials, broker.address, authkey, overwrite=True)
     except OSError as exc:
         raise StartupError(f"cannot write {config.credentials}: {reason(exc)}") from None
-    files = [config.credentials]
+    files = [(config.credentials, 0o640, stat.S_ISREG)]
     address = broker.address
     if isinstance(address, str) and not address.startswith("\0"):
-        files.append(address)
-    for path in files:
+        files.append((address, 0o660, stat.S_ISSOCK))
+    for path, shared, kind in files:
         try:
-            if gid is not None:
-                os.chown(path, -1, gid, follow_symlinks=False)
-            shared = 0o660 if path == address else 0o640
-            os.chmod(path, 0o600 if gid is None else shared, follow_symlinks=False)
+            give(path, -1 if gid is None else gid, 0o600 if gid is None else shared, kind)
         except OSError as exc:
             hint = ""
             if exc.errno == errno.EPERM and os.geteuid() == 0:
@@ -234,6 +236,11 @@ def _become(account: Optional[pwd.struct_passwd], root: Root) -> Union[Root, Kee
             f"cannot serve as user {account.pw_name} (uid {account.pw_uid}): {reason(exc)}"
             " (a CapabilityBoundingSet= without CAP_SETUID and CAP_SETGID?)"
         ) from None
+    if account.pw_name == "nobody":
+        logger.warning(
+            "user = nobody: other services run as nobody too, and any of them could signal "
+            "mpubsubd or its bridge; give it a user of its own (make install creates mpubsub)"
+        )
     logger.info(
         "serving as user %s (uid %d); root's work is left to the keeper, pid %d",
         account.pw_name,
@@ -249,12 +256,13 @@ class _Service:
     def __init__(
         self,
         config: Config,
-        source: Tuple[Optional[str], str],
+        source: Source,
         broker: Broker,
         privileged: Union[Root, Keeper],
         log: Optional[LogFile],
     ) -> None:
-        self._config = config
+        self._config = config  # as last read: what the live keys are now
+        self._started = config  # what the other keys are, until a restart
         self._name = source[0] or config_path(source[1])
         self._broker = broker
         self._privileged = privileged
@@ -294,7 +302,6 @@ class _Service:
         for warning in reloaded.warnings:
             logger.warning("reload: %s", warning)
         old, self._config = self._config, new
-        changed = changed_keys(old, new)
         logging.getLogger().setLevel(new.log_level)
         try:
             self._broker.reconfigure(
@@ -304,8 +311,9 @@ class _Service:
         except ValueError as exc:
             logger.error("reload: the broker's caps stay as they were: %s", exc)
         self._reopen_log()
-        live = [key for key in changed if key in LIVE_KEYS]
-        later = [key for key in changed if key not in LIVE_KEYS]
+        live = [key for key in changed_keys(old, new) if key in LIVE_KEYS]
+        # What differs from the running broker, this reload's change or an earlier one's.
+        later = [key for key in changed_keys(self._started, new) if key not in LIVE_KEYS]
         logger.info(
             "reloaded %s: %s",
             self._name,
@@ -482,17 +490,23 @@ def _acquire(pidfile: object, path: str) -> None:
         raise StartupError(f"cannot lock pidfile {path}: {reason(exc)}") from None
 
 
-def _make_dirs(config: Config, *, log_dir: bool) -> None:
-    """Create missing directories: runtime ones for root (and GROUP), the log one for root."""
+def _make_dirs(config: Config, *, log_dir: bool) -> List[str]:
+    """Create missing directories: runtime ones for root (and GROUP), the log one for root.
+
+    Returns the runtime directories made (a reload gives them a new group).
+    """
     runtime = [config.credentials, config.pidfile]
     if isinstance(config.broker_address, str):
         runtime.append(config.broker_address)
     wanted = {os.path.dirname(p): config.gid for p in runtime}
     if log_dir:
         wanted.setdefault(os.path.dirname(config.log_file), None)
+    made = []
     for directory, gid in sorted(wanted.items()):
         if os.path.isdir(directory):
             continue  # the administrator's (or systemd's RuntimeDirectory=): leave it as it is
+        if directory != os.path.dirname(config.log_file) or not log_dir:
+            made.append(directory)
         try:
             os.makedirs(directory, exist_ok=True)
             if gid is not None:
@@ -500,6 +514,7 @@ def _make_dirs(config: Config, *, log_dir: bool) -> None:
             os.chmod(directory, 0o755 if gid is None else 0o750)
         except OSError as exc:
             raise StartupError(f"cannot create directory {directory}: {reason(exc)}") from None
+    return made
 
 
 def sd_notify(message: str) -> bool:

@@ -10,7 +10,7 @@ from typing import List, Optional
 
 from mpubsub import __version__
 
-from ._config import ConfigError, check, check_instance, config_path, load
+from ._config import ConfigError, check, check_instance, config_path
 from ._logging import to_journal
 
 #: The exit status of a configuration that cannot be used (sysexits.h's
@@ -83,7 +83,12 @@ def main(argv: Optional[List[str]] = None) -> None:
     from ._daemon import StartupError, run_daemon, run_foreground  # noqa: PLC0415
 
     try:
-        config = load(args.config, args.instance)
+        # What --check-config checks, before anything is made: a user that does not
+        # exist must not leave a runtime directory and an empty log behind.
+        config, problems = check(args.config, args.instance)
+        if problems:
+            raise ConfigError(*problems)
+        assert config is not None
         if args.foreground:
             run_foreground(config, args.config, args.instance)
         else:
@@ -106,6 +111,8 @@ def _check_config(path: Optional[str], instance: str) -> int:
     if problems:
         return EX_CONFIG
     print("OK")
+    if path is None and not instance and not os.path.exists(config_path()):
+        _error(f"mpubsubd: no {config_path()}: the built-in defaults apply")
     return 0
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import json
 import os
 import pwd
@@ -26,7 +27,7 @@ import signal
 import socket
 import stat
 import struct
-from typing import Callable, Iterator, List, Optional, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 from mpubsub._for_mpubsubd import reason
 
@@ -58,8 +59,17 @@ class Reloaded:
 class Root:
     """The work that needs root once mpubsubd serves, done in the calling process."""
 
-    def __init__(self, config: Config, path: Optional[str], instance: str, pid: int) -> None:
+    def __init__(
+        self,
+        config: Config,
+        path: Optional[str],
+        instance: str,
+        pid: int,
+        made: Sequence[str] = (),
+    ) -> None:
+        """*made*: the runtime directories mpubsubd made (they follow its group)."""
         self._started = config  # its files stay where they were made, whatever a reload says
+        self._made = tuple(made)
         self._gid = config.gid
         self._log_file = config.log_file
         self._path, self._instance = path, instance
@@ -106,41 +116,34 @@ class Root:
         return failed
 
     def _regroup(self, old: Optional[int], new: Optional[int]) -> None:
-        """The socket and credentials to group *new* (root only: None), as a start does.
-
-        Only what is still a socket and a regular file is touched, through a
-        descriptor opened without following a link.
-        """
+        """The socket and credentials to group *new* (root only: None), as a start does;
+        and the runtime directories mpubsubd made for group *old*, which follow it."""
         started = self._started
         gid = 0 if new is None else new
+        give(started.credentials, gid, 0o600 if new is None else 0o640, stat.S_ISREG)
         address = started.broker_address
-        with _opened(started.credentials, stat.S_ISREG) as fd:
-            os.fchown(fd, -1, gid)
-            os.fchmod(fd, 0o600 if new is None else 0o640)
-        directories = {os.path.dirname(started.credentials)}
         if isinstance(address, str) and not address.startswith("\0"):
-            # A socket cannot be opened: lchown, then chmod of what lstat said is one.
-            if not stat.S_ISSOCK(os.lstat(address).st_mode):
-                raise OSError(f"{address} is no longer a socket")
-            os.chown(address, -1, gid, follow_symlinks=False)
-            os.chmod(address, 0o600 if new is None else 0o660)
-            directories.add(os.path.dirname(address))
-        # Directories mpubsubd made for the old group (0750 root:OLD) follow it.
-        for directory in sorted(directories):
-            with _opened(directory, stat.S_ISDIR) as fd:
-                if old is not None and os.fstat(fd).st_gid == old:
-                    os.fchown(fd, -1, gid)
-                    os.fchmod(fd, 0o755 if new is None else 0o750)
+            give(address, gid, 0o600 if new is None else 0o660, stat.S_ISSOCK)
+        for directory in self._made:
+            if old is not None and os.stat(directory, follow_symlinks=False).st_gid == old:
+                give(directory, gid, 0o755 if new is None else 0o750, stat.S_ISDIR)
 
 
-@contextlib.contextmanager
-def _opened(path: str, kind: Callable[[int], bool]) -> Iterator[int]:
-    """A descriptor of *path*, never through a link, which must be of *kind* (S_ISREG...)."""
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+def give(path: str, gid: int, mode: int, kind: Callable[[int], bool]) -> None:
+    """Give *path* to group *gid* (-1: keep its group) with *mode* if it is of *kind*
+    (stat.S_ISREG...).
+
+    A link there is never followed: the file is held by an O_PATH descriptor
+    opened without following it (a socket can be held no other way), and
+    changed through /proc/self/fd, which names that very file.
+    """
+    fd = os.open(path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
         if not kind(os.fstat(fd).st_mode):
-            raise OSError(f"{path} is not what mpubsubd made there")
-        yield fd
+            raise OSError(errno.EINVAL, f"{path} is not what mpubsubd made there")
+        held = f"/proc/self/fd/{fd}"
+        os.chown(held, -1, gid)
+        os.chmod(held, mode)
     finally:
         os.close(fd)
 
@@ -220,7 +223,11 @@ def _keep(root: Root, sock: socket.socket) -> None:
     os.closerange(3, keep)
     os.closerange(keep + 1, os.sysconf("SC_OPEN_MAX"))
     requests = sock.makefile("rb")
-    for line in requests:  # ends when the broker process closes its end
+    while True:
+        line = requests.readline(16)  # no request is longer: never hold more of it
+        if not line.endswith(b"\n"):  # the broker process is gone (killed?), or is not itself
+            root.remove_files()  # what it leaves is stale (only a pidfile of its pid goes)
+            return
         request = line.strip()
         fds: List[int] = []
         try:
@@ -242,6 +249,8 @@ def _keep(root: Root, sock: socket.socket) -> None:
         sock.sendall(reply)
         for fd in fds:
             os.close(fd)
+        if request == b"stop":  # its files are gone: a new mpubsubd may make them anew
+            return
 
 
 def _failed(request: bytes, exc: Exception) -> bytes:

@@ -10,7 +10,6 @@ the broker's single-threaded loop.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import socket
@@ -20,9 +19,10 @@ import threading
 import time
 from typing import IO, Any, Callable, Dict, Optional
 
-from mpubsub._for_mpubsubd import Address
+from mpubsub._for_mpubsubd import Address, reason
 
 from ._config import Config
+from ._handover import hand_over
 
 logger = logging.getLogger("mpubsubd")
 
@@ -30,13 +30,17 @@ _FIRST_DELAY = 0.5
 _MAX_DELAY = 30.0
 _STABLE = 60.0  # a bridge that ran this long restarts at once after it died
 _STOP_TIMEOUT = 5.0
+_MAX_LINE = 64 * 1024  # of the bridge's log lines, copied as they come
 # The directory holding this mpubsubd package, and how the bridge starts.
 _PACKAGES = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _BRIDGE_MAIN = (
     "import sys; where = sys.argv.pop(1)\n"
     "if where not in sys.path: sys.path.insert(0, where)\n"
-    "from mpubsubd._bridge import main; main()"
+    "from mpubsubd._handover import take_over\n"
+    "settings, fds = take_over(int(sys.argv[1]))\n"
+    "from mpubsubd._bridge import main; main(settings, fds)"
 )
+_HANDOVER_TIMEOUT = 30.0  # for the bridge to start and ask for its keys
 
 
 class BridgeSupervisor:
@@ -124,27 +128,55 @@ class BridgeSupervisor:
         # isolated (-I: neither the working directory nor PYTHON* variables
         # reach its sys.path) and from "/", it imports mpubsubd from where this
         # process found it, and the rest from the interpreter's own directories.
-        with self._dial() as connected:
-            process = subprocess.Popen(
-                [sys.executable, "-I", "-c", _BRIDGE_MAIN, _PACKAGES],
-                stdin=subprocess.PIPE,
-                stderr=subprocess.PIPE if self._log_line is not None else None,
-                pass_fds=(connected.fileno(),),
-                cwd="/",
-            )
-            settings = {**self._settings, "fd": connected.fileno()}
-        assert process.stdin is not None
-        process.stdin.write(json.dumps(settings).encode())
-        process.stdin.close()
-        if process.stderr is not None:
-            threading.Thread(
-                target=self._copy_lines, args=(process.stderr,), name="bridge log", daemon=True
-            ).start()
+        # It gets its keys and descriptors once it can prove itself (_handover).
+        control, theirs = socket.socketpair()
+        with control:
+            with theirs:
+                process = subprocess.Popen(
+                    [sys.executable, "-I", "-c", _BRIDGE_MAIN, _PACKAGES, str(theirs.fileno())],
+                    stdin=subprocess.DEVNULL,
+                    pass_fds=(theirs.fileno(),),
+                    cwd="/",
+                )
+            control.settimeout(_HANDOVER_TIMEOUT)
+            try:
+                self._hand_over(control, process.pid)
+            except (OSError, ValueError) as exc:
+                logger.warning(
+                    "the bridge (pid %d) was not given its keys: %s; stopping it",
+                    process.pid,
+                    reason(exc),
+                )
+                process.kill()
         return process
+
+    def _hand_over(self, control: socket.socket, pid: int) -> None:
+        read_end = write_end = None
+        if self._log_line is not None:  # the bridge's stderr, copied into the log file
+            read_end, write_end = os.pipe()
+        try:
+            with self._dial() as connected:
+                fds = [connected.fileno()] + ([write_end] if write_end is not None else [])
+                hand_over(control, pid, self._settings, fds)
+        except BaseException:
+            if read_end is not None:
+                os.close(read_end)
+            raise
+        finally:
+            if write_end is not None:
+                os.close(write_end)
+        if read_end is not None:
+            stream = os.fdopen(read_end, "rb")
+            threading.Thread(
+                target=self._copy_lines, args=(stream,), name="bridge log", daemon=True
+            ).start()
 
     def _copy_lines(self, stream: IO[bytes]) -> None:
         """The bridge's lines into mpubsubd's log file, until the bridge exits."""
         assert self._log_line is not None
         with stream:
-            for line in stream:
+            while True:
+                line = stream.readline(_MAX_LINE)  # longer ones arrive in pieces
+                if not line:
+                    return
                 self._log_line(line.decode("utf-8", "backslashreplace"))

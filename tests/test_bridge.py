@@ -468,7 +468,7 @@ def test_secret_file_problems_stop_mpubsubd(tmp_path: Path) -> None:
     result = subprocess.run(command, capture_output=True, text=True, timeout=30)
     assert result.returncode == 78  # EX_CONFIG
     assert result.stderr.splitlines()[-1] == (
-        f"mpubsubd: secret_file: cannot read {secret}: No such file or directory"
+        f"mpubsubd: {config}:7: secret_file: cannot read {secret}: No such file or directory"
     )
     secret.write_bytes(SECRET)
     secret.chmod(0o640)
@@ -480,7 +480,8 @@ def test_secret_file_problems_stop_mpubsubd(tmp_path: Path) -> None:
     result = subprocess.run(command, capture_output=True, text=True, timeout=30)
     assert result.returncode == 78
     assert result.stderr.splitlines()[-1] == (
-        "mpubsubd: tls_ca_file: cannot read /nonexistent/ca.pem: No such file or directory"
+        f"mpubsubd: {config}:8: tls_ca_file: cannot read /nonexistent/ca.pem: "
+        "No such file or directory"
     )
 
 

@@ -499,17 +499,23 @@ def test_check_config_says_ok_or_each_problem(mpubsubd: Daemon) -> None:
     mpubsubd.configure(max_bufer="1", log_level="LOUD", authkey_file=str(mpubsubd.base / "key"))
     bad = subprocess.run(check, capture_output=True, text=True, timeout=60)
     assert bad.returncode == 78 and bad.stdout == ""
-    assert bad.stderr.splitlines() == [
+    assert bad.stderr.splitlines() == [  # the files it names too, whatever else is wrong
         f"{mpubsubd.config}:6: unknown key 'max_bufer' in [mpubsubd]",
         f"{mpubsubd.config}:7: log_level: 'LOUD' is not one of "
         "DEBUG, INFO, WARNING, ERROR, CRITICAL",
+        f"{mpubsubd.config}:8: authkey_file: cannot read {mpubsubd.base / 'key'}: "
+        "No such file or directory",
     ]
-    mpubsubd.configure(authkey_file=str(mpubsubd.base / "key"))  # files it names are checked
+    mpubsubd.configure(user="no-such-user-here")  # the user must exist
     missing = subprocess.run(check, capture_output=True, text=True, timeout=60)
     assert missing.returncode == 78
-    assert missing.stderr == f"authkey_file: cannot read {mpubsubd.base / 'key'}: " + (
-        "No such file or directory\n"
+    assert missing.stderr == (
+        f"{mpubsubd.config}:6: user: no user named 'no-such-user-here' "
+        "(make install creates mpubsub; empty: stay root)\n"
     )
+    started = mpubsubd.launch()  # and the start says the same, having made nothing
+    assert started.returncode == 78
+    assert started.stderr == f"mpubsubd: {missing.stderr}"
     assert not mpubsubd.run.exists()  # nothing was started
     usage = subprocess.run([*check, "--instance", "../etc"], capture_output=True, text=True)
     assert usage.returncode == 2 and "instance '../etc'" in usage.stderr
@@ -655,8 +661,10 @@ def test_serves_as_its_user_with_root_owned_files(installed: Path, mpubsubd: Dae
     wait_for(lambda: not alive(keeper), what="the keeper to exit")
     assert not mpubsubd.credentials.exists() and not mpubsubd.socket.exists()
     assert not mpubsubd.pidfile.exists()
-    log = mpubsubd.log.read_text()
-    assert "mpubsubd stopped" in log and "WARNING" not in log and "ERROR" not in log
+    log = mpubsubd.log.with_suffix(".log.1").read_text() + mpubsubd.log.read_text()
+    assert "WARNING: user = nobody: other services run as nobody too" in log
+    warnings = [line for line in log.splitlines() if "WARNING" in line or "ERROR" in line]
+    assert "mpubsubd stopped" in log and len(warnings) == 1, warnings
 
 
 def test_user_that_cannot_be_taken_is_refused(installed: Path, mpubsubd: Daemon) -> None:
@@ -770,3 +778,55 @@ def test_keeper_outlives_what_it_refuses(installed: Path, mpubsubd: Daemon) -> N
     log_has(mpubsubd, "log_level", "the second reload")
     assert mpubsubd.signal(signal.SIGTERM) == pid
     assert not mpubsubd.socket.exists() and not mpubsubd.pidfile.exists()
+
+
+def test_reload_warns_of_what_differs_from_the_running_broker(mpubsubd: Daemon) -> None:
+    """The WARNING names every restart-only key that differs from what runs, whichever
+    reload changed it, and none once the file says what runs again."""
+    pid = mpubsubd.started()
+    mpubsubd.configure(max_message_size="1048576")
+    os.kill(pid, signal.SIGHUP)
+    log_has(mpubsubd, "WARNING: reload: max_message_size changed", "the first reload")
+    mpubsubd.configure(max_message_size="1048576", max_topic_depth="64")
+    os.kill(pid, signal.SIGHUP)
+    log_has(mpubsubd, "WARNING: reload: max_message_size, max_topic_depth changed", "the second")
+    mpubsubd.configure(log_level="DEBUG")  # what runs, but the level
+    os.kill(pid, signal.SIGHUP)
+    log = log_has(mpubsubd, "log_level changed", "the third reload")
+    assert log.count("WARNING") == 2, log
+
+
+@pytest.mark.parametrize("made", [True, False], ids=["made", "administrators"])
+def test_reload_regroups_only_the_directories_mpubsubd_made(mpubsubd: Daemon, made: bool) -> None:
+    """A new group: a runtime directory mpubsubd made for the old one follows it; one the
+    administrator made (here 2775 root:users) is left as it is."""
+    if not made:
+        mpubsubd.run.mkdir()
+        os.chown(mpubsubd.run, 0, 100)
+        mpubsubd.run.chmod(0o2775)
+    mpubsubd.configure(group="users")
+    pid = mpubsubd.started()
+    before = mpubsubd.run.stat()
+    mpubsubd.configure(group="nogroup")
+    os.kill(pid, signal.SIGHUP)
+    log_has(mpubsubd, "group changed", "the reload")
+    after = mpubsubd.run.stat()
+    assert mpubsubd.credentials.stat().st_gid == 65534
+    if made:
+        assert (before.st_gid, after.st_gid, stat.S_IMODE(after.st_mode)) == (100, 65534, 0o750)
+    else:
+        assert (after.st_gid, stat.S_IMODE(after.st_mode)) == (100, 0o2775)
+
+
+def test_keeper_removes_what_a_killed_broker_left(installed: Path, mpubsubd: Daemon) -> None:
+    """user = nobody, the broker killed (-9): its keeper removes the stale socket, credentials
+    and pidfile, so no one (logrotate) takes a reused pid for mpubsubd's."""
+    needs.check_other_users()
+    mpubsubd.command = [str(installed)]
+    mpubsubd.configure(user="nobody")
+    pid = mpubsubd.started()
+    (keeper,) = children_of(pid)
+    mpubsubd.signal(signal.SIGKILL)
+    wait_for(lambda: not alive(keeper), what="the keeper to exit")
+    assert not mpubsubd.pidfile.exists()
+    assert not mpubsubd.credentials.exists() and not mpubsubd.socket.exists()

@@ -14,6 +14,7 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import zipfile
 from pathlib import Path
@@ -33,7 +34,7 @@ EXPOSURE = 2.0
 # what they read there.
 INSTANCE_ONLY = {
     "Description=mpubsub message broker %i\n": "Description=mpubsub message broker\n",
-    " --instance %i\n": "\n",
+    " -c /etc/mpubsub/%i.conf --instance %i\n": " -c /etc/mpubsub/mpubsubd.conf\n",
     "RuntimeDirectory=mpubsub-%i\n": "RuntimeDirectory=mpubsub\n",
     "SyslogIdentifier=mpubsubd@%i\n": "",
 }
@@ -260,10 +261,17 @@ def test_logrotate_rotates_every_instance_and_hups_it(tmp_path: Path) -> None:
     logs.mkdir(parents=True)
     sleepers = []
     try:
-        for name, run in [("mpubsubd", "mpubsub"), ("sensors", "mpubsub-sensors")]:
+        # Two stand-ins for mpubsubd (their command line says so), and a process a
+        # stale pidfile names that is not mpubsubd: it must not be signalled.
+        stand_in = [sys.executable, "-c", "import time; time.sleep(60)", "mpubsubd"]
+        for name, run, command in [
+            ("mpubsubd", "mpubsub", stand_in),
+            ("sensors", "mpubsub-sensors", stand_in),
+            ("stale", "mpubsub-stale", ["sleep", "60"]),
+        ]:
             (logs / f"{name}.log").write_text("a line\n")
             (tmp_path / "run" / run).mkdir(parents=True)
-            sleepers.append(subprocess.Popen(["sleep", "60"]))
+            sleepers.append(subprocess.Popen(command))
             (tmp_path / "run" / run / "mpubsubd.pid").write_text(f"{sleepers[-1].pid}\n")
         rotated = subprocess.run(
             ["logrotate", "--force", "--state", str(tmp_path / "state"), "logrotate.conf"],
@@ -277,8 +285,11 @@ def test_logrotate_rotates_every_instance_and_hups_it(tmp_path: Path) -> None:
             "mpubsubd.log.1",
             "sensors.log",
             "sensors.log.1",
+            "stale.log",
+            "stale.log.1",
         ]
-        assert [s.wait(timeout=10) for s in sleepers] == [-signal.SIGHUP, -signal.SIGHUP]
+        assert [s.wait(timeout=10) for s in sleepers[:2]] == [-signal.SIGHUP, -signal.SIGHUP]
+        assert sleepers[2].poll() is None  # not an mpubsubd: left alone
     finally:
         for sleeper in sleepers:
             if sleeper.poll() is None:

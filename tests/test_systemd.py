@@ -56,9 +56,9 @@ def installed() -> Iterator[Path]:
 class Sandbox:
     """A private systemd running the installed units; ``inside()`` runs a command in it.
 
-    The units are those ``make install`` wrote (with the test's PREFIX), each
-    mpubsubd command given the installed configuration (``etc/mpubsub/NAME.conf``
-    for mpubsubd@NAME), and *extra* lines added to their [Service] section.
+    The units are those ``make install`` wrote (with the test's PREFIX and
+    SYSCONFDIR: they name the installed configuration, ``etc/mpubsub/NAME.conf``
+    for mpubsubd@NAME), with *extra* lines added to their [Service] section.
     """
 
     def __init__(self, installed: Path, extra: str = "") -> None:
@@ -69,7 +69,7 @@ class Sandbox:
         units.mkdir(exist_ok=True)
         for name, config in (("mpubsubd", "mpubsubd.conf"), ("mpubsubd@", "%i.conf")):
             text = (shipped / f"{name}.service").read_text()
-            text = text.replace("bin/mpubsubd ", f"bin/mpubsubd -c {etc}/{config} ")
+            assert f" -c {etc}/{config}" in text  # make install's SYSCONFDIR, in each command
             (units / f"{name}.service").write_text(text)
         dropin = units / "10-test.conf"
         dropin.write_text(f"[Service]\n{extra}")
@@ -166,7 +166,9 @@ def test_serves_as_its_user_with_root_owned_files(sandbox: Sandbox) -> None:
     )
     assert client.stdout == "flushed True\n", client.stderr
     assert sandbox.inside("systemctl", "stop", "mpubsubd").returncode == 0
-    assert "WARNING" not in sandbox.journal(), sandbox.journal()
+    warnings = sandbox.journal("mpubsubd", "-p", "warning")
+    assert "user = nobody: other services run as nobody too" in warnings
+    assert warnings.count("\n") == 1, warnings  # that one only
 
 
 def test_config_is_checked_before_start_and_reload(installed: Path, sandbox: Sandbox) -> None:
