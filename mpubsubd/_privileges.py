@@ -4,12 +4,14 @@ mpubsubd starts as root: it reads its keys, binds, writes the root-owned
 credentials file and takes the pidfile. Then, with ``user =`` set, it
 serves as that user, and only a small process it forks first stays root,
 the *keeper* (as sshd's monitor or nginx's master). The keeper takes no
-input from anyone but the broker process, and of it only four requests,
-none with an argument: re-read the configuration (``reload``: the file is
-root's, mode 0640, and the group of the socket and credentials may change),
-open the log file (``log``: after logrotate), remove the broker's files
-(``stop``, at the end) and nothing else. A compromised broker process can
-make it do no more than what a SIGHUP or a stop would.
+input from anyone but the broker process, and of it only three requests,
+lines of a few bytes with no argument: re-read the configuration
+(``reload``: the file is root's, mode 0640, and the group of the socket
+and credentials may change), open the log file (``log``: after
+logrotate), remove the broker's files (``stop``, at the end; also done
+when the broker process is gone without asking) and nothing else. A
+compromised broker process can make it do no more than what a SIGHUP or a
+stop would.
 
 Without ``user =`` (or as a user other than root), ``Root`` does the same
 in the broker's own process.
