@@ -96,19 +96,25 @@ endef
 
 # $(call install-config,SOURCE,TARGET,MODE,NEW): SOURCE as TARGET, unless an
 # administrator edited TARGET: then it stays, and SOURCE goes beside it as NEW.
+# TARGET is edited if it is neither SOURCE nor what the last make install
+# shipped (kept in SHIPPED, as dpkg keeps a conffile's checksum): an upgrade
+# replaces a file nobody edited, silently.
 define install-config
-	if [ -e "$(2)" ] && ! cmp -s "$(1)" "$(2)"; then \
+	if [ -e "$(2)" ] && ! cmp -s "$(1)" "$(2)" && \
+	    ! cmp -s "$(SHIPPED)/$(notdir $(1))" "$(2)"; then \
 	  install -m $(3) "$(1)" "$(4)"; \
 	  echo "kept your $(2); the new one is $(4): merge what you need"; \
 	else \
 	  install -m $(3) "$(1)" "$(2)"; \
 	fi
+	install -D -m 644 "$(1)" "$(SHIPPED)/$(notdir $(1))"
 endef
 
 # An edited configuration keeps its place and the new one goes beside it: as
 # .dist, or .dpkg-dist in logrotate.d, since logrotate reads every file there but
 # those with an extension of its taboo list (a mpubsubd.dist would fail each rotation).
 CONF := $(DESTDIR)$(SYSCONFDIR)/mpubsub/mpubsubd.conf
+SHIPPED := $(DESTDIR)$(LIBDIR)/shipped
 LOGROTATE := $(DESTDIR)$(SYSCONFDIR)/logrotate.d/mpubsubd
 
 install:
@@ -145,15 +151,15 @@ ifeq ($(DESTDIR),)
 	  systemctl disable mpubsubd@.service 2>/dev/null || true; \
 	fi
 endif
-	rm -rf "$(DESTDIR)$(LIBDIR)"
-	rm -f "$(DESTDIR)$(PREFIX)/bin/mpubsubd" "$(DESTDIR)$(PREFIX)/bin/mpubsub" \
-	  "$(DESTDIR)$(UNITDIR)/mpubsubd.service" "$(DESTDIR)$(UNITDIR)/mpubsubd@.service" \
-	  "$(DESTDIR)$(SYSUSERSDIR)/mpubsub.conf" "$(LOGROTATE).dpkg-dist"
-	if cmp -s etc/logrotate.d/mpubsubd "$(LOGROTATE)"; then \
+	if cmp -s "$(SHIPPED)/mpubsubd" "$(LOGROTATE)" || cmp -s etc/logrotate.d/mpubsubd "$(LOGROTATE)"; then \
 	  rm -f "$(LOGROTATE)"; \
 	elif [ -e "$(LOGROTATE)" ]; then \
 	  echo "kept your edited $(LOGROTATE) (remove it by hand if unwanted)"; \
 	fi
+	rm -rf "$(DESTDIR)$(LIBDIR)"
+	rm -f "$(DESTDIR)$(PREFIX)/bin/mpubsubd" "$(DESTDIR)$(PREFIX)/bin/mpubsub" \
+	  "$(DESTDIR)$(UNITDIR)/mpubsubd.service" "$(DESTDIR)$(UNITDIR)/mpubsubd@.service" \
+	  "$(DESTDIR)$(SYSUSERSDIR)/mpubsub.conf" "$(LOGROTATE).dpkg-dist"
 ifeq ($(DESTDIR),)
 	if [ -d /run/systemd/system ]; then systemctl daemon-reload; fi
 endif

@@ -162,6 +162,14 @@ def test_edited_configuration_is_kept(tmp_path: Path) -> None:
     if needs.as_root():
         assert (info.st_uid, info.st_gid) == (0, 0)
     assert make_install(tmp_path) == ""  # unedited: replaced, silently
+    # An older release's files, which nobody edited: the upgrade replaces them too.
+    shipped = tmp_path / "prefix" / "lib" / "mpubsub" / "shipped"
+    for path, name in ((config, "mpubsubd.conf"), (logrotate, "mpubsubd")):
+        path.write_text("# as an older release shipped it\n")
+        (shipped / name).write_text("# as an older release shipped it\n")
+    assert make_install(tmp_path) == ""
+    assert config.read_text() == (ROOT / "etc" / "mpubsubd.conf").read_text()
+    assert logrotate.read_text() == (ROOT / "etc" / "logrotate.d" / "mpubsubd").read_text()
     config.write_text("[mpubsubd]\nlog_level = DEBUG\n")
     logrotate.write_text("# rotated elsewhere\n")
     said = make_install(tmp_path)
