@@ -290,6 +290,11 @@ class _Service:
     def _reload(self) -> None:
         reloaded = self._privileged.reload()
         new = reloaded.config
+        old = self._config
+        if new is not None:
+            self._config = new
+            logging.getLogger().setLevel(new.log_level)
+        self._reopen_log()  # first: what follows belongs in the new file (logrotate's HUP)
         if new is None:
             more = len(reloaded.problems) - 1
             logger.error(
@@ -297,12 +302,9 @@ class _Service:
                 reloaded.problems[0],
                 f" (and {more} more: mpubsubd --check-config lists them)" if more else "",
             )
-            self._reopen_log()
             return
         for warning in reloaded.warnings:
             logger.warning("reload: %s", warning)
-        old, self._config = self._config, new
-        logging.getLogger().setLevel(new.log_level)
         try:
             self._broker.reconfigure(
                 timeout=new.handshake_timeout,
@@ -310,7 +312,6 @@ class _Service:
             )
         except ValueError as exc:
             logger.error("reload: the broker's caps stay as they were: %s", exc)
-        self._reopen_log()
         live = [key for key in changed_keys(old, new) if key in LIVE_KEYS]
         # What differs from the running broker, this reload's change or an earlier one's.
         later = [key for key in changed_keys(self._started, new) if key not in LIVE_KEYS]

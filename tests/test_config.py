@@ -10,7 +10,7 @@ from typing import Union
 
 import pytest
 
-from mpubsubd._config import Config, ConfigError, FederationConfig, load, read_authkey
+from mpubsubd._config import Config, ConfigError, FederationConfig, check, load, read_authkey
 
 from . import needs
 
@@ -194,3 +194,25 @@ def test_secret_must_be_ours(tmp_path: Path) -> None:
     os.chown(key, 65534, -1)  # nobody
     with pytest.raises(ConfigError, match=r"^secret_file: .* must belong to the user running"):
         read_authkey(str(key), "secret_file")
+
+
+def test_check_names_files_the_bridge_cannot_read(tmp_path: Path) -> None:
+    """The bridge runs as user: a root-only TLS file is a problem, named with its line."""
+    needs.OTHER_USERS.check(needs.as_root())
+    secret = tmp_path / "secret"
+    secret.write_bytes(b"0123456789abcdef")
+    secret.chmod(0o600)
+    ca = tmp_path / "ca.pem"
+    ca.write_text("x")
+    ca.chmod(0o600)
+    path = write(
+        tmp_path,
+        f"user = nobody\n[federation]\nservers = nats://127.0.0.1:4222\nsecret_file = {secret}\n"
+        f"tls_ca_file = {ca}\n",
+    )
+    config, problems = check(path)
+    assert config is not None and len(problems) == 1
+    assert problems[0].startswith(f"{path}:6: tls_ca_file: {ca} cannot be read by user nobody")
+    os.chown(ca, -1, 65534)
+    ca.chmod(0o640)
+    assert check(path)[1] == []

@@ -626,6 +626,12 @@ def children_of(pid: int) -> List[int]:
     return found
 
 
+def groups_of(pid: int) -> List[int]:
+    with open(f"/proc/{pid}/status") as f:
+        line = next(line for line in f if line.startswith("Groups:"))
+    return [int(n) for n in line.split()[1:]]
+
+
 def uid_of(pid: int) -> List[int]:
     with open(f"/proc/{pid}/status") as f:
         line = next(line for line in f if line.startswith("Uid:"))
@@ -642,6 +648,9 @@ def test_serves_as_its_user_with_root_owned_files(installed: Path, mpubsubd: Dae
     assert uid_of(pid) == [65534] * 4
     (keeper,) = children_of(pid)  # root's work: reload, log file, cleanup
     assert uid_of(keeper) == [0] * 4
+    assert groups_of(pid) == [65534]  # nobody's own groups, none of root's
+    # The keeper holds stdin, stdout, stderr and its line to the broker: no listener, no log.
+    assert len(os.listdir(f"/proc/{keeper}/fd")) == 4
     for path, mode in ((mpubsubd.credentials, 0o600), (mpubsubd.socket, 0o600)):
         info = path.stat()
         assert (info.st_uid, info.st_gid, stat.S_IMODE(info.st_mode)) == (0, 0, mode)
@@ -755,9 +764,13 @@ def test_relative_config_path_still_reloads(mpubsubd: Daemon) -> None:
     assert f"reloaded {mpubsubd.config}: nothing changed" in log_has(mpubsubd, "reload", "it")
 
 
-def test_keeper_outlives_what_it_refuses(installed: Path, mpubsubd: Daemon) -> None:
-    """A credentials file swapped for a link before a reload that changes group: the keeper
-    touches neither, says so, and still does the next reload and the cleanup."""
+@pytest.mark.parametrize(
+    "swapped", ["credentials-link", "socket-link", "credentials-dir"], ids=lambda name: name
+)
+def test_keeper_outlives_what_it_refuses(installed: Path, mpubsubd: Daemon, swapped: str) -> None:
+    """The credentials or the socket swapped for a link to a root file (or a directory)
+    before a reload that changes group: the keeper touches neither the link's target nor the
+    directory, says so, and still does the next reload and the cleanup."""
     needs.check_other_users()
     mpubsubd.command = [str(installed)]
     mpubsubd.configure(user="nobody")
@@ -765,19 +778,24 @@ def test_keeper_outlives_what_it_refuses(installed: Path, mpubsubd: Daemon) -> N
     target = mpubsubd.base / "target"
     target.write_text("root's\n")
     target.chmod(0o600)
-    mpubsubd.credentials.unlink()
-    mpubsubd.credentials.symlink_to(target)
+    place = mpubsubd.socket if swapped.startswith("socket") else mpubsubd.credentials
+    place.unlink()
+    if swapped.endswith("dir"):
+        place.mkdir(mode=0o700)
+        target = place
+    else:
+        place.symlink_to(target)
     mpubsubd.configure(user="nobody", group="users")
     os.kill(pid, signal.SIGHUP)
     log = log_has(mpubsubd, "reloaded", "the reload")
     assert "WARNING: reload: cannot give the broker's files to group 'users': " in log
     info = target.stat()
-    assert (info.st_gid, stat.S_IMODE(info.st_mode)) == (0, 0o600)
+    assert (info.st_gid, stat.S_IMODE(info.st_mode)) == (0, 0o700 if target == place else 0o600)
     mpubsubd.configure(user="nobody", log_level="DEBUG")
     os.kill(pid, signal.SIGHUP)
     log_has(mpubsubd, "log_level", "the second reload")
     assert mpubsubd.signal(signal.SIGTERM) == pid
-    assert not mpubsubd.socket.exists() and not mpubsubd.pidfile.exists()
+    assert not mpubsubd.pidfile.exists()
 
 
 def test_reload_warns_of_what_differs_from_the_running_broker(mpubsubd: Daemon) -> None:
@@ -830,3 +848,104 @@ def test_keeper_removes_what_a_killed_broker_left(installed: Path, mpubsubd: Dae
     wait_for(lambda: not alive(keeper), what="the keeper to exit")
     assert not mpubsubd.pidfile.exists()
     assert not mpubsubd.credentials.exists() and not mpubsubd.socket.exists()
+
+
+def test_reload_changes_the_handshake_timeout_at_once(mpubsubd: Daemon) -> None:
+    """handshake_timeout is live: lowered from 120 s to 0.5 s, a silent peer is cut at once,
+    and no WARNING says it waits for a restart."""
+    mpubsubd.configure(handshake_timeout="120")
+    pid = mpubsubd.started()
+    mpubsubd.configure(handshake_timeout="0.5")
+    os.kill(pid, signal.SIGHUP)
+    log = log_has(mpubsubd, "reloaded", "the reload")
+    assert f"reloaded {mpubsubd.config}: handshake_timeout changed" in log
+    assert "WARNING" not in log
+    with socket.socket(socket.AF_UNIX) as silent:
+        silent.connect(str(mpubsubd.socket))
+        silent.settimeout(0.2)
+
+        def cut() -> bool:
+            try:
+                return silent.recv(4096) == b""
+            except socket.timeout:
+                return False
+
+        wait_for(cut, what="the silent peer to be cut")
+
+
+def test_refused_reload_still_reopens_the_log(mpubsubd: Daemon) -> None:
+    """logrotate's SIGHUP meets a bad file: the reload is refused, the log is reopened all
+    the same, and the refusal is in the new file."""
+    pid = mpubsubd.started()
+    mpubsubd.log.rename(mpubsubd.log.with_suffix(".log.1"))
+    mpubsubd.configure(max_bufer="1")
+    os.kill(pid, signal.SIGHUP)
+    log_has(mpubsubd, "reload refused", "the refusal in the new log")
+
+
+def test_reload_moves_the_log_file(mpubsubd: Daemon) -> None:
+    """log_file is live: the next line goes to the new path, which the reload names."""
+    pid = mpubsubd.started()
+    moved = mpubsubd.log.with_name("moved.log")
+    mpubsubd.configure(log_file=str(moved))
+    os.kill(pid, signal.SIGHUP)
+    wait_for(lambda: moved.exists() and "reopened the log file" in moved.read_text(), what="it")
+    assert f"reopened the log file {moved}" in moved.read_text()
+
+
+def test_reload_back_to_no_group(mpubsubd: Daemon) -> None:
+    """group = users, then empty again: the files go back to root only (0600), and the
+    runtime directory mpubsubd made for users back to 0755 root:root."""
+    mpubsubd.configure(group="users")
+    pid = mpubsubd.started()
+    assert stat.S_IMODE(mpubsubd.run.stat().st_mode) == 0o750
+    mpubsubd.configure()
+    os.kill(pid, signal.SIGHUP)
+    log_has(mpubsubd, "group changed", "the reload")
+    for path, mode in (
+        (mpubsubd.credentials, 0o600),
+        (mpubsubd.socket, 0o600),
+        (mpubsubd.run, 0o755),
+    ):
+        info = path.stat()
+        assert (info.st_gid, stat.S_IMODE(info.st_mode)) == (0, mode), path
+
+
+def test_a_start_that_fails_leaves_no_files(mpubsubd: Daemon) -> None:
+    """Root without CAP_CHOWN cannot give the files to the group: the start fails saying
+    what may forbid it, and the credentials it wrote are gone."""
+    needs.check_other_users()
+    mpubsubd.configure(group="users")
+    mpubsubd.run.mkdir()  # the administrator's: mpubsubd need not make it
+    result = subprocess.run(
+        ["setpriv", "--bounding-set=-chown", *MPUBSUBD, "-f", "-c", str(mpubsubd.config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1
+    assert result.stderr.splitlines()[-1] == (
+        f"mpubsubd: cannot give {mpubsubd.credentials} to group users: Operation not permitted "
+        "(root may not chown here: does a SystemCallFilter= without @chown, "
+        "or a CapabilityBoundingSet= without CAP_CHOWN, forbid it?)"
+    )
+    assert not mpubsubd.credentials.exists() and not mpubsubd.socket.exists()
+
+
+def test_check_config_problems_are_errors_in_the_journal(mpubsubd: Daemon) -> None:
+    """Under systemd (JOURNAL_STREAM names stderr) each problem line is priority 3, err."""
+    mpubsubd.configure(max_bufer="1", log_level="LOUD")
+    read_end, write_end = os.pipe()
+    info = os.fstat(write_end)
+    env = {**os.environ, "JOURNAL_STREAM": f"{info.st_dev}:{info.st_ino}"}
+    check = subprocess.run(
+        [*MPUBSUBD, "--check-config", "-c", str(mpubsubd.config)],
+        stderr=write_end,
+        env=env,
+        timeout=60,
+    )
+    os.close(write_end)
+    with os.fdopen(read_end) as stream:
+        lines = stream.read().splitlines()
+    assert check.returncode == 78
+    assert len(lines) == 2 and all(line.startswith(f"<3>{mpubsubd.config}:") for line in lines)

@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
@@ -119,6 +120,8 @@ def test_installed_unit_passes_systemd_analyze_verify(installed: Path, unit: str
     needs.SYSTEMD.check(needs.which("systemd-analyze"))
     path = installed / "prefix" / "lib" / "systemd" / "system" / unit
     assert "/usr/local/" not in path.read_text()
+    assert f" -c {installed}/etc/mpubsub/" in path.read_text()  # SYSCONFDIR's configuration
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644
     result = subprocess.run(
         ["systemd-analyze", "verify", str(path)], capture_output=True, text=True
     )
@@ -281,13 +284,19 @@ def test_logrotate_rotates_every_instance_and_hups_it(tmp_path: Path) -> None:
             (tmp_path / "run" / run).mkdir(parents=True)
             sleepers.append(subprocess.Popen(command))
             (tmp_path / "run" / run / "mpubsubd.pid").write_text(f"{sleepers[-1].pid}\n")
+        # "0" would make kill -HUP 0 signal logrotate's own process group.
+        (tmp_path / "run" / "mpubsub-zero").mkdir()
+        (tmp_path / "run" / "mpubsub-zero" / "mpubsubd.pid").write_text("0\n")
         rotated = subprocess.run(
             ["logrotate", "--force", "--state", str(tmp_path / "state"), "logrotate.conf"],
             cwd=tmp_path,
             capture_output=True,
             text=True,
+            start_new_session=True,  # its own group: a kill -HUP 0 would end it, not pytest
         )
         assert rotated.returncode == 0, rotated.stderr
+        info = (logs / "mpubsubd.log").stat()  # made anew, as logrotate's create says
+        assert (info.st_uid, stat.S_IMODE(info.st_mode)) == (0, 0o640)
         assert sorted(p.name for p in logs.iterdir()) == [
             "mpubsubd.log",
             "mpubsubd.log.1",
