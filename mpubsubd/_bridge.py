@@ -510,7 +510,8 @@ def nats_options(config: FederationConfig) -> Dict[str, Any]:
 
 def main(settings: Dict[str, Any], fds: List[int]) -> None:
     """The bridge process: *settings* and *fds* (the broker's connection, then the log
-    pipe when mpubsubd copies the bridge's lines to its log file) as _handover gives them."""
+    pipe when mpubsubd copies the bridge's lines to its log file), as the supervisor's
+    fork gives them."""
     if len(fds) > 1:  # stderr is that pipe from now on
         os.dup2(fds[1], 2)
         os.close(fds[1])

@@ -5,24 +5,33 @@ same configuration, lives exactly as long as the broker it serves (it
 exits when the broker's connection closes), works the same under systemd,
 as a classic daemon and in the foreground, and a slow NATS can never stall
 the broker's single-threaded loop.
+
+It is forked, not executed anew: a process of mpubsubd's user that exec()s
+is dumpable, and another process of that user could trace or read it (its
+keys) until it made itself otherwise. A fork of the broker process, which
+the kernel made non-dumpable when it changed its user, is so from its
+first instruction, and it has the settings in memory: nothing to hand over.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import dataclasses
+import gc
 import logging
 import os
+import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
-from typing import IO, Any, Callable, Dict, Optional
+from typing import IO, Any, Callable, Dict, List, Optional
 
-from mpubsub._for_mpubsubd import Address, reason
+from mpubsub._for_mpubsubd import Address
 
 from ._config import Config
-from ._handover import hand_over
 
 logger = logging.getLogger("mpubsubd")
 
@@ -31,16 +40,6 @@ _MAX_DELAY = 30.0
 _STABLE = 60.0  # a bridge that ran this long restarts at once after it died
 _STOP_TIMEOUT = 5.0
 _MAX_LINE = 64 * 1024  # of the bridge's log lines, copied as they come
-# The directory holding this mpubsubd package, and how the bridge starts.
-_PACKAGES = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_BRIDGE_MAIN = (
-    "import sys; where = sys.argv.pop(1)\n"
-    "if where not in sys.path: sys.path.insert(0, where)\n"
-    "from mpubsubd._handover import take_over\n"
-    "settings, fds = take_over(int(sys.argv[1]))\n"
-    "from mpubsubd._bridge import main; main(settings, fds)"
-)
-_HANDOVER_TIMEOUT = 30.0  # for the bridge to start and ask for its keys
 
 
 class BridgeSupervisor:
@@ -67,7 +66,7 @@ class BridgeSupervisor:
         self._dial: Callable[[], socket.socket] = socket.socket  # start() says how
         self._stopping = threading.Event()
         self._lock = threading.Lock()
-        self._process: Optional[subprocess.Popen[bytes]] = None
+        self._process: Optional[_Forked] = None
         self._thread = threading.Thread(target=self._supervise, name="bridge", daemon=True)
 
     @property
@@ -123,53 +122,27 @@ class BridgeSupervisor:
             self._stopping.wait(delay)
             delay = min(delay * 2, _MAX_DELAY)
 
-    def _spawn(self) -> subprocess.Popen[bytes]:
-        # The bridge runs as mpubsubd's user (root, or the user it became):
-        # isolated (-I: neither the working directory nor PYTHON* variables
-        # reach its sys.path) and from "/", it imports mpubsubd from where this
-        # process found it, and the rest from the interpreter's own directories.
-        # It gets its keys and descriptors once it can prove itself (_handover).
-        control, theirs = socket.socketpair()
-        with control:
-            with theirs:
-                process = subprocess.Popen(
-                    [sys.executable, "-I", "-c", _BRIDGE_MAIN, _PACKAGES, str(theirs.fileno())],
-                    stdin=subprocess.DEVNULL,
-                    pass_fds=(theirs.fileno(),),
-                    cwd="/",
-                )
-            control.settimeout(_HANDOVER_TIMEOUT)
-            try:
-                self._hand_over(control, process.pid)
-            except (OSError, ValueError) as exc:
-                logger.warning(
-                    "the bridge (pid %d) was not given its keys: %s; stopping it",
-                    process.pid,
-                    reason(exc),
-                )
-                process.kill()
-        return process
-
-    def _hand_over(self, control: socket.socket, pid: int) -> None:
+    def _spawn(self) -> _Forked:
         read_end = write_end = None
         if self._log_line is not None:  # the bridge's stderr, copied into the log file
             read_end, write_end = os.pipe()
-        try:
-            with self._dial() as connected:
-                fds = [connected.fileno()] + ([write_end] if write_end is not None else [])
-                hand_over(control, pid, self._settings, fds)
-        except BaseException:
-            if read_end is not None:
-                os.close(read_end)
-            raise
-        finally:
-            if write_end is not None:
-                os.close(write_end)
+        with self._dial() as connected:
+            pid = os.fork()
+            if pid == 0:  # the bridge
+                code = 1
+                try:
+                    fds = [connected.fileno()] + ([write_end] if write_end is not None else [])
+                    code = _run_bridge(self._settings, fds)
+                finally:
+                    os._exit(code)
+        if write_end is not None:
+            os.close(write_end)
         if read_end is not None:
             stream = os.fdopen(read_end, "rb")
             threading.Thread(
                 target=self._copy_lines, args=(stream,), name="bridge log", daemon=True
             ).start()
+        return _Forked(pid)
 
     def _copy_lines(self, stream: IO[bytes]) -> None:
         """The bridge's lines into mpubsubd's log file, until the bridge exits."""
@@ -180,3 +153,80 @@ class BridgeSupervisor:
                 if not line:
                     return
                 self._log_line(line.decode("utf-8", "backslashreplace"))
+
+
+def _run_bridge(settings: Dict[str, Any], fds: List[int]) -> int:
+    """The forked bridge's life; its exit status.
+
+    Of what it inherited it keeps stdin, stdout, stderr and *fds* only: a
+    client's socket or the broker's end of the bridge's own pair, kept open
+    here, would hide the broker's death from its peers. The broker's objects
+    that held the rest are never finalized here (gc.freeze), so that none
+    closes a number the bridge has opened meanwhile.
+    """
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, signal.SIG_DFL)  # the broker's handlers are not the bridge's
+    gc.freeze()
+    keep = sorted({0, 1, 2, *fds})
+    for low, high in zip(keep, [*keep[1:], os.sysconf("SC_OPEN_MAX")]):
+        os.closerange(low + 1, high)
+    if len(fds) > 1:  # stderr is the log pipe from now on
+        os.dup2(fds.pop(), 2)
+    # A stderr of its own: the broker's may have been locked by another thread at fork.
+    sys.stderr = open(2, "w", encoding="utf-8", errors="backslashreplace", closefd=False)  # noqa: SIM115
+    _name_process(b"mpubsubd-bridge")
+    from ._bridge import main  # noqa: PLC0415  (only the bridge needs nats)
+
+    try:
+        main(settings, fds)
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else 1
+    return 0
+
+
+def _name_process(name: bytes) -> None:
+    """prctl(PR_SET_NAME): what ps and /proc/PID/comm show for this process."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_NAME, ctypes.c_char_p(name), 0, 0, 0)
+
+
+_PR_SET_NAME = 15  # linux/prctl.h
+
+
+class _Forked:
+    """A forked child, as far as the supervisor needs it (subprocess.Popen's names)."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.returncode: Optional[int] = None
+
+    def poll(self) -> Optional[int]:
+        if self.returncode is None:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def wait(self, timeout: Optional[float] = None) -> int:
+        if timeout is None:
+            if self.returncode is None:
+                self.returncode = os.waitstatus_to_exitcode(os.waitpid(self.pid, 0)[1])
+            return self.returncode
+        deadline = time.monotonic() + timeout
+        while self.poll() is None:
+            if time.monotonic() > deadline:
+                raise subprocess.TimeoutExpired(f"pid {self.pid}", timeout)
+            time.sleep(0.05)
+        assert self.returncode is not None
+        return self.returncode
+
+    def terminate(self) -> None:
+        self._signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        self._signal(signal.SIGKILL)
+
+    def _signal(self, signum: int) -> None:
+        if self.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signum)

@@ -295,8 +295,8 @@ def test_federation_under_systemd(installed: Path, nats_url: str) -> None:
         )
         result = box.python(state)
         assert result.stdout == f"connected {nats_url}\n", (result.stderr, box.journal())
-        processes = box.inside("ps", "-eww", "-o", "user=,pid=,args=").stdout.splitlines()
-        bridge = [line.split()[:2] for line in processes if "mpubsubd._bridge" in line]
+        processes = box.inside("ps", "-e", "-o", "user=,pid=,comm=").stdout.splitlines()
+        bridge = [line.split()[:2] for line in processes if "mpubsubd-bridge" in line]
         assert [user for user, _ in bridge] == ["nobody"]  # as mpubsubd's user, too
         cgroup = box.inside("cat", f"/proc/{bridge[0][1]}/cgroup").stdout
         assert "/mpubsubd.service" in cgroup, cgroup  # in the unit's cgroup: stops with it
