@@ -274,11 +274,12 @@ def test_logrotate_rotates_every_instance_and_hups_it(tmp_path: Path) -> None:
     try:
         # Two stand-ins for mpubsubd (their command line says so), and a process a
         # stale pidfile names that is not mpubsubd: it must not be signalled.
-        stand_in = [sys.executable, "-c", "import time; time.sleep(60)", "mpubsubd"]
+        wrapper = "import time; time.sleep(60)  # from mpubsubd._main import main"
+        stand_in = [sys.executable, "-c", wrapper]  # as make install's wrapper runs mpubsubd
         for name, run, command in [
             ("mpubsubd", "mpubsub", stand_in),
             ("sensors", "mpubsub-sensors", stand_in),
-            ("stale", "mpubsub-stale", ["sleep", "60"]),
+            ("stale", "mpubsub-stale", ["sh", "-c", "sleep 60", "mpubsubd.log"]),  # tail -f, say
         ]:
             (logs / f"{name}.log").write_text("a line\n")
             (tmp_path / "run" / run).mkdir(parents=True)
