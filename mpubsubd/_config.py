@@ -323,6 +323,13 @@ def check_files(config: Config, where: Optional[Callable[[str, str], str]] = Non
         config.account  # noqa: B018  (it checks the user exists)
     except ConfigError as exc:
         problem(SECTION, "user", str(exc))
+    files = ["credentials", "pidfile", "log_file"]
+    if isinstance(config.broker_address, str):
+        files.insert(0, "address")
+    for key in files:
+        why = unsafe_directory(os.path.dirname(getattr(config, key)))
+        if why:
+            problem(SECTION, key, f"{key}: {why}")
     if config.authkey_file:
         try:
             read_authkey(config.authkey_file)
@@ -340,6 +347,35 @@ def check_files(config: Config, where: Optional[Callable[[str, str], str]] = Non
             if why:
                 problem(FEDERATION, key, f"{key}: {why}")
     return problems
+
+
+def unsafe_directory(directory: str) -> str:
+    """Why root should not keep files in *directory*, or ``''``.
+
+    Root creates, changes and removes them by name: a directory on the way
+    that another user may change (owned by that user, or writable by others
+    without the sticky bit) lets that user put a link in its place, and
+    make root work on files elsewhere. Directories not made yet count as safe
+    (mpubsubd makes them, root's).
+    """
+    trusted = {0, os.geteuid()}
+    path = os.path.abspath(directory)
+    while True:
+        try:
+            info = os.lstat(path)
+        except FileNotFoundError:
+            info = None
+        if info is not None:
+            shared = info.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+            if info.st_uid not in trusted or (shared and not info.st_mode & stat.S_ISVTX):
+                return (
+                    f"{directory} is in {path}, which another user may change "
+                    f"(owner uid {info.st_uid}, mode {stat.S_IMODE(info.st_mode):o}): "
+                    "keep mpubsubd's files where only root writes"
+                )
+        if path == "/":
+            return ""
+        path = os.path.dirname(path)
 
 
 def unreadable(path: str, user: str) -> str:

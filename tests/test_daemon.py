@@ -817,11 +817,11 @@ def test_reload_warns_of_what_differs_from_the_running_broker(mpubsubd: Daemon) 
 @pytest.mark.parametrize("made", [True, False], ids=["made", "administrators"])
 def test_reload_regroups_only_the_directories_mpubsubd_made(mpubsubd: Daemon, made: bool) -> None:
     """A new group: a runtime directory mpubsubd made for the old one follows it; one the
-    administrator made (here 2775 root:users) is left as it is."""
+    administrator made (here 2750 root:users) is left as it is."""
     if not made:
         mpubsubd.run.mkdir()
         os.chown(mpubsubd.run, 0, 100)
-        mpubsubd.run.chmod(0o2775)
+        mpubsubd.run.chmod(0o2750)
     mpubsubd.configure(group="users")
     pid = mpubsubd.started()
     before = mpubsubd.run.stat()
@@ -833,7 +833,7 @@ def test_reload_regroups_only_the_directories_mpubsubd_made(mpubsubd: Daemon, ma
     if made:
         assert (before.st_gid, after.st_gid, stat.S_IMODE(after.st_mode)) == (100, 65534, 0o750)
     else:
-        assert (after.st_gid, stat.S_IMODE(after.st_mode)) == (100, 0o2775)
+        assert (after.st_gid, stat.S_IMODE(after.st_mode)) == (100, 0o2750)
 
 
 def test_keeper_removes_what_a_killed_broker_left(installed: Path, mpubsubd: Daemon) -> None:
@@ -949,3 +949,21 @@ def test_check_config_problems_are_errors_in_the_journal(mpubsubd: Daemon) -> No
         lines = stream.read().splitlines()
     assert check.returncode == 78
     assert len(lines) == 2 and all(line.startswith(f"<3>{mpubsubd.config}:") for line in lines)
+
+
+def test_files_where_another_user_may_swap_directories_are_refused(mpubsubd: Daemon) -> None:
+    """A runtime directory inside one nobody owns: nobody could put a link in its place,
+    and root would remove or regroup files elsewhere. Refused at check and start (78)."""
+    needs.check_other_users()
+    theirs = mpubsubd.base / "theirs"
+    theirs.mkdir()
+    os.chown(theirs, 65534, 65534)
+    mpubsubd.configure(credentials=str(theirs / "run" / "broker.pckl"))
+    result = mpubsubd.launch()
+    assert result.returncode == 78
+    assert result.stderr == (
+        f"mpubsubd: {mpubsubd.config}:3: credentials: {theirs / 'run'} is in {theirs}, which "
+        "another user may change (owner uid 65534, mode 755): keep mpubsubd's files where "
+        "only root writes\n"
+    )
+    assert not (theirs / "run").exists()
