@@ -167,6 +167,7 @@ def _run_bridge(settings: Dict[str, Any], fds: List[int]) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(signum, signal.SIG_DFL)  # the broker's handlers are not the bridge's
     gc.freeze()
+    os.chdir("/")  # it holds no directory mpubsubd was started in (-f from anywhere)
     keep = sorted({0, 1, 2, *fds})
     for low, high in zip(keep, [*keep[1:], os.sysconf("SC_OPEN_MAX")]):
         os.closerange(low + 1, high)
