@@ -509,14 +509,8 @@ def nats_options(config: FederationConfig) -> Dict[str, Any]:
 
 
 def main(settings: Dict[str, Any], fds: List[int]) -> None:
-    """The bridge process: *settings* and *fds* (the broker's connection, then the log
-    pipe when mpubsubd copies the bridge's lines to its log file), as the supervisor's
-    fork gives them."""
-    if len(fds) > 1:  # stderr is that pipe from now on
-        os.dup2(fds[1], 2)
-        os.close(fds[1])
-        if sys.stderr is None:  # it was closed when Python started
-            sys.stderr = open(2, "w", encoding="utf-8", errors="backslashreplace")  # noqa: SIM115
+    """The bridge process: *settings* and *fds* (the broker's connection, then a pipe on
+    which mpubsubd writes a new log level at reload), as the supervisor's fork gives them."""
     # mpubsubd copies what the bridge writes on stderr into its log file.
     use_handler(stderr_handler(file_format=settings["log_to_file"]), settings["log_level"])
     logger.debug("bridge running mpubsubd from %s", os.path.dirname(os.path.dirname(__file__)))
@@ -532,10 +526,23 @@ def main(settings: Dict[str, Any], fds: List[int]) -> None:
         connected=socket.socket(fileno=fds[0]),
     )
 
+    levels = os.fdopen(fds[1], "rb", buffering=0) if len(fds) > 1 else None
+
+    def new_level() -> None:  # mpubsubd reloaded: a line with the new log level
+        assert levels is not None
+        line = levels.readline(16).decode("ascii", "replace").strip()
+        if not line:  # mpubsubd is gone: the broker's connection will tell the rest
+            asyncio.get_running_loop().remove_reader(levels.fileno())
+        elif line in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+            logging.getLogger().setLevel(line)
+            logger.info("log level now %s", line)
+
     async def serve() -> int:
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, bridge.stop)
+        if levels is not None:
+            loop.add_reader(levels.fileno(), new_level)
         return await bridge.run()
 
     try:

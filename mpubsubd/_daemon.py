@@ -165,7 +165,7 @@ def _serve(
         broker.close()
         root.remove_files()
         raise
-    service = _Service(config, source, broker, privileged, log)
+    service = _Service(config, source, broker, privileged, log, bridge=bridge)
     # mpubsubd owns its signals: the broker is told, from its own loop.
     signal.signal(signal.SIGHUP, lambda signum, frame: service.hangup())
     for stopping in (signal.SIGTERM, signal.SIGINT):
@@ -260,7 +260,10 @@ class _Service:
         broker: Broker,
         privileged: Union[Root, Keeper],
         log: Optional[LogFile],
+        *,
+        bridge: Optional[BridgeSupervisor] = None,
     ) -> None:
+        self._bridge = bridge
         self._config = config  # as last read: what the live keys are now
         self._started = config  # what the other keys are, until a restart
         self._name = source[0] or config_path(source[1])
@@ -294,6 +297,8 @@ class _Service:
         if new is not None:
             self._config = new
             logging.getLogger().setLevel(new.log_level)
+            if self._bridge is not None and new.log_level != old.log_level:
+                self._bridge.set_log_level(new.log_level)
         self._reopen_log()  # first: what follows belongs in the new file (logrotate's HUP)
         if new is None:
             more = len(reloaded.problems) - 1

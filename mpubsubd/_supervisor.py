@@ -27,7 +27,8 @@ import subprocess
 import sys
 import threading
 import time
-from typing import IO, Any, Callable, Dict, List, Optional
+import traceback
+from typing import IO, Any, Callable, Dict, List, Optional, Tuple
 
 from mpubsub._for_mpubsubd import Address
 
@@ -67,6 +68,7 @@ class BridgeSupervisor:
         self._stopping = threading.Event()
         self._lock = threading.Lock()
         self._process: Optional[_Forked] = None
+        self._levels: Optional[int] = None  # the pipe to the running bridge, for set_log_level
         self._thread = threading.Thread(target=self._supervise, name="bridge", daemon=True)
 
     @property
@@ -126,15 +128,20 @@ class BridgeSupervisor:
         read_end = write_end = None
         if self._log_line is not None:  # the bridge's stderr, copied into the log file
             read_end, write_end = os.pipe()
+        levels, self._levels = _new_levels_pipe(self._levels)
         with self._dial() as connected:
             pid = os.fork()
             if pid == 0:  # the bridge
                 code = 1
                 try:
-                    fds = [connected.fileno()] + ([write_end] if write_end is not None else [])
+                    fds = [connected.fileno(), levels]
+                    fds += [write_end] if write_end is not None else []
                     code = _run_bridge(self._settings, fds)
+                except BaseException:  # never back into the broker's code: said, then gone
+                    traceback.print_exc()
                 finally:
                     os._exit(code)
+        os.close(levels)
         if write_end is not None:
             os.close(write_end)
         if read_end is not None:
@@ -143,6 +150,14 @@ class BridgeSupervisor:
                 target=self._copy_lines, args=(stream,), name="bridge log", daemon=True
             ).start()
         return _Forked(pid)
+
+    def set_log_level(self, level: str) -> None:
+        """At reload: the running bridge logs at *level* from now on, and so do the next."""
+        self._settings["log_level"] = level
+        levels = self._levels
+        if levels is not None:
+            with contextlib.suppress(OSError):  # no bridge now, or a stuck one: the next
+                os.write(levels, f"{level}\n".encode())
 
     def _copy_lines(self, stream: IO[bytes]) -> None:
         """The bridge's lines into mpubsubd's log file, until the bridge exits."""
@@ -153,6 +168,16 @@ class BridgeSupervisor:
                 if not line:
                     return
                 self._log_line(line.decode("utf-8", "backslashreplace"))
+
+
+def _new_levels_pipe(old: Optional[int]) -> Tuple[int, int]:
+    """A pipe for the next bridge's log levels, its read end and its write end (the
+    previous bridge's write end *old* is closed); the write end never blocks."""
+    if old is not None:
+        os.close(old)
+    read_end, write_end = os.pipe()
+    os.set_blocking(write_end, False)
+    return read_end, write_end
 
 
 def _run_bridge(settings: Dict[str, Any], fds: List[int]) -> int:
@@ -171,7 +196,7 @@ def _run_bridge(settings: Dict[str, Any], fds: List[int]) -> int:
     keep = sorted({0, 1, 2, *fds})
     for low, high in zip(keep, [*keep[1:], os.sysconf("SC_OPEN_MAX")]):
         os.closerange(low + 1, high)
-    if len(fds) > 1:  # stderr is the log pipe from now on
+    if len(fds) > 2:  # stderr is the log pipe from now on
         os.dup2(fds.pop(), 2)
     # A stderr of its own: the broker's may have been locked by another thread at fork.
     sys.stderr = open(2, "w", encoding="utf-8", errors="backslashreplace", closefd=False)  # noqa: SIM115

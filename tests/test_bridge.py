@@ -707,3 +707,15 @@ def test_bridge_behind_loses_messages_not_its_place(
     assert "slow consumer" not in a.output()
     assert len(re.findall(r"federation bridge started", a.output())) == 1
     a.wait_state("connected")
+
+
+def test_reload_gives_the_bridge_its_new_log_level(federation: Federation) -> None:
+    """log_level is live for the bridge too: a reload from DEBUG to INFO reaches the running
+    bridge, whose DEBUG lines stop."""
+    nats = federation.nats()
+    a = federation.host("a", nats.url)
+    a.config.write_text(a.config.read_text().replace("log_level = DEBUG\n", "log_level = INFO\n"))
+    assert a.proc is not None
+    a.proc.send_signal(signal.SIGHUP)
+    wait_for(lambda: "mpubsubd.bridge: log level now INFO" in a.output(), what="the bridge")
+    assert "log_level changed" in a.output()
