@@ -19,7 +19,6 @@ import os
 import signal
 import socket
 import ssl
-import sys
 import time
 from typing import Any, Callable, Dict, FrozenSet, List, Optional, Set, Tuple
 
@@ -125,10 +124,11 @@ class Bridge:
         secret: bytes,
         bridge_key: bytes,
         *,
-        connected: Optional[socket.socket] = None,
+        connected: socket.socket,
     ) -> None:
-        """*connected*, if given, is a socket already connected to the broker (the end of
-        mpubsubd's pair: the bridge, as mpubsubd's user, may not open the socket file)."""
+        """*connected* is a socket already connected to the broker at *broker*'s address
+        (the end of mpubsubd's pair: the bridge, as mpubsubd's user, may not open the
+        socket file); it authenticates with *broker*'s key."""
         self._config = config
         self._broker = broker
         self._connected = connected
@@ -508,28 +508,15 @@ def nats_options(config: FederationConfig) -> Dict[str, Any]:
     return options
 
 
-def main(settings: Dict[str, Any], fds: List[int]) -> None:
-    """The bridge process: *settings* and *fds* (the broker's connection, then a pipe on
-    which mpubsubd writes a new log level at reload), as the supervisor's fork gives them."""
-    # mpubsubd copies what the bridge writes on stderr into its log file.
-    use_handler(stderr_handler(file_format=settings["log_to_file"]), settings["log_level"])
+def main(bridge: Bridge, levels_fd: int, *, log_to_file: bool, level: str) -> int:
+    """The bridge process, forked by mpubsubd's supervisor, serving *bridge* until it
+    stops; its exit status. mpubsubd writes a new log level on *levels_fd* at reload,
+    and, *log_to_file*, copies what the bridge writes on stderr into its log file."""
+    use_handler(stderr_handler(file_format=log_to_file), level)
     logger.debug("bridge running mpubsubd from %s", os.path.dirname(os.path.dirname(__file__)))
-    address = settings["address"]
-    bridge = Bridge(
-        FederationConfig(**settings["federation"]),
-        (
-            address if isinstance(address, str) else tuple(address),
-            bytes.fromhex(settings["authkey"]),
-        ),
-        bytes.fromhex(settings["secret"]),
-        bytes.fromhex(settings["bridge_key"]),
-        connected=socket.socket(fileno=fds[0]),
-    )
-
-    levels = os.fdopen(fds[1], "rb", buffering=0) if len(fds) > 1 else None
+    levels = os.fdopen(levels_fd, "rb", buffering=0)
 
     def new_level() -> None:  # mpubsubd reloaded: a line with the new log level
-        assert levels is not None
         line = levels.readline(16).decode("ascii", "replace").strip()
         if not line:  # mpubsubd is gone: the broker's connection will tell the rest
             asyncio.get_running_loop().remove_reader(levels.fileno())
@@ -541,8 +528,7 @@ def main(settings: Dict[str, Any], fds: List[int]) -> None:
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, bridge.stop)
-        if levels is not None:
-            loop.add_reader(levels.fileno(), new_level)
+        loop.add_reader(levels.fileno(), new_level)
         return await bridge.run()
 
     try:
@@ -551,4 +537,4 @@ def main(settings: Dict[str, Any], fds: List[int]) -> None:
         logger.error("bridge failed: %s", reason(exc))
         code = 1
     logger.info("bridge stopped")
-    sys.exit(code)
+    return code

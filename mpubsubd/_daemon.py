@@ -24,11 +24,10 @@ from ._config import (
     changed_keys,
     config_path,
     read_authkey,
-    unreadable,
 )
 from ._logging import LogFile, LogFileError, log_file_handler, stderr_handler, use_handler
 from ._pidfile import pid_in, read_pid
-from ._privileges import Keeper, Root, drop_to, give
+from ._privileges import Keeper, Root, drop_to, share
 from ._supervisor import BridgeSupervisor
 
 logger = logging.getLogger("mpubsubd")
@@ -199,28 +198,22 @@ def _account(config: Config) -> Optional[pwd.struct_passwd]:
 
 def _publish(config: Config, broker: Broker, authkey: bytes) -> None:
     """Give the socket and the credentials file to root (and the group) only."""
-    gid = config.gid
     try:
         write_credentials(config.credentials, broker.address, authkey, overwrite=True)
     except OSError as exc:
         raise StartupError(f"cannot write {config.credentials}: {reason(exc)}") from None
-    files = [(config.credentials, 0o640, stat.S_ISREG)]
-    address = broker.address
-    if isinstance(address, str) and not address.startswith("\0"):
-        files.append((address, 0o660, stat.S_ISSOCK))
-    for path, shared, kind in files:
-        try:
-            give(path, -1 if gid is None else gid, 0o600 if gid is None else shared, kind)
-        except OSError as exc:
-            hint = ""
-            if exc.errno == errno.EPERM and os.geteuid() == 0:
-                hint = (
-                    " (root may not chown here: does a SystemCallFilter= without @chown, "
-                    "or a CapabilityBoundingSet= without CAP_CHOWN, forbid it?)"
-                )
-            raise StartupError(
-                f"cannot give {path} to group {config.group or 'root'}: {reason(exc)}{hint}"
-            ) from None
+    try:
+        share(config.credentials, broker.address, config.gid)
+    except OSError as exc:
+        hint = ""
+        if exc.errno == errno.EPERM and os.geteuid() == 0:
+            hint = (
+                " (root may not chown here: does a SystemCallFilter= without @chown, "
+                "or a CapabilityBoundingSet= without CAP_CHOWN, forbid it?)"
+            )
+        raise StartupError(
+            f"cannot give {exc.filename} to group {config.group or 'root'}: {reason(exc)}{hint}"
+        ) from None
 
 
 def _become(account: Optional[pwd.struct_passwd], root: Root) -> Union[Root, Keeper]:
@@ -312,8 +305,7 @@ class _Service:
             logger.warning("reload: %s", warning)
         try:
             self._broker.reconfigure(
-                timeout=new.handshake_timeout,
-                **{key: getattr(new, key) for key in LIVE_KEYS if key in BROKER_KEYS},
+                timeout=new.handshake_timeout, **{key: getattr(new, key) for key in BROKER_KEYS}
             )
         except ValueError as exc:
             logger.error("reload: the broker's caps stay as they were: %s", exc)
@@ -351,8 +343,7 @@ class _Service:
             failed = [reason(exc)]
         for line in failed:
             logger.warning("%s", line)
-        if isinstance(self._privileged, Keeper):
-            self._privileged.close()
+        self._privileged.close()
 
 
 def _bridge_supervisor(
@@ -374,11 +365,7 @@ def _bridge_supervisor(
             import nkeys  # noqa: F401, PLC0415
         except ImportError:
             raise StartupError("creds_file needs the nkeys package: pip install nkeys") from None
-    for key in ("creds_file", "tls_ca_file", "tls_cert_file", "tls_key_file"):
-        path = getattr(federation, key)
-        why = path and unreadable(path, config.user)
-        if why:
-            raise ConfigError(f"{key}: {why}")
+    # The files it names the start has checked already (_config.check_files).
     secret = read_authkey(federation.secret_file, "secret_file")
     return BridgeSupervisor(
         config, secret, bridge_key, log_line=log.write_line if log is not None else None

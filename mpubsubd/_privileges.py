@@ -31,7 +31,7 @@ import stat
 import struct
 from typing import Callable, List, Optional, Sequence, Tuple
 
-from mpubsub._for_mpubsubd import reason
+from mpubsub._for_mpubsubd import Address, reason
 
 from ._config import Config, FederationConfig, check
 from ._logging import LogFileError, open_log_file
@@ -120,15 +120,28 @@ class Root:
     def _regroup(self, old: Optional[int], new: Optional[int]) -> None:
         """The socket and credentials to group *new* (root only: None), as a start does;
         and the runtime directories mpubsubd made for group *old*, which follow it."""
-        started = self._started
-        gid = 0 if new is None else new
-        give(started.credentials, gid, 0o600 if new is None else 0o640, stat.S_ISREG)
-        address = started.broker_address
-        if isinstance(address, str) and not address.startswith("\0"):
-            give(address, gid, 0o600 if new is None else 0o660, stat.S_ISSOCK)
+        share(self._started.credentials, self._started.broker_address, new)
         for directory in self._made:
             if old is not None and os.stat(directory, follow_symlinks=False).st_gid == old:
-                give(directory, gid, 0o755 if new is None else 0o750, stat.S_ISDIR)
+                give(directory, _group(new), 0o755 if new is None else 0o750, stat.S_ISDIR)
+
+    def close(self) -> None:
+        """Nothing to let go: the work is done in this process."""
+
+
+def share(credentials: str, address: Address, gid: Optional[int]) -> None:
+    """The credentials file and the socket (a path) to group *gid*, 0640 and 0660; or,
+    None, to root only, 0600. OSError (from give) if one is not what mpubsubd made."""
+    give(credentials, _group(gid), 0o600 if gid is None else 0o640, stat.S_ISREG)
+    if isinstance(address, str) and not address.startswith("\0"):
+        give(address, _group(gid), 0o600 if gid is None else 0o660, stat.S_ISSOCK)
+
+
+def _group(gid: Optional[int]) -> int:
+    """*gid*, or for None root's group when root may give it (else the file keeps its own)."""
+    if gid is not None:
+        return gid
+    return 0 if os.geteuid() == 0 else -1
 
 
 def give(path: str, gid: int, mode: int, kind: Callable[[int], bool]) -> None:
@@ -142,10 +155,13 @@ def give(path: str, gid: int, mode: int, kind: Callable[[int], bool]) -> None:
     fd = os.open(path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
         if not kind(os.fstat(fd).st_mode):
-            raise OSError(errno.EINVAL, f"{path} is not what mpubsubd made there")
+            raise OSError(errno.EINVAL, f"{path} is not what mpubsubd made there", path)
         held = f"/proc/self/fd/{fd}"
-        os.chown(held, -1, gid)
-        os.chmod(held, mode)
+        try:
+            os.chown(held, -1, gid)
+            os.chmod(held, mode)
+        except OSError as exc:  # named by the path, not by /proc/self/fd
+            raise OSError(exc.errno, exc.strerror, path) from None
     finally:
         os.close(fd)
 

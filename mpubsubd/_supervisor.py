@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import dataclasses
 import gc
 import logging
 import os
@@ -28,7 +27,7 @@ import sys
 import threading
 import time
 import traceback
-from typing import IO, Any, Callable, Dict, List, Optional, Tuple
+from typing import IO, Callable, List, Optional, Tuple
 
 from mpubsub._for_mpubsubd import Address
 
@@ -56,13 +55,12 @@ class BridgeSupervisor:
     ) -> None:
         """*log_line*, if given, takes each line the bridge writes on stderr (for the log
         file); without, the bridge's stderr is mpubsubd's (the journal)."""
-        self._settings: Dict[str, Any] = {
-            "federation": dataclasses.asdict(config.federation),
-            "secret": secret.hex(),
-            "bridge_key": bridge_key.hex(),  # the broker takes as bridge only who shows it
-            "log_to_file": log_line is not None,
-            "log_level": config.log_level,
-        }
+        # What the bridge, a fork of this process, finds in its memory.
+        self._federation = config.federation
+        self._secret = secret
+        self._bridge_key = bridge_key  # the broker takes as bridge only who shows it
+        self._broker: Tuple[Address, bytes] = ("", b"")  # start() says which
+        self._log_level = config.log_level
         self._log_line = log_line
         self._dial: Callable[[], socket.socket] = socket.socket  # start() says how
         self._stopping = threading.Event()
@@ -82,7 +80,7 @@ class BridgeSupervisor:
         *authkey*, over a connection *dial* opens for each bridge (``Broker.open_pair``:
         the bridge, as mpubsubd's user, may open neither the credentials file nor the
         socket's)."""
-        self._settings.update(address=address, authkey=authkey.hex())
+        self._broker = (address, authkey)
         self._dial = dial
         self._thread.start()
 
@@ -136,7 +134,7 @@ class BridgeSupervisor:
                 try:
                     fds = [connected.fileno(), levels]
                     fds += [write_end] if write_end is not None else []
-                    code = _run_bridge(self._settings, fds)
+                    code = self._be_the_bridge(fds)
                 except BaseException:  # never back into the broker's code: said, then gone
                     traceback.print_exc()
                 finally:
@@ -153,11 +151,43 @@ class BridgeSupervisor:
 
     def set_log_level(self, level: str) -> None:
         """At reload: the running bridge logs at *level* from now on, and so do the next."""
-        self._settings["log_level"] = level
+        self._log_level = level
         levels = self._levels
         if levels is not None:
             with contextlib.suppress(OSError):  # no bridge now, or a stuck one: the next
                 os.write(levels, f"{level}\n".encode())
+
+    def _be_the_bridge(self, fds: List[int]) -> int:
+        """The forked bridge's life; its exit status.
+
+        Of what it inherited it keeps stdin, stdout, stderr and *fds* only: a
+        client's socket or the broker's end of the bridge's own pair, kept open
+        here, would hide the broker's death from its peers. The broker's objects
+        that held the rest are never finalized here (gc.freeze), so that none
+        closes a number the bridge has opened meanwhile.
+        """
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(signum, signal.SIG_DFL)  # the broker's handlers are not the bridge's
+        gc.freeze()
+        os.chdir("/")  # it holds no directory mpubsubd was started in (-f from anywhere)
+        keep = sorted({0, 1, 2, *fds})
+        for low, high in zip(keep, [*keep[1:], os.sysconf("SC_OPEN_MAX")]):
+            os.closerange(low + 1, high)
+        if self._log_line is not None:  # stderr is the log pipe from now on
+            os.dup2(fds[2], 2)
+        # A stderr of its own: the broker's may have been locked by another thread at fork.
+        sys.stderr = open(2, "w", encoding="utf-8", errors="backslashreplace", closefd=False)  # noqa: SIM115
+        _name_process(b"mpubsubd-bridge")
+        from ._bridge import Bridge, main  # noqa: PLC0415  (only the bridge needs nats)
+
+        bridge = Bridge(
+            self._federation,
+            self._broker,
+            self._secret,
+            self._bridge_key,
+            connected=socket.socket(fileno=fds[0]),
+        )
+        return main(bridge, fds[1], log_to_file=self._log_line is not None, level=self._log_level)
 
     def _copy_lines(self, stream: IO[bytes]) -> None:
         """The bridge's lines into mpubsubd's log file, until the bridge exits."""
@@ -178,36 +208,6 @@ def _new_levels_pipe(old: Optional[int]) -> Tuple[int, int]:
     read_end, write_end = os.pipe()
     os.set_blocking(write_end, False)
     return read_end, write_end
-
-
-def _run_bridge(settings: Dict[str, Any], fds: List[int]) -> int:
-    """The forked bridge's life; its exit status.
-
-    Of what it inherited it keeps stdin, stdout, stderr and *fds* only: a
-    client's socket or the broker's end of the bridge's own pair, kept open
-    here, would hide the broker's death from its peers. The broker's objects
-    that held the rest are never finalized here (gc.freeze), so that none
-    closes a number the bridge has opened meanwhile.
-    """
-    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(signum, signal.SIG_DFL)  # the broker's handlers are not the bridge's
-    gc.freeze()
-    os.chdir("/")  # it holds no directory mpubsubd was started in (-f from anywhere)
-    keep = sorted({0, 1, 2, *fds})
-    for low, high in zip(keep, [*keep[1:], os.sysconf("SC_OPEN_MAX")]):
-        os.closerange(low + 1, high)
-    if len(fds) > 2:  # stderr is the log pipe from now on
-        os.dup2(fds.pop(), 2)
-    # A stderr of its own: the broker's may have been locked by another thread at fork.
-    sys.stderr = open(2, "w", encoding="utf-8", errors="backslashreplace", closefd=False)  # noqa: SIM115
-    _name_process(b"mpubsubd-bridge")
-    from ._bridge import main  # noqa: PLC0415  (only the bridge needs nats)
-
-    try:
-        main(settings, fds)
-    except SystemExit as exc:
-        return exc.code if isinstance(exc.code, int) else 1
-    return 0
 
 
 def _name_process(name: bytes) -> None:

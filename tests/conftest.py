@@ -92,6 +92,20 @@ def wait_for(condition: Callable[[], Any], timeout: float = 10.0, what: str = "c
 VENV_WHEELS = Path(sys.prefix) / "wheels"
 
 
+def wait_closed(sock: socket.socket, what: str, timeout: float = 10.0) -> None:
+    """Read *sock* until its peer closes it (data before is dropped); TimeoutError after
+    *timeout* seconds."""
+    sock.settimeout(0.1)
+
+    def closed() -> bool:
+        try:
+            return sock.recv(4096) == b""
+        except socket.timeout:
+            return False
+
+    wait_for(closed, timeout, what)
+
+
 def make_install(
     base: Path, *variables: str, target: str = "install", wheels: Path = VENV_WHEELS
 ) -> str:

@@ -24,6 +24,7 @@ from .conftest import (
     alive,
     make_install,
     stopped,
+    wait_closed,
     wait_for,
 )
 from .processes import stop_process
@@ -862,15 +863,7 @@ def test_reload_changes_the_handshake_timeout_at_once(mpubsubd: Daemon) -> None:
     assert "WARNING" not in log
     with socket.socket(socket.AF_UNIX) as silent:
         silent.connect(str(mpubsubd.socket))
-        silent.settimeout(0.2)
-
-        def cut() -> bool:
-            try:
-                return silent.recv(4096) == b""
-            except socket.timeout:
-                return False
-
-        wait_for(cut, what="the silent peer to be cut")
+        wait_closed(silent, what="the silent peer to be cut")
 
 
 def test_refused_reload_still_reopens_the_log(mpubsubd: Daemon) -> None:

@@ -12,7 +12,7 @@ import pytest
 
 from mpubsub import Broker, NetPubSub
 
-from .conftest import wait_for
+from .conftest import wait_closed, wait_for
 
 
 @pytest.fixture
@@ -70,15 +70,7 @@ def test_a_new_handshake_cap_holds_for_the_next_peer(serving: Broker) -> None:
         first.connect(serving.address)
         assert first.recv(1)  # accepted: the challenge begins
         second.connect(serving.address)
-        first.settimeout(0.1)
-
-        def closed() -> bool:
-            try:
-                return first.recv(4096) == b""
-            except socket.timeout:
-                return False
-
-        wait_for(closed, what="the first handshake to make room")
+        wait_closed(first, what="the first handshake to make room")
 
 
 def test_a_smaller_route_cache_starts_afresh(
