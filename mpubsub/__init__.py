@@ -17,6 +17,7 @@ over NATS; of the library's insides it uses ``_for_mpubsubd.py`` only.
 """
 
 from ._broker import Broker
+from ._identity import Sender, current_sender
 from ._netpubsub import NetPubSub
 from ._pubsub import ErrorHandler, PubSub
 from .errors import AuthenticationError, CredentialsError, MPubSubError, ProtocolError
@@ -30,7 +31,9 @@ __all__ = [
     "NetPubSub",
     "ProtocolError",
     "PubSub",
+    "Sender",
     "__version__",
+    "current_sender",
 ]
 
 __version__ = "0.1.0"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import errno
+import functools
 import logging
 import multiprocessing
 import os
@@ -15,15 +16,25 @@ import socket
 import tempfile
 import threading
 import time
-from typing import Any, Callable, Deque, Dict, Optional, Tuple
+from typing import Any, Callable, Deque, Dict, List, Optional, Tuple
 
 from . import _protocol as proto
+from ._accounts import (
+    DEFAULT_MAX_BUFFER_PER_USER,
+    DEFAULT_MAX_CONNECTIONS_PER_USER,
+    DEFAULT_MAX_SUBSCRIPTIONS_PER_USER,
+    Accounts,
+    Quotas,
+)
 from ._clients import Clients, Settings
 from ._credentials import family_of
 from ._exchange import Exchange
 from ._handshake import DEFAULT_HANDSHAKE_TIMEOUT
+from ._identity import identify
+from ._policy import Policy
 from ._routing import DEFAULT_CACHE_BYTES
-from ._sockets import peer_of, raise_file_limit, remove_stale_socket, warn_if_exposed
+from ._session import Session
+from ._sockets import raise_file_limit, remove_stale_socket, warn_if_exposed
 from ._stats import BrokerStatistics, Counters, Throttle
 
 logger = logging.getLogger("mpubsub.broker")
@@ -58,6 +69,18 @@ CAPS: Dict[str, Tuple[int, str]] = {
     ),
     "max_input_buffer": (DEFAULT_MAX_INPUT_BUFFER, "bytes of unfinished frames, all clients"),
     "route_cache_bytes": (DEFAULT_ROUTE_CACHE_BYTES, "bytes of cached routes"),
+    "max_connections_per_user": (
+        DEFAULT_MAX_CONNECTIONS_PER_USER,
+        "connections of one user (Unix socket) or IP address (TCP)",
+    ),
+    "max_subscriptions_per_user": (
+        DEFAULT_MAX_SUBSCRIPTIONS_PER_USER,
+        "subscriptions of one user's connections together",
+    ),
+    "max_buffer_per_user": (
+        DEFAULT_MAX_BUFFER_PER_USER,
+        "bytes waiting for one user's connections together (past it, its slowest is cut)",
+    ),
 }
 _MAX_CAP = 2**32 - 1  # what WELCOME can announce
 #: What ``Broker.reconfigure`` may change while it serves: the settings
@@ -71,6 +94,10 @@ LIVE_SETTINGS = (
     "max_handshakes_per_peer",
     "max_input_buffer",
     "route_cache_bytes",
+    "max_connections_per_user",
+    "max_subscriptions_per_user",
+    "max_buffer_per_user",
+    "policy",
 )
 # Descriptors kept free of clients: the listener, the wake-up pair, the log...
 _SPARE_FILES = 16
@@ -155,6 +182,10 @@ class Broker:
         max_handshakes_per_peer: int = DEFAULT_MAX_HANDSHAKES_PER_PEER,
         max_input_buffer: int = DEFAULT_MAX_INPUT_BUFFER,
         route_cache_bytes: int = DEFAULT_ROUTE_CACHE_BYTES,
+        max_connections_per_user: int = DEFAULT_MAX_CONNECTIONS_PER_USER,
+        max_subscriptions_per_user: int = DEFAULT_MAX_SUBSCRIPTIONS_PER_USER,
+        max_buffer_per_user: int = DEFAULT_MAX_BUFFER_PER_USER,
+        policy: Optional[Policy] = None,
         bridge_key: Optional[bytes] = None,
     ) -> None:
         if max_topic_size > max_message_size:
@@ -177,6 +208,10 @@ class Broker:
             max_handshakes_per_peer=max_handshakes_per_peer,
             max_input_buffer=max_input_buffer,
             route_cache_bytes=route_cache_bytes,
+            max_connections_per_user=max_connections_per_user,
+            max_subscriptions_per_user=max_subscriptions_per_user,
+            max_buffer_per_user=max_buffer_per_user,
+            policy=policy if policy is not None else Policy(),
         )
         _check_live(live, max_message_size)
         authkey = authkey if authkey is not None else multiprocessing.current_process().authkey
@@ -201,6 +236,9 @@ class Broker:
             stats=self._stats,
             throttles=self._throttles,
             statistics=self.statistics,
+            policy=live["policy"],
+            accounts=Accounts(Quotas()),
+            clients=self._active,
         )
         self._live = live
         self._files = 0  # the open file limit, once start() raised it
@@ -210,6 +248,9 @@ class Broker:
         self._scheduled: Deque[Callable[[], None]] = collections.deque()
         self._accept_again = 0.0  # when accepting resumes after running out of descriptors
         self._selector: Optional[selectors.BaseSelector] = None
+
+    def _active(self) -> List[Session]:
+        return self._clients.active()
 
     def _settings(self, authkey: bytes) -> Settings:
         live = self._live
@@ -231,6 +272,11 @@ class Broker:
             max_input=live["max_input_buffer"] + proto.HEADER.size,
             max_handshakes=live["max_handshakes"],
             max_handshakes_per_peer=live["max_handshakes_per_peer"],
+            quotas=Quotas(
+                live["max_connections_per_user"],
+                live["max_subscriptions_per_user"],
+                live["max_buffer_per_user"],
+            ),
         )
 
     def reconfigure(self, **changes: Any) -> None:
@@ -249,6 +295,8 @@ class Broker:
         self._live = live
         self._clients.apply(self._settings(self._clients.settings.authkey))
         self._exchange.set_cache_bytes(live["route_cache_bytes"])
+        if live["policy"] != self._exchange.policy:
+            self._exchange.set_policy(live["policy"])
 
     @property
     def address(self) -> Any:
@@ -290,7 +338,7 @@ class Broker:
         other). For a process that may not open the broker's socket file: mpubsubd's
         federation bridge, once mpubsubd serves as its own user. Safe from any thread."""
         ours, theirs = socket.socketpair()
-        self.schedule(lambda: self._clients.admit(ours, "a socket pair"))
+        self.schedule(lambda: self._clients.admit(ours, lambda: identify(ours, "pair")))
         return theirs
 
     def schedule(self, callback: Callable[[], None]) -> None:
@@ -366,7 +414,7 @@ class Broker:
                 self._accept_again = 0.0
                 self._selector.register(self._listener, selectors.EVENT_READ)
             if now >= next_expiry:
-                self._stats.tick(now)
+                self._stats.tick(now, self._stats.totals(clients.active())[0])
                 clients.expire_handshakes(now)
                 next_expiry = now + 0.5
 
@@ -383,7 +431,7 @@ class Broker:
     def _accept(self) -> None:
         for _ in range(64):
             try:
-                sock, addr = self._listener.accept()
+                sock, _address = self._listener.accept()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
@@ -393,7 +441,7 @@ class Broker:
                 if exc.errno not in _ACCEPT_TRANSIENT:
                     self._throttles["accept"].warning("accept failed: %s", exc)
                 continue  # that connection failed before we took it; the next may not
-            self._clients.admit(sock, peer_of(sock, addr))
+            self._clients.admit(sock, functools.partial(identify, sock, "unix"))
 
     def _pause_accepting(self, exc: OSError) -> None:
         # Out of descriptors: stop accepting for a moment (the backlog
@@ -410,20 +458,22 @@ class Broker:
         """A snapshot of the broker's figures (call it from the broker's own thread)."""
         active = self._clients.active()
         stats = self._stats
+        messages_in, bytes_in, messages_out, bytes_out = stats.totals(active)
         return BrokerStatistics(
             uptime=time.monotonic() - stats.started,
             clients=len(active)
             - (self._exchange.bridge is not None),  # the bridge is in federation
             subscriptions=sum(len(c.subs) for c in active),
-            messages_in=stats.messages_in,
-            bytes_in=stats.bytes_in,
-            messages_out=stats.messages_out,
-            bytes_out=stats.bytes_out,
+            messages_in=messages_in,
+            bytes_in=bytes_in,
+            messages_out=messages_out,
+            bytes_out=bytes_out,
             messages_per_second=stats.rate,
             slow_consumers=stats.slow_consumers,
             refused=stats.refused,
             largest_buffer=max((c.held for c in active), default=0),
             federation=self._exchange.federation_figures(),
+            denied=stats.denied,
         )
 
     # --- routing and output ------------------------------------------------
@@ -455,9 +505,19 @@ def _check_live(live: Dict[str, Any], max_message_size: int) -> None:
         raise ValueError("max_buffer must be at least max_message_size")
     if live["max_input_buffer"] < max_message_size:
         raise ValueError("max_input_buffer must be at least max_message_size")
-    for name in ("max_connections", "max_handshakes", "max_handshakes_per_peer"):
+    for name in (
+        "max_connections",
+        "max_handshakes",
+        "max_handshakes_per_peer",
+        "max_connections_per_user",
+        "max_subscriptions_per_user",
+    ):
         if not 1 <= live[name] <= _MAX_CAP:
             raise ValueError(f"{name} must be at least 1 and at most {_MAX_CAP}")
+    if live["max_buffer_per_user"] < live["max_buffer"]:
+        raise ValueError("max_buffer_per_user must be at least max_buffer")
+    if not isinstance(live["policy"], Policy):
+        raise TypeError("policy must be a Policy")
     if live["route_cache_bytes"] < 0:
         raise ValueError("route_cache_bytes must not be negative")
     if live["timeout"] <= 0:

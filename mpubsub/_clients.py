@@ -14,12 +14,14 @@ import logging
 import selectors
 import socket
 import time
-from typing import Dict, Iterator, List, Optional, Set
+from typing import Callable, Dict, Iterator, List, Optional, Set
 
 from . import _protocol as proto
+from ._accounts import Quotas
 from ._admission import Eviction, Handshakes
 from ._exchange import Exchange
 from ._handshake import ServerHandshake
+from ._identity import Identity
 from ._session import Session
 from ._stats import Counters, Throttle
 from ._text import reason
@@ -55,6 +57,7 @@ class Settings:
     max_input: int  # unfinished frames, all clients together, header room included
     max_handshakes: int
     max_handshakes_per_peer: int
+    quotas: Quotas
 
 
 class Clients:
@@ -87,6 +90,7 @@ class Clients:
         """Take new *settings*, for what comes next (connections already over a cap stay)."""
         self.settings = settings
         self._handshakes.set_caps(settings.max_handshakes, settings.max_handshakes_per_peer)
+        self._exchange.accounts.quotas = settings.quotas
 
     def active(self) -> List[Session]:
         """The clients that completed their handshake."""
@@ -140,12 +144,26 @@ class Clients:
             if sock.fileno() >= 0 and sock.fileno() not in self._by_fd:
                 sock.close()
 
-    def admit(self, sock: socket.socket, peer: str) -> None:
-        """Take a new connection from *peer*, or refuse it (at max_connections)."""
+    def admit(self, sock: socket.socket, identify: Callable[[], Identity]) -> None:
+        """Take a new connection from whom *identify* says, or refuse it (at
+        max_connections, or its user's max_connections_per_user)."""
         with self._boundary_of_new(sock):
-            self._admit(sock, peer)
+            self._admit(sock, identify())
 
-    def _admit(self, sock: socket.socket, peer: str) -> None:
+    def _admit(self, sock: socket.socket, identity: Identity) -> None:
+        peer = identity.account
+        accounts = self._exchange.accounts
+        if not accounts.may_connect(peer):
+            sock.close()
+            self._stats.refused += 1
+            self._throttles[f"quota {peer}"].warning(
+                "refusing a connection from %s: %s has %d connections, its limit "
+                "(max_connections_per_user)",
+                identity.describe(),
+                peer,
+                accounts.quotas.connections,
+            )
+            return
         if len(self._by_fd) >= self.settings.max_connections and self._handshakes:
             # Connections that never authenticate must not fill the broker.
             self._make_room(self._handshakes.busiest("max_connections", len(self._by_fd)))
@@ -164,10 +182,16 @@ class Clients:
         self._count += 1
         opening = ServerHandshake(self.settings.authkey, self.settings.limits)
         client = Session(
-            sock, self._count, time.monotonic() + self.settings.handshake_timeout, opening, peer
+            sock,
+            self._count,
+            time.monotonic() + self.settings.handshake_timeout,
+            opening,
+            identity=identity,
+            access=self._exchange.policy.access(identity),
         )
         client.send_now(opening.data_to_send())
         self._by_fd[sock.fileno()] = client
+        accounts.connected(peer)
         self._handshakes.add(client)
         assert self.selector is not None
         self.selector.register(sock, selectors.EVENT_READ, client)
@@ -186,7 +210,9 @@ class Clients:
     def _drop(self, client: Session, level: int, reason: str) -> None:
         if client.sock.fileno() < 0:
             return
-        logger.log(level, "closing %s: %s", client.name, reason)
+        if client.active and level < logging.INFO and not self.stopping:
+            level = logging.INFO  # a client that was connected: its leaving is news
+        logger.log(level, "%s %s: %s", client.name, _verb(level, client), reason)
         fd = client.sock.fileno()
         assert self.selector is not None
         self.selector.unregister(client.sock)
@@ -203,6 +229,9 @@ class Clients:
         self._exchange.forget(client)
         client.out.clear()
         client.out_size = 0
+        self._charge(client)
+        self._exchange.accounts.disconnected(client.peer)
+        self._stats.add(client)
 
     def expire_handshakes(self, now: float) -> None:
         for client in self._handshakes.late(now):
@@ -252,7 +281,8 @@ class Clients:
             return b""
         client.decoder = proto.FrameDecoder(self.settings.limits.max_message)
         self._handshakes.discard(client)
-        logger.debug("%s connected", client.name)
+        client.stamped = opening.version >= 2
+        logger.info("%s connected", client.name)
         return opening.trailing
 
     def _handle_guarded(self, client: Session, frames: List[proto.Frame]) -> None:
@@ -307,7 +337,19 @@ class Clients:
                 with self._boundary(client):
                     self._flush(client)
 
+    def _charge(self, client: Session) -> None:
+        """Charge what waits for *client* to its account (once a round, not per message)."""
+        held = client.held
+        self._exchange.accounts[client.peer].held += held - client.accounted
+        client.accounted = held
+
     def _flush(self, client: Session) -> None:
+        self._charge(client)
+        account = self._exchange.accounts[client.peer]
+        if account.held > self.settings.quotas.buffer:
+            self._cut_slowest(client.peer, account.held)
+            if client.sock.fileno() < 0:
+                return
         if client.held > self.settings.max_buffer:
             if client is self._exchange.bridge:
                 self._shed_for_bridge(client)
@@ -320,12 +362,29 @@ class Clients:
                 self._drop(
                     client,
                     logging.WARNING,
-                    f"slow consumer: {client.held} bytes waiting, "
+                    f"slow consumer, {client.held} bytes waiting, "
                     f"over the limit of {self.settings.max_buffer} (max_buffer)",
                 )
                 return
         if not client.writing:
             self._write(client)
+
+    def _cut_slowest(self, peer: str, held: int) -> None:
+        """*peer*'s connections hold more than its quota: its slowest one goes."""
+        slowest = max(
+            (c for c in self._by_fd.values() if c.peer == peer and c is not self._exchange.bridge),
+            key=lambda c: c.held,
+            default=None,
+        )
+        if slowest is None:
+            return
+        self._stats.slow_consumers += 1
+        self._drop(
+            slowest,
+            logging.WARNING,
+            f"slow consumer, {slowest.held} bytes waiting, while {peer}'s connections hold "
+            f"{held}, over its limit of {self.settings.quotas.buffer} (max_buffer_per_user)",
+        )
 
     def _shed_for_bridge(self, bridge: Session) -> None:
         # The bridge is not cut off like a slow consumer (it would come back
@@ -350,6 +409,7 @@ class Clients:
         except OSError as exc:
             self._drop(client, logging.DEBUG, f"send failed: {reason(exc)}")
             return
+        self._charge(client)
         self._want_write(client, waiting)
 
     def _want_write(self, client: Session, want: bool) -> None:
@@ -358,3 +418,10 @@ class Clients:
             events = selectors.EVENT_READ | (selectors.EVENT_WRITE if want else 0)
             assert self.selector is not None
             self.selector.modify(client.sock, events, client)
+
+
+def _verb(level: int, client: Session) -> str:
+    """How a log line says a connection ends: cut off for trouble, else disconnected."""
+    if not client.active:
+        return "closed"
+    return "cut off" if level >= logging.WARNING else "disconnected"

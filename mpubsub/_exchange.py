@@ -17,9 +17,13 @@ import time
 from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
 from . import _protocol as proto
+from ._accounts import Accounts
+from ._identity import Identity, relayed, sender_of
+from ._policy import Policy
 from ._routing import Router
 from ._session import SEND_CHUNK, Session
 from ._stats import BrokerStatistics, Counters, Throttle
+from ._topics import format_topic
 from .errors import ProtocolError
 
 logger = logging.getLogger("mpubsub.broker")
@@ -31,7 +35,8 @@ class Exchange:
     """Routing, subscriptions, requests and the federation bridge's feed, for all clients.
 
     *statistics* gives the broker's figures for a STATS request;
-    *throttles* rate-limit its log lines, by subject.
+    *throttles* rate-limit its log lines, by subject. *policy* says who may
+    publish and subscribe to what, *accounts* what each user holds.
     """
 
     def __init__(
@@ -43,11 +48,17 @@ class Exchange:
         stats: Counters,
         throttles: Dict[str, Throttle],
         statistics: Callable[[], BrokerStatistics],
+        policy: Policy,
+        accounts: Accounts,
+        clients: Callable[[], List[Session]],
     ) -> None:
         self._limits = limits
         self._router: Router[Session] = Router(
-            route_cache_bytes, self._checked_topic, self._route_cache_full
+            route_cache_bytes, self._checked_topic, self._route_cache_full, Session.may_receive
         )
+        self.policy = policy
+        self.accounts = accounts
+        self._clients = clients
         self._routes = self._router.routes  # the one lookup of the hot path
         self.dirty: Set[Session] = set()  # sessions with something new to send
         self._bridge_key = bridge_key
@@ -61,6 +72,16 @@ class Exchange:
     def set_cache_bytes(self, cache_bytes: int) -> None:
         """A new cap on the cache of routes (it starts afresh when next past it)."""
         self._router.cache_bytes = cache_bytes
+
+    def set_policy(self, policy: Policy) -> None:
+        """From now on *policy* holds, for every client: the routes are computed again.
+
+        A subscription the new policy forbids stays, and brings nothing."""
+        self.policy = policy
+        for client in self._clients():
+            client.grant(policy.access(client.identity))
+            client.told.clear()
+        self._router.clear_cache()
 
     def forget(self, client: Session) -> None:
         """*client* is gone: its subscriptions go, and if it was the bridge, the bridge."""
@@ -90,8 +111,12 @@ class Exchange:
                 self._reply(client, _PONG)
             elif kind == proto.STATS:
                 self._reply(client, self._stats_reply())
+            elif kind == proto.CLIENTS:
+                self._reply(client, self._clients_reply(client))
             elif kind == proto.BRIDGE:
                 self._attach_bridge(client, frame)
+            elif kind == proto.SENDER and client is self.bridge:
+                self._relay_for(client, frame)
             elif kind == proto.FEDERATION and client is self.bridge:
                 self._report = proto.federation_figures(frame)
             else:
@@ -111,6 +136,54 @@ class Exchange:
             body = json.dumps(dataclasses.asdict(self._statistics())).encode()
             self._snapshot = (now, proto.frame(proto.STATS_REPLY, body))
         return self._snapshot[1]
+
+    def _clients_reply(self, client: Session) -> bytes:
+        body: Dict[str, Any]
+        if not client.access.may("admin", b""):
+            self._deny(client, "admin", b"", "listing clients needs the admin right on /")
+            body = {"denied": f"{client.name} may not list clients: it needs the admin right on /"}
+        else:
+            body = {"clients": [self.describe(c) for c in self._clients()]}
+        return proto.frame(proto.CLIENTS_REPLY, json.dumps(body).encode())
+
+    def describe(self, client: Session) -> Dict[str, Any]:
+        """What ``mpubsub clients`` shows of *client*."""
+        who = client.identity
+        return {
+            "id": client.number,
+            "user": who.user,
+            "uid": who.uid,
+            "gid": who.gid,
+            "pid": who.pid,
+            "command": who.command,
+            "address": who.describe() if who.address is not None else None,
+            "since": client.since,
+            "bridge": client is self.bridge,
+            "subscriptions": len(client.subs),
+            "topics": sorted(format_topic(proto.decode_topic(t)) for t in client.subs),
+            "messages_in": client.messages_in,
+            "bytes_in": client.bytes_in,
+            "messages_out": client.messages_out,
+            "bytes_out": client.bytes_out,
+            "waiting": client.held,
+            "denied": client.denied,
+            "dropped": client.dropped,
+        }
+
+    def _deny(self, client: Session, right: str, topic: bytes, reason: str) -> None:
+        """Refuse *client* its *right* on *topic*: counted, logged, and told once."""
+        client.denied += 1
+        self._stats.denied += 1
+        self._throttles[f"denied {client.number}"].warning(
+            "%s denied: %s on %s (%s)",
+            client.name,
+            right,
+            format_topic(proto.decode_topic(topic)),
+            reason,
+        )
+        if client.stamped and (right, topic) not in client.told and len(client.told) < 1024:
+            client.told.add((right, topic))
+            self._reply(client, proto.denied_frame(right, topic, reason))
 
     def federation_figures(self) -> Optional[Dict[str, Any]]:
         """The bridge's last report, with what the broker dropped for it; None if never one."""
@@ -141,6 +214,19 @@ class Exchange:
             raise ProtocolError("the bridge receives every message without subscribing")
         if topic in client.subs:
             return
+        if not client.access.may("subscribe", topic):
+            self._deny(client, "subscribe", topic, "the policy forbids it")
+            return
+        account = self.accounts[client.peer]
+        if account.subscriptions >= self.accounts.quotas.subscriptions:
+            self._deny(
+                client,
+                "subscribe",
+                topic,
+                f"{client.peer} has {account.subscriptions} subscriptions, "
+                "its limit (max_subscriptions_per_user)",
+            )
+            return
         if len(client.subs) >= self._limits.max_subscriptions:
             raise ProtocolError(
                 f"more than {self._limits.max_subscriptions} subscriptions (max_subscriptions)"
@@ -152,6 +238,11 @@ class Exchange:
             )
         client.subs.add(topic)
         client.sub_bytes += len(topic)
+        account.subscriptions += 1
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug(
+                "%s subscribed to %s", client.name, format_topic(proto.decode_topic(topic))
+            )
         if self._router.subscribe(client, topic) and self.bridge is not None:
             self.dirty.add(self.bridge)  # the bridge is told of a new topic
 
@@ -160,6 +251,7 @@ class Exchange:
             return
         client.subs.discard(topic)
         client.sub_bytes -= len(topic)
+        self.accounts[client.peer].subscriptions -= 1
         if self._router.unsubscribe(client, topic) and self.bridge is not None:
             self.dirty.add(self.bridge)  # and of a topic nobody wants any more
 
@@ -173,9 +265,20 @@ class Exchange:
         if client.subs:
             raise ProtocolError("a client with subscriptions cannot become the bridge")
         self.bridge = client
+        # What it relays is other hosts' doing: the federation subject's rights hold.
+        client.identity = Identity("federation")
+        client.grant(self.policy.access(client.identity))
+        client.stamp = client.identity.stamp()
         self._router.set_everything(client)  # and tells it every topic subscribed to
         self.dirty.add(client)
         logger.info("%s is the federation bridge", client.name)
+
+    def _relay_for(self, bridge: Session, frame: bytes) -> None:
+        """The bridge's next messages are those of the sender its SENDER frame names."""
+        sender = sender_of(proto.body_of(frame))
+        if not sender.host:
+            raise ProtocolError("the bridge's SENDER frame names no host")
+        bridge.stamp = relayed(sender, sender.host).stamp()
 
     def queue_interest(self, bridge: Session) -> bool:
         """Queue the bridge's next SUB/UNSUB frames, about one send's worth; False if none."""
@@ -186,19 +289,29 @@ class Exchange:
         return bool(frames)
 
     def _route(self, sender: Session, frame: bytes) -> int:
-        """Queue *frame* for its subscribers; how many it went to."""
-        targets = self._routes[proto.pub_topic(frame)]
+        """Queue *frame* for its subscribers, each told who sent it; how many it went to."""
+        topic = proto.pub_topic(frame)
         size = len(frame)
+        sender.messages_in += 1
+        sender.bytes_in += size
+        if sender.publishable is not None and not sender.publishable[topic]:
+            self._checked_topic(topic)
+            self._deny(sender, "publish", topic, "the policy forbids it")
+            return 1
+        targets = self._routes[topic]
         dirty = self.dirty
-        stats = self._stats
-        stats.messages_in += 1
-        stats.bytes_in += size
+        stamp = sender.stamp
         for target in targets:  # Session.queue, inlined: the hot path
             if target is sender:
                 continue
+            if target.last_stamp is not stamp:  # another sender: say who, once
+                target.last_stamp = stamp
+                if target.stamped:
+                    target.out.append(stamp)
+                    target.out_size += len(stamp)
             target.out.append(frame)
             target.out_size += size
             dirty.add(target)
-            stats.messages_out += 1
-            stats.bytes_out += size
+            target.messages_out += 1
+            target.bytes_out += size
         return len(targets)

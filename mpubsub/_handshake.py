@@ -175,6 +175,8 @@ class ServerHandshake(_Handshake):
     def __init__(self, authkey: bytes, limits: proto.Limits) -> None:
         super().__init__(authkey)
         self._welcome = proto.frame(proto.WELCOME, proto.welcome_body(limits))
+        #: The protocol version the client said HELLO with, once it did.
+        self.version = 0
         self._challenge_peer()
 
     def _frame_size(self, size: int, kind: int) -> int:
@@ -194,10 +196,12 @@ class ServerHandshake(_Handshake):
                 raise AuthenticationError("the client refused the broker's key")
         else:  # HELLO
             version = proto.hello_version(message)
-            if version != proto.VERSION:
+            if version not in proto.VERSIONS:
                 raise ProtocolError(
-                    f"unsupported protocol version {version}; this broker speaks {proto.VERSION}"
+                    f"unsupported protocol version {version}; this broker speaks "
+                    f"{' and '.join(map(str, sorted(proto.VERSIONS)))}"
                 )
+            self.version = version
             self._out += self._welcome
 
 

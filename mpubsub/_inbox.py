@@ -14,10 +14,11 @@ import contextlib
 import logging
 import select
 import socket
-from typing import Counter, Deque, Dict, List, Optional
+from typing import Counter, Deque, Dict, List, Optional, Set, Tuple
 
 from . import _protocol as proto
 from ._text import reason
+from ._topics import format_topic
 from .errors import ProtocolError
 
 logger = logging.getLogger("mpubsub.net")
@@ -25,6 +26,9 @@ logger = logging.getLogger("mpubsub.net")
 # Messages read and not yet delivered by poll() past which nothing more is read.
 MAX_INBOX = 64 * 1024 * 1024
 _RECV_SIZE = 64 * 1024
+_MESSAGES = (proto.PUB, proto.SENDER)
+_ANSWERS = (proto.PONG, proto.STATS_REPLY, proto.CLIENTS_REPLY)
+_MAX_WARNED = 1024  # topics refused whose WARNING is not repeated
 
 
 class Inbox:
@@ -38,6 +42,12 @@ class Inbox:
         self._answered: Counter[int] = collections.Counter()
         self._ready: Optional[_Readiness] = None  # behind fileno(), once asked for
         self._decoder = proto.FrameDecoder(proto.DEFAULT_MAX_MESSAGE)
+        #: What the broker refused since the last flush(): right, topic, reason.
+        self.refusals: List[Tuple[str, Tuple[str, ...], str]] = []
+        #: The topics (encoded) the broker refused this client to publish on, on this
+        #: connection: publishing there again is refused again, without a word.
+        self.unpublishable: Dict[bytes, Tuple[str, Tuple[str, ...], str]] = {}
+        self._warned: Set[Tuple[str, Tuple[str, ...]]] = set()
 
     @property
     def full(self) -> bool:
@@ -71,16 +81,28 @@ class Inbox:
         if self._ready is not None and not self._messages and frames:
             self._ready.wake()  # poll() has work, whatever the socket says
         for kind, frame in frames:
-            if kind == proto.PUB:
+            if kind in _MESSAGES:  # SENDER: who sent the next ones
                 self._messages.append(frame)
                 self.size += len(frame)
-            elif kind in (proto.PONG, proto.STATS_REPLY):
+            elif kind == proto.DENIED:
+                self._refused(frame)
+            elif kind in _ANSWERS:
                 if self._answered[kind] >= self._asked[kind]:
                     raise ProtocolError("an answer to nothing asked")
                 self._replies[kind] = frame
                 self._answered[kind] += 1
             elif kind == proto.ERROR:
                 logger.error("broker error: %s", proto.reason_of(frame))
+
+    def _refused(self, frame: bytes) -> None:
+        right, topic, _ = refusal = proto.denied_parts(frame)
+        self.refusals.append(refusal)
+        if right == "publish":
+            self.unpublishable[proto.encode_topic(topic)] = refusal
+        if (right, topic) not in self._warned:
+            if len(self._warned) < _MAX_WARNED:
+                self._warned.add((right, topic))
+            logger.warning("the broker refused to %s", describe_refusal(refusal))
 
     def messages(self) -> List[bytes]:
         """The messages kept, no longer kept."""
@@ -104,6 +126,7 @@ class Inbox:
         """What was asked of the last connection is not answered on *sock*, whose
         broker accepts messages of up to *max_message* bytes (and sends no larger)."""
         self._decoder = proto.FrameDecoder(max_message)
+        self.unpublishable.clear()  # its policy may have changed meanwhile
         self._asked.clear()
         self._answered.clear()
         if self._ready is not None:
@@ -118,6 +141,13 @@ class Inbox:
             if self._messages:
                 self._ready.wake()
         return self._ready.fileno()
+
+
+def describe_refusal(refusal: Tuple[str, Tuple[str, ...], str]) -> str:
+    """``publish on sensor/x: the policy forbids it``, from a DENIED frame's parts."""
+    right, topic, why = refusal
+    verb = {"subscribe": "subscribe to", "admin": "administer"}.get(right, "publish on")
+    return f"{verb} {format_topic(topic)}: {why}"
 
 
 class _Readiness:

@@ -17,6 +17,8 @@ from typing import Any, Callable, Dict, List, Optional, Set, Tuple, Type, TypeVa
 
 from . import _protocol as proto
 from ._credentials import read_credentials
+from ._identity import Sender, sender_of, set_sender
+from ._inbox import describe_refusal
 from ._link import Link, State, wait
 from ._memo import Memo
 from ._pubsub import ErrorHandler, PubSub
@@ -25,6 +27,7 @@ from ._requests import Requests
 from ._text import printable
 from ._topics import as_topic
 from ._types import Subscriber, Topic
+from .errors import ProtocolError
 
 logger = logging.getLogger("mpubsub.net")
 
@@ -40,6 +43,7 @@ _LARGE = 32 * 1024
 _PING = proto.frame(proto.PING, b"")
 _T = TypeVar("_T")
 _STATS = proto.frame(proto.STATS, b"")
+_CLIENTS = proto.frame(proto.CLIENTS, b"")
 
 
 class NetPubSub(PubSub):
@@ -82,6 +86,10 @@ class NetPubSub(PubSub):
         self._loads: Callable[[bytes], Any] = pickle.loads
         self._delivering = threading.Lock()  # held by the thread in poll() or wait_forever()
         self._poller: Optional[int] = None  # that thread
+        # Who sent the broker's next messages (its last SENDER frame), and the
+        # senders it named lately: the broker names one again only on a change.
+        self._sender: Optional[Sender] = None
+        self._senders: Memo[bytes, Sender] = Memo(sender_of, weigh=lambda k, v: 2 * len(k) + 300)
 
     @classmethod
     def from_file(
@@ -259,7 +267,15 @@ class NetPubSub(PubSub):
                 raise TimeoutError(
                     f"the broker did not read the message in {link.publish_timeout} s"
                 )
-        PubSub.publish(self, topic, **message)
+            inbox = link.inbox
+            if inbox.unpublishable and encoded in inbox.unpublishable:
+                inbox.refusals.append(inbox.unpublishable[encoded])  # refused again
+        previous = set_sender(None)  # a local publish has no sender, even in a delivery
+        try:
+            PubSub.publish(self, topic, **message)
+        finally:
+            if previous is not None:
+                set_sender(previous)
 
     def flush(self) -> bool:
         """Push what waits for the broker and wait until the broker has handled it.
@@ -267,8 +283,34 @@ class NetPubSub(PubSub):
         Once this returns True, the broker has every subscription change and
         every message published before the call. False if the broker is out
         of reach (messages stay queued); TimeoutError if it does not answer.
+        PermissionError, naming the topic, if the broker's policy refused a
+        publish or a subscription since the last flush (each also logged once
+        per topic, at WARNING, when the broker says so): the refused message
+        is lost, the refused subscription brings nothing.
         """
-        return self._requests.ask(proto.PONG, _PING, self._sync_subscriptions) is not None
+        answered = self._requests.ask(proto.PONG, _PING, self._sync_subscriptions) is not None
+        self._raise_refusals()
+        return answered
+
+    def _raise_refusals(self) -> None:
+        with self._link.lock:
+            refusals = self._link.inbox.refusals
+            if not refusals:
+                return
+            first, more = describe_refusal(refusals[0]), len(refusals) - 1
+            refusals.clear()
+        extra = f" (and {more} more refused since the last flush)" if more else ""
+        raise PermissionError(f"the broker refused to {first}{extra}")
+
+    def broker_clients(self) -> Optional[List[Dict[str, Any]]]:
+        """Every connection to the broker, as ``mpubsub clients --json`` lists them, or
+        None if the broker is out of reach.
+
+        Needs the ``admin`` right on ``/`` in mpubsubd's policy: PermissionError
+        without it. TimeoutError if the broker does not answer.
+        """
+        reply = self._requests.ask(proto.CLIENTS_REPLY, _CLIENTS, self._sync_subscriptions)
+        return None if reply is None else proto.clients_figures(reply)
 
     def broker_statistics(self) -> Optional[Dict[str, Any]]:
         """The broker's figures (see ``BrokerStatistics``), or None if it is out of reach.
@@ -315,8 +357,7 @@ class NetPubSub(PubSub):
         waited = False
         while True:
             frames, sock = self._receive(read=waited)
-            if frames:
-                self._dispatch(frames)
+            if frames and self._dispatch(frames):
                 return True
             if waited and deadline is not None and time.monotonic() >= deadline:
                 return False
@@ -358,8 +399,27 @@ class NetPubSub(PubSub):
                 if not self._link.offline:
                     raise  # not ours: from a subscriber's error handler
 
-    def _dispatch(self, frames: List[bytes]) -> None:
+    def _dispatch(self, frames: List[bytes]) -> bool:
+        """Deliver *frames*, each message with its sender for ``current_sender()``;
+        False if they held no message (only news of who sends the next)."""
+        previous = set_sender(self._sender)
+        try:
+            return self._deliver(frames)
+        finally:
+            set_sender(previous)
+
+    def _deliver(self, frames: List[bytes]) -> bool:
+        messages = False
         for frame in frames:
+            if frame[4] == proto.SENDER:
+                try:
+                    self._sender = self._senders[frame[5:]]
+                except ProtocolError as exc:
+                    logger.error("the broker named a sender badly: %s", exc)
+                    self._sender = None
+                set_sender(self._sender)
+                continue
+            messages = True
             try:
                 encoded, payload = proto.pub_parts(frame)
                 topic = self._decoded[encoded]
@@ -374,6 +434,7 @@ class NetPubSub(PubSub):
                     raise  # from inside publish: a subscriber's, re-raised by on_error
                 # Raised by the call itself: the payload is not a mapping of strings.
                 logger.error("dropping a message that is not a mapping of strings: %r", topic)
+        return messages
 
 
 def _weigh(key: Union[bytes, Tuple[str, ...]], value: Union[bytes, Tuple[str, ...]]) -> int:

@@ -30,6 +30,20 @@ reason, then it closes). After that:
 - FEDERATION (bridge -> broker): the bridge's state and counters as a small
   flat JSON object (see ``federation_figures``), which the broker adds to its STATS_REPLY.
 
+Version 2 adds (a version 1 client gets none of them):
+
+- SENDER (broker -> client): who published the PUB frames that follow, up to
+  the next SENDER, as a small JSON object (see ``_identity``), stamped by
+  the broker: sent only when the publisher changes. From the bridge to the
+  broker, who on another host published the PUB frames that follow.
+- DENIED (broker -> client): ``!B`` the right (see ``RIGHTS``), ``!I`` topic
+  length, the encoded topic, then a UTF-8 reason: a publish or a
+  subscription the broker's policy (or a quota) refused. Told once per
+  topic and right per connection.
+- CLIENTS (client -> broker, empty): the broker answers CLIENTS_REPLY, a JSON
+  object: ``{"clients": [...]}``, or ``{"denied": reason}`` without the
+  ``admin`` right.
+
 A topic is encoded as each element in UTF-8 (surrogates passed through),
 followed by the byte 0xFF, which never occurs in UTF-8. So ``()`` is
 ``b''``, and the encoding of every prefix of a topic is a byte prefix of
@@ -49,12 +63,31 @@ from typing import Any, Dict, Iterator, List, NamedTuple, Tuple, Union
 from ._text import printable
 from .errors import AuthenticationError, ProtocolError
 
-VERSION = 1
+VERSION = 2
+VERSIONS = frozenset((1, 2))  # what a broker accepts in HELLO
 
-(HELLO, WELCOME, ERROR, SUB, UNSUB, PUB, PING, PONG, STATS, STATS_REPLY, BRIDGE, FEDERATION) = (
-    range(1, 13)
-)
-FRAME_TYPES = frozenset(range(1, 13))
+(
+    HELLO,
+    WELCOME,
+    ERROR,
+    SUB,
+    UNSUB,
+    PUB,
+    PING,
+    PONG,
+    STATS,
+    STATS_REPLY,
+    BRIDGE,
+    FEDERATION,
+    SENDER,
+    DENIED,
+    CLIENTS,
+    CLIENTS_REPLY,
+) = range(1, 17)
+FRAME_TYPES = frozenset(range(1, 17))
+#: The rights of a policy, in DENIED frames by their index.
+RIGHTS = ("publish", "subscribe", "admin")
+DENIED_HEAD = struct.Struct("!BI")
 
 #: A frame as FrameDecoder gives it: its type, and the whole frame (header included).
 Frame = Tuple[int, bytes]
@@ -353,6 +386,36 @@ def _json_object(frame: bytes, subject: str) -> Dict[str, Any]:
     if not isinstance(value, dict):
         raise ProtocolError(f"{subject} not a JSON object")
     return value
+
+
+def denied_frame(right: str, topic: bytes, reason: str) -> bytes:
+    """A DENIED frame: *right* refused on the encoded *topic*, and why."""
+    body = DENIED_HEAD.pack(RIGHTS.index(right), len(topic)) + topic + reason.encode()
+    return frame(DENIED, body)
+
+
+def denied_parts(frame: bytes) -> Tuple[str, Tuple[str, ...], str]:
+    """The right, the topic and the reason of a whole DENIED frame; ProtocolError if malformed."""
+    if len(frame) < 5 + DENIED_HEAD.size:
+        raise ProtocolError("truncated DENIED frame")
+    right, size = DENIED_HEAD.unpack_from(frame, 5)
+    start = 5 + DENIED_HEAD.size
+    if right >= len(RIGHTS) or start + size > len(frame):
+        raise ProtocolError("malformed DENIED frame")
+    topic = decode_topic(frame[start : start + size])
+    return RIGHTS[right], topic, printable(frame[start + size :].decode(errors="replace"))
+
+
+def clients_figures(frame: bytes) -> List[Dict[str, Any]]:
+    """The clients in a whole CLIENTS_REPLY frame; PermissionError if the broker refused,
+    ProtocolError if it is not a list of them."""
+    value = _json_object(frame, "the broker's list of clients is")
+    if "denied" in value:
+        raise PermissionError(printable(str(value["denied"])))
+    clients = value.get("clients")
+    if not isinstance(clients, list) or not all(isinstance(c, dict) for c in clients):
+        raise ProtocolError("the broker's list of clients is not a list of clients")
+    return clients
 
 
 def welcome_body(limits: Limits) -> bytes:

@@ -109,6 +109,8 @@ class Router(Generic[C]):
     topic not yet cached is first passed to *check*, which raises if it may
     not be routed (malformed, too long): nothing is cached then. When the
     cache passes *cache_bytes*, it starts afresh and *on_full* is called.
+    A route holds only the clients *admits* admits for its topic (their
+    policy), asked once per route computed, never per message.
     """
 
     def __init__(
@@ -116,9 +118,11 @@ class Router(Generic[C]):
         cache_bytes: int = DEFAULT_CACHE_BYTES,
         check: Callable[[bytes], object] = lambda topic: None,
         on_full: Callable[[], object] = lambda: None,
+        admits: Callable[[C, bytes], bool] = lambda client, topic: True,
     ) -> None:
         self._check = check  # raises for a topic that may not be routed
         self._on_full = on_full  # told when the cache starts afresh for lack of room
+        self._admits = admits
         self.routes: RouteCache[C] = RouteCache(self)
         self._subs: Dict[bytes, Dict[C, None]] = {}  # topic -> holders, in order
         self._listening: Dict[C, int] = {}  # client -> its number of subscriptions
@@ -256,4 +260,5 @@ class Router(Generic[C]):
                     found.update(holders)
         if self._everything is not None:
             found[self._everything] = None
-        return tuple(found)
+        admits = self._admits
+        return tuple(client for client in found if admits(client, topic))

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import collections
-import os
 import socket
-import struct
+import time
 from typing import Callable, Deque, List, Optional, Set, Tuple, Union
 
 from . import _protocol as proto
 from ._handshake import ServerHandshake
+from ._identity import Identity
+from ._policy import Access, Checks
 from .errors import ProtocolError
 
 # What a queued frame costs beyond its bytes: the bytes object and its slot.
@@ -27,11 +28,28 @@ class Session:
         number: int,
         deadline: float,
         opening: ServerHandshake,
-        peer: str = "",
+        *,
+        identity: Identity,
+        access: Access,
     ) -> None:
         self.sock = sock
-        self.peer = peer  # who connected: see _sockets.peer_of
-        self.name = f"client {number} ({_peer_name(sock)})"
+        self.number = number
+        self.identity = identity
+        self.peer = identity.account  # whose quotas and handshakes it counts in
+        self.name = f"client {number} ({identity.describe()})"
+        self.since = time.time()
+        self.stamp = identity.stamp()  # the SENDER frame before its messages
+        self.last_stamp: Optional[bytes] = None  # the SENDER frame last queued to it
+        self.stamped = False  # True once it said HELLO version 2: it gets SENDER frames
+        self.publishable: Optional[Checks] = None  # see grant()
+        self.subscribable: Optional[Checks] = None
+        self.access = access
+        self.grant(access)
+        self.told: Set[Tuple[str, bytes]] = set()  # DENIED frames sent, by right and topic
+        self.denied = 0  # publishes and subscriptions refused
+        self.dropped = 0  # messages dropped for it (the bridge's, behind)
+        self.messages_in = self.bytes_in = self.messages_out = self.bytes_out = 0
+        self.accounted = 0  # what of held its account was last charged
         self.opening = opening  # the handshake, until it is done
         self.deadline = deadline  # for the handshake
         self.decoder: Optional[proto.FrameDecoder] = None  # once it is done
@@ -44,6 +62,16 @@ class Session:
         self.unfinished = 0  # bytes received and not yet part of a whole frame
         self.unfinished_since = 0.0  # when the frame in progress began to arrive
         self.backlog: List[Tuple[int, bytes]] = []  # frames read, to handle in later rounds
+
+    def grant(self, access: Access) -> None:
+        """From now on, *access* says what it may do."""
+        self.access = access
+        self.publishable = access.checks["publish"]
+        self.subscribable = access.checks["subscribe"]
+
+    def may_receive(self, topic: bytes) -> bool:
+        """True if it may have messages on the encoded *topic* (its subscribe right)."""
+        return self.subscribable is None or self.subscribable[topic]
 
     @property
     def active(self) -> bool:
@@ -58,14 +86,18 @@ class Session:
     def shed(self, limit: int) -> int:
         """Drop the newest queued messages until at most *limit* bytes wait; how many went.
 
-        Only whole PUB frames go, from the newest back to the first frame of
-        another kind (a reply, SUB, UNSUB...) or to the first element, which
-        may be partly sent: each costs one pop, and nothing is rescanned.
+        Only whole PUB frames (and the SENDER frames among them) go, from the
+        newest back to the first frame of another kind (a reply, SUB,
+        UNSUB...) or to the first element, which may be partly sent: each
+        costs one pop, and nothing is rescanned.
         """
         out, dropped = self.out, 0
-        while self.held > limit and len(out) > 1 and proto.kind_of(out[-1]) == proto.PUB:
+        while self.held > limit and len(out) > 1 and proto.kind_of(out[-1]) in _SHEDDABLE:
+            dropped += proto.kind_of(out[-1]) == proto.PUB
             self.out_size -= len(out.pop())
-            dropped += 1
+        if dropped:
+            self.last_stamp = None  # the next message says its sender again
+            self.dropped += dropped
         return dropped
 
     def queue(self, frame: bytes) -> None:
@@ -87,7 +119,8 @@ class Session:
                 data = out.popleft()
             else:
                 parts, size = [], 0
-                while out and size < SEND_CHUNK:
+                # A large frame goes on its own, never copied into a join.
+                while out and size < SEND_CHUNK and len(out[0]) < SEND_CHUNK:
                     parts.append(out.popleft())
                     size += len(parts[-1])
                 data = b"".join(parts)
@@ -109,14 +142,4 @@ class Session:
             raise ProtocolError("peer does not read the handshake")
 
 
-def _peer_name(sock: socket.socket) -> str:
-    try:
-        if sock.family == socket.AF_UNIX:
-            creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-            pid = struct.unpack("3i", creds)[0]
-            # A pair the broker made itself (Broker.open_pair) names the broker's pid.
-            return "a socket pair" if pid == os.getpid() else f"pid {pid}"
-        host, port = sock.getpeername()[:2]
-        return f"{host}:{port}"
-    except OSError:
-        return "gone"
+_SHEDDABLE = (proto.PUB, proto.SENDER)

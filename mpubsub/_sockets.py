@@ -9,7 +9,6 @@ import logging
 import os
 import resource
 import socket
-import struct
 import sys
 
 logger = logging.getLogger("mpubsub.broker")
@@ -55,22 +54,13 @@ def warn_if_exposed(host: str) -> None:
         )
 
 
-def peer_of(sock: socket.socket, address: object) -> str:
-    """Who is at the other end, for per-peer caps: an IP address (an IPv6 /64), or a
-    user on a Unix socket.
-
-    A Unix socket peer's user is the kernel's word (SO_PEERCRED), not the peer's.
-    """
-    if isinstance(address, tuple):
-        host = ipaddress.ip_address(str(address[0]).split("%")[0])
-        if isinstance(host, ipaddress.IPv6Address):
-            if host.ipv4_mapped is not None:
-                return str(host.ipv4_mapped)
-            # One host or site usually holds a whole /64: count it as one peer.
-            return str(ipaddress.IPv6Network((host, 64), strict=False))
-        return str(host)
-    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
-    return f"uid {_UCRED.unpack(creds)[1]}"
-
-
-_UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
+def address_account(address: object) -> str:
+    """Whose quotas a TCP peer at *address* counts in: its IP address (an IPv6 /64)."""
+    assert isinstance(address, tuple)
+    host = ipaddress.ip_address(str(address[0]).split("%")[0])
+    if isinstance(host, ipaddress.IPv6Address):
+        if host.ipv4_mapped is not None:
+            return str(host.ipv4_mapped)
+        # One host or site usually holds a whole /64: count it as one peer.
+        return str(ipaddress.IPv6Network((host, 64), strict=False))
+    return str(host)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 
 @dataclass(frozen=True)
@@ -25,10 +25,12 @@ class BrokerStatistics:
     largest_buffer: int  #: bytes waiting for the most lagging client, now
     #: mpubsubd's federation bridge: its state and counters; None without one
     federation: Optional[Dict[str, Any]] = None
+    denied: int = 0  #: publishes and subscriptions the policy or a quota refused
 
 
 class Counters:
-    """What the loop counts as it goes; cheap attribute increments on the hot path."""
+    """What the loop counts beside each connection's own counters. Its messages
+    and bytes are those of connections closed: ``add`` takes each one's."""
 
     __slots__ = (
         "_last_count",
@@ -36,6 +38,7 @@ class Counters:
         "bridge_dropped",
         "bytes_in",
         "bytes_out",
+        "denied",
         "messages_in",
         "messages_out",
         "rate",
@@ -48,14 +51,32 @@ class Counters:
         self.started = self._last_time = time.monotonic()
         self.messages_in = self.bytes_in = self.messages_out = self.bytes_out = 0
         self.slow_consumers = self.refused = self._last_count = self.bridge_dropped = 0
+        self.denied = 0
         self.rate = 0.0
 
-    def tick(self, now: float) -> None:
-        """Update the message rate (called about twice a second)."""
+    def add(self, client: Any) -> None:
+        """Keep the figures of *client*, a connection closing."""
+        self.messages_in += client.messages_in
+        self.bytes_in += client.bytes_in
+        self.messages_out += client.messages_out
+        self.bytes_out += client.bytes_out
+
+    def totals(self, clients: List[Any]) -> Tuple[int, int, int, int]:
+        """Messages and bytes in, messages and bytes out, closed *clients* and these."""
+        return (
+            self.messages_in + sum(c.messages_in for c in clients),
+            self.bytes_in + sum(c.bytes_in for c in clients),
+            self.messages_out + sum(c.messages_out for c in clients),
+            self.bytes_out + sum(c.bytes_out for c in clients),
+        )
+
+    def tick(self, now: float, messages_in: int) -> None:
+        """Update the message rate, *messages_in* received so far (called about
+        twice a second)."""
         elapsed = now - self._last_time
         if elapsed >= 1.0:
-            self.rate = (self.messages_in - self._last_count) / elapsed
-            self._last_count, self._last_time = self.messages_in, now
+            self.rate = (messages_in - self._last_count) / elapsed
+            self._last_count, self._last_time = messages_in, now
 
 
 class Throttle:

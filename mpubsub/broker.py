@@ -20,9 +20,10 @@ from typing import List, Optional
 from ._broker import CAPS, DEFAULT_MAX_BUFFER, Broker
 from ._credentials import parse_address, write_credentials
 from ._handshake import DEFAULT_HANDSHAKE_TIMEOUT
+from ._policy import Policy
 from ._protocol import DEFAULT_MAX_MESSAGE
 
-__all__ = ["DEFAULT_MAX_BUFFER", "DEFAULT_MAX_MESSAGE", "Broker", "main"]
+__all__ = ["DEFAULT_MAX_BUFFER", "DEFAULT_MAX_MESSAGE", "Broker", "Policy", "main"]
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -1,4 +1,6 @@
-"""mpubsubd's configuration: an INI file with ``[mpubsubd]`` and, optionally, ``[federation]``."""
+"""mpubsubd's configuration: an INI file with ``[mpubsubd]`` and, optionally, ``[federation]``
+and ``[access]`` (the policy: whose keys hold ``:``, so that section is read with ``=`` as its
+only delimiter)."""
 
 from __future__ import annotations
 
@@ -23,11 +25,12 @@ from mpubsub._for_mpubsubd import (
     printable,
     reason,
 )
-from mpubsub.broker import DEFAULT_MAX_BUFFER, DEFAULT_MAX_MESSAGE
+from mpubsub.broker import DEFAULT_MAX_BUFFER, DEFAULT_MAX_MESSAGE, Policy
 
 DEFAULT_PATH = "/etc/mpubsub/mpubsubd.conf"
 SECTION = "mpubsubd"
 FEDERATION = "federation"
+ACCESS = "access"
 _LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
@@ -35,7 +38,8 @@ _LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 #: effect at the next start: where the broker listens and its files, the
 #: keys, the user, the limits announced to clients when they connect
 #: (max_message_size, max_topic_*, max_subscription*), and [federation].
-#: BROKER_KEYS are the live keys that are the broker's settings of that name.
+#: BROKER_KEYS are the live keys that are the broker's settings of that name
+#: (``policy`` is the [access] section).
 BROKER_KEYS = tuple(key for key in LIVE_SETTINGS if key != "timeout")
 LIVE_KEYS = (
     "log_level",
@@ -122,7 +126,11 @@ class Config:
     max_handshakes_per_peer: int = CAPS["max_handshakes_per_peer"][0]
     max_input_buffer: int = CAPS["max_input_buffer"][0]
     route_cache_bytes: int = CAPS["route_cache_bytes"][0]
+    max_connections_per_user: int = CAPS["max_connections_per_user"][0]
+    max_subscriptions_per_user: int = CAPS["max_subscriptions_per_user"][0]
+    max_buffer_per_user: int = CAPS["max_buffer_per_user"][0]
     federation: FederationConfig = field(default_factory=FederationConfig)
+    policy: Policy = field(default_factory=Policy)
 
     @property
     def broker_address(self) -> Address:
@@ -153,8 +161,9 @@ class Config:
 
 def changed_keys(old: Config, new: Config) -> List[str]:
     """The keys whose values differ, in the file's order; ``[federation]`` for that section."""
+    sections = {"federation": f"[{FEDERATION}]", "policy": f"[{ACCESS}]"}
     return [
-        f"[{FEDERATION}]" if f.name == "federation" else f.name
+        sections.get(f.name, f.name)
         for f in fields(Config)
         if getattr(old, f.name) != getattr(new, f.name)
     ]
@@ -220,10 +229,14 @@ def _read(
     """The configuration (None if unreadable), its problems, and where its keys are."""
     name = path or config_path(instance)
     parser = configparser.ConfigParser(interpolation=None)
+    access = configparser.ConfigParser(interpolation=None, delimiters=("=",), default_section="")
+    access.optionxform = str  # type: ignore[assignment,method-assign]  # user:Alice is not alice
     try:
         with open(name, encoding="utf-8") as f:
             text = f.read()
-        parser.read_string(text, name)
+        ours, theirs = _split_access(text)
+        parser.read_string(ours, name)
+        access.read_string(theirs, name)
     except FileNotFoundError:
         if path is not None or instance:
             return None, [f"{name}: no such file"], None
@@ -242,17 +255,20 @@ def _read(
     problems = [
         f"{lines.at(section)}: unknown section [{printable(section)}]"
         for section in parser.sections()
-        if section not in (SECTION, FEDERATION)
+        if section not in (SECTION, FEDERATION, ACCESS)
     ]
     values: Dict[str, Any] = {**instance_defaults(instance)}
     values.update(_section(parser, lines, SECTION, Config, problems))
     if parser.has_section(FEDERATION):
         section = _section(parser, lines, FEDERATION, FederationConfig, problems)
         values["federation"] = FederationConfig(**section)
+    if access.has_section(ACCESS):
+        values["policy"] = _policy(access, name, theirs, problems)
     config = Config(**values)
     for key, least in (
         ("max_buffer", "max_message_size"),
         ("max_input_buffer", "max_message_size"),
+        ("max_buffer_per_user", "max_buffer"),
     ):
         if getattr(config, key) < getattr(config, least):
             problems.append(f"{lines.at(SECTION, key)}: {key}: must be at least {least}")
@@ -268,6 +284,43 @@ def _read(
             f"required in [{FEDERATION}] when servers is set"
         )
     return config, problems, lines
+
+
+def _split_access(text: str) -> Tuple[str, str]:
+    """*text* without the body of its [access] section, and with only that: each with
+    every line where it was, for messages that name lines."""
+    ours, theirs, inside = [], [], False
+    for line in text.splitlines():
+        header = re.fullmatch(r"\[(.*)\]", line.strip())
+        if header:
+            inside = header.group(1) == ACCESS
+            ours.append(line)
+            theirs.append(line if inside else "")
+        elif inside:
+            ours.append("")
+            theirs.append(line)
+        else:
+            ours.append(line)
+            theirs.append("")
+    return "\n".join(ours), "\n".join(theirs)
+
+
+def _policy(parser: configparser.ConfigParser, name: str, text: str, problems: List[str]) -> Policy:
+    """The policy of the [access] section; a line in *problems* for each bad rule."""
+    where: Dict[str, int] = {}
+    for number, line in enumerate(text.splitlines(), 1):
+        stripped = line.strip()
+        if "=" in stripped and stripped[0] not in "#;[" and not line[0].isspace():
+            where.setdefault(stripped.split("=", 1)[0].strip(), number)
+    lines = []
+    for key, value in parser.items(ACCESS):
+        try:
+            Policy.parse([(key, value)])
+        except ValueError as exc:
+            problems.append(f"{name}:{where.get(key, '?')}: {printable(key)}: {exc}")
+        else:
+            lines.append((key, value))
+    return Policy.parse(lines)
 
 
 def _parser_message(exc: configparser.Error) -> str:

@@ -152,6 +152,7 @@ def _serve(
             timeout=config.handshake_timeout,
             max_message_size=config.max_message_size,
             max_buffer=config.max_buffer,
+            policy=config.policy,
             **{key: getattr(config, key) for key in CAPS},
         )
     except OSError as exc:

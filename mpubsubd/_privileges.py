@@ -32,6 +32,7 @@ import struct
 from typing import Callable, List, Optional, Sequence, Tuple
 
 from mpubsub._for_mpubsubd import Address, reason
+from mpubsub.broker import Policy
 
 from ._config import Config, FederationConfig, check
 from ._logging import LogFileError, open_log_file
@@ -47,14 +48,22 @@ class Reloaded:
     warnings: List[str]  # what the new configuration asked and could not be done
 
     def to_json(self) -> bytes:
-        config = dataclasses.asdict(self.config) if self.config is not None else None
+        config = None
+        if self.config is not None:
+            config = {**dataclasses.asdict(self.config), "policy": self.config.policy.lines}
         return json.dumps([config, self.problems, self.warnings]).encode()
 
     @classmethod
     def from_json(cls, data: bytes) -> Reloaded:
         config, problems, warnings = json.loads(data)
         if config is not None:
-            config = Config(**{**config, "federation": FederationConfig(**config["federation"])})
+            config = Config(
+                **{
+                    **config,
+                    "federation": FederationConfig(**config["federation"]),
+                    "policy": Policy.parse(config["policy"]),
+                }
+            )
         return cls(config, problems, warnings)
 
 

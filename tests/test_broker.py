@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import glob
 import hmac
+import json
 import multiprocessing.connection as mpc
 import os
 import pickle
@@ -221,7 +222,7 @@ def test_wrong_protocol_version(
     pubsub = NetPubSub.from_file(broker.credentials)
     with pytest.raises(
         ProtocolError,
-        match=r"^the broker refused: unsupported protocol version 99; this broker speaks 1$",
+        match=r"^the broker refused: unsupported protocol version 99; this broker speaks 1 and 2$",
     ):
         pubsub.connect()
     monkeypatch.undo()
@@ -324,7 +325,7 @@ def test_raw_handshake_then_hello(broker: BrokerProcess) -> None:
         header = sock.recv(5 + proto.WELCOME_BODY.size, socket.MSG_WAITALL)
     _size, kind = proto.HEADER.unpack_from(header)
     assert kind == proto.WELCOME
-    assert proto.WELCOME_BODY.unpack_from(header, 5) == (1, 16 * 2**20, 128, 4096, 10_000, 2**20)
+    assert proto.WELCOME_BODY.unpack_from(header, 5) == (2, 16 * 2**20, 128, 4096, 10_000, 2**20)
 
 
 def test_in_process_broker_stops_and_cleans_up(tmp_path: Path) -> None:
@@ -411,19 +412,22 @@ def test_bridge_gets_everything_and_the_interest(
         assert late.flush()
         early.remove_subscriber(("a",), on_a)
         assert early.flush()
-        frames = bridge.receive(3)[1:]
+        frames = bridge.receive(4)[1:]
         assert frames[0] == (proto.SUB, proto.encode_topic(("b", "c")))
-        assert frames[1][0] == proto.PUB and frames[1][1][4:].startswith(proto.encode_topic(("z",)))
-        assert len(frames) == 2  # ('a',) still has a holder: no UNSUB
+        assert frames[1][0] == proto.SENDER  # who published what follows
+        sender = json.loads(frames[1][1])
+        assert sender.get("pid") == os.getpid() or sender["address"][0] == "127.0.0.1"
+        assert frames[2][0] == proto.PUB and frames[2][1][4:].startswith(proto.encode_topic(("z",)))
+        assert len(frames) == 3  # ('a',) still has a holder: no UNSUB
         late.disconnect()
-        kinds = set(bridge.receive(5)[3:])
+        kinds = set(bridge.receive(6)[4:])
         assert kinds == {(proto.UNSUB, proto.encode_topic(t)) for t in [("a",), ("b", "c")]}
         # Messages from the bridge reach local subscribers, and never come back to it.
         got = subscribed(early, ("x",))
         bridge.sock.sendall(proto.pub_frame(proto.encode_topic(("x",)), pickle.dumps({"n": 2})))
         wait_for(lambda: early.poll(0.05) or got, what="the bridge's message")
         assert got == [{"n": 2}]
-        assert [k for k, _ in bridge.receive(6)[5:]] == [proto.SUB]  # ('x',) by early
+        assert [k for k, _ in bridge.receive(7)[6:]] == [proto.SUB]  # ('x',) by early
     finally:
         bridge.sock.close()
 

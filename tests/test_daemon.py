@@ -571,8 +571,10 @@ def test_reload_applies_what_can_change_and_names_the_rest(mpubsubd: Daemon) -> 
         with pytest.raises((ConnectionError, OSError)):  # max_connections = 1 holds
             second.connect()
         log_has(mpubsubd, "refusing a connection: 1 connections", "the cap's warning")
+        first.add_subscriber("news/today", lambda topic, **message: None, weak=False)
         assert first.flush()  # the client connected before goes on
-    log_has(mpubsubd, "DEBUG: closing client", "a DEBUG line of its disconnection")
+        log_has(mpubsubd, "subscribed to news/today", "a DEBUG line of its subscription")
+    log_has(mpubsubd, "INFO: client 1 (uid 0 root, pid ", "an INFO line of its disconnection")
     assert mpubsubd.socket.exists()  # still where it started
 
 

@@ -25,9 +25,9 @@ ROOT = Path(__file__).resolve().parent.parent
 # Each module's names, sorted, as words: a change here is a decision about the surface.
 PUBLIC: Dict[str, str] = {
     "mpubsub": "AuthenticationError Broker CredentialsError ErrorHandler MPubSubError "
-    "NetPubSub ProtocolError PubSub __version__",
+    "NetPubSub ProtocolError PubSub Sender __version__ current_sender",
     "mpubsub.net": "DEFAULT_MAX_QUEUED LOCAL_SUFFIX NetPubSub PubSub",
-    "mpubsub.broker": "Broker DEFAULT_MAX_BUFFER DEFAULT_MAX_MESSAGE main",
+    "mpubsub.broker": "Broker DEFAULT_MAX_BUFFER DEFAULT_MAX_MESSAGE Policy main",
     "mpubsub.errors": "AuthenticationError CredentialsError MPubSubError ProtocolError",
     "mpubsub.typing": "Message Subscriber Topic",
     # What mpubsubd may use beyond the public names: this module, and only it.

@@ -22,6 +22,7 @@ import mpubsub
 import mpubsub.broker
 import mpubsub.net
 from mpubsub import AuthenticationError, Broker, CredentialsError, NetPubSub
+from mpubsub import _protocol as proto
 from mpubsub._credentials import write_credentials
 from mpubsub.errors import MPubSubError
 
@@ -37,9 +38,9 @@ class Recording(NetPubSub):
         super().__init__(*args, **kwargs)
         self.wire: List[bytes] = []
 
-    def _dispatch(self, frames: List[bytes]) -> None:
-        self.wire.extend(frames)
-        super()._dispatch(frames)
+    def _dispatch(self, frames: List[bytes]) -> bool:
+        self.wire.extend(f for f in frames if proto.kind_of(f) == proto.PUB)
+        return super()._dispatch(frames)
 
 
 @pytest.fixture

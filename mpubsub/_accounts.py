@@ -1,0 +1,62 @@
+"""What each user holds in the broker, charged to it and capped (dbus-broker's accounting).
+
+A client's connections, subscriptions and unsent bytes are charged to its
+account: its user on the Unix socket (as the kernel says), its IP address
+on TCP. A user at a cap gets its new connection or subscription refused,
+or its slowest connection cut, and no other user notices.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Dict
+
+DEFAULT_MAX_CONNECTIONS_PER_USER = 512
+DEFAULT_MAX_SUBSCRIPTIONS_PER_USER = 1_000_000
+DEFAULT_MAX_BUFFER_PER_USER = 1024 * 1024 * 1024
+
+
+@dataclasses.dataclass
+class Quotas:
+    """The caps on one account."""
+
+    connections: int = DEFAULT_MAX_CONNECTIONS_PER_USER
+    subscriptions: int = DEFAULT_MAX_SUBSCRIPTIONS_PER_USER
+    buffer: int = DEFAULT_MAX_BUFFER_PER_USER
+
+
+@dataclasses.dataclass
+class Account:
+    """What one user (or TCP address) holds now."""
+
+    connections: int = 0
+    subscriptions: int = 0
+    held: int = 0  # bytes waiting to be sent to its connections, as last charged
+
+
+class Accounts:
+    """Every account with a connection, and the caps on each."""
+
+    def __init__(self, quotas: Quotas) -> None:
+        self.quotas = quotas
+        self._accounts: Dict[str, Account] = {}
+
+    def __getitem__(self, key: str) -> Account:
+        account = self._accounts.get(key)
+        if account is None:
+            account = self._accounts[key] = Account()
+        return account
+
+    def connected(self, key: str) -> None:
+        self[key].connections += 1
+
+    def disconnected(self, key: str) -> None:
+        account = self._accounts.get(key)
+        if account is not None:
+            account.connections -= 1
+            if account.connections <= 0:
+                del self._accounts[key]
+
+    def may_connect(self, key: str) -> bool:
+        account = self._accounts.get(key)
+        return account is None or account.connections < self.quotas.connections
