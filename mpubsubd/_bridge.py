@@ -146,6 +146,7 @@ class Bridge:
         self._nc: Optional[Client] = None
         self._writer: Optional[asyncio.StreamWriter] = None
         self._limits = proto.Limits()  # the broker's, once connected
+        self._sender = b""  # who published the broker's next messages (its SENDER frame)
         self._inbox: List[Tuple[str, bytes]] = []  # (subject, body) from NATS, this round
         self._resync = asyncio.Event()
         self._stopping = asyncio.Event()
@@ -239,6 +240,8 @@ class Bridge:
             for kind, frame in decoder.feed(data):
                 if kind == proto.PUB:
                     await self._publish(frame)
+                elif kind == proto.SENDER:  # who published the messages that follow
+                    self._sender = proto.body_of(frame)
                 elif kind == proto.SUB:
                     self._topics.add(proto.body_of(frame))
                     self._resync.set()
@@ -296,7 +299,7 @@ class Bridge:
             self._drop_out("NATS is not keeping up: messages for other hosts are dropped")
             return
         try:
-            await nc.publish(subj, self._signer.seal(topic, payload))
+            await nc.publish(subj, self._signer.seal(topic, payload, self._sender))
         except nats.errors.MaxPayloadError:
             self._drop_out(
                 f"a message of {len(payload)} bytes exceeds NATS's max_payload "

@@ -12,12 +12,15 @@ token (never ``*``, ``>``, a dot or white space) and back exactly.
 The body of a NATS message is an envelope::
 
     version (1 byte) | origin length (1) | origin | instance (8) | started (!Q)
-    | seq (!Q) | sent (!Q) | mac (32) | payload
+    | seq (!Q) | sent (!Q) | sender length (!H) | sender | mac (32) | payload
 
 where *origin* is the sending host's name, *instance* is random for each
 start of its bridge and *started* the time of that start, *seq* counts
 that bridge's messages from 1, *sent* is the time the message was sealed
-(times in nanoseconds since the epoch), and *mac* is HMAC-SHA256 with the
+(times in nanoseconds since the epoch), *sender* is who published it as
+the origin's broker stamped it (the body of its SENDER frame: JSON, at most
+1 KiB; version 2 envelopes, from bridges before it, have none), and *mac*
+is HMAC-SHA256 with the
 shared secret over the encoded topic, every field before it and the
 payload (the message pickled by its publisher). Nothing is unpickled on
 the way: a bridge only checks the MAC.
@@ -42,6 +45,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 import os
 import re
 import struct
@@ -52,9 +56,12 @@ from mpubsub import ProtocolError
 from mpubsub._for_mpubsubd import Memo, printable
 from mpubsub._for_mpubsubd import protocol as proto
 
-VERSION = 2
+VERSION = 3
+_UNSTAMPED = 2  # the version before the sender was sealed in: still taken
 _STARTED = struct.Struct("!Q")
 _SEQ_SENT = struct.Struct("!QQ")
+_SENDER_SIZE = struct.Struct("!H")
+MAX_SENDER = 1024
 _TIMES = struct.Struct("!QQQ")  # started, seq, sent: read at once
 DEFAULT_MAX_SKEW = 10.0  # seconds
 _INSTANCE = 8  # bytes of a bridge start's random identity
@@ -163,10 +170,20 @@ class Signer:
         self._head = bytes((VERSION, len(name))) + name + os.urandom(_INSTANCE) + start
         self._seq = 0
 
-    def seal(self, topic: bytes, payload: bytes) -> bytes:
-        """The envelope of *payload*, published under *topic* (encoded)."""
+    def seal(self, topic: bytes, payload: bytes, sender: bytes = b"") -> bytes:
+        """The envelope of *payload*, published under *topic* (encoded) by *sender*
+        (the body of the broker's SENDER frame before it)."""
+        if len(sender) > MAX_SENDER:
+            sender = b""  # not from our broker: it names senders in a few dozen bytes
         self._seq += 1
-        head = self._head + _SEQ_SENT.pack(self._seq, self._clock())
+        head = b"".join(
+            (
+                self._head,
+                _SEQ_SENT.pack(self._seq, self._clock()),
+                _SENDER_SIZE.pack(len(sender)),
+                sender,
+            )
+        )
         mac = self._mac.sign(topic, head, payload)
         return b"".join((head, mac, payload))
 
@@ -190,13 +207,18 @@ class Verifier:
         self._clock = clock
         self._born = clock() if born is None else born  # nothing sent before is taken
 
-    def open(self, topic: bytes, body: bytes) -> Tuple[str, int, bytes]:
-        """Return (origin, seq, payload), or raise Rejected saying why."""
-        if len(body) < 2 or body[0] != VERSION:
+    def open(self, topic: bytes, body: bytes) -> Tuple[str, int, bytes, bytes]:
+        """Return (origin, seq, payload, sender), or raise Rejected saying why."""
+        if len(body) < 2 or body[0] not in (VERSION, _UNSTAMPED):
             raise Rejected("not an mpubsub envelope (or another version)")
         end = 2 + body[1]
         start_end = end + _INSTANCE + _STARTED.size
-        seq_end = start_end + _SEQ_SENT.size
+        seq_end = sender_start = start_end + _SEQ_SENT.size
+        if body[0] == VERSION:
+            if len(body) < seq_end + _SENDER_SIZE.size:
+                raise Rejected("truncated envelope")
+            sender_start = seq_end + _SENDER_SIZE.size
+            seq_end = sender_start + _SENDER_SIZE.unpack_from(body, seq_end)[0]
         if len(body) < seq_end + _MAC_SIZE:
             raise Rejected("truncated envelope")
         head, mac, payload = (
@@ -219,7 +241,7 @@ class Verifier:
         if state is None:
             state = self._origins[origin] = _Origin()
         state.check(body[end:start_end], started, seq)
-        return origin.decode("utf-8", "surrogatepass"), seq, payload
+        return origin.decode("utf-8", "surrogatepass"), seq, payload, body[sender_start:seq_end]
 
 
 class _Origin:
@@ -317,21 +339,23 @@ class Arrivals:
         self._warn = warn
         self._limits = proto.Limits()
         self._topics_of: Memo[str, bytes] = Memo(self._topic_of, weigh=weigh)
+        self._named: Optional[Tuple[str, bytes]] = None  # the sender the broker knows of
 
     def use_limits(self, limits: proto.Limits) -> None:
-        """This host's broker takes *limits* (its WELCOME said so)."""
+        """A new connection to this host's broker, which takes *limits* (its WELCOME said so)."""
         self._limits = limits
         self._topics_of.clear()  # checked against the old ones
+        self._named = None
 
     def frames(self, inbox: List[Tuple[str, bytes]]) -> Tuple[bytes, int]:
         """The PUB frames for this host's broker of what NATS brought, in each
         origin's order, and how many; the rest dropped and counted."""
         limits = self._limits
-        ready: List[Tuple[str, int, bytes, bytes]] = []
+        ready: List[Tuple[str, int, bytes, bytes, bytes]] = []
         for subj, body in inbox:
             try:
                 topic = self._topics_of[subj]
-                origin, seq, payload = self._verifier.open(topic, body)
+                origin, seq, payload, sender = self._verifier.open(topic, body)
             except Duplicate:
                 self.counters["duplicates"] += 1
                 continue
@@ -348,10 +372,15 @@ class Arrivals:
                     "too big",
                 )
                 continue
-            ready.append((origin, seq, topic, payload))
+            ready.append((origin, seq, topic, payload, sender))
         ready.sort(key=lambda item: (item[0], item[1]))
-        frames = b"".join([proto.pub_frame(topic, payload) for _, _, topic, payload in ready])
-        return frames, len(ready)
+        frames = []
+        for origin, _, topic, payload, sender in ready:
+            if self._named != (origin, sender):  # the broker stamps what follows with it
+                self._named = (origin, sender)
+                frames.append(proto.frame(proto.SENDER, relayed_sender(origin, sender)))
+            frames.append(proto.pub_frame(topic, payload))
+        return b"".join(frames), len(ready)
 
     def _topic_of(self, subj: str) -> bytes:
         """The topic a subject from NATS stands for; Rejected if none this host takes."""
@@ -368,3 +397,16 @@ class Arrivals:
         if excess:  # the broker would take the bridge for a client breaking its limits
             raise Rejected(excess)
         return topic
+
+
+def relayed_sender(origin: str, sender: bytes) -> bytes:
+    """The body of the SENDER frame for what *origin*'s broker said of *sender*: the
+    same, with the host; the broker checks it (a sender it cannot read: only the host)."""
+    try:
+        fields = json.loads(sender) if sender else {}
+    except (ValueError, RecursionError):
+        fields = {}
+    if not isinstance(fields, dict):
+        fields = {}
+    fields["host"] = origin
+    return json.dumps(fields).encode()

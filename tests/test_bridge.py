@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import os
 import pickle
+import pwd
 import re
 import shutil
 import signal
@@ -18,6 +19,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 
 import pytest
 
+import mpubsub
 from mpubsub import NetPubSub
 from mpubsub._protocol import encode_topic
 from mpubsub.typing import Topic
@@ -44,6 +46,7 @@ class Host:
         name: str,
         servers: str,
         settings: Optional[Dict[str, str]] = None,
+        access: str = "",
         **federation: str,
     ) -> None:
         self.name = name
@@ -66,6 +69,7 @@ class Host:
             + "".join(f"{k} = {v}\n" for k, v in (settings or {}).items())
             + "[federation]\n"
             + "".join(f"{k} = {v}\n" for k, v in federation.items())
+            + (f"[access]\n{access}" if access else "")
         )
         self.proc: Optional[subprocess.Popen[bytes]] = None
         self.clients: List[NetPubSub] = []
@@ -156,10 +160,12 @@ class Federation:
         *,
         connected: bool = True,
         settings: Optional[Dict[str, str]] = None,
+        access: str = "",
         **federation: str,
     ) -> Host:
-        """Start a host; *settings* go in its [mpubsubd] section, *federation* in [federation]."""
-        host = Host(self.base, name, servers, settings, **federation)
+        """Start a host; *settings* go in its [mpubsubd] section, *federation* in [federation],
+        *access* (lines) in [access]."""
+        host = Host(self.base, name, servers, settings, access, **federation)
         self.hosts.append(host)
         return host.start(connected)
 
@@ -261,6 +267,39 @@ def test_cross_host_delivery(federation: Federation) -> None:
     # The bridges report their counters every second.
     wait_for(lambda: a.federation()["forwarded_out"] >= 5, what="a's count of messages sent")
     wait_for(lambda: b.federation()["forwarded_in"] >= 5, what="b's count of messages taken")
+
+
+def test_the_sender_crosses_hosts_and_the_federation_policy_holds(
+    federation: Federation,
+) -> None:
+    """A subscriber on b sees who published on a, as a's broker stamped it, and host a;
+    b's policy for the federation subject drops what other hosts may not publish there."""
+    nats = federation.nats()
+    a = federation.host("a", nats.url)
+    b = federation.host("b", nats.url, access="federation publish = !admin\n")
+    pub_a, sub_b = a.client(), b.client()
+    senders: List[Optional[mpubsub.Sender]] = []
+    got: Inbox = []
+
+    def on_message(topic: Topic, **message: Any) -> None:
+        got.append((topic, message))
+        senders.append(mpubsub.current_sender())
+
+    sub_b.add_subscriber((), on_message, weak=False)
+    assert sub_b.flush()
+    reach(pub_a, ("news",), got, [pub_a, sub_b])
+    pub_a.publish(("admin", "reboot"), n=1)
+    pub_a.publish(("news",), n=2)
+    pump([pub_a, sub_b], lambda: any(m.get("n") == 2 for _, m in got), "the news on b")
+    assert [m["n"] for _, m in real(got)] == [2]  # admin/reboot: denied on b
+    sender = senders[-1]
+    assert sender is not None
+    assert (sender.host, sender.pid, sender.uid) == ("a", os.getpid(), os.getuid())
+    assert sender.user == pwd.getpwuid(os.getuid()).pw_name
+    wait_for(
+        lambda: "denied: publish on admin/reboot (the policy forbids it)" in b.output(),
+        what="b's log of the denial",
+    )
 
 
 def test_exactly_once_on_every_host(federation: Federation) -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import hmac
+import json
+import os
 import re
 import struct
 import time
@@ -72,9 +74,11 @@ def test_subjects_no_escape_produces_are_rejected(name: bytes) -> None:
 def test_envelope_round_trip_and_tampering() -> None:
     """A sealed message opens with the same secret; any change to it does not."""
     signer, verifier = Signer(SECRET, "host-a"), Verifier(SECRET, "host-b")
-    body = signer.seal(enc("a", "b"), b"payload")
-    assert verifier.open(enc("a", "b"), body) == ("host-a", 1, b"payload")
+    body = signer.seal(enc("a", "b"), b"payload", b'{"uid": 7}')
+    assert verifier.open(enc("a", "b"), body) == ("host-a", 1, b"payload", b'{"uid": 7}')
+    sender_at = body.index(b'{"uid": 7}')
     forged = [
+        (enc("a", "b"), body[:sender_at] + b'{"uid": 0}' + body[sender_at + 10 :]),  # sender
         (enc("a", "c"), signer.seal(enc("a", "b"), b"x")),  # moved to another subject
         (enc("a"), signer.seal(enc("a"), b"x")[:-1] + b"y"),  # payload changed
         (enc("a"), Signer(b"other secret", "host-a").seal(enc("a"), b"x")),
@@ -104,6 +108,21 @@ def test_own_messages_and_duplicates_are_dropped() -> None:
             verifier.open(b"", body)
 
 
+def test_envelopes_of_bridges_before_senders_are_still_taken() -> None:
+    """A version 2 envelope (no sender sealed in) from a bridge not yet upgraded opens."""
+    verifier = Verifier(SECRET, "host-b")
+    head = b"".join(
+        (
+            bytes((2, 6)),
+            b"host-a",
+            os.urandom(8),
+            struct.pack("!QQQ", time.time_ns(), 1, time.time_ns()),
+        )
+    )
+    body = head + Mac(SECRET).sign(enc("a"), head, b"old") + b"old"
+    assert verifier.open(enc("a"), body) == ("host-a", 1, b"old", b"")
+
+
 def test_window_and_restarts() -> None:
     """Too old to tell is dropped; a later start of the origin's bridge starts afresh."""
     signer, verifier = Signer(SECRET, "host-a", started=1), Verifier(SECRET, "host-b")
@@ -114,7 +133,7 @@ def test_window_and_restarts() -> None:
     with pytest.raises(Duplicate):
         verifier.open(b"", old)
     restarted = Signer(SECRET, "host-a", started=2).seal(b"", b"again")
-    assert verifier.open(b"", restarted) == ("host-a", 1, b"again")
+    assert verifier.open(b"", restarted) == ("host-a", 1, b"again", b"")
 
 
 def test_replays_across_starts_are_dropped() -> None:
@@ -223,7 +242,7 @@ def test_arrivals_become_frames_in_each_origins_order_and_the_rest_is_counted() 
     a, b = Signer(secret, "a"), Signer(secret, "b")
     topic = encode_topic(("t",))
     subj = subject("mp", topic)
-    sealed = [(subj, a.seal(topic, b"a%d" % n)) for n in range(3)]
+    sealed = [(subj, a.seal(topic, b"a%d" % n, b'{"uid": %d}' % (n // 2))) for n in range(3)]
     inbox = [sealed[2], (subj, b.seal(topic, b"b0")), sealed[0], sealed[1]]
     inbox.append(sealed[1])  # a duplicate
     inbox.append((subj, Signer(b"x" * 32, "c").seal(topic, b"forged")))
@@ -232,7 +251,27 @@ def test_arrivals_become_frames_in_each_origins_order_and_the_rest_is_counted() 
     inbox.append((subj, a.seal(topic, b"y" * 200)))  # over the broker's max_message below
     arrivals.use_limits(proto.Limits(max_message=100))
     frames, count = arrivals.frames(inbox)
-    payloads = [proto.pub_parts(frame)[1] for _, frame in proto.FrameDecoder(1 << 20).feed(frames)]
-    assert (payloads, count) == ([b"a0", b"a1", b"a2", b"b0"], 4)
+    told = [
+        proto.pub_parts(frame)[1] if kind == proto.PUB else json.loads(frame[5:])
+        for kind, frame in proto.FrameDecoder(1 << 20).feed(frames)
+    ]
+    # Before each sender's messages, who it is (and on which host), once.
+    assert (told, count) == (
+        [
+            {"uid": 0, "host": "a"},
+            b"a0",
+            b"a1",
+            {"uid": 1, "host": "a"},
+            b"a2",
+            {"host": "b"},
+            b"b0",
+        ],
+        4,
+    )
+    again, _ = arrivals.frames([(subj, b.seal(topic, b"b1"))])
+    assert proto.kind_of(again) == proto.PUB  # the broker knows who sends it already
+    arrivals.use_limits(proto.Limits(max_message=100))  # a new connection: named again
+    again, _ = arrivals.frames([(subj, b.seal(topic, b"b2"))])
+    assert proto.kind_of(again) == proto.SENDER
     assert counters == {"duplicates": 1, "dropped_unverified": 1}
     assert len(warned) == 2 and warned[-1] == "too big"  # the forgery's, and the large one's
