@@ -10,12 +10,18 @@ pyzmq XSUB/XPUB proxy), so the same scenarios measure every system:
 - ``rtt``: a client publishes a ping, an echo process answers with a pong,
   the client waits for it; the figures are the median and p99 round trip.
 
+``--as-nobody`` runs the clients as user nobody (when started as root: uid
+0 may do everything, whatever the policy), and ``--policy`` gives this
+project's broker a policy of 20 rules, several of them the clients', so
+that every publish and every route passes through it: the cost of a policy.
+
 Prints one JSON object.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import multiprocessing as mp
 import os
@@ -67,18 +73,51 @@ class System:
         return self.client()
 
 
+# Twenty rules, a few of which are the benchmark's clients' (nobody, in nogroup):
+# default deny, so each publish is checked, and a denied subtopic under the
+# subscribed one, so each route is filtered.
+POLICY = [
+    ("default", "deny"),
+    ("uid:65534 publish", "bench, ping, pong, !bench/secret"),
+    ("uid:65534 subscribe", "bench, ping, pong, !bench/secret"),
+    ("group:nogroup publish", "!admin"),
+    ("* subscribe", "!secret, !admin/keys"),
+    ("tcp publish", "!/"),
+    ("tcp subscribe", "!/"),
+    ("federation publish", "!admin, !bench/secret"),
+    ("federation subscribe", "!secret"),
+    ("user:root admin", "/"),
+    ("uid:1000 publish", "home, sensor"),
+    ("uid:1000 subscribe", "home, sensor, alarm"),
+    ("uid:1001 publish", "sensor/temperature"),
+    ("uid:1001 subscribe", "alarm"),
+    ("uid:1002 publish", "logs"),
+    ("uid:1002 subscribe", "logs, !logs/auth"),
+    ("group:root publish", "/"),
+    ("group:root subscribe", "/"),
+    ("uid:1003 admin", "/"),
+    ("uid:1004 publish", "metrics, !metrics/private"),
+]
+
+
 class Mpubsub(System):
     """This project, or mpubsub 0.0.1 (the same API for what is measured here)."""
 
-    def __init__(self, workdir: str, legacy: bool) -> None:
+    def __init__(self, workdir: str, legacy: bool, policy: bool = False) -> None:
         super().__init__(workdir)
         self.address = os.path.join(workdir, "broker.sock")
         self.legacy = legacy
+        self.policy = policy
 
     def broker_main(self) -> None:
         from mpubsub.broker import Broker  # noqa: PLC0415  (whichever mpubsub is installed)
 
-        Broker(self.address, AUTHKEY).start()
+        if not self.policy:
+            Broker(self.address, AUTHKEY).start()
+            return
+        from mpubsub.broker import Policy  # noqa: PLC0415  (this project only)
+
+        Broker(self.address, AUTHKEY, policy=Policy.parse(POLICY)).start()
 
     def client(self) -> Any:
         from mpubsub.net import PubSub  # noqa: PLC0415
@@ -236,12 +275,30 @@ class RedisClient:
         self.connection.close()
 
 
-def make_system(name: str, workdir: str) -> System:
+def make_system(name: str, workdir: str, policy: bool = False) -> System:
     if name == "zmq":
         return Zmq(workdir)
     if name == "redis":
         return Redis(workdir)
-    return Mpubsub(workdir, legacy=name == "v001")
+    return Mpubsub(workdir, legacy=name == "v001", policy=policy)
+
+
+def become_nobody(workdir: str) -> None:
+    """From now on, this process (and the broker and clients it forks) runs as nobody."""
+    # Imported while root may still read the files (/root may be closed to others).
+    for module in (
+        "mpubsub.broker",
+        "mpubsub.net",
+        "multiprocessing.popen_fork",
+        "multiprocessing.queues",
+        "multiprocessing.synchronize",
+    ):
+        importlib.import_module(module)
+
+    os.chown(workdir, 65534, 65534)
+    os.setgroups([])
+    os.setgid(65534)
+    os.setuid(65534)
 
 
 # --- scenarios --------------------------------------------------------------------
@@ -448,14 +505,18 @@ def main() -> None:
     parser.add_argument("--subscribers", type=int, default=1)
     parser.add_argument("--count", type=int, default=50_000)
     parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--as-nobody", action="store_true", help="clients as user nobody")
+    parser.add_argument("--policy", action="store_true", help="a broker with 20 rules")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="mpubsub-bench-") as workdir:
-        system = make_system(args.system, workdir)
+        system = make_system(args.system, workdir, args.policy)
         json.dump(run_scenario(system, args), sys.stdout)
 
 
 def run_scenario(system: System, args: argparse.Namespace) -> Dict[str, Any]:
     """Start *system*, measure the scenario *args* name, stop it."""
+    if getattr(args, "as_nobody", False) and os.geteuid() == 0:
+        become_nobody(system.workdir)
     system.start()
     try:
         idle = [system.client() for _ in range(args.idle)]

@@ -68,6 +68,10 @@ REMOTE: List[Remote] = [
         True,
     ),
 ]
+# The cost of a policy: the same scenarios, clients as nobody, without and with 20 rules.
+NOBODY, POLICY = "this, clients as nobody", "the same, 20-rule policy"
+POLICIES = {NOBODY: ["--as-nobody"], POLICY: ["--as-nobody", "--policy"]}
+POLICY_SCENARIOS = REMOTE[:2]
 SCALE = [1, 10, 100, 500]
 CHURN = ["ping_max_ms", "ping_p99_ms", "ping_p50_ms", "churn_round_s"]
 
@@ -161,6 +165,7 @@ class Bench:
         for _ in range(self.rounds):
             self.measure_local()
             self.measure_scenarios(REMOTE, self.remote, "remote.py")
+            self.measure_policy()
             self.measure_scenarios(ACROSS_HOSTS, ACROSS, "federation.py")
         self.measure_scale()  # one round: a table of this project alone, not a comparison
         self.record(  # the same: one round, this project alone
@@ -200,6 +205,22 @@ class Bench:
                     script,
                     *("--system", name, "--scenario", args[0], "--count", self.count(args)),
                     *args[1:],
+                )
+
+    def measure_policy(self) -> None:
+        """The throughput scenarios without and with a policy, alternating, as nobody."""
+        if os.geteuid() != 0:
+            return  # clients as nobody need root to become it
+        for _, args, *_ in POLICY_SCENARIOS:
+            for system, flags in POLICIES.items():
+                self.record(
+                    system,
+                    scenario("remote.py", args),
+                    self.pythons[THIS],
+                    "remote.py",
+                    *("--system", "this", "--scenario", args[0], "--count", self.count(args)),
+                    *args[1:],
+                    *flags,
                 )
 
     def measure_scale(self) -> None:
@@ -244,6 +265,23 @@ class Bench:
                     shown += f" ({lost:,.0f} lost)"
                 versus = [ratio(value, self.median(base, full)) for base in (V001, ZMQ)]
                 lines.append(f"| {title} | {system} | {shown} | {versus[0]} | {versus[1]} |")
+        lines += ["", "## The cost of a policy (same run)", ""]
+        lines += [
+            "Clients as user nobody (root may do everything, whatever the policy), without"
+            " and with a 20-rule policy whose default is deny: each publish is checked and"
+            " each route filtered.",
+            "",
+            f"| scenario | {NOBODY} | {POLICY} | ratio |",
+            "|---|---:|---:|---:|",
+        ]
+        for title, args, key, unit, _higher in POLICY_SCENARIOS:
+            full = scenario("remote.py", args) + key
+            plain, ruled = (self.median(system, full) for system in POLICIES)
+            if plain is not None and ruled is not None:
+                lines.append(
+                    f"| {title} | {plain:,.0f} {unit} | {ruled:,.0f} {unit} | "
+                    f"{ratio(ruled, plain)} |"
+                )
         lines += ["", "## Across hosts, through a private nats-server (loopback)", ""]
         lines += [
             "Publisher on host a, subscriber on host b: broker a -> bridge a -> NATS ->"
