@@ -9,7 +9,12 @@ or its slowest connection cut, and no other user notices.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import Dict
+
+from ._stats import Throttle
+
+logger = logging.getLogger("mpubsub.broker")
 
 DEFAULT_MAX_CONNECTIONS_PER_USER = 512
 DEFAULT_MAX_SUBSCRIPTIONS_PER_USER = 1_000_000
@@ -32,6 +37,8 @@ class Account:
     connections: int = 0
     subscriptions: int = 0
     held: int = 0  # bytes waiting to be sent to its connections, as last charged
+    #: Its refusals' log lines, at most one every 10 s (it decides how often).
+    throttle: Throttle = dataclasses.field(default_factory=lambda: Throttle(logger))
 
 
 class Accounts:

@@ -368,6 +368,8 @@ class Broker:
         self._selector.register(self._listener, selectors.EVENT_READ)
         self._selector.register(self._wake_r, selectors.EVENT_READ)
         logger.info("broker listening on %s", self.address)
+        if self._exchange.policy.rules or not self._exchange.policy.default:
+            logger.info("access policy: %s", self._exchange.policy.describe())
         try:
             self._serve()
         finally:

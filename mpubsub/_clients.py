@@ -156,7 +156,7 @@ class Clients:
         if not accounts.may_connect(peer):
             sock.close()
             self._stats.refused += 1
-            self._throttles[f"quota {peer}"].warning(
+            accounts[peer].throttle.warning(
                 "refusing a connection from %s: %s has %d connections, its limit "
                 "(max_connections_per_user)",
                 identity.describe(),

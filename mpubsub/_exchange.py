@@ -78,6 +78,7 @@ class Exchange:
 
         A subscription the new policy forbids stays, and brings nothing."""
         self.policy = policy
+        logger.info("access policy: %s", policy.describe())
         for client in self._clients():
             client.grant(policy.access(client.identity))
             client.told.clear()
@@ -174,7 +175,7 @@ class Exchange:
         """Refuse *client* its *right* on *topic*: counted, logged, and told once."""
         client.denied += 1
         self._stats.denied += 1
-        self._throttles[f"denied {client.number}"].warning(
+        client.throttle.warning(
             "%s denied: %s on %s (%s)",
             client.name,
             right,
@@ -294,10 +295,13 @@ class Exchange:
         size = len(frame)
         sender.messages_in += 1
         sender.bytes_in += size
-        if sender.publishable is not None and not sender.publishable[topic]:
-            self._checked_topic(topic)
-            self._deny(sender, "publish", topic, "the policy forbids it")
-            return 1
+        if sender.publishable is not None:
+            allowed = sender.publishable.get(topic)
+            if allowed is None:  # not asked yet: a topic fit to keep, first
+                allowed = sender.publishable[self._checked_topic(topic)]
+            if not allowed:
+                self._deny(sender, "publish", topic, "the policy forbids it")
+                return 1
         targets = self._routes[topic]
         dirty = self.dirty
         stamp = sender.stamp

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import logging
 import socket
 import time
 from typing import Callable, Deque, List, Optional, Set, Tuple, Union
@@ -11,7 +12,10 @@ from . import _protocol as proto
 from ._handshake import ServerHandshake
 from ._identity import Identity
 from ._policy import Access, Checks
+from ._stats import Throttle
 from .errors import ProtocolError
+
+logger = logging.getLogger("mpubsub.broker")
 
 # What a queued frame costs beyond its bytes: the bytes object and its slot.
 FRAME_COST = 64
@@ -47,6 +51,7 @@ class Session:
         self.grant(access)
         self.told: Set[Tuple[str, bytes]] = set()  # DENIED frames sent, by right and topic
         self.denied = 0  # publishes and subscriptions refused
+        self.throttle = Throttle(logger)  # its refusals' log lines, at most one every 10 s
         self.dropped = 0  # messages dropped for it (the bridge's, behind)
         self.messages_in = self.bytes_in = self.messages_out = self.bytes_out = 0
         self.accounted = 0  # what of held its account was last charged

@@ -47,6 +47,7 @@ LIVE_KEYS = (
     "group",
     "handshake_timeout",  # the broker's timeout
     *BROKER_KEYS,
+    f"[{ACCESS}]",  # the broker's policy, as changed_keys names it
 )
 
 
