@@ -328,6 +328,48 @@ def test_raw_handshake_then_hello(broker: BrokerProcess) -> None:
     assert proto.WELCOME_BODY.unpack_from(header, 5) == (2, 16 * 2**20, 128, 4096, 10_000, 2**20)
 
 
+@pytest.mark.parametrize("version", [1, 2])
+def test_senders_are_named_to_version_2_clients_only(
+    broker: BrokerProcess, clients: List[NetPubSub], version: int
+) -> None:
+    """A client that said HELLO 2 gets a SENDER frame before each publisher's messages (once
+    per change); one that said HELLO 1, as before, only the messages."""
+    address, authkey = broker.creds()
+    with (
+        mpc.Client(address, authkey=authkey) as conn,
+        socket.socket(fileno=os.dup(conn.fileno())) as sock,
+    ):
+        sock.sendall(proto.frame(proto.HELLO, proto.HELLO_BODY.pack(version)))
+        decoder = proto.FrameDecoder(1 << 30)
+        frames: List[proto.Frame] = []
+
+        def until(kind: int, count: int) -> List[int]:
+            while sum(k == kind for k, _ in frames) < count:
+                frames.extend(decoder.feed(sock.recv(65536)))
+            return [k for k, _ in frames]
+
+        until(proto.WELCOME, 1)
+        sock.sendall(proto.frame(proto.SUB, proto.encode_topic(("t",))) + _PING)
+        until(proto.PONG, 1)
+        first, second = connected(broker, clients), connected(broker, clients)
+        for pubsub in (first, first, second, first):
+            pubsub.publish("t", n=1)
+            assert pubsub.flush()
+        kinds = until(proto.PUB, 4)[2:]
+    pub, sender = proto.PUB, proto.SENDER
+    if version == 1:
+        assert kinds == [pub] * 4
+    else:
+        assert kinds == [sender, pub, pub, sender, pub, sender, pub]
+        named = [json.loads(f[5:]) for k, f in frames if k == sender]
+        assert [n.get("pid") for n in named] == [os.getpid()] * 3 or all(
+            n["address"][0] == "127.0.0.1" for n in named
+        )
+
+
+_PING = proto.frame(proto.PING, b"")
+
+
 def test_in_process_broker_stops_and_cleans_up(tmp_path: Path) -> None:
     """Broker() binds at once, start() serves until stop(), then its socket file is gone."""
     path = str(tmp_path / "inproc.sock")

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import pickle
+import pwd
 import resource
 import selectors
 import shutil
@@ -84,6 +86,60 @@ def test_public_names() -> None:
     assert callable(mpubsub.broker.main)
     assert issubclass(NetPubSub, mpubsub.PubSub)
     assert issubclass(CredentialsError, MPubSubError)
+
+
+def test_current_sender_names_the_publisher_of_each_message(
+    connect: Callable[..., NetPubSub], tmp_path: Path
+) -> None:
+    """Inside a delivery from the broker, current_sender() is who published that message, as
+    the broker says; None for a local publish, even inside such a delivery, and outside."""
+    sub, first = connect(), connect()
+    seen: List[Tuple[Any, ...]] = []
+
+    def on_message(topic: Tuple[str, ...], **message: Any) -> None:
+        sender = mpubsub.current_sender()
+        seen.append((message["n"], sender))
+        if message["n"] == 2:
+            sub.publish("inner", n=-1)  # delivered here, from no broker: no sender
+
+    def on_inner(topic: Tuple[str, ...], **message: Any) -> None:
+        seen.append(("inner", mpubsub.current_sender()))
+
+    sub.add_subscriber("t", on_message)
+    sub.add_subscriber("inner", on_inner)
+    assert sub.flush()
+    script = tmp_path / "publish.py"
+    script.write_text(
+        "import sys\n"
+        "from mpubsub import NetPubSub\n"
+        "with NetPubSub.from_file(sys.argv[1]) as pubsub:\n"
+        "    pubsub.publish('t', n=2)\n"
+        "    pubsub.flush()\n"
+    )
+    first.publish("t", n=1)
+    assert first.flush()
+    other = subprocess.run(
+        [sys.executable, str(script), str(sub._link.credentials)], check=True, timeout=30
+    )
+    first.publish("t", n=3)
+    assert first.flush()
+    wait_for(lambda: (sub.poll(0.05), len(seen) >= 4)[1], what="the three messages")
+    assert [n for n, _ in seen] == [1, 2, "inner", 3]
+    senders = [sender for _, sender in seen]
+    assert senders[2] is None and mpubsub.current_sender() is None
+    assert senders[0] == senders[3] and senders[0] != senders[1]
+    for sender in (senders[0], senders[1]):
+        assert isinstance(sender, mpubsub.Sender) and sender.host is None
+        if sender.address is None:  # Unix socket: the kernel's word
+            assert (sender.uid, sender.gid) == (os.getuid(), os.getgid())
+            assert sender.user == pwd.getpwuid(os.getuid()).pw_name
+        else:
+            assert sender.uid is None and sender.address[0] == "127.0.0.1"
+    if senders[0] is not None and senders[0].address is None:
+        assert senders[0].pid == os.getpid() and senders[1].pid != os.getpid()
+    assert other.returncode == 0
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        senders[0].uid = 0
 
 
 def test_delivery_no_echo(connect: Callable[..., NetPubSub]) -> None:
