@@ -348,6 +348,74 @@ def cmd_stats(args: argparse.Namespace) -> None:
             time.sleep(args.watch)
 
 
+def _since(when: float) -> str:
+    """How long ago *when* (unix time) was, as stats shows the uptime."""
+    return _duration(max(0.0, time.time() - when))
+
+
+# The columns of ``mpubsub clients``: header, key of Exchange.describe(), how shown.
+_CLIENT_COLUMNS: List[Tuple[str, str, Callable[[Any], str]]] = [
+    ("ID", "id", str),
+    ("USER", "user", str),
+    ("UID", "uid", str),
+    ("PID", "pid", str),
+    ("COMMAND", "command", str),
+    ("ADDRESS", "address", str),  # TCP only: a Unix socket's peer is its uid and pid
+    ("CONNECTED", "since", _since),
+    ("SUBS", "subscriptions", str),
+    ("MSGS IN", "messages_in", str),
+    ("BYTES IN", "bytes_in", _size),
+    ("MSGS OUT", "messages_out", str),
+    ("BYTES OUT", "bytes_out", _size),
+    ("WAITING", "waiting", _size),
+    ("DENIED", "denied", str),
+    ("DROPPED", "dropped", str),
+    ("ROLE", "bridge", lambda bridge: "bridge" if bridge else "client"),
+]
+
+
+def format_clients(clients: List[Dict[str, Any]], topics: bool = False) -> str:
+    """The connections of a CLIENTS_REPLY as an aligned table, a row each, "-" where
+    the broker does not know; with *topics*, each one's topics indented below its row."""
+    rows = [[header for header, _, _ in _CLIENT_COLUMNS]]
+    rows += [
+        [_cell(show, client.get(key, "?")) for _, key, show in _CLIENT_COLUMNS]
+        for client in clients
+    ]
+    widths = [max(len(row[n]) for row in rows) for n in range(len(_CLIENT_COLUMNS))]
+
+    def aligned(row: List[str]) -> str:
+        return "  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip()
+
+    lines = [aligned(rows[0])]
+    for client, row in zip(clients, rows[1:]):
+        lines.append(aligned(row))
+        subscribed = client.get("topics")
+        if topics and isinstance(subscribed, list):
+            lines += [f"    {printable(str(topic))}" for topic in subscribed]
+    return "".join(f"{line}\n" for line in lines)
+
+
+def _cell(show: Callable[[Any], str], value: Any) -> str:
+    return "-" if value is None or value == "" else _figure(show, value)
+
+
+def cmd_clients(args: argparse.Namespace) -> None:
+    with connect(args.credentials) as pubsub:
+        # A refusal is said in one line: not also the WARNING of the broker's DENIED.
+        logging.getLogger("mpubsub.net").setLevel(logging.ERROR)
+        try:
+            clients = pubsub.broker_clients()
+        except PermissionError as exc:
+            raise CliError(f"the broker refused: {exc}") from None
+    if clients is None:
+        raise CliError("the broker went away")
+    if args.json:
+        print(json.dumps(clients), flush=True)
+    else:
+        print(format_clients(clients, args.verbose), end="", flush=True)
+
+
 def cmd_ping(args: argparse.Namespace) -> None:
     with connect(args.credentials) as pubsub:
         for i in range(args.count):
@@ -384,16 +452,27 @@ def _seconds(text: str, above_zero: bool = False) -> float:
 
 
 def _parser() -> argparse.ArgumentParser:
+    default = os.environ.get("MPUBSUB_CREDENTIALS", DEFAULT_CREDENTIALS)
+    what = "the broker's credentials file (default: $MPUBSUB_CREDENTIALS or {})"
+    parser = argparse.ArgumentParser(
+        prog="mpubsub", description="Publish, subscribe and inspect an mpubsub broker."
+    )
+    parser.add_argument(
+        "-c",
+        "--credentials",
+        metavar="PATH",
+        default=default,
+        help=what.format("%(default)s") + "; here or after COMMAND",
+    )
+    # The same option after COMMAND wins. Without a default of its own: the
+    # subcommand's namespace overwrites the command's, a default too.
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
         "-c",
         "--credentials",
         metavar="PATH",
-        default=os.environ.get("MPUBSUB_CREDENTIALS", DEFAULT_CREDENTIALS),
-        help="the broker's credentials file (default: $MPUBSUB_CREDENTIALS or %(default)s)",
-    )
-    parser = argparse.ArgumentParser(
-        prog="mpubsub", description="Publish, subscribe and inspect an mpubsub broker."
+        default=argparse.SUPPRESS,
+        help=what.format(default.replace("%", "%%")),  # as %(default)s would be
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -424,6 +503,17 @@ def _parser() -> argparse.ArgumentParser:
         help="repeat every SECONDS",
     )
     stats.set_defaults(func=cmd_stats)
+
+    clients = commands.add_parser(
+        "clients",
+        parents=[common],
+        help="the broker's connections: who, since when, traffic (needs the admin right)",
+    )
+    clients.add_argument("--json", action="store_true", help="as one JSON array")
+    clients.add_argument(
+        "-v", "--verbose", action="store_true", help="and the topics each one subscribes to"
+    )
+    clients.set_defaults(func=cmd_clients)
 
     ping = commands.add_parser("ping", parents=[common], help="round-trip time to the broker")
     ping.add_argument("--count", type=_count, default=1, metavar="N", help="pings (default: 1)")

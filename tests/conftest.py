@@ -6,10 +6,12 @@ import collections
 import contextlib
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 from multiprocessing.connection import Listener
 from pathlib import Path
@@ -20,6 +22,7 @@ from hypothesis import settings
 
 from mpubsub import NetPubSub
 from mpubsub import _protocol as proto
+from mpubsub._connect import connect_socket, handshake
 from mpubsub._credentials import read_credentials
 from mpubsub.typing import Topic
 
@@ -285,6 +288,48 @@ def broker_rss(broker: BrokerProcess, field: str = "VmRSS") -> int:
             if line.startswith(f"{field}:"):
                 return int(line.split()[1]) * 1024
     raise AssertionError(f"no {field}")
+
+
+class RawBridge:
+    """A client speaking the bridge's side of the protocol on a plain socket."""
+
+    def __init__(self, broker: BrokerProcess) -> None:
+        address, authkey = broker.creds()
+        self.sock = connect_socket(address, 5)
+        handshake(self.sock, authkey)
+        self.sock.sendall(proto.frame(proto.BRIDGE, BRIDGE_KEY))
+        self.decoder = proto.FrameDecoder(proto.DEFAULT_MAX_MESSAGE)
+        self.frames: List[Tuple[int, bytes]] = []
+
+    def receive(self, count: int) -> List[Tuple[int, bytes]]:
+        """(type, body) of the frames so far, once *count* came (deadline: the 5 s timeout)."""
+        while len(self.frames) < count:
+            data = self.sock.recv(65536)
+            assert data, "the broker closed the bridge's connection"
+            self.frames += [(kind, frame[5:]) for kind, frame in self.decoder.feed(data)]
+        return self.frames
+
+
+def as_nobody(*args: str) -> List[str]:
+    """The command running /usr/bin/python3 ARGS as nobody (the venv's Python is under /root)."""
+    return [
+        "setpriv",
+        "--reuid=nobody",
+        "--regid=nogroup",
+        "--clear-groups",
+        "/usr/bin/python3",
+        *args,
+    ]
+
+
+@pytest.fixture
+def library() -> Iterator[Path]:
+    """A directory nobody can read, holding a copy of the mpubsub package (for PYTHONPATH)."""
+    base = Path(tempfile.mkdtemp(prefix="mpubsub-lib-"))
+    base.chmod(0o755)
+    shutil.copytree(ROOT / "mpubsub", base / "mpubsub", ignore=shutil.ignore_patterns("*.pyc"))
+    yield base
+    shutil.rmtree(base)
 
 
 class FakeBroker:

@@ -26,9 +26,9 @@ from mpubsub._connect import connect_socket, handshake
 
 from . import needs
 from .conftest import (
-    BRIDGE_KEY,
     HELPERS,
     BrokerProcess,
+    RawBridge,
     assert_serving,
     connected,
     subscribed,
@@ -411,26 +411,6 @@ def test_live_socket_is_not_stolen(tmp_path: Path) -> None:
     second = Broker(path, b"k")
     second.stop()
     second.start()
-
-
-class RawBridge:
-    """A client speaking the bridge's side of the protocol on a plain socket."""
-
-    def __init__(self, broker: BrokerProcess) -> None:
-        address, authkey = broker.creds()
-        self.sock = connect_socket(address, 5)
-        handshake(self.sock, authkey)
-        self.sock.sendall(proto.frame(proto.BRIDGE, BRIDGE_KEY))
-        self.decoder = proto.FrameDecoder(proto.DEFAULT_MAX_MESSAGE)
-        self.frames: List[Tuple[int, bytes]] = []
-
-    def receive(self, count: int) -> List[Tuple[int, bytes]]:
-        """(type, body) of the frames so far, once *count* came (deadline: the 5 s timeout)."""
-        while len(self.frames) < count:
-            data = self.sock.recv(65536)
-            assert data, "the broker closed the bridge's connection"
-            self.frames += [(kind, frame[5:]) for kind, frame in self.decoder.feed(data)]
-        return self.frames
 
 
 def test_bridge_gets_everything_and_the_interest(

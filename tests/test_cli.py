@@ -6,13 +6,14 @@ import json
 import os
 import pathlib
 import pickle
+import re
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Iterator, List, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Tuple
 
 import pytest
 
@@ -22,7 +23,7 @@ from mpubsub._cli import load_message
 from mpubsub._connect import connect_socket, handshake
 
 from . import needs
-from .conftest import BrokerProcess, wait_for
+from .conftest import BrokerProcess, RawBridge, as_nobody, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 MPUBSUB = [sys.executable, "-m", "mpubsub"]
@@ -180,10 +181,13 @@ def test_errors_are_one_line(broker: BrokerProcess, tmp_path: Path) -> None:
     stale.write_bytes(broker.credentials.read_bytes())
     stale.chmod(0o600)
     broker.stop()
-    result = subprocess.run([*MPUBSUB, "ping", "-c", str(stale)], capture_output=True, text=True)
-    assert result.returncode == 1
-    assert result.stderr.startswith(f"mpubsub: cannot reach the broker at {address}: ")
-    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    for command in ("ping", "clients"):
+        result = subprocess.run(
+            [*MPUBSUB, command, "-c", str(stale)], capture_output=True, text=True
+        )
+        assert result.returncode == 1
+        assert result.stderr.startswith(f"mpubsub: cannot reach the broker at {address}: ")
+        assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
 
 
 def test_unreadable_credentials_suggest_group(broker: BrokerProcess) -> None:
@@ -261,11 +265,18 @@ def test_sub_survives_broker_restart(
     assert "mpubsub: lost the broker at" in err and "mpubsub: reconnected to the broker at" in err
 
 
-@pytest.mark.parametrize("command", ["pub", "sub", "stats", "ping"])
+@pytest.mark.parametrize("command", ["pub", "sub", "stats", "ping", "clients"])
 def test_help(command: str) -> None:
     """Every subcommand has --help, naming -c/--credentials."""
     result = subprocess.run([*MPUBSUB, command, "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "--credentials" in result.stdout
+
+
+def test_help_of_the_command_names_credentials_and_clients() -> None:
+    """mpubsub --help shows -c/--credentials before the subcommand, and the clients command."""
+    result = subprocess.run([*MPUBSUB, "--help"], capture_output=True, text=True)
+    assert result.returncode == 0
+    assert "--credentials" in result.stdout and "clients" in result.stdout
 
 
 class Runs:
@@ -440,3 +451,160 @@ def test_counts_and_intervals_that_mean_nothing_are_refused(args: List[str], mes
     assert result.returncode == 2
     assert result.stderr.splitlines()[-1] == f"mpubsub {args[0]}: error: {message}"
     assert result.stdout == ""
+
+
+def table(text: str) -> List[Dict[str, Any]]:
+    """The rows of ``mpubsub clients``, as {column: cell}; "topics": the indented lines below."""
+    header, *lines = text.splitlines()
+    columns = re.split(r" {2,}", header)
+    rows: List[Dict[str, Any]] = []
+    for line in lines:
+        if line.startswith(" "):
+            rows[-1]["topics"].append(line)
+        else:
+            cells = re.split(r" {2,}", line)
+            assert len(cells) == len(columns), text
+            rows.append({**dict(zip(columns, cells)), "topics": []})
+    return rows
+
+
+def attached(bridge: RawBridge) -> RawBridge:
+    """*bridge*, once the broker has taken it as its federation bridge."""
+    bridge.sock.sendall(proto.frame(proto.PING, b""))
+    assert bridge.receive(1)[-1][0] == proto.PONG
+    return bridge
+
+
+@pytest.mark.parametrize("broker", ["unix"], indirect=True)
+def test_clients_lists_each_connection(
+    broker: BrokerProcess, procs: List[subprocess.Popen[str]]
+) -> None:
+    """clients shows a row per connection: pid, user, subscriptions, the bridge marked."""
+    bridge = attached(RawBridge(broker))
+    try:
+        two = subscribe(broker, procs, "a", "b/c", topics=2)
+        one = subscribe(broker, procs, "d")
+        result = run(broker, "clients")
+    finally:
+        bridge.sock.close()
+    assert (result.returncode, result.stderr) == (0, "")
+    rows = table(result.stdout)
+    assert len(rows) == 4  # the two subs, the bridge, and clients itself
+    by_pid = {row["PID"]: row for row in rows}
+    for sub, subscriptions in ((two, "2"), (one, "1")):
+        row = by_pid[str(sub.pid)]
+        assert row["SUBS"] == subscriptions and row["ROLE"] == "client"
+        assert (row["USER"], row["UID"], row["ADDRESS"]) == ("root", "0", "-")
+        assert row["COMMAND"].startswith("python") and re.fullmatch(r"\d+s", row["CONNECTED"])
+        assert row["DENIED"] == row["DROPPED"] == "0" and row["WAITING"] == "0 B"
+        assert row["topics"] == []  # only with -v
+    assert [row["ROLE"] for row in rows].count("bridge") == 1  # known as the federation, not by pid
+
+
+@pytest.mark.parametrize("broker", ["unix"], indirect=True)
+def test_clients_verbose_shows_topics(
+    broker: BrokerProcess, procs: List[subprocess.Popen[str]]
+) -> None:
+    """clients -v lists each connection's topics under its row, '/' for the catch-all."""
+    sub = subscribe(broker, procs, "b/c", "a", topics=2)
+    everything = subscribe(broker, procs)
+    result = run(broker, "clients", "-v")
+    assert (result.returncode, result.stderr) == (0, "")
+    rows = {row["PID"]: row for row in table(result.stdout)}
+    assert rows[str(sub.pid)]["topics"] == ["    a", "    b/c"]
+    assert rows[str(everything.pid)]["topics"] == ["    /"]
+    assert sum(len(row["topics"]) for row in rows.values()) == 3  # clients itself has none
+
+
+def test_clients_json_holds_every_figure(
+    broker: BrokerProcess, procs: List[subprocess.Popen[str]]
+) -> None:
+    """clients --json is one JSON array of the broker's figures, a dict per connection."""
+    sub = subscribe(broker, procs, "t", "--count", "2")
+    assert run(broker, "pub", "t", "n=1").returncode == 0
+    assert sub.stdout is not None and sub.stdout.readline() == "t n=1\n"
+    result = run(broker, "clients", "--json")
+    assert (result.returncode, result.stderr) == (0, "")
+    assert result.stdout.count("\n") == 1
+    listed = json.loads(result.stdout)
+    keys = {
+        "id", "user", "uid", "gid", "pid", "command", "address", "since", "bridge",
+        "subscriptions", "topics", "messages_in", "bytes_in", "messages_out", "bytes_out",
+        "waiting", "denied", "dropped",
+    }  # fmt: skip
+    assert len(listed) == 2 and all(set(client) == keys for client in listed)
+    (entry,) = [client for client in listed if client["topics"] == ["t"]]
+    assert entry["subscriptions"] == 1 and entry["bridge"] is False
+    assert entry["messages_out"] == 1 and entry["bytes_out"] > 0
+    if isinstance(broker.creds()[0], str):  # a Unix socket: the kernel says who
+        assert (entry["pid"], entry["uid"], entry["address"]) == (sub.pid, 0, None)
+    else:
+        assert entry["pid"] is None and entry["address"].startswith("127.0.0.1:")
+
+
+def test_credentials_from_the_environment(broker: BrokerProcess, tmp_path: Path) -> None:
+    """Without -c, $MPUBSUB_CREDENTIALS names the file, whatever characters its path holds."""
+    odd = tmp_path / "50% {odd}.pckl"
+    shutil.copy(broker.credentials, odd)
+    result = subprocess.run(
+        [*MPUBSUB, "ping"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "MPUBSUB_CREDENTIALS": str(odd)},
+    )
+    assert (result.returncode, result.stderr) == (0, "")
+
+
+def test_credentials_before_the_subcommand(broker: BrokerProcess) -> None:
+    """-c works before the subcommand too; given in both places, the one after wins."""
+    credentials = str(broker.credentials)
+    elsewhere = {**os.environ, "MPUBSUB_CREDENTIALS": "/nonexistent/env.pckl"}
+
+    def mpubsub(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [*MPUBSUB, *args], capture_output=True, text=True, timeout=60, env=elsewhere
+        )
+
+    for args in (["stats", "--json"], ["pub", "t", "n=1"], ["clients", "--json"], ["ping"]):
+        result = mpubsub("-c", credentials, *args)
+        assert (result.returncode, result.stderr) == (0, ""), args
+    assert json.loads(mpubsub("--credentials", credentials, "stats", "--json").stdout)
+    assert mpubsub("-c", "/nonexistent/before.pckl", "ping", "-c", credentials).returncode == 0
+    after = mpubsub("-c", credentials, "ping", "-c", "/nonexistent/after.pckl")
+    assert (after.returncode, after.stderr) == (
+        1,
+        "mpubsub: cannot read credentials file /nonexistent/after.pckl: "
+        "No such file or directory\n",
+    )
+
+
+def test_clients_refused_without_the_admin_right(
+    library: Path, helpers: Callable[..., subprocess.Popen[str]]
+) -> None:
+    """A user without the admin right on / gets one line naming it, exit 1; root lists."""
+    needs.check_other_users()
+    credentials = library / "broker.pckl"
+    helpers("policy_broker", credentials, library / "broker.sock", "default=allow", "* admin=!/")
+    refused = subprocess.Popen(
+        as_nobody("-m", "mpubsub", "clients", "-c", str(credentials)),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={"PYTHONPATH": str(library)},
+        cwd="/",
+    )
+    out, err = refused.communicate(timeout=60)
+    assert (refused.returncode, out) == (1, ""), err
+    assert re.fullmatch(
+        rf"mpubsub: the broker refused: client \d+ \(uid 65534 nobody, pid {refused.pid} "
+        r"python3\) may not list clients: it needs the admin right on /\n",
+        err,
+    ), err
+    root = subprocess.run(
+        [*MPUBSUB, "clients", "--json", "-c", str(credentials)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert root.returncode == 0 and len(json.loads(root.stdout)) == 1, root.stderr

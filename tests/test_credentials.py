@@ -10,7 +10,7 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
-from typing import Iterator, List
+from typing import Iterator
 
 import pytest
 
@@ -20,6 +20,7 @@ from mpubsub._credentials import read_credentials, write_credentials
 from . import needs
 from .conftest import (
     BrokerProcess,
+    as_nobody,
     subscribed,
     wait_for,
 )
@@ -44,33 +45,11 @@ def needs_root_and_nobody() -> None:
     needs.check_other_users()
 
 
-def as_nobody(*args: str) -> List[str]:
-    """The command running /usr/bin/python3 ARGS as nobody (the venv's Python is under /root)."""
-    return [
-        "setpriv",
-        "--reuid=nobody",
-        "--regid=nogroup",
-        "--clear-groups",
-        "/usr/bin/python3",
-        *args,
-    ]
-
-
 @pytest.fixture
 def shared() -> Iterator[Path]:
     """A world-writable sticky directory, like /tmp (mode 1777); removed afterwards."""
     base = Path(tempfile.mkdtemp(prefix="mpubsub-shared-"))
     base.chmod(0o1777)
-    yield base
-    shutil.rmtree(base)
-
-
-@pytest.fixture
-def library() -> Iterator[Path]:
-    """A directory nobody can read, holding a copy of the mpubsub package (for PYTHONPATH)."""
-    base = Path(tempfile.mkdtemp(prefix="mpubsub-lib-"))
-    base.chmod(0o755)
-    shutil.copytree(ROOT / "mpubsub", base / "mpubsub", ignore=shutil.ignore_patterns("*.pyc"))
     yield base
     shutil.rmtree(base)
 
