@@ -16,6 +16,7 @@ import sys
 import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
+from ._inbox import REFUSALS_LOGGER
 from ._netpubsub import NetPubSub
 from ._text import printable, reason
 from ._topics import format_topic, parse_topic
@@ -402,8 +403,6 @@ def _cell(show: Callable[[Any], str], value: Any) -> str:
 
 def cmd_clients(args: argparse.Namespace) -> None:
     with connect(args.credentials) as pubsub:
-        # A refusal is said in one line: not also the WARNING of the broker's DENIED.
-        logging.getLogger("mpubsub.net").setLevel(logging.ERROR)
         try:
             clients = pubsub.broker_clients()
         except PermissionError as exc:
@@ -526,11 +525,15 @@ def main(argv: Optional[List[str]] = None) -> None:
     """Run one subcommand; errors are one line on stderr and exit status 1."""
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="mpubsub: %(message)s")
+    # A refusal is said in one line, the error's: not also the WARNING of the broker's DENIED.
+    logging.getLogger(REFUSALS_LOGGER).setLevel(logging.ERROR)
     func: Callable[[argparse.Namespace], None] = args.func
     try:
         func(args)
     except CliError as exc:
         sys.exit(f"mpubsub: {exc}")
+    except PermissionError as exc:  # the broker's policy: flush() says what it refused
+        sys.exit(f"mpubsub: {printable(str(exc))}")
     except (TimeoutError, MPubSubError) as exc:  # the broker's doing, not a bug of ours
         sys.exit(f"mpubsub: {printable(str(exc) or type(exc).__name__)}")
     except KeyboardInterrupt:

@@ -22,6 +22,9 @@ from ._topics import format_topic
 from .errors import ProtocolError
 
 logger = logging.getLogger("mpubsub.net")
+#: Where the broker's refusals (its policy's) are logged, once per topic.
+REFUSALS_LOGGER = "mpubsub.net.refused"
+_refusals = logging.getLogger(REFUSALS_LOGGER)
 
 # Messages read and not yet delivered by poll() past which nothing more is read.
 MAX_INBOX = 64 * 1024 * 1024
@@ -102,7 +105,7 @@ class Inbox:
         if (right, topic) not in self._warned:
             if len(self._warned) < _MAX_WARNED:
                 self._warned.add((right, topic))
-            logger.warning("the broker refused to %s", describe_refusal(refusal))
+            _refusals.warning("the broker refused to %s", describe_refusal(refusal))
 
     def messages(self) -> List[bytes]:
         """The messages kept, no longer kept."""

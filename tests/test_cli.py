@@ -579,6 +579,38 @@ def test_credentials_before_the_subcommand(broker: BrokerProcess) -> None:
     )
 
 
+@pytest.mark.parametrize(
+    ("command", "line"),
+    [
+        (["pub", "secret/x", "n=1"], "publish on secret/x"),
+        (["sub", "secret", "--count", "1"], "subscribe to secret"),
+    ],
+)
+def test_refused_by_the_policy_is_one_line(
+    library: Path, helpers: Callable[..., subprocess.Popen[str]], command: List[str], line: str
+) -> None:
+    """A publish or subscription the policy refuses: one line naming it, exit 1, no traceback."""
+    needs.check_other_users()
+    credentials = library / "broker.pckl"
+    helpers(
+        "policy_broker",
+        credentials,
+        library / "broker.sock",
+        "* publish=!secret",
+        "* subscribe=!secret",
+    )
+    refused = subprocess.run(
+        as_nobody("-m", "mpubsub", *command, "-c", str(credentials)),
+        capture_output=True,
+        text=True,
+        env={"PYTHONPATH": str(library)},
+        cwd="/",
+        timeout=60,
+    )
+    assert (refused.returncode, refused.stdout) == (1, ""), refused.stderr
+    assert refused.stderr == f"mpubsub: the broker refused to {line}: the policy forbids it\n"
+
+
 def test_clients_refused_without_the_admin_right(
     library: Path, helpers: Callable[..., subprocess.Popen[str]]
 ) -> None:
