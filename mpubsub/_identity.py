@@ -11,14 +11,13 @@ while it delivers them.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import pwd
 import socket
 import struct
 import threading
-from typing import Any, Dict, FrozenSet, Optional, Tuple
+from typing import Any, Dict, FrozenSet, Optional, Set, Tuple
 
 from . import _protocol as proto
 from ._sockets import address_account
@@ -53,6 +52,9 @@ class Sender:
 
 
 _delivering = threading.local()
+#: The threads delivering messages from a broker now: while it is empty, as it
+#: mostly is where publishing is busy, a publish need not hide a sender.
+busy: Set[int] = set()
 
 
 def current_sender() -> Optional[Sender]:
@@ -61,21 +63,17 @@ def current_sender() -> Optional[Sender]:
     return getattr(_delivering, "sender", None)
 
 
-@contextlib.contextmanager
-def delivering(sender: Optional[Sender]) -> Any:
-    """Within, ``current_sender()`` in this thread is *sender*."""
-    previous = getattr(_delivering, "sender", None)
-    _delivering.sender = sender
-    try:
-        yield
-    finally:
-        _delivering.sender = previous
-
-
 def set_sender(sender: Optional[Sender]) -> Optional[Sender]:
-    """``current_sender()`` in this thread is *sender* from now on; what it was."""
+    """``current_sender()`` in this thread is *sender* from now on; what it was.
+
+    A sender set marks the thread ``busy`` until it is set back to None.
+    """
     previous = getattr(_delivering, "sender", None)
     _delivering.sender = sender
+    if sender is not None:
+        busy.add(threading.get_ident())
+    elif previous is not None:
+        busy.discard(threading.get_ident())
     return previous
 
 

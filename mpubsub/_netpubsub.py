@@ -15,6 +15,7 @@ import threading
 import time
 from typing import Any, Callable, Dict, List, Optional, Set, Tuple, Type, TypeVar, Union
 
+from . import _identity
 from . import _protocol as proto
 from ._credentials import read_credentials
 from ._identity import Sender, sender_of, set_sender
@@ -270,7 +271,15 @@ class NetPubSub(PubSub):
             inbox = link.inbox
             if inbox.unpublishable and encoded in inbox.unpublishable:
                 inbox.refusals.append(inbox.unpublishable[encoded])  # refused again
-        previous = set_sender(None)  # a local publish has no sender, even in a delivery
+        if _identity.busy:  # a delivery from the broker, maybe this thread's
+            self._publish_here(topic, message)
+        else:
+            PubSub.publish(self, topic, **message)
+
+    def _publish_here(self, topic: Tuple[str, ...], message: Dict[str, Any]) -> None:
+        """Deliver to the local subscribers, with no sender: the message is not the
+        broker's, even inside a delivery of one that is."""
+        previous = set_sender(None)
         try:
             PubSub.publish(self, topic, **message)
         finally:
@@ -410,8 +419,9 @@ class NetPubSub(PubSub):
 
     def _deliver(self, frames: List[bytes]) -> bool:
         messages = False
+        named = proto.SENDER
         for frame in frames:
-            if frame[4] == proto.SENDER:
+            if frame[4] == named:
                 try:
                     self._sender = self._senders[frame[5:]]
                 except ProtocolError as exc:
