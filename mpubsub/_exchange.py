@@ -109,7 +109,7 @@ class Exchange:
             elif kind == proto.UNSUB:
                 self._unsubscribe(client, self._checked_topic(proto.body_of(frame)))
             elif kind == proto.PING:
-                self._reply(client, _PONG)
+                self._pong(client)
             elif kind == proto.STATS:
                 self._reply(client, self._stats_reply())
             elif kind == proto.CLIENTS:
@@ -125,6 +125,10 @@ class Exchange:
             if work + router.work >= budget and done < len(frames):
                 return done
         return len(frames)
+
+    def _pong(self, client: Session) -> None:
+        client.told.clear()  # a flush: its next refusals are news again
+        self._reply(client, _PONG)
 
     def _reply(self, client: Session, frame: bytes) -> None:
         client.queue(frame)

@@ -47,9 +47,6 @@ class Inbox:
         self._decoder = proto.FrameDecoder(proto.DEFAULT_MAX_MESSAGE)
         #: What the broker refused since the last flush(): right, topic, reason.
         self.refusals: List[Tuple[str, Tuple[str, ...], str]] = []
-        #: The topics (encoded) the broker refused this client to publish on, on this
-        #: connection: publishing there again is refused again, without a word.
-        self.unpublishable: Dict[bytes, Tuple[str, Tuple[str, ...], str]] = {}
         self._warned: Set[Tuple[str, Tuple[str, ...]]] = set()
 
     @property
@@ -100,8 +97,6 @@ class Inbox:
     def _refused(self, frame: bytes) -> None:
         right, topic, _ = refusal = proto.denied_parts(frame)
         self.refusals.append(refusal)
-        if right == "publish":
-            self.unpublishable[proto.encode_topic(topic)] = refusal
         if (right, topic) not in self._warned:
             if len(self._warned) < _MAX_WARNED:
                 self._warned.add((right, topic))
@@ -129,7 +124,6 @@ class Inbox:
         """What was asked of the last connection is not answered on *sock*, whose
         broker accepts messages of up to *max_message* bytes (and sends no larger)."""
         self._decoder = proto.FrameDecoder(max_message)
-        self.unpublishable.clear()  # its policy may have changed meanwhile
         self._asked.clear()
         self._answered.clear()
         if self._ready is not None:

@@ -268,9 +268,6 @@ class NetPubSub(PubSub):
                 raise TimeoutError(
                     f"the broker did not read the message in {link.publish_timeout} s"
                 )
-            inbox = link.inbox
-            if inbox.unpublishable and encoded in inbox.unpublishable:
-                inbox.refusals.append(inbox.unpublishable[encoded])  # refused again
         if _identity.busy:  # a delivery from the broker, maybe this thread's
             self._publish_here(topic, message)
         else:

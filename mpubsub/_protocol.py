@@ -39,7 +39,7 @@ Version 2 adds (a version 1 client gets none of them):
 - DENIED (broker -> client): ``!B`` the right (see ``RIGHTS``), ``!I`` topic
   length, the encoded topic, then a UTF-8 reason: a publish or a
   subscription the broker's policy (or a quota) refused. Told once per
-  topic and right per connection.
+  topic and right between two PINGs (a client's flushes).
 - CLIENTS (client -> broker, empty): the broker answers CLIENTS_REPLY, a JSON
   object: ``{"clients": [...]}``, or ``{"denied": reason}`` without the
   ``admin`` right.

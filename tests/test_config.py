@@ -123,6 +123,39 @@ def test_every_problem_is_named_with_its_line(tmp_path: Path) -> None:
     )
 
 
+def test_access_section_is_read_with_its_own_delimiter(tmp_path: Path) -> None:
+    """[access] keys hold ':' (only '=' separates), keep their case, and each bad rule is
+    named with its line; the other sections still take 'key: value'."""
+    path = write(
+        tmp_path,
+        "log_level: DEBUG\n"
+        "[access]\n"
+        "# SUBJECT RIGHT = TOPICS\n"
+        "default = deny\n"
+        "group:users publish = sensor, !sensor/secret\n"
+        "user:nobody subscribe = /\n"
+        "user:Nobody subscribe = x\n"
+        "uid:12 read = x\n"
+        "*  admin = /\n",
+    )
+    config, problems = check(path)
+    assert problems == [
+        f"{path}:8: user:Nobody subscribe: 'user:Nobody': no such user",
+        f"{path}:9: uid:12 read: unknown right 'read': publish, subscribe or admin",
+    ]
+    assert config is not None and config.log_level == "DEBUG"
+    policy = config.policy
+    assert policy.default is False
+    assert [(r.subject, r.right) for r in policy.rules] == [
+        ("group:users", "publish"),
+        ("user:nobody", "subscribe"),
+        ("*", "admin"),
+    ]
+    twice = write(tmp_path, "[access]\ngroup:users publish = a\ngroup:users publish = b\n")
+    with pytest.raises(ConfigError, match=r":4: group:users publish: set twice in \[access\]$"):
+        load(twice)
+
+
 @pytest.mark.parametrize(
     ("text", "message"),
     [
