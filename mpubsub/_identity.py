@@ -12,6 +12,7 @@ while it delivers them.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import pwd
 import socket
@@ -149,7 +150,7 @@ def _peer_groups(sock: socket.socket) -> Tuple[int, ...]:
         try:
             data = sock.getsockopt(socket.SOL_SOCKET, _SO_PEERGROUPS, size)
         except OSError as exc:
-            if exc.errno == 34:  # ERANGE: more groups than room
+            if exc.errno == errno.ERANGE:  # more groups than room
                 size *= 4
                 continue
             return ()
