@@ -294,6 +294,7 @@ _FIGURES: List[Tuple[str, str, Callable[[Any], str]]] = [
     ("messages/s", "messages_per_second", lambda v: f"{v:.1f}"),
     ("slow consumers cut", "slow_consumers", str),
     ("connections refused", "refused", str),
+    ("publishes and subscriptions refused", "denied", str),
     ("largest client buffer", "largest_buffer", _size),
 ]
 

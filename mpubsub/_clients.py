@@ -157,10 +157,11 @@ class Clients:
             sock.close()
             self._stats.refused += 1
             accounts[peer].throttle.warning(
-                "refusing a connection from %s: %s has %d connections, its limit "
+                "refusing a connection from %s: %s has %d connections, at its limit of %d "
                 "(max_connections_per_user)",
                 identity.describe(),
                 peer,
+                accounts[peer].connections,
                 accounts.quotas.connections,
             )
             return

@@ -23,12 +23,14 @@ from ._policy import Policy
 from ._routing import Router
 from ._session import SEND_CHUNK, Session
 from ._stats import BrokerStatistics, Counters, Throttle
+from ._text import printable
 from ._topics import format_topic
 from .errors import ProtocolError
 
 logger = logging.getLogger("mpubsub.broker")
 
 _PONG = proto.frame(proto.PONG, b"")
+_TOLD = 1024  # refusals told a client between two of its flushes, at most
 
 
 class Exchange:
@@ -145,7 +147,8 @@ class Exchange:
     def _clients_reply(self, client: Session) -> bytes:
         body: Dict[str, Any]
         if not client.access.may("admin", b""):
-            self._deny(client, "admin", b"", "listing clients needs the admin right on /")
+            # Said in the reply: no DENIED, which the client's next flush() would raise.
+            self._deny(client, "admin", b"", "listing clients needs the admin right on /", False)
             body = {"denied": f"{client.name} may not list clients: it needs the admin right on /"}
         else:
             body = {"clients": [self.describe(c) for c in self._clients()]}
@@ -175,19 +178,23 @@ class Exchange:
             "dropped": client.dropped,
         }
 
-    def _deny(self, client: Session, right: str, topic: bytes, reason: str) -> None:
-        """Refuse *client* its *right* on *topic*: counted, logged, and told once."""
+    def _deny(
+        self, client: Session, right: str, topic: bytes, reason: str, tell: bool = True
+    ) -> None:
+        """Refuse *client* its *right* on *topic*: counted, logged, and told once
+        between two of its flushes (unless not to *tell*)."""
         client.denied += 1
         self._stats.denied += 1
         client.throttle.warning(
             "%s denied: %s on %s (%s)",
-            client.name,
+            client.name + client.relaying,
             right,
-            format_topic(proto.decode_topic(topic)),
+            printable(format_topic(proto.decode_topic(topic))),
             reason,
         )
-        if client.stamped and (right, topic) not in client.told and len(client.told) < 1024:
-            client.told.add((right, topic))
+        told = client.told
+        if tell and client.stamped and (right, topic) not in told and len(told) < _TOLD:
+            told.add((right, topic))
             self._reply(client, proto.denied_frame(right, topic, reason))
 
     def federation_figures(self) -> Optional[Dict[str, Any]]:
@@ -228,8 +235,8 @@ class Exchange:
                 client,
                 "subscribe",
                 topic,
-                f"{client.peer} has {account.subscriptions} subscriptions, "
-                "its limit (max_subscriptions_per_user)",
+                f"{client.peer} has {account.subscriptions} subscriptions, at its limit of "
+                f"{self.accounts.quotas.subscriptions} (max_subscriptions_per_user)",
             )
             return
         if len(client.subs) >= self._limits.max_subscriptions:
@@ -245,9 +252,8 @@ class Exchange:
         client.sub_bytes += len(topic)
         account.subscriptions += 1
         if logger.isEnabledFor(logging.DEBUG):
-            logger.debug(
-                "%s subscribed to %s", client.name, format_topic(proto.decode_topic(topic))
-            )
+            shown = printable(format_topic(proto.decode_topic(topic)))
+            logger.debug("%s subscribed to %s", client.name, shown)
         if self._router.subscribe(client, topic) and self.bridge is not None:
             self.dirty.add(self.bridge)  # the bridge is told of a new topic
 
@@ -283,7 +289,9 @@ class Exchange:
         sender = sender_of(proto.body_of(frame))
         if not sender.host:
             raise ProtocolError("the bridge's SENDER frame names no host")
-        bridge.stamp = relayed(sender, sender.host).stamp()
+        identity = relayed(sender, sender.host)
+        bridge.stamp = identity.stamp()
+        bridge.relaying = f" for {printable(sender.host)} ({identity.describe()})"
 
     def queue_interest(self, bridge: Session) -> bool:
         """Queue the bridge's next SUB/UNSUB frames, about one send's worth; False if none."""

@@ -17,7 +17,7 @@ import socket
 from typing import Counter, Deque, Dict, List, Optional, Set, Tuple
 
 from . import _protocol as proto
-from ._text import reason
+from ._text import printable, reason
 from ._topics import format_topic
 from .errors import ProtocolError
 
@@ -31,7 +31,8 @@ MAX_INBOX = 64 * 1024 * 1024
 _RECV_SIZE = 64 * 1024
 _MESSAGES = (proto.PUB, proto.SENDER)
 _ANSWERS = (proto.PONG, proto.STATS_REPLY, proto.CLIENTS_REPLY)
-_MAX_WARNED = 1024  # topics refused whose WARNING is not repeated
+_MAX_WARNED = 1024  # topics refused whose WARNING is not repeated (past it: none)
+_MAX_REFUSALS = 1024  # refusals kept for the next flush() to raise
 
 
 class Inbox:
@@ -96,10 +97,10 @@ class Inbox:
 
     def _refused(self, frame: bytes) -> None:
         right, topic, _ = refusal = proto.denied_parts(frame)
-        self.refusals.append(refusal)
-        if (right, topic) not in self._warned:
-            if len(self._warned) < _MAX_WARNED:
-                self._warned.add((right, topic))
+        if len(self.refusals) < _MAX_REFUSALS:  # what a broker that says more would cost
+            self.refusals.append(refusal)
+        if (right, topic) not in self._warned and len(self._warned) < _MAX_WARNED:
+            self._warned.add((right, topic))
             _refusals.warning("the broker refused to %s", describe_refusal(refusal))
 
     def messages(self) -> List[bytes]:
@@ -144,7 +145,7 @@ def describe_refusal(refusal: Tuple[str, Tuple[str, ...], str]) -> str:
     """``publish on sensor/x: the policy forbids it``, from a DENIED frame's parts."""
     right, topic, why = refusal
     verb = {"subscribe": "subscribe to", "admin": "administer"}.get(right, "publish on")
-    return f"{verb} {format_topic(topic)}: {why}"
+    return f"{verb} {printable(format_topic(topic))}: {why}"
 
 
 class _Readiness:

@@ -4,7 +4,9 @@ A policy is a list of rules ``SUBJECT RIGHT = TOPIC, !TOPIC, ...`` and a
 default (allow or deny), as mpubsubd.conf's ``[access]`` section writes it.
 For a client, a right and a topic, among the rules whose subject is the
 client, the one with the longest topic prefix of that topic decides; at
-equal length a deny beats an allow; if none matches, the default decides.
+equal length a deny beats an allow; if none matches, the default decides
+publish and subscribe, and admin is refused (only its rules give it: the
+list of clients says who runs what), unless the policy has no rule at all.
 uid 0 may do everything (but for what the federation bridge relays, which
 is the ``federation`` subject's). The broker compiles each client's
 ``Access`` once, when it connects (and again when the policy changes), so
@@ -154,39 +156,41 @@ class Policy:
                 table = tables[rule.right]
                 for topic, allowed in rule.topics:
                     table[topic] = table.get(topic, True) and allowed  # a deny wins
-        return Access(tables, self.default)
+        # Without rules, as before policies, everyone may do everything, list clients too.
+        admin = self.default and not self.rules
+        return Access(tables, {**dict.fromkeys(RIGHTS, self.default), "admin": admin})
 
 
 class Access:
     """What one client may do: ``may(right, topic)``, and for each right that some
     topic restricts, a cache of answers (``checks``), None where nothing does."""
 
-    def __init__(self, tables: Dict[str, Dict[bytes, bool]], default: bool) -> None:
+    def __init__(self, tables: Dict[str, Dict[bytes, bool]], defaults: Dict[str, bool]) -> None:
         self._tables = tables
-        self._default = default
+        self._defaults = defaults  # by right: what no rule decides
         self.checks: Dict[str, Optional[Checks]] = {
             right: None if self._unrestricted(right) else Checks(self, right) for right in RIGHTS
         }
 
     @classmethod
     def everything(cls) -> Access:
-        return cls({right: {} for right in RIGHTS}, True)
+        return cls({right: {} for right in RIGHTS}, dict.fromkeys(RIGHTS, True))
 
     def _unrestricted(self, right: str) -> bool:
         table = self._tables[right]
-        return all(table.values()) and (self._default or table.get(b"", False))
+        return all(table.values()) and (self._defaults[right] or table.get(b"", False))
 
     def may(self, right: str, topic: bytes) -> bool:
         """True if the client may *right* on the encoded *topic*."""
         table = self._tables[right]
         if not table:
-            return self._default
+            return self._defaults[right]
         ends: List[int] = list(prefix_ends(topic))
         for end in reversed(ends):
             allowed = table.get(topic[:end])
             if allowed is not None:
                 return allowed
-        return table.get(b"", self._default)
+        return table.get(b"", self._defaults[right])
 
 
 class Checks(Dict[bytes, bool]):

@@ -88,6 +88,7 @@ FRAME_TYPES = frozenset(range(1, 17))
 #: The rights of a policy, in DENIED frames by their index.
 RIGHTS = ("publish", "subscribe", "admin")
 DENIED_HEAD = struct.Struct("!BI")
+_MAX_REASON = 512  # bytes of a refusal's reason kept: a broker's are a line
 
 #: A frame as FrameDecoder gives it: its type, and the whole frame (header included).
 Frame = Tuple[int, bytes]
@@ -403,7 +404,8 @@ def denied_parts(frame: bytes) -> Tuple[str, Tuple[str, ...], str]:
     if right >= len(RIGHTS) or start + size > len(frame):
         raise ProtocolError("malformed DENIED frame")
     topic = decode_topic(frame[start : start + size])
-    return RIGHTS[right], topic, printable(frame[start + size :].decode(errors="replace"))
+    why = frame[start + size : start + size + _MAX_REASON].decode(errors="replace")
+    return RIGHTS[right], topic, printable(why)
 
 
 def clients_figures(frame: bytes) -> List[Dict[str, Any]]:
@@ -411,7 +413,7 @@ def clients_figures(frame: bytes) -> List[Dict[str, Any]]:
     ProtocolError if it is not a list of them."""
     value = _json_object(frame, "the broker's list of clients is")
     if "denied" in value:
-        raise PermissionError(printable(str(value["denied"])))
+        raise PermissionError(printable(str(value["denied"])[:_MAX_REASON]))
     clients = value.get("clients")
     if not isinstance(clients, list) or not all(isinstance(c, dict) for c in clients):
         raise ProtocolError("the broker's list of clients is not a list of clients")

@@ -52,6 +52,7 @@ class Session:
         self.told: Set[Tuple[str, bytes]] = set()  # DENIED frames sent, by right and topic
         self.denied = 0  # publishes and subscriptions refused
         self.throttle = Throttle(logger)  # its refusals' log lines, at most one every 10 s
+        self.relaying = ""  # the bridge's: whose messages it relays now, for log lines
         self.dropped = 0  # messages dropped for it (the bridge's, behind)
         self.messages_in = self.bytes_in = self.messages_out = self.bytes_out = 0
         self.accounted = 0  # what of held its account was last charged

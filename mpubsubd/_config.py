@@ -230,7 +230,12 @@ def _read(
     """The configuration (None if unreadable), its problems, and where its keys are."""
     name = path or config_path(instance)
     parser = configparser.ConfigParser(interpolation=None)
-    access = configparser.ConfigParser(interpolation=None, delimiters=("=",), default_section="")
+    access = configparser.ConfigParser(
+        interpolation=None,
+        delimiters=("=",),
+        default_section="",
+        inline_comment_prefixes=("#", ";"),
+    )
     access.optionxform = str  # type: ignore[assignment,method-assign]  # user:Alice is not alice
     try:
         with open(name, encoding="utf-8") as f:
@@ -316,6 +321,11 @@ def _policy(parser: configparser.ConfigParser, name: str, text: str, problems: L
     lines = []
     for key, value in parser.items(ACCESS):
         try:
+            if "\n" in value:
+                raise ValueError(
+                    "a rule is one line (an indented line continues the one before): "
+                    + printable(value.replace("\n", " / "))
+                )
             Policy.parse([(key, value)])
         except ValueError as exc:
             problems.append(f"{name}:{where.get(key, '?')}: {printable(key)}: {exc}")

@@ -459,7 +459,7 @@ def test_tcp_peers_are_their_address(bus: Bus) -> None:
     fourth = NetPubSub.from_file(str(bus.daemon.credentials), timeout=5)
     with pytest.raises(ConnectionResetError, match="closed the connection during the handshake"):
         fourth.connect()
-    cap = "127.0.0.1 has 3 connections, its limit (max_connections_per_user)"
+    cap = "127.0.0.1 has 3 connections, at its limit of 3 (max_connections_per_user)"
     log_has(bus.daemon, cap, "the address's quota in the log")
     assert publisher.flush()  # its connections already there go on
 
@@ -566,12 +566,12 @@ def test_one_users_quotas_leave_another_users_traffic_alone(bus: Bus) -> None:
     assert subscriptions == {
         "subscriptions": 5,
         "error": "PermissionError: the broker refused to subscribe to q/5: uid 65534 has 5 "
-        "subscriptions, its limit (max_subscriptions_per_user)",
+        "subscriptions, at its limit of 5 (max_subscriptions_per_user)",
     }
     log = log_has(bus.daemon, "(max_subscriptions_per_user)", "the subscription refused")
     assert (
         f"WARNING: refusing a connection from uid 65534 nobody, pid {client.pid} python3: "
-        "uid 65534 has 4 connections, its limit (max_connections_per_user)"
+        "uid 65534 has 4 connections, at its limit of 4 (max_connections_per_user)"
     ) in log
     assert re.search(denial(client, "subscribe", "q/5"), log)
     assert recording(bus.root(), "more") == []  # root connects and subscribes as before
@@ -629,3 +629,27 @@ def test_broker_clients_needs_the_admin_right(bus: Bus) -> None:
     assert found[alone.pid] == found[member.pid] == (NOBODY, "nobody", "python3")
     assert found[os.getpid()][:2] == (0, "root")
     assert re.search(denial(alone, "admin", "/"), bus.log())
+
+
+def test_admin_is_never_given_by_default(bus: Bus) -> None:
+    """default = allow lets everyone publish and subscribe, not list who is connected (once
+    there are rules); a refused listing is not a refusal the next flush() raises."""
+    bus.serve("default = allow\n* publish = /")
+    client = bus.nobody(["clients"], ["pub", "ok/1"])
+    assert client.answer()["clients"].startswith("PermissionError: ")
+    assert client.answer() == {"pub": [["ok/1", True]]}
+    assert bus.root().broker_clients() is not None  # uid 0 may
+
+
+def test_refusals_escape_the_topic_they_name(bus: Bus) -> None:
+    """A refused topic with a newline or escape sequence forges no log line: it is escaped
+    in the broker's log, the client's WARNING and its PermissionError."""
+    bus.serve("default = allow\ntcp publish = !/", address=f"127.0.0.1:{free_port()}")
+    publisher = bus.root()
+    publisher.publish(("x\nforged line", "\x1b[2J"), n=1)
+    with pytest.raises(PermissionError) as refused_error:
+        publisher.flush()
+    assert "\n" not in str(refused_error.value) and "\x1b" not in str(refused_error.value)
+    log = log_has(bus.daemon, "denied: publish on x", "the refusal in the log")
+    assert not any(line.startswith("forged line") for line in log.splitlines()), log
+    assert "\x1b" not in log

@@ -134,6 +134,7 @@ def test_stats_move_after_traffic(broker: BrokerProcess) -> None:
         "messages in",
         "slow consumers cut",
         "connections refused",
+        "publishes and subscriptions refused",
         "largest client buffer",
         "messages/s",
     ):

@@ -10,6 +10,7 @@ from typing import Union
 
 import pytest
 
+from mpubsub import _protocol as proto
 from mpubsubd._config import Config, ConfigError, FederationConfig, check, load, read_authkey
 
 from . import needs
@@ -121,6 +122,29 @@ def test_every_problem_is_named_with_its_line(tmp_path: Path) -> None:
     assert str(caught.value) == (
         f"{path}:10: unknown section [extra] (and 5 more: mpubsubd --check-config lists them)"
     )
+
+
+def test_access_comments_and_continued_lines(tmp_path: Path) -> None:
+    """A comment after a rule is not a topic; a rule's value on an indented line after it
+    is refused with its line, not merged into the rule before."""
+    path = write(
+        tmp_path,
+        "[access]\n"
+        "* subscribe = !secret   # keep secrets out\n"
+        "* publish = a ; and b\n"
+        "tcp publish = x\n"
+        "    tcp subscribe = !y\n",
+    )
+    config, problems = check(path)
+    assert problems == [
+        f"{path}:5: tcp publish: a rule is one line (an indented line continues the one "
+        "before): x / tcp subscribe = !y"
+    ]
+    assert config is not None
+    assert [rule.topics for rule in config.policy.rules] == [
+        ((proto.encode_topic(("secret",)), False),),
+        ((proto.encode_topic(("a",)), True),),
+    ]
 
 
 def test_access_section_is_read_with_its_own_delimiter(tmp_path: Path) -> None:

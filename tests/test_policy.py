@@ -158,3 +158,13 @@ def test_a_restricted_publisher_cannot_fill_its_cache_with_junk(tmp_path: Path) 
         exchange.handle(client, [(proto.PUB, proto.pub_frame(topic("b"), b"p"))], 100)
         assert client.denied == 1 and client.publishable == {topic("b"): False}
     broker.close()
+
+
+def test_admin_comes_from_its_rules_once_there_are_rules() -> None:
+    """default decides publish and subscribe; admin only without any rule at all."""
+    assert may([], nobody(), "admin", "/") and may([("default", "allow")], nobody(), "admin", "/")
+    ruled = [("default", "allow"), ("tcp publish", "!/")]
+    assert may(ruled, nobody(), "publish", "a") and may(ruled, nobody(), "subscribe", "a")
+    assert not may(ruled, nobody(), "admin", "/")
+    assert may([*ruled, ("user:nobody admin", "/")], nobody(), "admin", "/")
+    assert not may([("default", "deny")], nobody(), "admin", "/")
