@@ -41,8 +41,10 @@ class Requests:
         """
         link = self._link
         deadline = time.monotonic() + link.timeout  # for the reconnections and the reply
+        hurry = True  # once: a broker that cuts each connection gets the backoff after
         while True:
-            answer = self._ask_once(kind, request, first, deadline)
+            answer = self._ask_once(kind, request, first, deadline, hurry)
+            hurry = False
             if answer is not _LOST:
                 return answer
             with link.lock:
@@ -50,10 +52,10 @@ class Requests:
                     return None
 
     def _ask_once(
-        self, kind: int, request: bytes, first: Callable[[], None], deadline: float
+        self, kind: int, request: bytes, first: Callable[[], None], deadline: float, hurry: bool
     ) -> Union[bytes, _Lost, None]:
         link = self._link
-        if link.hurry():
+        if (hurry and link.hurry()) or link.state is State.RECONNECTING:
             link.wait_up(max(0.0, deadline - time.monotonic()))
         with link.lock:
             first()

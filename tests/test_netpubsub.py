@@ -545,6 +545,23 @@ def test_a_broker_that_cuts_at_once_makes_no_reconnection_loop(tmp_path: Path) -
         broker.close()
 
 
+def test_a_flush_to_a_broker_that_cuts_at_once_makes_no_reconnection_loop(
+    tmp_path: Path,
+) -> None:
+    """A flush hurries one reconnection, not one per cut: it waits out the backoff after."""
+    broker = FakeBroker(str(tmp_path / "b.sock"), b"key", lambda sock: sock.recv(64))
+    pubsub = NetPubSub(str(tmp_path / "b.sock"), b"key", timeout=2)
+    try:
+        pubsub.connect()
+        first = broker.accepted
+        assert pubsub.flush() is False  # cut at its PING, each time
+        # 50 ms, 100 ms, 200 ms... between attempts: a handful in 2 s, not hundreds.
+        assert broker.accepted - first <= 8
+    finally:
+        pubsub.disconnect()
+        broker.close()
+
+
 def orphaned(broker_factory: Callable[..., BrokerProcess], address: str) -> NetPubSub:
     """A pub-sub whose broker was killed under it, and which noticed."""
     broker = broker_factory(address)
