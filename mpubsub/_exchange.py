@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import hmac
+import itertools
 import json
 import logging
 import time
@@ -115,7 +116,9 @@ class Exchange:
             elif kind == proto.STATS:
                 self._reply(client, self._stats_reply())
             elif kind == proto.CLIENTS:
-                self._reply(client, self._clients_reply(client))
+                reply = self._clients_reply(client)
+                work += len(reply) >> 10  # a unit of work per KiB listed
+                self._reply(client, reply)
             elif kind == proto.BRIDGE:
                 self._attach_bridge(client, frame)
             elif kind == proto.SENDER and client is self.bridge:
@@ -150,9 +153,11 @@ class Exchange:
             # Said in the reply: no DENIED, which the client's next flush() would raise.
             self._deny(client, "admin", b"", "listing clients needs the admin right on /", False)
             body = {"denied": f"{client.name} may not list clients: it needs the admin right on /"}
-        else:
-            body = {"clients": [self.describe(c) for c in self._clients()]}
-        return proto.frame(proto.CLIENTS_REPLY, json.dumps(body).encode())
+            return proto.frame(proto.CLIENTS_REPLY, json.dumps(body).encode())
+        # Each client's topics cut short: a request costs what the connections do, not
+        # what their subscriptions do, and its reply stays small enough to read.
+        body = {"clients": [self.describe(c) for c in self._clients()]}
+        return proto.frame(proto.CLIENTS_REPLY, json.dumps(body, ensure_ascii=False).encode())
 
     def describe(self, client: Session) -> Dict[str, Any]:
         """What ``mpubsub clients`` shows of *client*."""
@@ -168,7 +173,7 @@ class Exchange:
             "since": client.since,
             "bridge": client is self.bridge,
             "subscriptions": len(client.subs),
-            "topics": sorted(format_topic(proto.decode_topic(t)) for t in client.subs),
+            "topics": _some_topics(client.subs),
             "messages_in": client.messages_in,
             "bytes_in": client.bytes_in,
             "messages_out": client.messages_out,
@@ -331,3 +336,22 @@ class Exchange:
             target.messages_out += 1
             target.bytes_out += size
         return len(targets)
+
+
+_LISTED = 64  # topics of one client a list of clients shows, at most
+_LISTED_CHARACTERS = 4096  # and characters of them
+
+
+def _some_topics(subs: Set[bytes]) -> List[str]:
+    """Some of *subs*, sorted and escaped, with ``... N more`` for the rest."""
+    shown, size = [], 0
+    for topic in itertools.islice(subs, _LISTED):
+        text = printable(format_topic(proto.decode_topic(topic)))
+        if size + len(text) > _LISTED_CHARACTERS:
+            break
+        shown.append(text)
+        size += len(text)
+    shown.sort()
+    if len(shown) < len(subs):
+        shown.append(f"... {len(subs) - len(shown)} more")
+    return shown

@@ -905,3 +905,21 @@ def test_a_subscriber_may_poll_inside_a_delivery(connect: Callable[..., NetPubSu
     poll_until(pubsub, lambda: len(got) == 2, "both messages")
     assert got == [0, 1]
     assert refused == []
+
+
+def test_broker_clients_lists_some_topics_of_each(connect: Callable[..., NetPubSub]) -> None:
+    """Each connection, its subscriptions counted, and at most 64 of its topics shown
+    escaped, sorted, then how many more: a listing costs what the connections do."""
+    many, few = connect(), connect()
+    for n in range(100):
+        many.add_subscriber(("t", f"{n:03}"), lambda topic, **message: None, weak=False)
+    few.add_subscriber(("a\nb",), lambda topic, **message: None, weak=False)
+    assert many.flush() and few.flush()
+    listed = {c["id"]: c for c in few.broker_clients() or []}
+    assert len(listed) == 2
+    big, small = sorted(listed.values(), key=lambda c: -c["subscriptions"])
+    assert big["subscriptions"] == 100 and len(big["topics"]) == 65
+    assert big["topics"][-1] == "... 36 more"
+    assert big["topics"][:-1] == sorted(big["topics"][:-1])
+    assert all(t.startswith("t/") for t in big["topics"][:-1])
+    assert small["topics"] == ["a\\x0ab"]
