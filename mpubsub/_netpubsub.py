@@ -408,25 +408,35 @@ class NetPubSub(PubSub):
     def _dispatch(self, frames: List[bytes]) -> bool:
         """Deliver *frames*, each message with its sender for ``current_sender()``;
         False if they held no message (only news of who sends the next)."""
-        previous = set_sender(self._sender)
+        runs = self._runs(frames)  # before any subscriber runs, and maybe polls
+        previous = set_sender(None)
         try:
-            return self._deliver(frames)
+            for sender, messages in runs:
+                set_sender(sender)
+                self._deliver(messages)
         finally:
             set_sender(previous)
+        return any(messages for _, messages in runs)
 
-    def _deliver(self, frames: List[bytes]) -> bool:
-        messages = False
+    def _runs(self, frames: List[bytes]) -> List[Tuple[Optional[Sender], List[bytes]]]:
+        """*frames* cut into runs of messages of one sender each. What follows them
+        (a nested poll's) is the last sender's until the broker names another."""
+        runs: List[Tuple[Optional[Sender], List[bytes]]] = [(self._sender, [])]
         named = proto.SENDER
         for frame in frames:
-            if frame[4] == named:
-                try:
-                    self._sender = self._senders[frame[5:]]
-                except ProtocolError as exc:
-                    logger.error("the broker named a sender badly: %s", exc)
-                    self._sender = None
-                set_sender(self._sender)
+            if frame[4] != named:
+                runs[-1][1].append(frame)
                 continue
-            messages = True
+            try:
+                self._sender = self._senders[frame[5:]]
+            except ProtocolError as exc:
+                logger.error("the broker named a sender badly: %s", exc)
+                self._sender = None
+            runs.append((self._sender, []))
+        return runs
+
+    def _deliver(self, frames: List[bytes]) -> None:
+        for frame in frames:
             try:
                 encoded, payload = proto.pub_parts(frame)
                 topic = self._decoded[encoded]
@@ -441,7 +451,6 @@ class NetPubSub(PubSub):
                     raise  # from inside publish: a subscriber's, re-raised by on_error
                 # Raised by the call itself: the payload is not a mapping of strings.
                 logger.error("dropping a message that is not a mapping of strings: %r", topic)
-        return messages
 
 
 def _weigh(key: Union[bytes, Tuple[str, ...]], value: Union[bytes, Tuple[str, ...]]) -> int:

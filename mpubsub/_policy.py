@@ -30,7 +30,9 @@ __all__ = ["RIGHTS", "Access", "Policy", "Rule"]
 RIGHTS = ("publish", "subscribe", "admin")
 _SUBJECT_KINDS = ("user", "group", "uid")
 _PLAIN_SUBJECTS = ("*", "tcp", "federation")
-_CACHE = 4096  # topics whose answer one client remembers, per right
+# What one client's answers for one right may hold: topics' bytes and entries, roughly.
+_CACHE_BYTES = 64 * 1024
+_ENTRY = 100
 
 
 @dataclasses.dataclass(frozen=True)
@@ -181,10 +183,16 @@ class Access:
         return all(table.values()) and (self._defaults[right] or table.get(b"", False))
 
     def may(self, right: str, topic: bytes) -> bool:
-        """True if the client may *right* on the encoded *topic*."""
+        """True if the client may *right* on the encoded *topic*.
+
+        A broadcast (publish on ``b''``) reaches the subscribers of every topic:
+        it needs publish on / and no topic denied to the client.
+        """
         table = self._tables[right]
         if not table:
             return self._defaults[right]
+        if not topic and right == "publish" and not all(table.values()):
+            return False
         ends: List[int] = list(prefix_ends(topic))
         for end in reversed(ends):
             allowed = table.get(topic[:end])
@@ -194,15 +202,19 @@ class Access:
 
 
 class Checks(Dict[bytes, bool]):
-    """Encoded topic -> whether one client may use one right on it, computed when asked."""
+    """Encoded topic -> whether one client may use one right on it, computed when asked;
+    what it keeps is bounded in bytes (it starts afresh past _CACHE_BYTES)."""
 
     def __init__(self, access: Access, right: str) -> None:
         super().__init__()
         self._access = access
         self._right = right
+        self._size = 0
 
     def __missing__(self, topic: bytes) -> bool:
-        if len(self) >= _CACHE:
+        self._size += len(topic) + _ENTRY
+        if self._size > _CACHE_BYTES:
             self.clear()
+            self._size = len(topic) + _ENTRY
         allowed = self[topic] = self._access.may(self._right, topic)
         return allowed

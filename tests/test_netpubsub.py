@@ -923,3 +923,31 @@ def test_broker_clients_lists_some_topics_of_each(connect: Callable[..., NetPubS
     assert big["topics"][:-1] == sorted(big["topics"][:-1])
     assert all(t.startswith("t/") for t in big["topics"][:-1])
     assert small["topics"] == ["a\\x0ab"]
+
+
+def test_a_nested_poll_names_the_senders_of_what_it_delivers(
+    connect: Callable[..., NetPubSub],
+) -> None:
+    """A subscriber that polls inside a delivery gets the right sender for what it delivers,
+    though the batch around it has not reached its own news of that sender yet."""
+    sub, alice, bob = connect(), connect(), connect()
+    senders: Dict[str, Any] = {}
+
+    def on_message(topic: Tuple[str, ...], who: str) -> None:
+        senders[who] = mpubsub.current_sender()
+        if who == "alice":
+            bob.publish("t", who="bob 2")
+            assert bob.flush()
+            wait_for(lambda: (sub.poll(0.05), "bob 2" in senders)[1], what="bob's second")
+
+    sub.add_subscriber("t", on_message)
+    assert sub.flush()
+    alice.publish("t", who="alice")
+    assert alice.flush()
+    bob.publish("t", who="bob 1")
+    assert bob.flush()
+    wait_for(lambda: (sub.poll(0.05), len(senders) == 3)[1], what="the three messages")
+    if senders["alice"].address is None:  # on the Unix socket, one process is one sender
+        assert {s.pid for s in senders.values()} == {os.getpid()}
+    else:  # on TCP, each connection is its own
+        assert senders["bob 1"] == senders["bob 2"] != senders["alice"]

@@ -168,3 +168,22 @@ def test_admin_comes_from_its_rules_once_there_are_rules() -> None:
     assert not may(ruled, nobody(), "admin", "/")
     assert may([*ruled, ("user:nobody admin", "/")], nobody(), "admin", "/")
     assert not may([("default", "deny")], nobody(), "admin", "/")
+
+
+def test_a_publisher_denied_any_topic_may_not_broadcast() -> None:
+    """A broadcast reaches every subscriber, those of topics denied to its publisher too:
+    it needs publish on / and no publish denied to that client."""
+    assert not may([("* publish", "!admin")], nobody(), "publish", "/")
+    assert may([("* publish", "!admin")], nobody(), "publish", "a")
+    assert may([("tcp publish", "!admin")], nobody(), "publish", "/")  # not its rule
+    assert not may([("default", "deny"), ("* publish", "/, !a")], nobody(), "publish", "/")
+    assert may([("default", "deny"), ("* publish", "/")], nobody(), "publish", "/")
+
+
+def test_a_clients_answers_are_bounded_in_bytes() -> None:
+    """The answers one client keeps are bounded by their topics' bytes, not their number."""
+    checks = Policy.parse([("* publish", "!x")]).access(nobody()).checks["publish"]
+    assert checks is not None
+    for n in range(2000):
+        assert checks[proto.encode_topic((f"{n:04}" + "y" * 4000,))]
+    assert sum(len(topic) for topic in checks) <= 64 * 1024
