@@ -281,6 +281,8 @@ class Clients:
         if not opening.done:
             return b""
         client.decoder = proto.FrameDecoder(self.settings.limits.max_message)
+        # The policy of now: a reload during its handshake missed it (not yet active).
+        client.grant(self._exchange.policy.access(client.identity))
         self._handshakes.discard(client)
         client.stamped = opening.version >= 2
         logger.info("%s connected", client.name)

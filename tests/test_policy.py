@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import grp
+import multiprocessing.connection as mpc
 import os
 import pwd
 import socket
+import threading
 from pathlib import Path
 from typing import List, Tuple
 
@@ -187,3 +189,33 @@ def test_a_clients_answers_are_bounded_in_bytes() -> None:
     for n in range(2000):
         assert checks[proto.encode_topic((f"{n:04}" + "y" * 4000,))]
     assert sum(len(topic) for topic in checks) <= 64 * 1024
+
+
+def test_a_reload_reaches_connections_still_authenticating(tmp_path: Path) -> None:
+    """A policy changed while a connection authenticates holds for it once it is in."""
+    broker = Broker(("127.0.0.1", 0), b"k" * 32)
+    thread = threading.Thread(target=broker.start)
+    thread.start()
+    try:
+        with (
+            mpc.Client(broker.address, authkey=b"k" * 32) as conn,  # authenticated, no HELLO
+            socket.socket(fileno=os.dup(conn.fileno())) as sock,
+        ):
+            changed = threading.Event()
+
+            def reload() -> None:
+                broker.reconfigure(policy=Policy.parse([("tcp publish", "!a")]))
+                changed.set()
+
+            broker.schedule(reload)
+            assert changed.wait(10)
+            sock.sendall(proto.frame(proto.HELLO, proto.HELLO_BODY.pack(proto.VERSION)))
+            sock.sendall(proto.pub_frame(topic("a"), b"x") + proto.frame(proto.PING, b""))
+            decoder, kinds = proto.FrameDecoder(1 << 20), []
+            sock.settimeout(10)
+            while proto.PONG not in kinds:
+                kinds += [kind for kind, _ in decoder.feed(sock.recv(65536))]
+        assert kinds == [proto.WELCOME, proto.DENIED, proto.PONG]
+    finally:
+        broker.stop()
+        thread.join(10)

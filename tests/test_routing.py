@@ -193,3 +193,14 @@ def test_the_interest_feed_gives_about_one_send_at_a_time() -> None:
     assert 4096 <= sum(map(len, first)) < 4096 + 64
     rest = router.interest.frames(1 << 30)
     assert len(first) + len(rest) == 10_000
+
+
+def test_checking_each_client_of_a_route_counts_as_work() -> None:
+    """Routes filtered by a policy cost a check per client, deeper topics more: counted."""
+    router: Router[str] = Router(admits=lambda client, topic: client != "denied")
+    for client in ("denied", *(f"c{n}" for n in range(399))):
+        router.subscribe(client, b"")
+    deep = proto.encode_topic(tuple("x" * 128))
+    router.work = 0
+    assert "denied" not in router.routes[deep] and len(router.routes[deep]) == 399
+    assert router.work >= 400 * 32
