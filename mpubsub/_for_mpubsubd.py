@@ -12,6 +12,7 @@ from ._broker import CAPS, LIVE_SETTINGS
 from ._connect import open_stream
 from ._credentials import Address, parse_address, read_credentials, write_credentials
 from ._handshake import DEFAULT_HANDSHAKE_TIMEOUT
+from ._identity import sender_of
 from ._memo import Memo
 from ._text import printable, reason
 from ._topics import format_topic, parse_topic
@@ -30,5 +31,6 @@ __all__ = [
     "protocol",
     "read_credentials",
     "reason",
+    "sender_of",
     "write_credentials",
 ]

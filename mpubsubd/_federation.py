@@ -43,6 +43,7 @@ loses its messages to that receiver for d after the receiver starts.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import hmac
 import json
@@ -53,7 +54,7 @@ import time
 from typing import Callable, Dict, FrozenSet, Iterable, List, Optional, Set, Tuple, Union
 
 from mpubsub import ProtocolError
-from mpubsub._for_mpubsubd import Memo, printable
+from mpubsub._for_mpubsubd import Memo, printable, sender_of
 from mpubsub._for_mpubsubd import protocol as proto
 
 VERSION = 3
@@ -229,6 +230,8 @@ class Verifier:
         if not hmac.compare_digest(mac, self._mac.sign(topic, head, payload)):
             raise Rejected("bad signature (another secret, or forged)")
         origin = body[2:end]
+        if not origin:
+            raise Rejected("an envelope in no host's name")
         if origin == self._own:
             raise Rejected("our own message came back (another host uses our name?)")
         started, seq, sent = _TIMES.unpack_from(body, end + _INSTANCE)
@@ -401,12 +404,11 @@ class Arrivals:
 
 def relayed_sender(origin: str, sender: bytes) -> bytes:
     """The body of the SENDER frame for what *origin*'s broker said of *sender*: the
-    same, with the host; the broker checks it (a sender it cannot read: only the host)."""
+    same, with the host; a sender record this host's broker would refuse (and cut the
+    bridge for), only the host."""
     try:
-        fields = json.loads(sender) if sender else {}
-    except (ValueError, RecursionError):
-        fields = {}
-    if not isinstance(fields, dict):
+        fields = dataclasses.asdict(sender_of(sender)) if sender else {}
+    except ProtocolError:
         fields = {}
     fields["host"] = origin
-    return json.dumps(fields).encode()
+    return json.dumps({key: value for key, value in fields.items() if value is not None}).encode()

@@ -33,7 +33,7 @@ PUBLIC: Dict[str, str] = {
     # What mpubsubd may use beyond the public names: this module, and only it.
     "mpubsub._for_mpubsubd": "Address CAPS DEFAULT_HANDSHAKE_TIMEOUT LIVE_SETTINGS Memo "
     "format_topic open_stream parse_address parse_topic printable protocol read_credentials reason "
-    "write_credentials",
+    "sender_of write_credentials",
 }
 
 

@@ -275,3 +275,25 @@ def test_arrivals_become_frames_in_each_origins_order_and_the_rest_is_counted() 
     assert proto.kind_of(again) == proto.SENDER
     assert counters == {"duplicates": 1, "dropped_unverified": 1}
     assert len(warned) == 2 and warned[-1] == "too big"  # the forgery's, and the large one's
+
+
+def test_a_sender_the_broker_would_refuse_is_relayed_as_its_host_only() -> None:
+    """A sealed sender record that is not one (a string uid, too long...) is not passed
+    on: the broker would cut the bridge for it. The host is; an empty origin is refused."""
+    secret = b"s" * 32
+    counters = {"duplicates": 0, "dropped_unverified": 0}
+    arrivals = Arrivals("mp", Verifier(secret, "here"), (), counters, lambda m, k: None)
+    arrivals.use_limits(proto.Limits())
+    topic = encode_topic(("t",))
+    subj = subject("mp", topic)
+    a = Signer(secret, "a")
+    bad = [b'{"uid": "0"}', b'{"user": ' + b'"x"' * 0 + b'"' + b"y" * 300 + b'"}', b"[1]", b"{"]
+    frames, count = arrivals.frames([(subj, a.seal(topic, b"p", body)) for body in bad])
+    told = [json.loads(f[5:]) for k, f in proto.FrameDecoder(1 << 20).feed(frames) if k != 6]
+    assert count == 4 and told and all(sender == {"host": "a"} for sender in told)
+    head = b"".join(  # signed by a holder of the secret, in nobody's name
+        (bytes((3, 0)), os.urandom(8), struct.pack("!QQQH", time.time_ns(), 1, time.time_ns(), 0))
+    )
+    nameless = head + Mac(secret).sign(topic, head, b"p") + b"p"
+    assert arrivals.frames([(subj, nameless)])[1] == 0
+    assert counters["dropped_unverified"] == 1
