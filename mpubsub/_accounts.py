@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Dict
+from typing import Any, Dict
 
 from ._stats import Throttle
 
@@ -63,6 +63,14 @@ class Accounts:
             account.connections -= 1
             if account.connections <= 0:
                 del self._accounts[key]
+
+    def move(self, client: Any, key: str) -> None:
+        """Charge *client* (a Session without subscriptions) to the account *key* from now."""
+        self[client.peer].held -= client.accounted
+        client.accounted = 0
+        self.disconnected(client.peer)
+        client.peer = key
+        self.connected(key)
 
     def may_connect(self, key: str) -> bool:
         account = self._accounts.get(key)

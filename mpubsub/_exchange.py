@@ -281,7 +281,9 @@ class Exchange:
         if client.subs:
             raise ProtocolError("a client with subscriptions cannot become the bridge")
         self.bridge = client
-        # What it relays is other hosts' doing: the federation subject's rights hold.
+        # What it relays is other hosts' doing: the federation subject's rights hold, and
+        # what waits for it is charged to the federation, not to the user it runs as.
+        self.accounts.move(client, "federation")
         client.identity = Identity("federation")
         client.grant(self.policy.access(client.identity))
         client.stamp = client.identity.stamp()

@@ -16,7 +16,7 @@ from mpubsub import NetPubSub, Sender, current_sender
 from mpubsub import _protocol as proto
 from mpubsub._handshake import ServerHandshake
 from mpubsub._identity import Identity, relayed, sender_of
-from mpubsub._policy import _CACHE, Policy
+from mpubsub._policy import Policy
 from mpubsub._session import Session
 from mpubsub.broker import Broker
 from mpubsub.errors import ProtocolError
@@ -122,6 +122,21 @@ def test_the_bridges_sender_must_name_a_host(broker: Broker, sessions: List[Sess
             exchange.handle(bridge, [(proto.SENDER, proto.frame(proto.SENDER, body))], 10)
 
 
+def test_what_waits_for_the_bridge_is_the_federations(
+    broker: Broker, sessions: List[Session]
+) -> None:
+    """Once a client is the bridge, its connection and what waits for it are charged to
+    the federation, not to the user it runs as (whose other connections it would crowd)."""
+    bridge = sessions[0]
+    accounts = broker._exchange.accounts
+    accounts.connected(bridge.peer)
+    user = bridge.peer
+    before = accounts[user].connections
+    broker._exchange.handle(bridge, [(proto.BRIDGE, proto.frame(proto.BRIDGE, BRIDGE_KEY))], 10)
+    assert bridge.peer == "federation" and accounts["federation"].connections == 1
+    assert accounts[user].connections == before - 1
+
+
 def test_what_the_bridge_relays_is_never_root(broker: Broker) -> None:
     """A sender relayed from uid 0 on another host has the federation subject's rights only."""
     policy = Policy.parse([("default", "deny"), ("federation publish", "shared")])
@@ -157,16 +172,6 @@ def test_a_bad_sender_is_refused(body: bytes) -> None:
 def test_a_good_sender_is_read() -> None:
     body = b'{"uid": 0, "gid": 4294967295, "pid": -1, "user": "u", "address": ["::1", 5]}'
     assert sender_of(body) == Sender(uid=0, gid=2**32 - 1, pid=-1, user="u", address=("::1", 5))
-
-
-def test_a_restricted_clients_answers_are_bounded() -> None:
-    """A client asking ever new topics keeps at most _CACHE answers per right."""
-    checks = Policy.parse([("user:nobody publish", "!secret")]).access(WHO).checks["publish"]
-    assert checks is not None
-    for n in range(_CACHE + 100):
-        assert checks[topic(f"t{n}")]
-    assert 0 < len(checks) <= _CACHE
-    assert not checks[topic("secret/x")]
 
 
 def test_shedding_a_sender_frame_names_the_sender_again() -> None:
