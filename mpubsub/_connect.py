@@ -44,7 +44,10 @@ def connect_socket(address: Any, timeout: float) -> socket.socket:
 
 
 def handshake(
-    sock: socket.socket, authkey: bytes, deadline: Optional[float] = None
+    sock: socket.socket,
+    authkey: bytes,
+    deadline: Optional[float] = None,
+    version: int = proto.VERSION,
 ) -> proto.Limits:
     """Authenticate, then say HELLO; return what the broker accepts.
 
@@ -57,7 +60,7 @@ def handshake(
         seconds, micros = _TIMEVAL.unpack(timeval)
         if seconds or micros:
             deadline = time.monotonic() + seconds + micros / 1e6
-    opening = ClientHandshake(authkey)
+    opening = ClientHandshake(authkey, version)
     try:
         while not opening.done:
             data = _recv_exact(sock, opening.needed(), deadline)
@@ -183,9 +186,22 @@ def dial(
     if credentials is not None:
         address, authkey = read_credentials(credentials)
     deadline = time.monotonic() + timeout
+    try:
+        return _dial(address, authkey, timeout, deadline, proto.VERSION)
+    except ProtocolError as exc:
+        if _OLDER_BROKER not in str(exc):
+            raise
+    # mpubsubd before senders and refusals (protocol 1): what it speaks, without them.
+    return _dial(address, authkey, max(0.001, deadline - time.monotonic()), deadline, 1)
+
+
+_OLDER_BROKER = f"unsupported protocol version {proto.VERSION}; this broker speaks 1"
+
+
+def _dial(address: Any, authkey: bytes, timeout: float, deadline: float, version: int) -> Dialed:
     sock = connect_socket(address, timeout)
     try:
-        limits = handshake(sock, authkey, deadline)
+        limits = handshake(sock, authkey, deadline, version)
     except BaseException:
         sock.close()
         raise

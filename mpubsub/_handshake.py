@@ -210,8 +210,9 @@ class ClientHandshake(_Handshake):
 
     _STATES = CLIENT_STATES
 
-    def __init__(self, authkey: bytes) -> None:
+    def __init__(self, authkey: bytes, version: int = proto.VERSION) -> None:
         super().__init__(authkey)
+        self._version = version  # what HELLO says
         #: What the broker accepts, once its WELCOME arrived.
         self.limits: Optional[proto.Limits] = None
 
@@ -229,7 +230,7 @@ class ClientHandshake(_Handshake):
             self._challenge_peer()
         elif self.state is State.THEIR_ANSWER:
             self._check_answer(message)
-            self._out += proto.frame(proto.HELLO, proto.HELLO_BODY.pack(proto.VERSION))
+            self._out += proto.frame(proto.HELLO, proto.HELLO_BODY.pack(self._version))
         else:  # WELCOME
             kind = proto.kind_of(message)
             if kind == proto.ERROR:
