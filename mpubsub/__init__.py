@@ -11,7 +11,9 @@ then frames whose topic the broker reads and whose pickled message only
 pub-subs unpickle. The broker's loop hands its connections (``_clients.py``)
 what the selector says, and their frames to the ``Exchange``
 (``_exchange.py``), which routes them through the ``Router``
-(``_routing.py``). mpubsubd (the ``mpubsubd`` package) runs a Broker for a
+(``_routing.py``). Who each connection is comes from the kernel
+(``_identity.py``); what it may do from the ``Policy`` (``_policy.py``);
+what it may hold from its user's account (``_accounts.py``). mpubsubd (the ``mpubsubd`` package) runs a Broker for a
 host and, through its federation bridge, joins it to other hosts' brokers
 over NATS; of the library's insides it uses ``_for_mpubsubd.py`` only.
 """
