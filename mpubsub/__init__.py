@@ -13,9 +13,10 @@ what the selector says, and their frames to the ``Exchange``
 (``_exchange.py``), which routes them through the ``Router``
 (``_routing.py``). Who each connection is comes from the kernel
 (``_identity.py``); what it may do from the ``Policy`` (``_policy.py``);
-what it may hold from its user's account (``_accounts.py``). mpubsubd (the ``mpubsubd`` package) runs a Broker for a
-host and, through its federation bridge, joins it to other hosts' brokers
-over NATS; of the library's insides it uses ``_for_mpubsubd.py`` only.
+what it may hold from its user's account (``_accounts.py``). mpubsubd
+(the ``mpubsubd`` package) runs a Broker for a host and, through its
+federation bridge, joins it to other hosts' brokers over NATS; of the
+library's insides it uses ``_for_mpubsubd.py`` only.
 """
 
 from ._broker import Broker
