@@ -13,6 +13,7 @@ from typing import List, Tuple
 
 import pytest
 
+from mpubsub import NetPubSub
 from mpubsub import _protocol as proto
 from mpubsub._handshake import ServerHandshake
 from mpubsub._identity import Identity
@@ -219,3 +220,27 @@ def test_a_reload_reaches_connections_still_authenticating(tmp_path: Path) -> No
     finally:
         broker.stop()
         thread.join(10)
+
+
+def test_a_publisher_warns_once_per_topic_and_raises_at_each_flush(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Each flush after a refused publish raises; the WARNING is logged once per topic."""
+    broker = Broker(("127.0.0.1", 0), b"k" * 32, policy=Policy.parse([("tcp publish", "!a")]))
+    thread = threading.Thread(target=broker.start)
+    thread.start()
+    try:
+        with NetPubSub(broker.address, b"k" * 32) as pubsub:
+            for _ in range(3):
+                pubsub.publish("a", n=1)
+                with pytest.raises(PermissionError, match=r"^the broker refused to publish on a: "):
+                    pubsub.flush()
+            pubsub.publish("b", n=1)
+            assert pubsub.flush()
+    finally:
+        broker.stop()
+        thread.join(10)
+    warned = [r for r in caplog.records if r.name == "mpubsub.net.refused"]
+    assert [r.getMessage() for r in warned] == [
+        "the broker refused to publish on a: the policy forbids it"
+    ]
