@@ -17,7 +17,7 @@ import time
 from typing import Callable, Dict, Iterator, List, Optional, Set
 
 from . import _protocol as proto
-from ._accounts import Quotas
+from ._accounts import Account, Quotas
 from ._admission import Eviction, Handshakes
 from ._exchange import Exchange
 from ._handshake import ServerHandshake
@@ -340,15 +340,17 @@ class Clients:
                 with self._boundary(client):
                     self._flush(client)
 
-    def _charge(self, client: Session) -> None:
-        """Charge what waits for *client* to its account (once a round, not per message)."""
+    def _charge(self, client: Session) -> Account:
+        """Charge what waits for *client* to its account (once a round, not per message);
+        the account."""
+        account = self._exchange.accounts[client.peer]
         held = client.held
-        self._exchange.accounts[client.peer].held += held - client.accounted
+        account.held += held - client.accounted
         client.accounted = held
+        return account
 
     def _flush(self, client: Session) -> None:
-        self._charge(client)
-        account = self._exchange.accounts[client.peer]
+        account = self._charge(client)
         if account.held > self.settings.quotas.buffer:
             self._cut_slowest(client.peer, account.held)
             if client.sock.fileno() < 0:

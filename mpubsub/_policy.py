@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import grp
 import pwd
-from typing import Dict, Iterable, List, Optional, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
 from ._identity import Identity
 from ._protocol import encode_topic, prefix_ends
@@ -114,22 +114,33 @@ class Policy:
         self.lines: List[Tuple[str, str]] = []  # what parse() read, if it made this one
 
     @classmethod
-    def parse(cls, lines: Iterable[Tuple[str, str]]) -> Policy:
+    def parse(
+        cls,
+        lines: Iterable[Tuple[str, str]],
+        bad: Optional[Callable[[str, ValueError], object]] = None,
+    ) -> Policy:
         """A policy from ``(key, value)`` lines, as an ``[access]`` section has them:
         ``("default", "deny")``, ``("group:sensors publish", "sensor, !sensor/secret")``.
 
-        ValueError naming what is wrong with the first bad line: an unknown
-        subject or right, a user or group this host does not have.
+        ValueError naming what is wrong with the first bad line (an unknown
+        subject or right, a user or group this host does not have); with
+        *bad*, each bad line is told to ``bad(key, error)`` and left out instead.
         """
         rules, default, read = [], True, []
         for key, value in lines:
+            try:
+                if key.strip() == "default":
+                    if value.strip() not in ("allow", "deny"):
+                        raise ValueError(f"default must be allow or deny, not {value.strip()!r}")
+                    default = value.strip() == "allow"
+                else:
+                    rules.append(parse_rule(key, value))
+            except ValueError as exc:
+                if bad is None:
+                    raise
+                bad(key, exc)
+                continue
             read.append((key, value))
-            if key.strip() == "default":
-                if value.strip() not in ("allow", "deny"):
-                    raise ValueError(f"default must be allow or deny, not {value.strip()!r}")
-                default = value.strip() == "allow"
-            else:
-                rules.append(parse_rule(key, value))
         policy = cls(rules, default)
         policy.lines = read
         return policy

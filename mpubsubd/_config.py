@@ -318,20 +318,23 @@ def _policy(parser: configparser.ConfigParser, name: str, text: str, problems: L
         stripped = line.strip()
         if "=" in stripped and stripped[0] not in "#;[" and not line[0].isspace():
             where.setdefault(stripped.split("=", 1)[0].strip(), number)
+
+    def bad(key: str, exc: ValueError) -> None:
+        problems.append(f"{name}:{where.get(key, '?')}: {printable(key)}: {exc}")
+
     lines = []
     for key, value in parser.items(ACCESS):
-        try:
-            if "\n" in value:
-                raise ValueError(
-                    "a rule is one line (an indented line continues the one before): "
-                    + printable(value.replace("\n", " / "))
-                )
-            Policy.parse([(key, value)])
-        except ValueError as exc:
-            problems.append(f"{name}:{where.get(key, '?')}: {printable(key)}: {exc}")
+        if "\n" in value:
+            bad(
+                key,
+                ValueError(
+                    "a rule is one line (an indented line continues the one "
+                    f"before): {printable(value.replace(chr(10), ' / '))}"
+                ),
+            )
         else:
             lines.append((key, value))
-    return Policy.parse(lines)
+    return Policy.parse(lines, bad)
 
 
 def _parser_message(exc: configparser.Error) -> str:

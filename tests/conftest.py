@@ -24,6 +24,10 @@ from mpubsub import NetPubSub
 from mpubsub import _protocol as proto
 from mpubsub._connect import connect_socket, handshake
 from mpubsub._credentials import read_credentials
+from mpubsub._handshake import ServerHandshake
+from mpubsub._identity import Identity
+from mpubsub._policy import Access
+from mpubsub._session import Session
 from mpubsub.typing import Topic
 
 from . import needs
@@ -410,3 +414,24 @@ def stopped(helper: subprocess.Popen[str], report: str) -> int:
     said = re.fullmatch(report + "\n", out)
     assert said, f"expected {report!r}, the helper said {out!r}"
     return int(said.group(1))
+
+
+_PAIR = Identity("pair")
+
+
+def session_on(
+    sock: socket.socket,
+    number: int = 1,
+    identity: Identity = _PAIR,
+    access: Optional[Access] = None,
+) -> Session:
+    """A broker's session of *sock* (one end of a pair), as the broker makes one at accept:
+    *identity*'s, with *access* (everything, unless told)."""
+    return Session(
+        sock,
+        number,
+        0.0,
+        ServerHandshake(b"k" * 32, proto.Limits()),
+        identity=identity,
+        access=access if access is not None else Access.everything(),
+    )

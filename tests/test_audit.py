@@ -14,7 +14,6 @@ import pytest
 
 from mpubsub import NetPubSub, Sender, current_sender
 from mpubsub import _protocol as proto
-from mpubsub._handshake import ServerHandshake
 from mpubsub._identity import Identity, relayed, sender_of
 from mpubsub._policy import Policy
 from mpubsub._session import Session
@@ -24,7 +23,7 @@ from mpubsubd._config import Config
 from mpubsubd._federation import Arrivals, Signer, Verifier, relayed_sender, subject
 from mpubsubd._privileges import Reloaded
 
-from .conftest import BRIDGE_KEY
+from .conftest import BRIDGE_KEY, session_on
 
 NOBODY = pwd.getpwnam("nobody")
 WHO = Identity("unix", uid=NOBODY.pw_uid, gid=NOBODY.pw_gid, user="nobody", account="uid nobody")
@@ -47,14 +46,7 @@ def sessions(broker: Broker) -> Iterator[List[Session]]:
     """Three of nobody's connections, which the exchange takes for all its clients."""
     pairs = [socket.socketpair() for _ in range(3)]
     made = [
-        Session(
-            left,
-            n,
-            0.0,
-            ServerHandshake(b"k" * 32, proto.Limits()),
-            identity=WHO,
-            access=broker._exchange.policy.access(WHO),
-        )
+        session_on(left, n, WHO, broker._exchange.policy.access(WHO))
         for n, (left, _) in enumerate(pairs)
     ]
     broker._exchange._clients = lambda: made
@@ -179,14 +171,7 @@ def test_shedding_a_sender_frame_names_the_sender_again() -> None:
     preceded by its sender's SENDER, even when it is the sender last queued."""
     left, right = socket.socketpair()
     with left, right:
-        session = Session(
-            left,
-            1,
-            0.0,
-            ServerHandshake(b"key", proto.Limits()),
-            identity=WHO,
-            access=Policy().access(WHO),
-        )
+        session = session_on(left, 1, WHO, Policy().access(WHO))
         stamp = WHO.stamp()
         first = proto.pub_frame(b"a\xff", b"first")
         frames = [first, stamp, proto.pub_frame(b"a\xff", b"1"), proto.pub_frame(b"a\xff", b"2")]

@@ -34,10 +34,7 @@ from mpubsub import AuthenticationError, Broker, NetPubSub
 from mpubsub import _protocol as proto
 from mpubsub._connect import connect_socket, handshake
 from mpubsub._credentials import write_credentials
-from mpubsub._handshake import ServerHandshake
 from mpubsub._identity import Identity
-from mpubsub._policy import Access
-from mpubsub._session import Session
 
 from . import needs
 from .conftest import (
@@ -47,6 +44,7 @@ from .conftest import (
     assert_serving,
     broker_rss,
     connected,
+    session_on,
     subscribed,
     wait_for,
 )
@@ -736,17 +734,7 @@ def test_interest_queued_for_the_bridge_is_accounted(tmp_path: Path) -> None:
     )
     left, right = socket.socketpair()
     with left, right:
-        bridge, other = (
-            Session(
-                sock,
-                n,
-                0.0,
-                ServerHandshake(b"k", proto.Limits()),
-                identity=Identity("pair"),
-                access=Access.everything(),
-            )
-            for n, sock in enumerate((left, right))
-        )
+        bridge, other = (session_on(sock, n) for n, sock in enumerate((left, right)))
         exchange = broker._exchange
         topics = [proto.encode_topic((f"t{n}",)) for n in range(50_000)]
         subscriptions = [(proto.SUB, proto.frame(proto.SUB, topic)) for topic in topics]

@@ -15,12 +15,12 @@ import pytest
 
 from mpubsub import NetPubSub
 from mpubsub import _protocol as proto
-from mpubsub._handshake import ServerHandshake
 from mpubsub._identity import Identity
 from mpubsub._policy import Policy
-from mpubsub._session import Session
 from mpubsub.broker import Broker
 from mpubsub.errors import ProtocolError
+
+from .conftest import session_on
 
 NOBODY = pwd.getpwnam("nobody")
 USERS = grp.getgrnam("users").gr_gid
@@ -145,14 +145,7 @@ def test_a_restricted_publisher_cannot_fill_its_cache_with_junk(tmp_path: Path) 
     left, right = socket.socketpair()
     with left, right:
         who = Identity("unix", uid=os.getuid() or 65534, account="uid 65534")
-        client = Session(
-            left,
-            1,
-            0.0,
-            ServerHandshake(b"k" * 32, proto.Limits()),
-            identity=who,
-            access=broker._exchange.policy.access(who),
-        )
+        client = session_on(left, 1, who, broker._exchange.policy.access(who))
         exchange = broker._exchange
         huge = proto.encode_topic(("x" * 10_000,))
         with pytest.raises(ProtocolError, match="exceeds the limit"):

@@ -5,24 +5,15 @@ from __future__ import annotations
 import socket
 
 from mpubsub import _protocol as proto
-from mpubsub._handshake import ServerHandshake
-from mpubsub._identity import Identity
-from mpubsub._policy import Access
-from mpubsub._session import Session
+
+from .conftest import session_on
 
 
 def test_shed_drops_newest_messages_only() -> None:
     """shed() drops whole PUB frames from the newest back to a control frame, one pop each."""
     left, right = socket.socketpair()
     with left, right:
-        session = Session(
-            left,
-            1,
-            0.0,
-            ServerHandshake(b"key", proto.Limits()),
-            identity=Identity("pair"),
-            access=Access.everything(),
-        )
+        session = session_on(left)
         partial = proto.pub_frame(b"a\xff", b"x" * 100)[30:]  # what a short send left
         frames = [partial] + [proto.pub_frame(b"a\xff", b"%d" % i * 50) for i in range(6)]
         frames.insert(3, proto.frame(proto.SUB, b"t\xff"))
