@@ -1,0 +1,659 @@
+"""Tests for mpubsub.aio: the asyncio NetPubSub against real broker processes and mpubsubd.
+
+Each test runs its coroutine on a fresh event loop: asyncio's, and uvloop's
+where the test is parametrized with ``loop``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Coroutine, Dict, Iterator, List, Optional, Tuple
+
+import pytest
+import uvloop
+
+import mpubsub
+import mpubsub.aio
+from mpubsub import AuthenticationError, NetPubSub, current_sender
+from mpubsub.aio import NetPubSub as AioPubSub
+
+from .conftest import BrokerProcess, wait_for
+from .processes import free_port
+from .test_daemon import Daemon
+
+Received = List[Tuple[Tuple[str, ...], Dict[str, Any]]]
+Factory = Callable[..., BrokerProcess]
+
+
+def run(main: Coroutine[Any, Any, Any], loop: str = "asyncio") -> Any:
+    """Run *main* on a new event loop of *loop*'s kind."""
+    factory = uvloop.new_event_loop if loop == "uvloop" else asyncio.new_event_loop
+    with asyncio.Runner(loop_factory=factory) as runner:
+        return runner.run(main)
+
+
+@pytest.fixture(params=["asyncio", "uvloop"])
+def loop(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+async def until(condition: Callable[[], Any], what: str, timeout: float = 10.0) -> Any:
+    """Let the loop run until *condition* holds; fail past *timeout* s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.005)
+
+
+async def until_figure(ps: AioPubSub, name: str, expected: int) -> None:
+    """Wait until the broker's figure *name* is *expected* (its figures are 0.1 s old)."""
+    deadline = time.monotonic() + 10
+    while True:
+        figures = await ps.broker_statistics()
+        if figures is not None and figures[name] == expected:
+            return
+        assert time.monotonic() < deadline, f"{name}: {figures}, not {expected}"
+        await asyncio.sleep(0.05)
+
+
+async def subscriptions(ps: AioPubSub, expected: int) -> None:
+    await until_figure(ps, "subscriptions", expected)
+
+
+def collect(got: Received) -> Callable[..., None]:
+    def fn(topic: Tuple[str, ...], **message: Any) -> None:
+        got.append((topic, message))
+
+    return fn
+
+
+def numbers(got: Received) -> List[int]:
+    return [message["n"] for _, message in got]
+
+
+# --- what users do ----------------------------------------------------------------------------
+
+
+def test_from_file_publish_flush_and_subscribers_plain_and_async(
+    broker: BrokerProcess, loop: str
+) -> None:
+    """Two pub-subs through a real broker (Unix and TCP): plain and coroutine subscribers
+    get every message, and flush() means the broker has them."""
+
+    async def main() -> None:
+        plain: Received = []
+        awaited: Received = []
+
+        async def slow(topic: Tuple[str, ...], **message: Any) -> None:
+            await asyncio.sleep(0.001)
+            awaited.append((topic, message))
+
+        fn = collect(plain)
+        async with (
+            AioPubSub.from_file(broker.credentials) as sub,
+            AioPubSub.from_file(broker.credentials) as pub,
+        ):
+            assert sub.connected and pub.connected
+            sub.add_subscriber("sensor", fn)
+            sub.add_subscriber("sensor", slow)
+            assert await sub.flush() is True
+            for n in range(50):
+                pub.publish(("sensor", "t"), n=n)
+            assert await pub.flush() is True
+            await until(lambda: len(awaited) == 50, "the coroutine subscriber's 50")
+        assert numbers(plain) == list(range(50)) and numbers(awaited) == list(range(50))
+        assert plain[0][0] == ("sensor", "t")
+        assert not sub.connected
+
+    run(main(), loop)
+
+
+def test_connect_and_disconnect_by_hand(broker_factory: Factory, tmp_path: Path) -> None:
+    """NetPubSub(address, authkey), connect(), disconnect(): errors as the threaded client."""
+    b = broker_factory(str(tmp_path / "b.sock"))
+    address, key = b.creds()
+
+    async def main() -> None:
+        ps = AioPubSub(address, key)
+        assert not ps.connected
+        with pytest.raises(RuntimeError, match="Not connected"):
+            await ps.disconnect()
+        await ps.connect()
+        with pytest.raises(RuntimeError, match="Already connected"):
+            await ps.connect()
+        assert ps.address == address
+        with pytest.raises(RuntimeError, match="connected pub-sub"):
+            ps.set_broker(address, key)
+        await ps.disconnect()
+        assert not ps.connected
+        await ps.connect()  # again, after a disconnect
+        await ps.disconnect()
+        with pytest.raises(AuthenticationError):
+            await AioPubSub(address, b"not the key").connect()
+        with pytest.raises(FileNotFoundError):
+            await AioPubSub(str(tmp_path / "nothing.sock"), key).connect()
+
+    run(main())
+
+
+def test_coroutine_subscribers_are_awaited_in_order(broker: BrokerProcess, loop: str) -> None:
+    """Each message's subscribers run in subscription order, a coroutine one awaited
+    before the next subscriber and the next message: a publisher's order holds."""
+
+    async def main() -> None:
+        calls: List[Tuple[str, int]] = []
+
+        async def first(topic: Tuple[str, ...], n: int) -> None:
+            calls.append(("first", n))
+            await asyncio.sleep(0.002 if n % 3 == 0 else 0)
+            calls.append(("first done", n))
+
+        def second(topic: Tuple[str, ...], n: int) -> None:
+            calls.append(("second", n))
+
+        async def third(topic: Tuple[str, ...], n: int) -> None:
+            calls.append(("third", n))
+
+        async with (
+            AioPubSub.from_file(broker.credentials) as sub,
+            AioPubSub.from_file(broker.credentials) as pub,
+        ):
+            for fn in (first, second, third):
+                sub.add_subscriber("t", fn)
+            await sub.flush()
+            for n in range(30):
+                pub.publish("t", n=n)
+            await pub.flush()
+            await until(lambda: ("third", 29) in calls, "the last message")
+            expected = []
+            for n in range(30):
+                expected += [("first", n), ("first done", n), ("second", n), ("third", n)]
+            assert calls == expected
+            # A local publish goes after what waits for a coroutine, in order too.
+            calls.clear()
+            for n in range(3):
+                sub.publish("t", n=n)
+            await until(lambda: len(calls) == 12, "the local messages")
+            assert [n for _, n in calls] == [0] * 4 + [1] * 4 + [2] * 4
+
+    run(main(), loop)
+
+
+def test_a_coroutine_subscriber_that_raises_is_logged_and_others_go_on(
+    broker: BrokerProcess, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An exception in a coroutine subscriber goes to on_error (logged), and the
+    subscribers after it and the messages after it are delivered."""
+
+    async def main() -> None:
+        got: Received = []
+
+        async def broken(topic: Tuple[str, ...], n: int) -> None:
+            await asyncio.sleep(0)
+            if n == 1:
+                raise ValueError("subscriber broke on 1")
+
+        async with (
+            AioPubSub.from_file(broker.credentials) as sub,
+            AioPubSub.from_file(broker.credentials) as pub,
+        ):
+            sub.add_subscriber("t", broken)
+            sub.add_subscriber("t", collect(got), weak=False)
+            await sub.flush()
+            for n in range(3):
+                pub.publish("t", n=n)
+            await pub.flush()
+            await until(lambda: len(got) == 3, "three messages")
+        assert numbers(got) == [0, 1, 2]
+
+    with caplog.at_level(logging.ERROR, logger="mpubsub"):
+        run(main())
+    errors = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 1 and "raised on topic ('t',)" in errors[0].getMessage()
+    assert errors[0].exc_info is not None and "subscriber broke on 1" in str(errors[0].exc_info[1])
+
+
+def test_an_error_handler_that_raises_stops_nothing(
+    broker: BrokerProcess, caplog: pytest.LogCaptureFixture
+) -> None:
+    """on_error raising for a message from the broker is logged; the others arrive."""
+
+    def strict(topic: Tuple[str, ...], subscriber: Any, exc: Exception) -> None:
+        raise exc
+
+    async def main() -> None:
+        got: Received = []
+
+        def picky(topic: Tuple[str, ...], n: int) -> None:
+            if n == 0:
+                raise KeyError("no zero")
+            got.append((topic, {"n": n}))
+
+        async with (
+            AioPubSub.from_file(broker.credentials, on_error=strict) as sub,
+            AioPubSub.from_file(broker.credentials) as pub,
+        ):
+            sub.add_subscriber("t", picky)
+            await sub.flush()
+            for n in range(3):
+                pub.publish("t", n=n)
+            await pub.flush()
+            await until(lambda: len(got) == 2, "the two good messages")
+            with pytest.raises(KeyError):  # a local publish raises, as PubSub's does
+                sub.publish("t", n=0)
+
+    with caplog.at_level(logging.ERROR, logger="mpubsub"):
+        run(main())
+    assert any("error handler raised" in r.getMessage() for r in caplog.records)
+
+
+def test_order_per_publisher_across_sync_and_async_clients(broker: BrokerProcess) -> None:
+    """A threaded publisher's messages reach an asyncio subscriber in order, and the
+    other way round, both at once, each delivery with the publisher's pid."""
+    script = (
+        "import sys, time\n"
+        "from mpubsub import NetPubSub, current_sender\n"
+        "got = []\n"
+        "with NetPubSub.from_file(sys.argv[1]) as ps:\n"
+        "    ps.add_subscriber('to-sync', lambda t, n: got.append((n, current_sender())),"
+        " weak=False)\n"
+        "    assert ps.flush()\n"
+        "    print('ready', flush=True)\n"
+        "    sys.stdin.readline()\n"
+        "    for n in range(2000):\n"
+        "        ps.publish('to-async', n=n)\n"
+        "    assert ps.flush()\n"
+        "    deadline = time.monotonic() + 30\n"
+        "    while len(got) < 2000 and time.monotonic() < deadline:\n"
+        "        ps.poll(0.1)\n"
+        "    senders = {s for _, s in got}\n"
+        "    pids = {s.pid for s in senders if s is not None and s.pid is not None}\n"
+        "    print([n for n, _ in got] == list(range(2000)), len(senders), pids, flush=True)\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script, str(broker.credentials)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdin is not None and proc.stdout is not None
+    try:
+        assert proc.stdout.readline() == "ready\n"
+
+        async def main() -> List[Tuple[int, Optional[mpubsub.Sender]]]:
+            got: List[Tuple[int, Optional[mpubsub.Sender]]] = []
+
+            async def fn(topic: Tuple[str, ...], n: int) -> None:
+                got.append((n, current_sender()))
+
+            async with AioPubSub.from_file(broker.credentials) as ps:
+                ps.add_subscriber("to-async", fn)
+                await ps.flush()
+                proc.stdin.write("go\n")  # type: ignore[union-attr]
+                proc.stdin.flush()  # type: ignore[union-attr]
+                for n in range(2000):
+                    ps.publish("to-sync", n=n)
+                    if n % 100 == 0:
+                        await asyncio.sleep(0)
+                await ps.flush()
+                await until(lambda: len(got) == 2000, "2000 messages from the sync client", 30)
+            return got
+
+        got = run(main())
+        assert [n for n, _ in got] == list(range(2000))
+        (sender,) = {sender for _, sender in got}  # the one publisher: on TCP, its address
+        assert sender is not None
+        unix = broker.creds()[0].__class__ is str
+        assert sender.pid == (proc.pid if unix else None)
+        said = proc.stdout.readline()
+        assert said == (f"True 1 {{{os.getpid()}}}\n" if unix else "True 1 set()\n"), said
+    finally:
+        proc.kill()
+        proc.communicate()
+
+
+def test_current_sender_in_plain_and_coroutine_subscribers(broker: BrokerProcess) -> None:
+    """current_sender() names the broker's publisher, in a coroutine subscriber across
+    its awaits too; None for a local publish, and outside deliveries."""
+
+    async def main() -> None:
+        seen: List[Tuple[str, Any]] = []
+
+        def plain(topic: Tuple[str, ...], n: int) -> None:
+            seen.append(("plain", current_sender()))
+
+        async def awaited(topic: Tuple[str, ...], n: int) -> None:
+            await asyncio.sleep(0.001)
+            seen.append(("awaited", current_sender()))
+
+        async with (
+            AioPubSub.from_file(broker.credentials) as sub,
+            AioPubSub.from_file(broker.credentials) as pub,
+        ):
+            sub.add_subscriber("t", plain)
+            sub.add_subscriber("t", awaited)
+            await sub.flush()
+            pub.publish("t", n=1)
+            await until(lambda: len(seen) == 2, "a delivery from the broker")
+            assert current_sender() is None
+            sub.publish("t", n=2)  # local: no sender
+            await until(lambda: len(seen) == 4, "a local delivery")
+        senders = [sender for _, sender in seen]
+        assert senders[0] == senders[1] and senders[0] is not None
+        if broker.creds()[0].__class__ is str:  # on TCP, the sender is its address
+            assert senders[0].pid == os.getpid() and senders[0].uid == os.getuid()
+        else:
+            assert senders[0].address is not None and senders[0].pid is None
+        assert senders[2:] == [None, None]
+
+    run(main())
+
+
+def test_local_topics_and_broadcasts(broker: BrokerProcess) -> None:
+    """A '*local' topic stays in its pub-sub; a broadcast reaches every subscriber."""
+
+    async def main() -> None:
+        here: Received = []
+        there: Received = []
+        async with (
+            AioPubSub.from_file(broker.credentials) as a,
+            AioPubSub.from_file(broker.credentials) as b,
+        ):
+            a.add_subscriber(("x", mpubsub.aio.LOCAL_SUFFIX), collect(here), weak=False)
+            b.add_subscriber(None, collect(there), weak=False)  # catch-all
+            await a.flush()
+            await b.flush()
+            a.publish(("x", "*local"), n=1)
+            a.publish(None, n=2)  # broadcast
+            await a.flush()
+            await until(lambda: len(there) == 1 and len(here) == 2, "the broadcast")
+        assert numbers(here) == [1, 2] and numbers(there) == [2]
+        assert there[0][0] == ()
+
+    run(main())
+
+
+# --- messages() ---------------------------------------------------------------------------
+
+
+def test_messages_iterates_and_ends_cleanly_by_break(broker: BrokerProcess, loop: str) -> None:
+    """async for over messages(): what is published on its topics, in order; break
+    unsubscribes it at the broker."""
+
+    async def main() -> None:
+        async with (
+            AioPubSub.from_file(broker.credentials) as sub,
+            AioPubSub.from_file(broker.credentials) as pub,
+        ):
+            stream = sub.messages("sensor", "alarm")
+            await subscriptions(sub, 2)
+            pub.publish(("sensor", "a"), n=0)
+            pub.publish("other", n=99)
+            pub.publish("alarm", n=1)
+            pub.publish("sensor", n=2)
+            got = []
+            async for topic, message in stream:
+                got.append((topic, message["n"], stream.sender))
+                if len(got) == 3:
+                    break
+            assert [(t, n) for t, n, _ in got] == [
+                (("sensor", "a"), 0),
+                (("alarm",), 1),
+                (("sensor",), 2),
+            ]
+            assert got[0][2] is not None and got[0][2] == got[1][2]
+            del stream
+            await subscriptions(sub, 0)
+
+    run(main(), loop)
+
+
+def test_messages_drops_the_oldest_for_a_slow_consumer(
+    broker: BrokerProcess, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Past maxsize the oldest messages go, counted, with one WARNING."""
+
+    async def main() -> None:
+        async with (
+            AioPubSub.from_file(broker.credentials) as sub,
+            AioPubSub.from_file(broker.credentials) as pub,
+        ):
+            async with sub.messages("t", maxsize=10) as stream:
+                await sub.flush()
+                for n in range(100):
+                    pub.publish("t", n=n)
+                await pub.flush()
+                await sub.flush()  # its PONG comes after the 100 messages
+                assert stream.dropped == 90
+                got = []
+                async for _, message in stream:
+                    got.append(message["n"])
+                    if len(got) == 10:
+                        break
+                assert got == list(range(90, 100))
+            # Left: the iteration ends, and nothing more is kept.
+            assert [m async for m in stream] == []
+
+    with caplog.at_level(logging.WARNING, logger="mpubsub"):
+        run(main())
+    warnings = [r for r in caplog.records if "behind" in r.getMessage()]
+    assert len(warnings) == 1, [r.getMessage() for r in caplog.records]
+    with pytest.raises(ValueError, match="maxsize"):
+        AioPubSub("/nowhere", b"k").messages("t", maxsize=0)
+
+
+def test_cancelling_messages_leaves_the_pub_sub_usable(broker: BrokerProcess, loop: str) -> None:
+    """A task waiting in messages() is cancelled: its subscription goes, and the
+    pub-sub goes on delivering to a new one."""
+
+    async def main() -> None:
+        async with (
+            AioPubSub.from_file(broker.credentials) as sub,
+            AioPubSub.from_file(broker.credentials) as pub,
+        ):
+
+            async def consume(into: List[int]) -> None:
+                async for _, message in sub.messages("t"):
+                    into.append(message["n"])
+
+            first: List[int] = []
+            task = asyncio.ensure_future(consume(first))
+            await asyncio.sleep(0.01)  # waiting in __anext__
+            await sub.flush()
+            pub.publish("t", n=1)
+            await until(lambda: first == [1], "the first consumer's message")
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            await sub.flush()
+            st = await sub.broker_statistics()
+            print("ST", st)
+            assert (st or {})["subscriptions"] == 0
+            second: List[int] = []
+            task = asyncio.ensure_future(consume(second))
+            await asyncio.sleep(0.01)
+            await sub.flush()
+            pub.publish("t", n=2)
+            await until(lambda: second == [2], "the second consumer's message")
+            task.cancel()
+            assert first == [1]
+
+    run(main(), loop)
+
+
+# --- flush, failures, reconnection ------------------------------------------------------
+
+
+def test_cancelling_flush_leaves_the_pub_sub_usable(
+    broker_factory: Factory, tmp_path: Path
+) -> None:
+    """A flush() cancelled while the broker does not answer (stopped): the next one
+    works once it answers again, and nothing published is lost."""
+    b = broker_factory(str(tmp_path / "b.sock"))
+
+    async def main() -> None:
+        got: Received = []
+        async with (
+            AioPubSub.from_file(b.credentials) as sub,
+            AioPubSub.from_file(b.credentials) as pub,
+        ):
+            sub.add_subscriber("t", collect(got), weak=False)
+            await sub.flush()
+            os.kill(b.pid, signal.SIGSTOP)
+            try:
+                pub.publish("t", n=1)
+                flushing = asyncio.ensure_future(pub.flush())
+                await asyncio.sleep(0.2)
+                assert not flushing.done()
+                flushing.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await flushing
+            finally:
+                os.kill(b.pid, signal.SIGCONT)
+            pub.publish("t", n=2)
+            assert await pub.flush() is True
+            await until(lambda: len(got) == 2, "both messages")
+        assert numbers(got) == [1, 2]
+
+    run(main())
+
+
+def test_reconnects_after_the_broker_is_killed(
+    broker_factory: Factory, tmp_path: Path, loop: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Killed and restarted with a new key, the broker gets its asyncio clients back:
+    credentials read again, subscriptions made again, what was published meanwhile sent."""
+    address = str(tmp_path / "r.sock")
+    first = broker_factory(address, name="restart")
+
+    async def main() -> None:
+        got: Received = []
+        async with (
+            AioPubSub.from_file(first.credentials, timeout=1.0) as sub,
+            AioPubSub.from_file(first.credentials, timeout=1.0) as pub,
+        ):
+            sub.add_subscriber("t", collect(got), weak=False)
+            await sub.flush()
+            pub.publish("t", n=0)
+            await until(lambda: got, "the first message")
+            first_key = first.creds()[1]
+            first.kill()
+            await until(lambda: not sub.connected and not pub.connected, "the loss noticed")
+            pub.publish("t", n=1)  # queued, never waits
+            assert await pub.flush() is False  # out of reach
+            second = broker_factory(address, "--overwrite", name="restart")
+            assert second.creds()[1] != first_key  # a new key, read again from the file
+            await until(lambda: sub.connected and pub.connected, "both reconnected")
+            assert await sub.flush() and await pub.flush()
+            # The queued message went to the new broker (before sub's subscription,
+            # maybe: which of them came back first is the backoff's jitter).
+            await until_figure(pub, "messages_in", 1)
+            pub.publish("t", n=2)
+            await until(lambda: got[-1][1]["n"] == 2, "the new message")
+        assert numbers(got) in ([0, 1, 2], [0, 2])
+
+    with caplog.at_level(logging.WARNING, logger="mpubsub"):
+        run(main(), loop)
+    assert any("reconnected to the broker" in r.getMessage() for r in caplog.records)
+
+
+def test_bad_input_as_the_threaded_client(broker: BrokerProcess) -> None:
+    """The same errors as mpubsub.NetPubSub, each before anyone gets the message."""
+
+    async def main() -> None:
+        got: Received = []
+        async with AioPubSub.from_file(broker.credentials) as ps:
+            ps.add_subscriber("t", collect(got), weak=False)
+            with pytest.raises((pickle.PicklingError, TypeError, AttributeError)):
+                ps.publish("t", fn=lambda: None)
+            limit = ps._link.limits.max_message
+            with pytest.raises(ValueError, match="exceeds the broker's limit"):
+                ps.publish("t", blob=b"x" * limit)
+            with pytest.raises(TypeError):
+                ps.publish(("t", 3), n=1)  # type: ignore[arg-type]
+            with pytest.raises(TypeError):
+                ps.add_subscriber(("t", 3), collect(got))  # type: ignore[arg-type]
+            with pytest.raises(ValueError, match="limit"):
+                ps.add_subscriber("x" * 5000, collect(got))
+            assert got == []
+            ps.publish("t", n=1)
+            assert await ps.flush() and numbers(got) == [1]
+
+    run(main())
+
+
+def test_flush_raises_what_the_policy_refused(mpubsubd_access: Daemon) -> None:
+    """Through a real mpubsubd with a policy: a refused publish makes flush() raise
+    PermissionError naming the topic; the others carry on."""
+
+    async def main() -> None:
+        async with AioPubSub.from_file(mpubsubd_access.credentials) as ps:
+            ps.publish(("secret", "plans"), n=1)
+            with pytest.raises(PermissionError, match="publish on secret/plans"):
+                await ps.flush()
+            ps.publish("open", n=2)
+            assert await ps.flush() is True
+            with pytest.raises(PermissionError):
+                await ps.broker_clients()
+
+    run(main())
+
+
+@pytest.fixture
+def mpubsubd_access() -> Iterator[Daemon]:
+    """mpubsubd, run as a daemon on TCP (where even root is its address, bound by the
+    policy), with a policy that refuses 'secret' and the admin right to TCP peers."""
+    base = Path(tempfile.mkdtemp(prefix="mpubsubd-aio-"))
+    daemon = Daemon(base)
+    daemon.configure(address=f"127.0.0.1:{free_port()}")
+    text = daemon.config.read_text()
+    daemon.config.write_text(
+        text + "\n[access]\ndefault = allow\ntcp publish = !secret\ntcp admin = !/\n"
+    )
+    try:
+        daemon.started()
+        yield daemon
+    finally:
+        daemon.stop_all()
+        with contextlib.suppress(OSError):
+            for path in sorted(base.rglob("*"), reverse=True):
+                path.unlink() if not path.is_dir() else path.rmdir()
+            base.rmdir()
+
+
+def test_through_mpubsubd_with_the_threaded_client(mpubsubd_access: Daemon, loop: str) -> None:
+    """An asyncio client and a threaded one pass messages through a real mpubsubd."""
+
+    async def main() -> None:
+        got: Received = []
+        sync = NetPubSub.from_file(mpubsubd_access.credentials)
+        with sync:
+            sync_got: Received = []
+            sync.add_subscriber("to-sync", collect(sync_got), weak=False)
+            assert sync.flush()
+            async with AioPubSub.from_file(mpubsubd_access.credentials) as ps:
+                ps.add_subscriber("to-async", collect(got), weak=False)
+                await ps.flush()
+                sync.publish("to-async", n=1)
+                assert sync.flush()
+                await until(lambda: got, "the threaded client's message")
+                ps.publish("to-sync", n=2)
+                await ps.flush()
+                wait_for(lambda: sync.poll(0.05) or sync_got, what="the asyncio client's message")
+        assert numbers(got) == [1] and numbers(sync_got) == [2]
+
+    run(main(), loop)
