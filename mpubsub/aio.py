@@ -24,6 +24,7 @@ from typing import (
     Any,
     AsyncIterator,
     Awaitable,
+    Callable,
     Deque,
     Dict,
     List,
@@ -31,6 +32,7 @@ from typing import (
     Sequence,
     Tuple,
     Union,
+    cast,
 )
 
 from . import _identity
@@ -45,7 +47,7 @@ from ._remote import LOCAL_SUFFIX, is_local
 from ._topics import as_topic
 from ._types import Subscriber, Topic
 
-__all__ = ["DEFAULT_MAX_MESSAGES", "LOCAL_SUFFIX", "Messages", "NetPubSub"]
+__all__ = ["DEFAULT_MAX_MESSAGES", "DEFAULT_MAX_QUEUED", "LOCAL_SUFFIX", "Messages", "NetPubSub"]
 
 logger = logging.getLogger("mpubsub.aio")
 
@@ -69,6 +71,8 @@ _Delivery = Tuple[
     Optional[Awaitable[Any]],
     List[Tuple[Subscriber, Exception]],
 ]
+#: A subscriber here: a plain function, or an ``async def`` (its coroutine is awaited).
+AnySubscriber = Callable[..., Optional[Awaitable[Any]]]
 # What _step found: the index of a subscriber, and the awaitable it returned.
 _Step = Optional[Tuple[int, Awaitable[Any]]]
 
@@ -144,6 +148,16 @@ class NetPubSub(Client):
     async def __aexit__(self, *exc_info: object) -> None:
         if self._link.state is not State.OFFLINE:
             await self.disconnect()
+
+    # --- subscriptions -------------------------------------------------------
+
+    def add_subscriber(self, topic: Topic, subscriber: AnySubscriber, *, weak: bool = True) -> None:
+        """As ``mpubsub.NetPubSub.add_subscriber``; *subscriber* may be an ``async def``."""
+        super().add_subscriber(topic, cast(Subscriber, subscriber), weak=weak)
+
+    def remove_subscriber(self, topic: Topic, subscriber: AnySubscriber) -> None:
+        """As ``mpubsub.NetPubSub.remove_subscriber``."""
+        super().remove_subscriber(topic, cast(Subscriber, subscriber))
 
     # --- publishing ------------------------------------------------------------
 

@@ -17,6 +17,7 @@ from typing import Dict, Iterator, List, Tuple
 import pytest
 
 import mpubsub
+import mpubsub.aio
 import mpubsub.broker
 import mpubsub.net
 
@@ -27,6 +28,7 @@ PUBLIC: Dict[str, str] = {
     "mpubsub": "AuthenticationError Broker CredentialsError ErrorHandler MPubSubError "
     "NetPubSub ProtocolError PubSub Sender __version__ current_sender",
     "mpubsub.net": "DEFAULT_MAX_QUEUED LOCAL_SUFFIX NetPubSub PubSub",
+    "mpubsub.aio": "DEFAULT_MAX_MESSAGES DEFAULT_MAX_QUEUED LOCAL_SUFFIX Messages NetPubSub",
     "mpubsub.broker": "Broker DEFAULT_MAX_BUFFER DEFAULT_MAX_MESSAGE Policy main",
     "mpubsub.errors": "AuthenticationError CredentialsError MPubSubError ProtocolError",
     "mpubsub.typing": "Message Subscriber Topic",
