@@ -186,7 +186,7 @@ def dial(
     if credentials is not None:
         address, authkey = read_credentials(credentials)
     deadline = time.monotonic() + timeout
-    for version in _VERSIONS:
+    for version in _versions():
         left = max(0.001, deadline - time.monotonic())
         try:
             return _dial(address, authkey, left, deadline, version)
@@ -196,9 +196,12 @@ def dial(
     raise AssertionError("unreachable: protocol 1 is the last tried")
 
 
-# What HELLO says, in turn: mpubsubd before senders and refusals speaks
-# protocol 1 only, and says so; it is spoken to in 1 then, without them.
-_VERSIONS = (proto.VERSION, 1)
+def _versions() -> Tuple[int, int]:
+    """What HELLO says, in turn: mpubsubd before senders and refusals speaks
+    protocol 1 only, and says so; it is spoken to in 1 then, without them."""
+    return proto.VERSION, 1
+
+
 _OLDER_BROKER = f"unsupported protocol version {proto.VERSION}; this broker speaks 1"
 
 
@@ -231,7 +234,7 @@ async def dial_async(
     if credentials is not None:
         address, authkey = read_credentials(credentials)
     deadline = time.monotonic() + timeout
-    for version in _VERSIONS:
+    for version in _versions():
         left = max(0.001, deadline - time.monotonic())
         try:
             return await asyncio.wait_for(_dial_async(address, authkey, version), left)
