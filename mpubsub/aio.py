@@ -240,10 +240,12 @@ class NetPubSub(Client):
                     if decoded is None:
                         continue
                     topic, message = decoded
-                    if message.__class__ is not dict or not all(
-                        key.__class__ is str for key in message
-                    ):
-                        logger.error("dropping a message that is not a mapping of strings")
+                    try:
+                        message = dict(**message)  # what a subscriber's ** takes, checked once
+                    except TypeError:
+                        logger.error(
+                            "dropping a message that is not a mapping of strings: %r", topic
+                        )
                         continue
                     if self._awaiting is None:
                         try:
@@ -262,6 +264,8 @@ class NetPubSub(Client):
         """Call *message*'s subscribers until one returns an awaitable: the rest is the
         task's that awaits it. Their errors go to on_error, which may raise."""
         refs = self._routes[topic]
+        if not refs:
+            return
         failures: List[Tuple[Subscriber, Exception]] = []
         step = self._step(topic, message, refs, 0, failures)
         if step is not None:
