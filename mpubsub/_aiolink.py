@@ -140,6 +140,19 @@ class AioLink:
         self._up.set()  # a request waiting for a reconnection ends
         self._hurried.set()
 
+    def abandon(self) -> None:
+        """Its pub-sub was collected while connected: close, and stop reconnecting."""
+        self.state = State.OFFLINE
+        if self._redialer is not None and not self._loop_closed():
+            self._redialer.cancel()
+        self._redialer = None
+        if self.sock is not None and self._loop_closed():
+            self._reading = self._writing = False  # a closed loop watches nothing
+        self._close()
+
+    def _loop_closed(self) -> bool:
+        return self._loop is None or self._loop.is_closed()
+
     def _install(self, dialed: Dialed) -> None:
         assert self._loop is not None and self._up is not None
         self.sock, limits, self.address, self.authkey = dialed
@@ -237,6 +250,10 @@ class AioLink:
                 except (OSError, MPubSubError, AuthenticationError, ValueError) as exc:
                     # A wrong key too: a restarted broker listens before it writes
                     # its new key to the credentials file, read again next time.
+                    self.redial.failed(exc)
+                    continue
+                except Exception as exc:  # whatever it is, the next attempt may do better
+                    logger.warning("reconnection failed: %s", reason(exc))
                     self.redial.failed(exc)
                     continue
                 finally:

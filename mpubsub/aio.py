@@ -117,6 +117,8 @@ class NetPubSub(Client):
         self._backlog: Deque[_Delivery] = collections.deque()
         self._backlog_bytes = 0  # of the broker's messages in it
         self._awaiting: Optional[asyncio.Task[None]] = None
+        # Dropped while connected (no disconnect()): its socket closes, no task lingers.
+        weakref.finalize(self, self._link.abandon)
 
     def _new_link(
         self, address: Any, authkey: Optional[bytes], timeout: float, max_queued: int

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import pickle
@@ -657,3 +658,20 @@ def test_through_mpubsubd_with_the_threaded_client(mpubsubd_access: Daemon, loop
         assert numbers(got) == [1] and numbers(sync_got) == [2]
 
     run(main(), loop)
+
+
+def test_a_pub_sub_dropped_while_connected_closes_its_connection(broker: BrokerProcess) -> None:
+    """Collected without disconnect(), an asyncio pub-sub leaves no socket open and
+    no task reconnecting: the broker sees the client go."""
+
+    async def main() -> None:
+        async with AioPubSub.from_file(broker.credentials) as watcher:
+            dropped = AioPubSub.from_file(broker.credentials)
+            await dropped.connect()
+            await until_figure(watcher, "clients", 2)
+            del dropped
+            gc.collect()
+            await until_figure(watcher, "clients", 1)
+            assert [t for t in asyncio.all_tasks() if "_reconnect" in repr(t)] == []
+
+    run(main())
