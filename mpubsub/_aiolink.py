@@ -15,20 +15,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import multiprocessing
-import os
 import socket
-import threading
 import time
 import weakref
-from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from ._connect import Dialed, dial_async
-from ._inbox import MAX_INBOX, Inbox
-from ._link import BATCH_LIMIT, State
-from ._outbox import Outbox
-from ._protocol import Limits
-from ._redial import Redial
+from ._inbox import MAX_INBOX
+from ._link import BATCH_LIMIT, BURST_WINDOW, LinkBase, State
 from ._text import reason
 from .errors import AuthenticationError, MPubSubError
 
@@ -37,13 +31,10 @@ logger = logging.getLogger("mpubsub.net")
 #: Bytes waiting for a broker that does not read, past which publish raises BufferError.
 MAX_UNSENT = 64 * 1024 * 1024
 
-# Publishes closer together than this are batched, sent at the next turn of
-# the loop; a lone one is sent at once (as the threaded client does).
-_BURST_WINDOW = 0.0001
 _LOST = b""  # a request's answer when the connection broke first (no answer is empty)
 
 
-class AioLink:
+class AioLink(LinkBase):
     """One asyncio client's connection to its broker, made again whenever it is lost.
 
     *on_connected(limits_changed)* is called each time a connection is
@@ -61,24 +52,11 @@ class AioLink:
         *,
         on_frames: Callable[[List[bytes]], None],
     ) -> None:
-        self.lock = threading.RLock()  # for the code shared with the threaded client
-        self.timeout = timeout
-        self.state = State.OFFLINE
-        self.sock: Optional[socket.socket] = None
-        self.limits = Limits()
-        self.limits_known = False
-        self.inbox = Inbox()
-        self.outbox = Outbox()
-        self.redial = Redial(max_queued)
-        self.address: Any = None
-        self.authkey = b""
-        self.credentials: Optional[Union[str, os.PathLike[str]]] = None
-        self._on_connected = weakref.WeakMethod(on_connected)
+        super().__init__(address, authkey, timeout, max_queued, on_connected)
         self._on_frames = weakref.WeakMethod(on_frames)
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._opening = False  # connect() is under way
         self._scheduled = False  # a turn of the loop will send the batch
-        self._last_send = 0.0
         self._writing = False  # the loop watches the socket for room
         self._reading = False  # the loop watches the socket for bytes
         self._paused = False  # reading stopped: the pub-sub is too far behind
@@ -87,18 +65,6 @@ class AioLink:
         self._emptied: Optional[asyncio.Event] = None  # set while nothing waits to be sent
         self._hurried: Optional[asyncio.Event] = None  # wakes the reconnecting task
         self._redialer: Optional[asyncio.Task[None]] = None
-        self.set_broker(address, authkey)
-
-    def set_broker(self, address: Any, authkey: Optional[bytes]) -> None:
-        if self.state is not State.OFFLINE:
-            raise RuntimeError("Cannot change broker on a connected pub-sub")
-        self.address = address
-        self.authkey = authkey if authkey is not None else multiprocessing.current_process().authkey
-        self.credentials = None
-
-    @property
-    def offline(self) -> bool:
-        return self.state is State.OFFLINE
 
     # --- open and close ------------------------------------------------------------
 
@@ -155,18 +121,11 @@ class AioLink:
 
     def _install(self, dialed: Dialed) -> None:
         assert self._loop is not None and self._up is not None
-        self.sock, limits, self.address, self.authkey = dialed
-        changed = limits != self.limits or not self.limits_known
-        self.limits, self.limits_known = limits, True
-        self.inbox.new_connection(self.sock, limits.max_message)
-        self.redial.connected()
+        changed = self._adopt(dialed)
         self._paused = False
         self._watch_reading(True)
         self._up.set()
-        on_connected = self._on_connected()
-        if on_connected is not None:
-            on_connected(changed)
-        logger.debug("connected to broker at %s", self.address)
+        self._announce(changed)
 
     def _close(self) -> None:
         sock, self.sock = self.sock, None
@@ -289,7 +248,7 @@ class AioLink:
             return
         outbox = self.outbox
         now = time.monotonic()
-        burst = now - self._last_send < _BURST_WINDOW
+        burst = now - self._last_send < BURST_WINDOW
         self._last_send = now
         if not (burst or outbox.batched or outbox):  # a lone publish: at once
             self._send_now(frame)

@@ -44,7 +44,7 @@ logger = logging.getLogger("mpubsub.net")
 # Publishes closer together than this are batched and sent by a writer
 # thread (fewer syscalls and wake-ups along the way); a lone publish is sent
 # at once by the publishing thread, so it never waits.
-_BURST_WINDOW = 0.0001
+BURST_WINDOW = 0.0001
 # Batched bytes past which publish sends them itself (and so blocks while
 # the broker does not read: backpressure).
 BATCH_LIMIT = 1024 * 1024
@@ -58,12 +58,12 @@ class State(enum.Enum):
     RECONNECTING = "reconnecting"  # lost under us; the writer thread dials again
 
 
-class Link:
-    """One client's connection to its broker, made again whenever it is lost.
+class LinkBase:
+    """What a client's link holds, threaded or asyncio: its broker, its state, its
+    boxes, and what making a connection changes.
 
-    *on_connected(limits_changed)* is called, with the lock held, each time
-    a connection is made (the pub-sub sends its subscriptions then); it is
-    held weakly. Everything here runs under ``lock`` but the waits.
+    *on_connected(limits_changed)* is called each time a connection is made
+    (the pub-sub sends its subscriptions then); it is held weakly.
     """
 
     def __init__(
@@ -82,19 +82,13 @@ class Link:
         self.limits_known = False  # the limits are a broker's, not our defaults
         self.inbox = Inbox()
         self.outbox = Outbox()
-        self.publish_timeout: Optional[float] = None  # backpressure's (the CLI sets one)
         self.redial = Redial(max_queued)
         self._last_send = 0.0
-        self._kick = threading.Event()
-        self._writer: Optional[threading.Thread] = None
-        self._up = threading.Event()  # set while connected, or once disconnected
         self._on_connected = weakref.WeakMethod(on_connected)
         self.address: Any = None
         self.authkey = b""
         self.credentials: Optional[Union[str, os.PathLike[str]]] = None
-        self._pid = 0  # the process that connected
         self.set_broker(address, authkey)
-        _LIVE.add(self)
 
     @property
     def offline(self) -> bool:
@@ -107,6 +101,47 @@ class Link:
         self.address = address
         self.authkey = authkey if authkey is not None else multiprocessing.current_process().authkey
         self.credentials = None
+
+    def _adopt(self, dialed: Dialed) -> bool:
+        """Take a new connection's socket and limits; True if the limits changed."""
+        self.sock, limits, self.address, self.authkey = dialed
+        changed = limits != self.limits or not self.limits_known
+        self.limits, self.limits_known = limits, True
+        self.inbox.new_connection(self.sock, limits.max_message)
+        self.redial.connected()
+        return changed
+
+    def _announce(self, limits_changed: bool) -> None:
+        """The connection is in use: the pub-sub may send on it."""
+        on_connected = self._on_connected()
+        if on_connected is not None:
+            on_connected(limits_changed)
+        logger.debug("connected to broker at %s", self.address)
+
+
+class Link(LinkBase):
+    """One client's connection to its broker, made again whenever it is lost.
+
+    *on_connected(limits_changed)* is called, with the lock held, each time
+    a connection is made (the pub-sub sends its subscriptions then); it is
+    held weakly. Everything here runs under ``lock`` but the waits.
+    """
+
+    def __init__(
+        self,
+        address: Any,
+        authkey: Optional[bytes],
+        timeout: float,
+        max_queued: int,
+        on_connected: Callable[[bool], None],
+    ) -> None:
+        super().__init__(address, authkey, timeout, max_queued, on_connected)
+        self.publish_timeout: Optional[float] = None  # backpressure's (the CLI sets one)
+        self._kick = threading.Event()
+        self._writer: Optional[threading.Thread] = None
+        self._up = threading.Event()  # set while connected, or once disconnected
+        self._pid = 0  # the process that connected
+        _LIVE.add(self)
 
     # --- open and close ------------------------------------------------------------
 
@@ -158,16 +193,9 @@ class Link:
 
     def _install(self, dialed: Dialed) -> None:
         """Start using a new connection (called with the lock held)."""
-        self.sock, limits, self.address, self.authkey = dialed
-        changed = limits != self.limits or not self.limits_known
-        self.limits, self.limits_known = limits, True
-        self.inbox.new_connection(self.sock, limits.max_message)
-        self.redial.connected()
+        changed = self._adopt(dialed)
         self._up.set()
-        on_connected = self._on_connected()
-        if on_connected is not None:
-            on_connected(changed)
-        logger.debug("connected to broker at %s", self.address)
+        self._announce(changed)
 
     def _close(self) -> None:
         sock, self.sock = self.sock, None
@@ -263,7 +291,7 @@ class Link:
                 return 0 if self.outbox else None  # its publisher sends it, as a lone one
             (frame,) = parts
             now = time.monotonic()
-            burst = now - self._last_send < _BURST_WINDOW
+            burst = now - self._last_send < BURST_WINDOW
             self._last_send = now
             if burst or self.outbox.batched or self.outbox:
                 return self._batch(frame)
