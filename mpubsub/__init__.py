@@ -6,8 +6,9 @@ that also sends what it publishes to a ``Broker`` (``_broker.py``) and
 delivers what the broker sends it; its connection, made again whenever it
 is lost, is a ``Link`` (``_link.py``). ``mpubsub.aio.NetPubSub``
 (``aio.py``) is the same for asyncio programs: what both do with frames is
-``_client.py``'s, and its connection an ``AioLink`` (``_aiolink.py``). Between them runs the wire protocol
-of ``_protocol.py``, opened by the handshake of ``_handshake.py`` (both
+``_client.py``'s, and its connection an ``AioLink`` (``_aiolink.py``).
+Between them runs the wire protocol of ``_protocol.py``, opened by the
+handshake of ``_handshake.py`` (both
 roles, bytes in and out, no sockets): multiprocessing's authentication,
 then frames whose topic the broker reads and whose pickled message only
 pub-subs unpickle. The broker's loop hands its connections (``_clients.py``)
