@@ -657,3 +657,26 @@ def test_through_mpubsubd_with_the_threaded_client(mpubsubd_access: Daemon, loop
         assert numbers(got) == [1] and numbers(sync_got) == [2]
 
     run(main(), loop)
+
+
+def test_flush_and_figures_when_not_connected_as_the_threaded_client(
+    broker: BrokerProcess,
+) -> None:
+    """Before connect() and after disconnect(), flush() is False and the figures None,
+    as mpubsub.NetPubSub's (the broker is out of reach), not RuntimeError."""
+    address, key = broker.creds()
+    threaded = NetPubSub(address, key)
+    assert threaded.flush() is False and threaded.broker_statistics() is None
+
+    async def main() -> None:
+        ps = AioPubSub(address, key)
+        assert await ps.flush() is False
+        assert await ps.broker_statistics() is None
+        assert await ps.broker_clients() is None
+        await ps.connect()
+        assert await ps.flush() is True
+        await ps.disconnect()
+        assert await ps.flush() is False
+        assert await ps.broker_statistics() is None
+
+    run(main())
