@@ -314,6 +314,13 @@ class NetPubSub(Client):
                         except Exception as exc:
                             subscriber = refs[index]()
                             failures.append((subscriber or _gone, exc))
+                        except asyncio.CancelledError as exc:
+                            if _cancelling():  # this task is: the loop ends, say
+                                raise
+                            # The subscriber's own (it awaited something cancelled
+                            # elsewhere): it raised, as any other one.
+                            subscriber = refs[index]()
+                            failures.append((subscriber or _gone, cast(Exception, exc)))
                         step = self._step(topic, message, refs, index + 1, failures)
                     if failures:
                         self._report(topic, message, failures)
@@ -339,6 +346,13 @@ class NetPubSub(Client):
             self._handle_failures(topic, message, failures)
         except Exception:
             logger.exception("the error handler raised for a message on %r", topic)
+
+
+def _cancelling() -> bool:
+    """Whether the running task is being cancelled (Python 3.11+; before, it cannot
+    tell, and a CancelledError is taken for the subscriber's own)."""
+    cancelling = getattr(asyncio.current_task(), "cancelling", None)
+    return cancelling is not None and cancelling() > 0
 
 
 def _gone(*args: Any, **kwargs: Any) -> None:
