@@ -224,7 +224,9 @@ class NetPubSub(Client):
         consumer; past that the oldest go, counted in ``dropped``, with one
         WARNING each time it falls behind. ``break``, cancellation,
         ``aclose()`` or leaving ``async with`` ends it (and its
-        subscriptions). No topic: every message (the catch-all).
+        subscriptions); ``break`` only if nothing else holds the iterator
+        (one kept in a variable stays subscribed until ``aclose()``), and
+        ``disconnect()`` does not. No topic: every message (the catch-all).
         """
         return Messages(self, topics or (None,), maxsize)
 
