@@ -342,10 +342,12 @@ class AioLink(LinkBase):
         As the threaded Requests.ask: *first* runs before anything is sent; a
         reconnection under way is hurried once and awaited; a connection lost
         meanwhile is made again and asked again; None if the broker stays out
-        of reach; TimeoutError past the link's timeout.
+        of reach (or the pub-sub is not connected); TimeoutError past the
+        link's timeout.
         """
-        if self.state is State.OFFLINE:
-            raise RuntimeError("Not connected")
+        if self.state is State.OFFLINE:  # out of reach, as the threaded client says
+            first()
+            return None
         assert self._loop is not None
         deadline = time.monotonic() + self.timeout
         hurry = True  # once: a broker that cuts each connection gets the backoff after

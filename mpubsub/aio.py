@@ -226,7 +226,9 @@ class NetPubSub(Client):
         consumer; past that the oldest go, counted in ``dropped``, with one
         WARNING each time it falls behind. ``break``, cancellation,
         ``aclose()`` or leaving ``async with`` ends it (and its
-        subscriptions). No topic: every message (the catch-all).
+        subscriptions); ``break`` only if nothing else holds the iterator
+        (one kept in a variable stays subscribed until ``aclose()``), and
+        ``disconnect()`` does not. No topic: every message (the catch-all).
         """
         return Messages(self, topics or (None,), maxsize)
 
@@ -320,6 +322,13 @@ class NetPubSub(Client):
                         except Exception as exc:
                             subscriber = refs[index]()
                             failures.append((subscriber or _gone, exc))
+                        except asyncio.CancelledError as exc:
+                            if _cancelling():  # this task is: the loop ends, say
+                                raise
+                            # The subscriber's own (it awaited something cancelled
+                            # elsewhere): it raised, as any other one.
+                            subscriber = refs[index]()
+                            failures.append((subscriber or _gone, cast(Exception, exc)))
                         step = self._step(topic, message, refs, index + 1, failures)
                     if failures:
                         self._report(topic, message, failures)
@@ -345,6 +354,13 @@ class NetPubSub(Client):
             self._handle_failures(topic, message, failures)
         except Exception:
             logger.exception("the error handler raised for a message on %r", topic)
+
+
+def _cancelling() -> bool:
+    """Whether the running task is being cancelled (Python 3.11+; before, it cannot
+    tell, and a CancelledError is taken for the subscriber's own)."""
+    cancelling = getattr(asyncio.current_task(), "cancelling", None)
+    return cancelling is not None and cancelling() > 0
 
 
 def _gone(*args: Any, **kwargs: Any) -> None:

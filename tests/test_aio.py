@@ -675,3 +675,61 @@ def test_a_pub_sub_dropped_while_connected_closes_its_connection(broker: BrokerP
             assert [t for t in asyncio.all_tasks() if "_reconnect" in repr(t)] == []
 
     run(main())
+
+
+def test_flush_and_figures_when_not_connected_as_the_threaded_client(
+    broker: BrokerProcess,
+) -> None:
+    """Before connect() and after disconnect(), flush() is False and the figures None,
+    as mpubsub.NetPubSub's (the broker is out of reach), not RuntimeError."""
+    address, key = broker.creds()
+    threaded = NetPubSub(address, key)
+    assert threaded.flush() is False and threaded.broker_statistics() is None
+
+    async def main() -> None:
+        ps = AioPubSub(address, key)
+        assert await ps.flush() is False
+        assert await ps.broker_statistics() is None
+        assert await ps.broker_clients() is None
+        await ps.connect()
+        assert await ps.flush() is True
+        await ps.disconnect()
+        assert await ps.flush() is False
+        assert await ps.broker_statistics() is None
+
+    run(main())
+
+
+def test_a_coroutine_subscriber_ending_cancelled_is_reported_and_others_go_on(
+    broker: BrokerProcess, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A coroutine subscriber that ends with CancelledError of its own (it awaited
+    something cancelled elsewhere) is one that raises: reported, and the subscribers
+    and messages after it are delivered, in order, without waiting for another."""
+
+    async def main() -> None:
+        got: Received = []
+
+        async def awaits_a_cancelled_task(topic: Tuple[str, ...], n: int) -> None:
+            if n == 1:
+                elsewhere = asyncio.get_running_loop().create_future()
+                elsewhere.cancel()
+                await elsewhere
+
+        async with (
+            AioPubSub.from_file(broker.credentials) as sub,
+            AioPubSub.from_file(broker.credentials) as pub,
+        ):
+            sub.add_subscriber("t", awaits_a_cancelled_task)
+            sub.add_subscriber("t", collect(got), weak=False)
+            await sub.flush()
+            for n in range(4):
+                pub.publish("t", n=n)
+            await pub.flush()
+            await until(lambda: len(got) == 4, "the four messages")
+        assert numbers(got) == [0, 1, 2, 3]
+
+    with caplog.at_level(logging.ERROR, logger="mpubsub"):
+        run(main())
+    errors = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 1 and "raised on topic ('t',)" in errors[0].getMessage()
