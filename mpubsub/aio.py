@@ -314,6 +314,15 @@ class NetPubSub(Client):
                         except Exception as exc:
                             subscriber = refs[index]()
                             failures.append((subscriber or _gone, exc))
+                        except asyncio.CancelledError as exc:
+                            if _cancelling():  # this task is: the loop is closing
+                                raise
+                            # The subscriber's own (it awaited what another task
+                            # cancelled): a failure like any other, not the end.
+                            subscriber = refs[index]()
+                            failure = RuntimeError("the subscriber was cancelled")
+                            failure.__cause__ = exc
+                            failures.append((subscriber or _gone, failure))
                         step = self._step(topic, message, refs, index + 1, failures)
                     if failures:
                         self._report(topic, message, failures)
@@ -339,6 +348,14 @@ class NetPubSub(Client):
             self._handle_failures(topic, message, failures)
         except Exception:
             logger.exception("the error handler raised for a message on %r", topic)
+
+
+def _cancelling() -> bool:
+    """True if the current task is being cancelled (always, before Python 3.11, which
+    cannot tell: a subscriber's CancelledError then ends its message's delivery)."""
+    task = asyncio.current_task()
+    cancelling = getattr(task, "cancelling", None)
+    return cancelling is None or bool(cancelling())
 
 
 def _gone(*args: Any, **kwargs: Any) -> None:

@@ -227,6 +227,44 @@ def test_a_coroutine_subscriber_that_raises_is_logged_and_others_go_on(
     assert errors[0].exc_info is not None and "subscriber broke on 1" in str(errors[0].exc_info[1])
 
 
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="Task.cancelling() is 3.11's")
+def test_a_coroutine_subscriber_cancelled_from_elsewhere_stops_nothing(
+    broker: BrokerProcess, loop: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A coroutine subscriber that ends in CancelledError not meant for the pub-sub
+    (it awaited a future another task cancelled) is reported like one that raised:
+    the subscribers after it and the messages behind it are delivered, in order."""
+
+    async def main() -> None:
+        got: Received = []
+        shared = asyncio.get_running_loop().create_future()
+
+        async def waits(topic: Tuple[str, ...], n: int) -> None:
+            if n == 0:
+                await asyncio.sleep(0.2)  # the others wait behind it
+                shared.cancel()
+                await shared
+
+        async with (
+            AioPubSub.from_file(broker.credentials) as sub,
+            AioPubSub.from_file(broker.credentials) as pub,
+        ):
+            sub.add_subscriber("t", waits)
+            sub.add_subscriber("t", collect(got), weak=False)
+            await sub.flush()
+            for n in range(5):
+                pub.publish("t", n=n)
+            await pub.flush()
+            await until(lambda: len(got) == 5, "the five messages")
+        assert numbers(got) == [0, 1, 2, 3, 4]
+
+    with caplog.at_level(logging.ERROR, logger="mpubsub"):
+        run(main(), loop)
+    errors = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 1 and "raised on topic ('t',)" in errors[0].getMessage()
+    assert isinstance(errors[0].exc_info[1].__cause__, asyncio.CancelledError)  # type: ignore[index,union-attr]
+
+
 def test_an_error_handler_that_raises_stops_nothing(
     broker: BrokerProcess, caplog: pytest.LogCaptureFixture
 ) -> None:
