@@ -54,6 +54,10 @@ logger = logging.getLogger("mpubsub.aio")
 #: Messages a ``messages()`` iterator holds for a slow consumer; past it the oldest go.
 DEFAULT_MAX_MESSAGES = 10_000
 
+# What a message behind a coroutine subscriber costs beyond its frame's bytes, about
+# (its dict, its entry in the backlog): small messages cost mostly that.
+_HELD = 256
+
 _PING = proto.frame(proto.PING, b"")
 _STATS = proto.frame(proto.STATS, b"")
 _CLIENTS = proto.frame(proto.CLIENTS, b"")
@@ -252,7 +256,7 @@ class NetPubSub(Client):
                             logger.exception("the error handler raised for a message on %r", topic)
                     else:
                         self._backlog.append((sender, topic, message, None, -1, None, []))
-                        self._backlog_bytes += len(frame)
+                        self._backlog_bytes += len(frame) + _HELD
         finally:
             set_sender(previous)
         if self._backlog_bytes > MAX_INBOX:

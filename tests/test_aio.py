@@ -265,6 +265,33 @@ def test_a_coroutine_subscriber_cancelled_from_elsewhere_stops_nothing(
     assert isinstance(errors[0].exc_info[1].__cause__, asyncio.CancelledError)  # type: ignore[index,union-attr]
 
 
+def test_the_backlog_counts_what_small_messages_cost(broker: BrokerProcess) -> None:
+    """Messages behind a coroutine subscriber are held decoded, each much larger than
+    its frame: reading pauses by what they cost, not by their frames' bytes alone."""
+
+    async def main() -> None:
+        held = asyncio.Event()
+
+        async def waits(topic: Tuple[str, ...]) -> None:
+            await held.wait()
+
+        async with (
+            AioPubSub.from_file(broker.credentials) as sub,
+            AioPubSub.from_file(broker.credentials) as pub,
+        ):
+            sub.add_subscriber("t", waits)
+            await sub.flush()
+            for n in range(600_000):  # 16-byte frames: 9.6 MB of them
+                pub.publish("t")
+                if n % 10_000 == 0:
+                    await asyncio.sleep(0)
+            await until(lambda: sub._link._paused, "reading to pause")
+            assert len(sub._backlog) < 400_000  # about 160 MB of dicts and tuples
+            held.set()
+
+    run(main())
+
+
 def test_an_error_handler_that_raises_stops_nothing(
     broker: BrokerProcess, caplog: pytest.LogCaptureFixture
 ) -> None:
