@@ -54,6 +54,10 @@ logger = logging.getLogger("mpubsub.aio")
 #: Messages a ``messages()`` iterator holds for a slow consumer; past it the oldest go.
 DEFAULT_MAX_MESSAGES = 10_000
 
+# What a message behind a coroutine subscriber costs beyond its frame's bytes, about
+# (its dict, its entry in the backlog): small messages cost mostly that.
+_HELD = 256
+
 _PING = proto.frame(proto.PING, b"")
 _STATS = proto.frame(proto.STATS, b"")
 _CLIENTS = proto.frame(proto.CLIENTS, b"")
@@ -258,7 +262,7 @@ class NetPubSub(Client):
                             logger.exception("the error handler raised for a message on %r", topic)
                     else:
                         self._backlog.append((sender, topic, message, None, -1, None, []))
-                        self._backlog_bytes += len(frame)
+                        self._backlog_bytes += len(frame) + _HELD
         finally:
             set_sender(previous)
         if self._backlog_bytes > MAX_INBOX:
@@ -323,12 +327,14 @@ class NetPubSub(Client):
                             subscriber = refs[index]()
                             failures.append((subscriber or _gone, exc))
                         except asyncio.CancelledError as exc:
-                            if _cancelling():  # this task is: the loop ends, say
+                            if _cancelling():  # this task is: the loop is closing
                                 raise
-                            # The subscriber's own (it awaited something cancelled
-                            # elsewhere): it raised, as any other one.
+                            # The subscriber's own (it awaited what another task
+                            # cancelled): a failure like any other, not the end.
                             subscriber = refs[index]()
-                            failures.append((subscriber or _gone, cast(Exception, exc)))
+                            failure = RuntimeError("the subscriber was cancelled")
+                            failure.__cause__ = exc
+                            failures.append((subscriber or _gone, failure))
                         step = self._step(topic, message, refs, index + 1, failures)
                     if failures:
                         self._report(topic, message, failures)
@@ -357,10 +363,11 @@ class NetPubSub(Client):
 
 
 def _cancelling() -> bool:
-    """Whether the running task is being cancelled (Python 3.11+; before, it cannot
-    tell, and a CancelledError is taken for the subscriber's own)."""
-    cancelling = getattr(asyncio.current_task(), "cancelling", None)
-    return cancelling is not None and cancelling() > 0
+    """True if the current task is being cancelled (always, before Python 3.11, which
+    cannot tell: a subscriber's CancelledError then ends its message's delivery)."""
+    task = asyncio.current_task()
+    cancelling = getattr(task, "cancelling", None)
+    return cancelling is None or bool(cancelling())
 
 
 def _gone(*args: Any, **kwargs: Any) -> None:

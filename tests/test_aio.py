@@ -228,6 +228,71 @@ def test_a_coroutine_subscriber_that_raises_is_logged_and_others_go_on(
     assert errors[0].exc_info is not None and "subscriber broke on 1" in str(errors[0].exc_info[1])
 
 
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="Task.cancelling() is 3.11's")
+def test_a_coroutine_subscriber_cancelled_from_elsewhere_stops_nothing(
+    broker: BrokerProcess, loop: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A coroutine subscriber that ends in CancelledError not meant for the pub-sub
+    (it awaited a future another task cancelled) is reported like one that raised:
+    the subscribers after it and the messages behind it are delivered, in order."""
+
+    async def main() -> None:
+        got: Received = []
+        shared = asyncio.get_running_loop().create_future()
+
+        async def waits(topic: Tuple[str, ...], n: int) -> None:
+            if n == 0:
+                await asyncio.sleep(0.2)  # the others wait behind it
+                shared.cancel()
+                await shared
+
+        async with (
+            AioPubSub.from_file(broker.credentials) as sub,
+            AioPubSub.from_file(broker.credentials) as pub,
+        ):
+            sub.add_subscriber("t", waits)
+            sub.add_subscriber("t", collect(got), weak=False)
+            await sub.flush()
+            for n in range(5):
+                pub.publish("t", n=n)
+            await pub.flush()
+            await until(lambda: len(got) == 5, "the five messages")
+        assert numbers(got) == [0, 1, 2, 3, 4]
+
+    with caplog.at_level(logging.ERROR, logger="mpubsub"):
+        run(main(), loop)
+    errors = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 1 and "raised on topic ('t',)" in errors[0].getMessage()
+    assert isinstance(errors[0].exc_info[1].__cause__, asyncio.CancelledError)  # type: ignore[index,union-attr]
+
+
+def test_the_backlog_counts_what_small_messages_cost(broker: BrokerProcess) -> None:
+    """Messages behind a coroutine subscriber are held decoded, each much larger than
+    its frame: reading pauses by what they cost, not by their frames' bytes alone."""
+
+    async def main() -> None:
+        held = asyncio.Event()
+
+        async def waits(topic: Tuple[str, ...]) -> None:
+            await held.wait()
+
+        async with (
+            AioPubSub.from_file(broker.credentials) as sub,
+            AioPubSub.from_file(broker.credentials) as pub,
+        ):
+            sub.add_subscriber("t", waits)
+            await sub.flush()
+            for n in range(600_000):  # 16-byte frames: 9.6 MB of them
+                pub.publish("t")
+                if n % 10_000 == 0:
+                    await asyncio.sleep(0)
+            await until(lambda: sub._link._paused, "reading to pause")
+            assert len(sub._backlog) < 400_000  # about 160 MB of dicts and tuples
+            held.set()
+
+    run(main())
+
+
 def test_an_error_handler_that_raises_stops_nothing(
     broker: BrokerProcess, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -698,38 +763,3 @@ def test_flush_and_figures_when_not_connected_as_the_threaded_client(
         assert await ps.broker_statistics() is None
 
     run(main())
-
-
-def test_a_coroutine_subscriber_ending_cancelled_is_reported_and_others_go_on(
-    broker: BrokerProcess, caplog: pytest.LogCaptureFixture
-) -> None:
-    """A coroutine subscriber that ends with CancelledError of its own (it awaited
-    something cancelled elsewhere) is one that raises: reported, and the subscribers
-    and messages after it are delivered, in order, without waiting for another."""
-
-    async def main() -> None:
-        got: Received = []
-
-        async def awaits_a_cancelled_task(topic: Tuple[str, ...], n: int) -> None:
-            if n == 1:
-                elsewhere = asyncio.get_running_loop().create_future()
-                elsewhere.cancel()
-                await elsewhere
-
-        async with (
-            AioPubSub.from_file(broker.credentials) as sub,
-            AioPubSub.from_file(broker.credentials) as pub,
-        ):
-            sub.add_subscriber("t", awaits_a_cancelled_task)
-            sub.add_subscriber("t", collect(got), weak=False)
-            await sub.flush()
-            for n in range(4):
-                pub.publish("t", n=n)
-            await pub.flush()
-            await until(lambda: len(got) == 4, "the four messages")
-        assert numbers(got) == [0, 1, 2, 3]
-
-    with caplog.at_level(logging.ERROR, logger="mpubsub"):
-        run(main())
-    errors = [r for r in caplog.records if r.levelno == logging.ERROR]
-    assert len(errors) == 1 and "raised on topic ('t',)" in errors[0].getMessage()
