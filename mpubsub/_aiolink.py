@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import socket
 import time
@@ -145,7 +146,9 @@ class AioLink(LinkBase):
             return
         self._reading = on
         if on:
-            self._loop.add_reader(sock, self._readable)
+            # In a context of its own, not the caller's: a delivery's sender
+            # (a coroutine subscriber's context variable) must not follow it.
+            contextvars.Context().run(self._loop.add_reader, sock, self._readable)
         else:
             self._loop.remove_reader(sock)
 
@@ -177,7 +180,9 @@ class AioLink(LinkBase):
             self.redial.lost()
             if self._redialer is None:
                 assert self._loop is not None
-                self._redialer = self._loop.create_task(self._reconnect())
+                self._redialer = contextvars.Context().run(
+                    self._loop.create_task, self._reconnect()
+                )
         for frame in self.outbox.unwritten() + self.outbox.take_batch():
             self.redial.keep(frame)
         self._emptied.set()

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextvars
 import logging
 import weakref
 from typing import (
@@ -47,12 +48,21 @@ from ._remote import LOCAL_SUFFIX, is_local
 from ._topics import as_topic
 from ._types import Subscriber, Topic
 
-__all__ = ["DEFAULT_MAX_MESSAGES", "DEFAULT_MAX_QUEUED", "LOCAL_SUFFIX", "Messages", "NetPubSub"]
+__all__ = [
+    "DEFAULT_MAX_BYTES",
+    "DEFAULT_MAX_MESSAGES",
+    "DEFAULT_MAX_QUEUED",
+    "LOCAL_SUFFIX",
+    "Messages",
+    "NetPubSub",
+]
 
 logger = logging.getLogger("mpubsub.aio")
 
 #: Messages a ``messages()`` iterator holds for a slow consumer; past it the oldest go.
 DEFAULT_MAX_MESSAGES = 10_000
+#: Bytes of them it holds (their frames', and ``_HELD`` each), likewise.
+DEFAULT_MAX_BYTES = 64 * 1024 * 1024
 
 # What a message behind a coroutine subscriber costs beyond its frame's bytes, about
 # (its dict, its entry in the backlog): small messages cost mostly that.
@@ -62,11 +72,12 @@ _PING = proto.frame(proto.PING, b"")
 _STATS = proto.frame(proto.STATS, b"")
 _CLIENTS = proto.frame(proto.CLIENTS, b"")
 
-# A message whose coroutine subscribers are still to be awaited: its sender,
-# topic, message, its subscriptions (None: not yet looked up), the index of
-# the subscriber being awaited and what it returned (-1, None: none yet), and
-# the exceptions its subscribers raised so far.
+# A message whose coroutine subscribers are still to be awaited: its frame's
+# size (0: a local publish), sender, topic, message, its subscriptions (None:
+# not yet looked up), the index of the subscriber being awaited and what it
+# returned (-1, None: none yet), and the exceptions its subscribers raised so far.
 _Delivery = Tuple[
+    int,
     Optional[Sender],
     Tuple[str, ...],
     Dict[str, Any],
@@ -120,6 +131,7 @@ class NetPubSub(Client):
         # Messages behind a coroutine subscriber, in order, and the task awaiting them.
         self._backlog: Deque[_Delivery] = collections.deque()
         self._backlog_bytes = 0  # of the broker's messages in it
+        self._size = 0  # of the broker's message being delivered (0: a local one)
         self._awaiting: Optional[asyncio.Task[None]] = None
         # Dropped while connected (no disconnect()): its socket closes, no task lingers.
         weakref.finalize(self, self._link.abandon)
@@ -181,7 +193,7 @@ class NetPubSub(Client):
         if link.state is not State.OFFLINE and not is_local(topic):
             link.send(proto.pub_frame(*self._pub_parts(topic, message)))
         if self._awaiting is not None:  # behind a coroutine subscriber: after it
-            self._backlog.append((None, topic, message, None, -1, None, []))
+            self._backlog.append((0, None, topic, message, None, -1, None, []))
         elif _identity.busy or awaited_sender.get() is not None:
             self._deliver_here(topic, message)
         else:
@@ -223,7 +235,12 @@ class NetPubSub(Client):
 
     # --- receiving -----------------------------------------------------------
 
-    def messages(self, *topics: Topic, maxsize: int = DEFAULT_MAX_MESSAGES) -> Messages:
+    def messages(
+        self,
+        *topics: Topic,
+        maxsize: int = DEFAULT_MAX_MESSAGES,
+        max_bytes: int = DEFAULT_MAX_BYTES,
+    ) -> Messages:
         """An asynchronous iterator of ``(topic, message)`` published on *topics*.
 
         It subscribes at once, and holds up to *maxsize* messages for its
@@ -234,7 +251,7 @@ class NetPubSub(Client):
         (one kept in a variable stays subscribed until ``aclose()``), and
         ``disconnect()`` does not. No topic: every message (the catch-all).
         """
-        return Messages(self, topics or (None,), maxsize)
+        return Messages(self, topics or (None,), maxsize, max_bytes)
 
     def _received(self, frames: List[bytes]) -> None:
         """The broker's messages, just read: deliver them, in order, with their senders."""
@@ -256,14 +273,26 @@ class NetPubSub(Client):
                         )
                         continue
                     if self._awaiting is None:
+                        self._size = len(frame)
                         try:
                             self._offer(sender, topic, message)
                         except Exception:  # on_error's: the other messages go on
                             logger.exception("the error handler raised for a message on %r", topic)
                     else:
-                        self._backlog.append((sender, topic, message, None, -1, None, []))
+                        delivery: _Delivery = (
+                            len(frame),
+                            sender,
+                            topic,
+                            message,
+                            None,
+                            -1,
+                            None,
+                            [],
+                        )
+                        self._backlog.append(delivery)
                         self._backlog_bytes += len(frame) + _HELD
         finally:
+            self._size = 0
             set_sender(previous)
         if self._backlog_bytes > MAX_INBOX:
             self._link.pause_reading(True)  # the broker keeps the rest, or cuts us
@@ -278,8 +307,12 @@ class NetPubSub(Client):
         step = self._step(topic, message, refs, 0, failures)
         if step is not None:
             index, awaitable = step
-            self._backlog.append((sender, topic, message, refs, index, awaitable, failures))
-            self._awaiting = asyncio.get_running_loop().create_task(self._await_backlog())
+            delivery = (self._size, sender, topic, message, refs, index, awaitable, failures)
+            self._backlog.append(delivery)
+            # In a context of its own: not the one of whoever published or read.
+            self._awaiting = contextvars.Context().run(
+                asyncio.get_running_loop().create_task, self._await_backlog()
+            )
         elif failures:
             self._handle_failures(topic, message, failures)
 
@@ -310,7 +343,8 @@ class NetPubSub(Client):
         backlog = self._backlog
         try:
             while backlog:
-                sender, topic, message, refs, index, awaitable, failures = backlog.popleft()
+                size, sender, topic, message, refs, index, awaitable, failures = backlog.popleft()
+                self._size = size
                 token = awaited_sender.set(sender)
                 try:
                     if refs is None:
@@ -340,6 +374,7 @@ class NetPubSub(Client):
                         self._report(topic, message, failures)
                 finally:
                     awaited_sender.reset(token)
+                    self._size = 0
                 if self._backlog_bytes and not backlog:
                     self._backlog_bytes = 0
                     self._link.pause_reading(False)
@@ -378,31 +413,47 @@ class _Queue:
     """What a Messages iterator holds, apart from it: its subscription refers to this,
     so that the iterator itself is collected (and unsubscribes) once dropped."""
 
-    def __init__(self, maxsize: int) -> None:
+    def __init__(self, pubsub: NetPubSub, maxsize: int, max_bytes: int) -> None:
         if maxsize < 1:
             raise ValueError(f"maxsize must be at least 1, not {maxsize}")
-        self.items: Deque[Tuple[Tuple[str, ...], Dict[str, Any], Optional[Sender]]] = (
+        if max_bytes < 1:
+            raise ValueError(f"max_bytes must be at least 1, not {max_bytes}")
+        self.items: Deque[Tuple[Tuple[str, ...], Dict[str, Any], Optional[Sender], int]] = (
             collections.deque()
         )
-        self.maxsize = maxsize
+        self.maxsize, self.max_bytes = maxsize, max_bytes
+        self.bytes = 0
         self.dropped = 0
         self.behind = False  # dropping since it last caught up (warned once)
         self.waiter: Optional[asyncio.Future[None]] = None
         self.closed = False
+        self._pubsub = weakref.ref(pubsub)  # for the size of what it delivers
 
-    def put(self, topic: Tuple[str, ...], **message: Any) -> None:
+    def put(self, topic: Tuple[str, ...], /, **message: Any) -> None:
+        pubsub = self._pubsub()
+        size = (pubsub._size if pubsub is not None else 0) + _HELD
         items = self.items
-        if len(items) >= self.maxsize:
-            items.popleft()
+        items.append((topic, message, current_sender(), size))
+        self.bytes += size
+        while len(items) > self.maxsize or (self.bytes > self.max_bytes and len(items) > 1):
+            self.bytes -= items.popleft()[3]
             self.dropped += 1
             if not self.behind:
                 self.behind = True
                 logger.warning(
-                    "a messages() consumer fell %d messages behind: dropping the oldest",
-                    self.maxsize,
+                    "a messages() consumer fell behind (%d messages, %d bytes held): "
+                    "dropping the oldest",
+                    len(items),
+                    self.bytes,
                 )
-        items.append((topic, message, current_sender()))
         self.wake()
+
+    def take(self) -> Tuple[Tuple[str, ...], Dict[str, Any], Optional[Sender]]:
+        topic, message, sender, size = self.items.popleft()
+        self.bytes -= size
+        if not self.items:
+            self.behind = False
+        return topic, message, sender
 
     def wake(self) -> None:
         waiter = self.waiter
@@ -418,8 +469,10 @@ class Messages(AsyncIterator[Tuple[Tuple[str, ...], Dict[str, Any]]]):
     for a local one).
     """
 
-    def __init__(self, pubsub: NetPubSub, topics: Sequence[Topic], maxsize: int) -> None:
-        self._queue = queue = _Queue(maxsize)
+    def __init__(
+        self, pubsub: NetPubSub, topics: Sequence[Topic], maxsize: int, max_bytes: int
+    ) -> None:
+        self._queue = queue = _Queue(pubsub, maxsize, max_bytes)
         self.topics = tuple(as_topic(topic) for topic in topics)
         self.sender: Optional[Sender] = None
         subscribed: List[Tuple[str, ...]] = []
@@ -452,9 +505,7 @@ class Messages(AsyncIterator[Tuple[Tuple[str, ...], Dict[str, Any]]]):
                 await queue.waiter
             finally:
                 queue.waiter = None
-        topic, message, self.sender = queue.items.popleft()
-        if not queue.items:
-            queue.behind = False
+        topic, message, self.sender = queue.take()
         return topic, message
 
     async def aclose(self) -> None:
@@ -475,6 +526,7 @@ def _unsubscribe(
 ) -> None:
     queue.closed = True
     queue.items.clear()
+    queue.bytes = 0
     queue.wake()
     pubsub = ref()
     if pubsub is not None:

@@ -13,12 +13,13 @@ import logging
 import os
 import pickle
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Coroutine, Dict, Iterator, List, Optional, Tuple
+from typing import Any, AsyncIterator, Callable, Coroutine, Dict, Iterator, List, Optional, Tuple
 
 import pytest
 import uvloop
@@ -26,9 +27,10 @@ import uvloop
 import mpubsub
 import mpubsub.aio
 from mpubsub import AuthenticationError, NetPubSub, current_sender
+from mpubsub import _protocol as proto
 from mpubsub.aio import NetPubSub as AioPubSub
 
-from .conftest import BrokerProcess, wait_for
+from .conftest import BrokerProcess, FakeBroker, wait_for
 from .processes import free_port
 from .test_daemon import Daemon
 
@@ -763,3 +765,88 @@ def test_flush_and_figures_when_not_connected_as_the_threaded_client(
         assert await ps.broker_statistics() is None
 
     run(main())
+
+
+def test_messages_holds_no_more_than_max_bytes(
+    broker: BrokerProcess, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A slow consumer holds no more than max_bytes of large messages (their frames),
+    the oldest dropped, counted, with one WARNING."""
+
+    async def main() -> None:
+        async with (
+            AioPubSub.from_file(broker.credentials) as sub,
+            AioPubSub.from_file(broker.credentials) as pub,
+            sub.messages("big", max_bytes=MiB) as big,
+        ):
+            await sub.flush()
+            for n in range(20):
+                pub.publish("big", n=n, blob=b"x" * (256 * 1024))
+            await pub.flush()
+            await sub.flush()  # its PONG comes after the messages
+            assert big.dropped == 17  # a fourth 256 KiB message overflows 1 MiB
+            left = [message["n"] async for _, message in _first(big, 3)]
+            assert left == [17, 18, 19]
+
+    with caplog.at_level(logging.WARNING, logger="mpubsub"):
+        run(main())
+    behind = [r.getMessage() for r in caplog.records if "fell behind" in r.getMessage()]
+    assert len(behind) == 1 and behind[0].startswith(
+        "a messages() consumer fell behind (3 messages, "
+    ), behind
+
+
+MiB = 1024 * 1024
+
+
+async def _first(stream: mpubsub.aio.Messages, count: int) -> AsyncIterator[Any]:
+    """The first *count* items of *stream*."""
+    async for item in stream:
+        yield item
+        count -= 1
+        if not count:
+            return
+
+
+def test_the_loop_reads_in_a_context_of_its_own(broker: BrokerProcess, tmp_path: Path) -> None:
+    """A pub-sub connected from inside a coroutine subscriber (whose context names the
+    broker's sender) does not deliver its own messages with that sender: a message no
+    SENDER frame names (an older broker's) has none."""
+    frame = proto.pub_frame(proto.encode_topic(("old",)), pickle.dumps({"n": 1}))
+
+    def behave(sock: socket.socket) -> None:
+        sock.sendall(frame)
+        with contextlib.suppress(OSError):
+            while sock.recv(4096):
+                pass
+
+    old = FakeBroker(str(tmp_path / "old.sock"), b"old key", behave)
+
+    async def main() -> List[Optional[mpubsub.Sender]]:
+        seen: List[Optional[mpubsub.Sender]] = []
+        held: List[AioPubSub] = []
+
+        def on_old(topic: Tuple[str, ...], n: int) -> None:
+            seen.append(current_sender())
+
+        async def connect_there(topic: Tuple[str, ...], n: int) -> None:
+            there = AioPubSub(str(tmp_path / "old.sock"), b"old key")
+            there.add_subscriber("old", on_old)
+            await there.connect()  # inside a delivery: its context names the sender
+            held.append(there)
+
+        async with (
+            AioPubSub.from_file(broker.credentials) as sub,
+            AioPubSub.from_file(broker.credentials) as pub,
+        ):
+            sub.add_subscriber("go", connect_there)
+            await sub.flush()
+            pub.publish("go", n=0)
+            await until(lambda: seen, "the old broker's message")
+            await held[0].disconnect()
+        return seen
+
+    try:
+        assert run(main()) == [None]
+    finally:
+        old.close()

@@ -28,7 +28,8 @@ PUBLIC: Dict[str, str] = {
     "mpubsub": "AuthenticationError Broker CredentialsError ErrorHandler MPubSubError "
     "NetPubSub ProtocolError PubSub Sender __version__ current_sender",
     "mpubsub.net": "DEFAULT_MAX_QUEUED LOCAL_SUFFIX NetPubSub PubSub",
-    "mpubsub.aio": "DEFAULT_MAX_MESSAGES DEFAULT_MAX_QUEUED LOCAL_SUFFIX Messages NetPubSub",
+    "mpubsub.aio": "DEFAULT_MAX_BYTES DEFAULT_MAX_MESSAGES DEFAULT_MAX_QUEUED LOCAL_SUFFIX "
+    "Messages NetPubSub",
     "mpubsub.broker": "Broker DEFAULT_MAX_BUFFER DEFAULT_MAX_MESSAGE Policy main",
     "mpubsub.errors": "AuthenticationError CredentialsError MPubSubError ProtocolError",
     "mpubsub.typing": "Message Subscriber Topic",
