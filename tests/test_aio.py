@@ -727,6 +727,33 @@ def test_through_mpubsubd_with_the_threaded_client(mpubsubd_access: Daemon, loop
     run(main(), loop)
 
 
+def test_comes_back_when_mpubsubd_is_killed_and_started_again(mpubsubd_access: Daemon) -> None:
+    """mpubsubd killed (SIGKILL) and started again, with a new key in its credentials
+    file: the asyncio clients come back by themselves and subscribe again."""
+
+    async def main() -> None:
+        got: Received = []
+        credentials = mpubsubd_access.credentials
+        async with (
+            AioPubSub.from_file(credentials, timeout=1.0) as sub,
+            AioPubSub.from_file(credentials, timeout=1.0) as pub,
+        ):
+            sub.add_subscriber("t", collect(got), weak=False)
+            await sub.flush()
+            key = credentials.read_bytes()
+            os.kill(mpubsubd_access.pid(), signal.SIGKILL)
+            await until(lambda: not sub.connected and not pub.connected, "the loss noticed")
+            mpubsubd_access.started()
+            assert credentials.read_bytes() != key
+            await until(lambda: sub.connected and pub.connected, "both reconnected")
+            assert await sub.flush()
+            pub.publish("t", n=1)
+            await until(lambda: got, "a message through the new mpubsubd")
+        assert numbers(got) == [1]
+
+    run(main())
+
+
 def test_a_pub_sub_dropped_while_connected_closes_its_connection(broker: BrokerProcess) -> None:
     """Collected without disconnect(), an asyncio pub-sub leaves no socket open and
     no task reconnecting: the broker sees the client go."""
