@@ -87,6 +87,7 @@ class AioLink(LinkBase):
     async def disconnect(self) -> None:
         if self.state is State.OFFLINE:
             raise RuntimeError("Not connected")
+        self._check_loop()
         await self.drain(self.timeout)
         if self.offline:  # another task disconnected meanwhile
             return
@@ -119,6 +120,14 @@ class AioLink(LinkBase):
 
     def _loop_closed(self) -> bool:
         return self._loop is None or self._loop.is_closed()
+
+    def _check_loop(self) -> None:
+        """RuntimeError unless the running loop is the one it connected in."""
+        if asyncio.get_running_loop() is not self._loop:
+            raise RuntimeError(
+                "this pub-sub is connected in another event loop: disconnect() it there, "
+                "or before that loop ends"
+            )
 
     def _install(self, dialed: Dialed) -> None:
         assert self._loop is not None and self._up is not None
@@ -353,6 +362,7 @@ class AioLink(LinkBase):
         if self.state is State.OFFLINE:  # out of reach, as the threaded client says
             first()
             return None
+        self._check_loop()
         assert self._loop is not None
         deadline = time.monotonic() + self.timeout
         hurry = True  # once: a broker that cuts each connection gets the backoff after

@@ -877,3 +877,15 @@ def test_the_loop_reads_in_a_context_of_its_own(broker: BrokerProcess, tmp_path:
         assert run(main()) == [None]
     finally:
         old.close()
+
+
+def test_a_pub_sub_connected_in_another_loop_says_so(broker: BrokerProcess) -> None:
+    """Left connected when its loop ended, a pub-sub used from a new loop raises a
+    RuntimeError that says why, instead of a future's or a closed loop's."""
+    ps = AioPubSub.from_file(broker.credentials)
+    run(ps.connect())
+    message = "^this pub-sub is connected in another event loop: disconnect"
+    with pytest.raises(RuntimeError, match=message):
+        run(ps.flush())
+    with pytest.raises(RuntimeError, match=message):
+        run(ps.disconnect())
