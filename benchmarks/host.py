@@ -502,20 +502,21 @@ def main() -> None:
         json.dump({}, sys.stdout)  # no such broker here: nothing to measure
         return
     with tempfile.TemporaryDirectory(prefix="mpubsub-bench-host-") as workdir:
-        system = make(workdir)
-        if not isinstance(system, AsyncSystem):
-            args.idle = 0
-            json.dump(remote.run_scenario(system, args), sys.stdout)
-            return
-        system.start()
-        try:
-            if args.scenario == "throughput":
-                result = throughput(system, args.subscribers, args.count, args.size, args.stall)
-            else:
-                result = rtt(system, args.count)
-        finally:
-            system.stop()
-    json.dump(result, sys.stdout)
+        json.dump(run_scenario(make(workdir), args), sys.stdout)
+
+
+def run_scenario(system: remote.System, args: argparse.Namespace) -> Dict[str, Any]:
+    """Start *system*, measure the scenario *args* name, stop it."""
+    if not isinstance(system, AsyncSystem):
+        args.idle = 0
+        return remote.run_scenario(system, args)
+    system.start()
+    try:
+        if args.scenario == "throughput":
+            return throughput(system, args.subscribers, args.count, args.size, args.stall)
+        return rtt(system, args.count)
+    finally:
+        system.stop()
 
 
 if __name__ == "__main__":
