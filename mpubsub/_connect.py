@@ -186,16 +186,25 @@ def dial(
     if credentials is not None:
         address, authkey = read_credentials(credentials)
     deadline = time.monotonic() + timeout
-    try:
-        return _dial(address, authkey, timeout, deadline, proto.VERSION)
-    except ProtocolError as exc:
-        if _OLDER_BROKER not in str(exc):
-            raise
-    # mpubsubd before senders and refusals (protocol 1): what it speaks, without them.
-    return _dial(address, authkey, max(0.001, deadline - time.monotonic()), deadline, 1)
+    for version in _VERSIONS:
+        left = max(0.001, deadline - time.monotonic())
+        try:
+            return _dial(address, authkey, left, deadline, version)
+        except ProtocolError as exc:
+            if not _older_broker(exc, version):
+                raise
+    raise AssertionError("unreachable: protocol 1 is the last tried")
 
 
+# What HELLO says, in turn: mpubsubd before senders and refusals speaks
+# protocol 1 only, and says so; it is spoken to in 1 then, without them.
+_VERSIONS = (proto.VERSION, 1)
 _OLDER_BROKER = f"unsupported protocol version {proto.VERSION}; this broker speaks 1"
+
+
+def _older_broker(exc: ProtocolError, version: int) -> bool:
+    """True if *exc*, refusing HELLO *version*, is a broker that speaks an older one."""
+    return version != 1 and _OLDER_BROKER in str(exc)
 
 
 def _dial(address: Any, authkey: bytes, timeout: float, deadline: float, version: int) -> Dialed:
@@ -207,3 +216,62 @@ def _dial(address: Any, authkey: bytes, timeout: float, deadline: float, version
         raise
     sock.setblocking(False)
     return Dialed(sock, limits, address, authkey)
+
+
+async def dial_async(
+    address: Any,
+    authkey: bytes,
+    credentials: Optional[Union[str, os.PathLike[str]]],
+    timeout: float,
+) -> Dialed:
+    """dial() for asyncio: the same steps and handshake, the waits awaited.
+
+    The socket it returns is non-blocking, for the event loop's add_reader.
+    """
+    if credentials is not None:
+        address, authkey = read_credentials(credentials)
+    deadline = time.monotonic() + timeout
+    for version in _VERSIONS:
+        left = max(0.001, deadline - time.monotonic())
+        try:
+            return await asyncio.wait_for(_dial_async(address, authkey, version), left)
+        except asyncio.TimeoutError:
+            raise _late() from None
+        except ProtocolError as exc:
+            if not _older_broker(exc, version):
+                raise
+    raise AssertionError("unreachable: protocol 1 is the last tried")
+
+
+async def _dial_async(address: Any, authkey: bytes, version: int) -> Dialed:
+    loop = asyncio.get_running_loop()
+    sock = socket.socket(family_of(address), socket.SOCK_STREAM)
+    try:
+        sock.setblocking(False)
+        await loop.sock_connect(sock, address)
+        if sock.family != socket.AF_UNIX:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        opening = ClientHandshake(authkey, version)
+        while not opening.done:
+            data = b""
+            while len(data) < opening.needed():
+                chunk = await loop.sock_recv(sock, opening.needed() - len(data))
+                if not chunk:
+                    raise ConnectionResetError(
+                        "the broker closed the connection during the handshake"
+                    )
+                data += chunk
+            try:
+                opening.receive(data)
+            except (AuthenticationError, ProtocolError):
+                with contextlib.suppress(OSError):  # FAILURE, if our key refused theirs
+                    sock.send(opening.data_to_send())
+                raise
+            reply = opening.data_to_send()
+            if reply:
+                await loop.sock_sendall(sock, reply)
+    except BaseException:
+        sock.close()
+        raise
+    assert opening.limits is not None
+    return Dialed(sock, opening.limits, address, authkey)

@@ -11,6 +11,7 @@ while it delivers them.
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import errno
 import json
@@ -53,6 +54,11 @@ class Sender:
 
 
 _delivering = threading.local()
+#: Who sent what an asyncio pub-sub's coroutine subscriber is awaited for: a
+#: context's, not the thread's, which runs other tasks while it waits.
+awaited_sender: contextvars.ContextVar[Optional[Sender]] = contextvars.ContextVar(
+    "mpubsub_sender", default=None
+)
 #: The threads delivering messages from a broker now: while it is empty, as it
 #: mostly is where publishing is busy, a publish need not hide a sender.
 busy: Set[int] = set()
@@ -60,8 +66,11 @@ busy: Set[int] = set()
 
 def current_sender() -> Optional[Sender]:
     """Who published the message being delivered, inside a subscriber called for a
-    message from the broker; None for a local publish, or outside a delivery."""
-    return getattr(_delivering, "sender", None)
+    message from the broker; None for a local publish, or outside a delivery.
+
+    In an ``mpubsub.aio`` coroutine subscriber too, across its awaits.
+    """
+    return getattr(_delivering, "sender", None) or awaited_sender.get()
 
 
 def set_sender(sender: Optional[Sender]) -> Optional[Sender]:

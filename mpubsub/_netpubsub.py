@@ -8,34 +8,25 @@ itself, its reconnections and its queues are the Link's (``_link.py``).
 from __future__ import annotations
 
 import logging
-import os
-import pickle
 import socket
 import threading
 import time
-from typing import Any, Callable, Dict, List, Optional, Set, Tuple, Type, TypeVar, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple, TypeVar
 
 from . import _identity
 from . import _protocol as proto
-from ._credentials import read_credentials
-from ._identity import Sender, sender_of, set_sender
-from ._inbox import describe_refusal
+from ._client import DEFAULT_MAX_QUEUED, Client
+from ._identity import set_sender
 from ._link import Link, State, wait
-from ._memo import Memo
 from ._pubsub import ErrorHandler, PubSub
-from ._remote import LOCAL_SUFFIX, RemoteTopics, is_local
+from ._remote import LOCAL_SUFFIX, is_local
 from ._requests import Requests
-from ._text import printable
 from ._topics import as_topic
-from ._types import Subscriber, Topic
-from .errors import ProtocolError
+from ._types import Topic
 
 logger = logging.getLogger("mpubsub.net")
 
 __all__ = ["DEFAULT_MAX_QUEUED", "LOCAL_SUFFIX", "NetPubSub"]
-
-#: Messages kept for the broker while reconnecting; past it the oldest go.
-DEFAULT_MAX_QUEUED = 10_000
 
 # A payload this large goes out on its own, header and payload gathered by
 # sendmsg: copying it into a frame and a batch costs more than a syscall.
@@ -47,7 +38,7 @@ _STATS = proto.frame(proto.STATS, b"")
 _CLIENTS = proto.frame(proto.CLIENTS, b"")
 
 
-class NetPubSub(PubSub):
+class NetPubSub(Client):
     """A PubSub connected to a Broker, so that pub-subs in other processes share messages.
 
     While connected, ``publish`` sends the message to the broker (which
@@ -68,6 +59,8 @@ class NetPubSub(PubSub):
     read (backpressure); call ``poll`` from one thread at a time.
     """
 
+    _link: Link
+
     def __init__(
         self,
         address: Any,
@@ -77,52 +70,17 @@ class NetPubSub(PubSub):
         max_queued: int = DEFAULT_MAX_QUEUED,
         on_error: Optional[ErrorHandler] = None,
     ) -> None:
-        super().__init__(on_error=on_error)
-        self._link = Link(address, authkey, timeout, max_queued, self._connected)
+        super().__init__(
+            address, authkey, timeout=timeout, max_queued=max_queued, on_error=on_error
+        )
         self._requests = Requests(self._link)
-        self._remote = RemoteTopics()
-        self._encoded: Memo[Tuple[str, ...], bytes] = Memo(self._encode, weigh=_weigh)
-        self._decoded: Memo[bytes, Tuple[str, ...]] = Memo(proto.decode_topic, weigh=_weigh)
-        # How payloads from the broker become messages (the CLI restricts it).
-        self._loads: Callable[[bytes], Any] = pickle.loads
         self._delivering = threading.Lock()  # held by the thread in poll() or wait_forever()
         self._poller: Optional[int] = None  # that thread
-        # Who sent the broker's next messages (its last SENDER frame), and the
-        # senders it named lately: the broker names one again only on a change.
-        self._sender: Optional[Sender] = None
-        self._senders: Memo[bytes, Sender] = Memo(sender_of, weigh=lambda k, v: 2 * len(k) + 300)
 
-    @classmethod
-    def from_file(
-        cls: Type[NetPubSub], path: Union[str, os.PathLike[str]], **kwargs: Any
-    ) -> NetPubSub:
-        """A pub-sub for the broker whose ``(address, authkey)`` pickle is at *path*.
-
-        The file is read again at each reconnection. It must be a regular
-        file (not a symbolic link) owned by root or by the calling user, and
-        not writable by group or others: otherwise CredentialsError (while
-        reconnecting: one WARNING per outage, and no connection).
-        """
-        address, authkey = read_credentials(path)
-        pubsub = cls(address, authkey, **kwargs)
-        pubsub._link.credentials = path
-        return pubsub
-
-    # --- connection ----------------------------------------------------------
-
-    def set_broker(self, address: Any, authkey: Optional[bytes] = None) -> None:
-        """Use another broker from the next ``connect()``; RuntimeError while connected."""
-        self._link.set_broker(address, authkey)
-
-    @property
-    def address(self) -> Any:
-        """The broker's address (re-read from the credentials file at each reconnection)."""
-        return self._link.address
-
-    @property
-    def connected(self) -> bool:
-        """True while a connection to the broker is up."""
-        return self._link.sock is not None
+    def _new_link(
+        self, address: Any, authkey: Optional[bytes], timeout: float, max_queued: int
+    ) -> Link:
+        return Link(address, authkey, timeout, max_queued, self._connected)
 
     def connect(self) -> None:
         """Connect to the broker, or raise (OSError, AuthenticationError, ProtocolError)."""
@@ -159,85 +117,6 @@ class NetPubSub(PubSub):
                 raise RuntimeError("Not connected")
             return link.inbox.fileno(link.sock)
 
-    def _connected(self, limits_changed: bool) -> None:
-        """A connection was made (the link's lock held): tell the broker our topics."""
-        if limits_changed:
-            self._encoded.clear()  # checked against other limits, or none
-        self._remote.new_connection()
-        self._sync_subscriptions()
-
-    def _encode(self, topic: Tuple[str, ...]) -> bytes:
-        """A topic's encoding; TypeError, or ValueError if over the broker's limits.
-
-        Before the first connection, the broker's limits are not known: a
-        topic over them stays local when it connects, with a WARNING.
-        """
-        encoded = proto.encode_topic(topic)
-        if self._link.limits_known:
-            self._link.limits.check_topic(encoded)
-        return encoded
-
-    # --- subscriptions -------------------------------------------------------
-
-    def add_subscriber(self, topic: Topic, subscriber: Subscriber, *, weak: bool = True) -> None:
-        """As PubSub.add_subscriber; the broker learns of new topics at once.
-
-        TypeError if the topic cannot travel, ValueError if it is deeper or
-        longer than the broker accepts, or if the broker would take no more
-        subscriptions from this pub-sub (unless the topic is local).
-        """
-        topic = as_topic(topic)
-        if is_local(topic):
-            proto.encode_topic(topic)  # TypeError for the same topics as elsewhere
-        else:
-            encoded = self._encoded[topic]  # now, not when it travels
-            if self._link.limits_known and encoded not in self._remote.topics:
-                self._remote.check_room(encoded, self._link.limits)
-        super().add_subscriber(topic, subscriber, weak=weak)
-        self._sync_subscriptions()
-
-    def remove_subscriber(self, topic: Topic, subscriber: Subscriber) -> None:
-        """As PubSub.remove_subscriber; the broker learns of unused topics at once."""
-        super().remove_subscriber(topic, subscriber)
-        self._sync_subscriptions()
-
-    def clear_subscribers(self) -> None:
-        """As PubSub.clear_subscribers; the broker stops sending anything."""
-        super().clear_subscribers()
-        self._sync_subscriptions()
-
-    def _subscriptions_changed(self, topic: Optional[Tuple[str, ...]]) -> None:
-        # With PubSub's lock held. Garbage-collected subscribers change them too.
-        self._remote.note(topic)
-
-    def _sync_subscriptions(self) -> None:
-        """Send the broker SUB/UNSUB for what changed (all topics after a reconnection)."""
-        link = self._link
-        with link.lock:
-            if link.sock is None:
-                self._remote.unsent = False
-                return
-            with self._lock:
-                resync, topics = self._remote.changes(lambda: set(self._subscribed_topics()))
-                present = {t for t in topics if self._has_subscribers(t)}
-            wanted = self._encodings(present)
-            unwanted = set() if resync else self._encodings(topics - present)
-            frames = self._remote.update(
-                resync, wanted, unwanted, self._has_any_subscribers(), link.limits
-            )
-            if frames:
-                link.write(frames)
-
-    def _encodings(self, topics: Set[Tuple[str, ...]]) -> Set[bytes]:
-        """The encodings of *topics*, without those over the broker's limits."""
-        encodings = set()
-        for topic in topics:
-            try:
-                encodings.add(self._encoded[topic])
-            except ValueError as exc:  # a new broker's lower limits: it stays local
-                logger.warning("not subscribing to %r at the broker: %s", topic, exc)
-        return encodings
-
     # --- publishing ------------------------------------------------------------
 
     def publish(self, topic: Topic, **message: Any) -> None:
@@ -252,14 +131,7 @@ class NetPubSub(PubSub):
             topic = as_topic(topic)
         link = self._link
         if link.state is not State.OFFLINE and not is_local(topic):
-            encoded = self._encoded[topic]
-            payload = pickle.dumps(message, protocol=5)
-            size = 4 + len(encoded) + len(payload)  # checked before framing copies it
-            if size > link.limits.max_message:
-                raise ValueError(
-                    f"message of {size} bytes exceeds the broker's limit of "
-                    f"{link.limits.max_message} bytes"
-                )
+            encoded, payload = self._pub_parts(topic, message)
             if len(payload) >= _LARGE:
                 wait = link.send(proto.pub_head(encoded, len(payload)), payload)
             else:
@@ -272,16 +144,6 @@ class NetPubSub(PubSub):
             self._publish_here(topic, message)
         else:
             PubSub.publish(self, topic, **message)
-
-    def _publish_here(self, topic: Tuple[str, ...], message: Dict[str, Any]) -> None:
-        """Deliver to the local subscribers, with no sender: the message is not the
-        broker's, even inside a delivery of one that is."""
-        previous = set_sender(None)
-        try:
-            PubSub.publish(self, topic, **message)
-        finally:
-            if previous is not None:
-                set_sender(previous)
 
     def flush(self) -> bool:
         """Push what waits for the broker and wait until the broker has handled it.
@@ -297,16 +159,6 @@ class NetPubSub(PubSub):
         answered = self._requests.ask(proto.PONG, _PING, self._sync_subscriptions) is not None
         self._raise_refusals()
         return answered
-
-    def _raise_refusals(self) -> None:
-        with self._link.lock:
-            refusals = self._link.inbox.refusals
-            if not refusals:
-                return
-            first, more = describe_refusal(refusals[0]), len(refusals) - 1
-            refusals.clear()
-        extra = f" (and {more} more refused since the last flush)" if more else ""
-        raise PermissionError(f"the broker refused to {first}{extra}")
 
     def broker_clients(self) -> Optional[List[Dict[str, Any]]]:
         """Every connection to the broker, as ``mpubsub clients --json`` lists them, or
@@ -418,32 +270,12 @@ class NetPubSub(PubSub):
             set_sender(previous)
         return any(messages for _, messages in runs)
 
-    def _runs(self, frames: List[bytes]) -> List[Tuple[Optional[Sender], List[bytes]]]:
-        """*frames* cut into runs of messages of one sender each. What follows them
-        (a nested poll's) is the last sender's until the broker names another."""
-        runs: List[Tuple[Optional[Sender], List[bytes]]] = [(self._sender, [])]
-        named = proto.SENDER
-        for frame in frames:
-            if frame[4] != named:
-                runs[-1][1].append(frame)
-                continue
-            try:
-                self._sender = self._senders[frame[5:]]
-            except ProtocolError as exc:
-                logger.error("the broker named a sender badly: %s", exc)
-                self._sender = None
-            runs.append((self._sender, []))
-        return runs
-
     def _deliver(self, frames: List[bytes]) -> None:
         for frame in frames:
-            try:
-                encoded, payload = proto.pub_parts(frame)
-                topic = self._decoded[encoded]
-                message = self._loads(payload)
-            except Exception as exc:  # one bad message must not stop the others
-                logger.error("dropping a message that cannot be decoded: %s", printable(str(exc)))
+            decoded = self._message_of(frame)
+            if decoded is None:
                 continue
+            topic, message = decoded
             try:
                 PubSub.publish(self, topic, **message)
             except TypeError as exc:
@@ -451,9 +283,3 @@ class NetPubSub(PubSub):
                     raise  # from inside publish: a subscriber's, re-raised by on_error
                 # Raised by the call itself: the payload is not a mapping of strings.
                 logger.error("dropping a message that is not a mapping of strings: %r", topic)
-
-
-def _weigh(key: Union[bytes, Tuple[str, ...]], value: Union[bytes, Tuple[str, ...]]) -> int:
-    """What a memo entry of a topic and its encoding holds, roughly, in bytes."""
-    encoded = value if isinstance(value, bytes) else key
-    return 2 * len(encoded) + 200
