@@ -26,6 +26,11 @@ COLOURS = {
     "PyPubSub": "#9467bd",
     "mpubsub, two hosts via NATS": "#d62728",
     "nats-py alone": "#17becf",
+    "asyncio mpubsub": "#ff9896",
+    "asyncio mpubsub, uvloop": "#8c564b",
+    "nats-py + nats-server": "#17becf",
+    "paho-mqtt + mosquitto": "#bcbd22",
+    "dbus-fast + dbus-daemon": "#aec7e8",
 }
 
 
