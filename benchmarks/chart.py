@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import sys
+import textwrap
 from pathlib import Path
 from typing import Any, Dict
 
@@ -26,6 +27,11 @@ COLOURS = {
     "PyPubSub": "#9467bd",
     "mpubsub, two hosts via NATS": "#d62728",
     "nats-py alone": "#17becf",
+    "asyncio mpubsub": "#ff9896",
+    "asyncio mpubsub, uvloop": "#8c564b",
+    "nats-py + nats-server": "#17becf",
+    "paho-mqtt + mosquitto": "#bcbd22",
+    "dbus-fast + dbus-daemon": "#aec7e8",
 }
 
 
@@ -44,7 +50,10 @@ def main() -> None:
         for x, value in enumerate(bars.values()):
             if not value:  # a system that stopped moving gets no bar: say why
                 axis.text(x, 0, "stalled", ha="center", va="bottom", fontsize=8, rotation=90)
-        axis.set_xticks(range(len(names)), [n.replace(" ", "\n", 1) for n in names], fontsize=7)
+        labels = [n.replace(" ", "\n", 1) for n in names]
+        if len(names) > 4:  # crowded: names on more, shorter lines
+            labels = [textwrap.fill(n, 9, break_long_words=False) for n in names]
+        axis.set_xticks(range(len(names)), labels, fontsize=7 if len(names) <= 4 else 5.5)
         better = "higher is better" if panel["higher"] else "lower is better"
         axis.set_title(f"{panel['title']}\n{panel['unit']}, {better}", fontsize=9)
         axis.tick_params(axis="y", labelsize=7)

@@ -7,7 +7,8 @@
   broker a -> bridge a -> NATS -> bridge b -> broker b.
 - ``--system nats``: what a user would write by hand with nats-py alone:
   asyncio clients publishing pickled messages straight to the same kind of
-  nats-server (no signature, no local broker). The floor to compare with.
+  nats-server (no signature, no local broker), as ``host.py`` measures them.
+  The floor to compare with.
 
 Runs in this project's virtualenv (mpubsubd and nats-py); prints one JSON object.
 """
@@ -15,23 +16,19 @@ Runs in this project's virtualenv (mpubsubd and nats-py); prints one JSON object
 from __future__ import annotations
 
 import argparse
-import asyncio
-import contextlib
 import functools
 import json
 import os
-import pickle
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run with -I: find remote.py
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # and the tests' servers
 
+import host
 import remote
 
 from tests.processes import NATS_SERVER, NatsServer, stop_process, wait_until
@@ -115,120 +112,6 @@ class Federated(remote.System):
         return self._client_on("a")
 
 
-# --- nats-py alone ---------------------------------------------------------------
-
-
-def nats_subscriber(url: str, count: int, ready: Any, results: Any) -> None:
-    import nats  # noqa: PLC0415
-
-    async def main() -> None:
-        nc = await nats.connect(url)
-        seen = [0, 0.0]
-        done = asyncio.Event()
-
-        async def on_data(msg: Any) -> None:
-            message = pickle.loads(msg.data)
-            if message["seq"] < 0:
-                ready.set()
-                return
-            seen[0] += 1
-            seen[1] = time.monotonic()
-            if seen[0] >= count:
-                done.set()
-
-        await nc.subscribe("bench", cb=on_data)
-        await nc.flush()
-        with contextlib.suppress(asyncio.TimeoutError):  # report what came
-            await asyncio.wait_for(done.wait(), 120)
-        results.put((seen[1], seen[0]))
-        await nc.close()
-
-    asyncio.run(main())
-
-
-def nats_throughput(url: str, count: int, size: int) -> Dict[str, Any]:
-    import nats  # noqa: PLC0415
-
-    ready, results = remote.CTX.Event(), remote.CTX.Queue()
-    proc = remote.CTX.Process(target=nats_subscriber, args=(url, count, ready, results))
-    proc.start()
-    data = b"x" * size
-
-    async def main() -> float:
-        nc = await nats.connect(url)
-        while not ready.is_set():
-            await nc.publish("bench", pickle.dumps({"seq": -1, "data": b""}, protocol=5))
-            await asyncio.sleep(0.01)
-        started = time.monotonic()
-        for seq in range(count):
-            await nc.publish("bench", pickle.dumps({"seq": seq, "data": data}, protocol=5))
-        await nc.flush()
-        await nc.close()
-        return started
-
-    started = asyncio.run(main())
-    end, received = results.get(timeout=180)
-    proc.join(30)
-    elapsed = end - started if received else 1.0
-    return {"deliveries_per_s": received / elapsed, "elapsed_s": elapsed, "lost": count - received}
-
-
-def nats_echo(url: str, ready: Any, stop_event: Any) -> None:
-    import nats  # noqa: PLC0415
-
-    async def main() -> None:
-        nc = await nats.connect(url)
-
-        async def on_ping(msg: Any) -> None:
-            message = pickle.loads(msg.data)
-            await nc.publish("pong", pickle.dumps({"seq": message["seq"]}, protocol=5))
-
-        await nc.subscribe("ping", cb=on_ping)
-        await nc.flush()
-        ready.set()
-        while not stop_event.is_set():
-            await asyncio.sleep(0.05)
-        await nc.close()
-
-    asyncio.run(main())
-
-
-def nats_rtt(url: str, count: int) -> Dict[str, Any]:
-    import nats  # noqa: PLC0415
-
-    ready, stop_event = remote.CTX.Event(), remote.CTX.Event()
-    proc = remote.CTX.Process(target=nats_echo, args=(url, ready, stop_event))
-    proc.start()
-    ready.wait(30)
-
-    async def main() -> List[float]:
-        nc = await nats.connect(url)
-        pongs: asyncio.Queue[int] = asyncio.Queue()
-
-        async def on_pong(msg: Any) -> None:
-            pongs.put_nowait(pickle.loads(msg.data)["seq"])
-
-        await nc.subscribe("pong", cb=on_pong)
-        await nc.flush()
-        samples = []
-        for seq in range(count):
-            started = time.perf_counter()
-            await nc.publish("ping", pickle.dumps({"seq": seq}, protocol=5))
-            while await pongs.get() != seq:
-                pass
-            samples.append(time.perf_counter() - started)
-        await nc.close()
-        return samples
-
-    samples = sorted(asyncio.run(main()))
-    stop_event.set()
-    proc.join(30)
-    return {
-        "rtt_p50_us": statistics.median(samples) * 1e6,
-        "rtt_p99_us": samples[int(len(samples) * 0.99)] * 1e6,
-    }
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--system", choices=["this", "nats"], required=True)
@@ -240,18 +123,11 @@ def main() -> None:
         json.dump({}, sys.stdout)  # no nats-server here: nothing to measure
         return
     with tempfile.TemporaryDirectory(prefix="mpubsub-bench-fed-") as workdir:
+        args.subscribers, args.stall, args.idle = 1, 60.0, 0
         if args.system == "this":
-            args.subscribers, args.stall, args.idle = 1, 60.0, 0
             result = remote.run_scenario(Federated(workdir), args)
         else:
-            server = start_nats(workdir)
-            try:
-                if args.scenario == "throughput":
-                    result = nats_throughput(server.url, args.count, args.size)
-                else:
-                    result = nats_rtt(server.url, args.count)
-            finally:
-                server.stop()
+            result = host.run_scenario(host.Nats(workdir), args)
     json.dump(result, sys.stdout)
 
 

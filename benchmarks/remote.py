@@ -365,16 +365,17 @@ def throughput(
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
     ends = [results.get(timeout=stall + 60) for _ in procs]
-    elapsed = max(end for end, _ in ends) - started if any(n for _, n in ends) else 1.0
-    received = sum(n for _, n in ends)
     for proc in procs:
         proc.join(timeout=30)
     client.close()
-    return {
-        "deliveries_per_s": received / elapsed,
-        "elapsed_s": elapsed,
-        "lost": subscribers * count - received,
-    }
+    return delivery_figures(started, ends, subscribers * count)
+
+
+def delivery_figures(started: float, ends: List[Tuple[float, int]], sent: int) -> Dict[str, Any]:
+    """Throughput's figures: *ends* are each subscriber's (last arrival, messages received)."""
+    elapsed = max(end for end, _ in ends) - started if any(n for _, n in ends) else 1.0
+    received = sum(n for _, n in ends)
+    return {"deliveries_per_s": received / elapsed, "elapsed_s": elapsed, "lost": sent - received}
 
 
 def echo_main(system: System, ready: Any, stop: Any) -> None:
@@ -418,7 +419,12 @@ def rtt(system: System, count: int) -> Dict[str, Any]:
     stop.set()
     echo.join(timeout=30)
     client.close()
-    samples.sort()
+    return rtt_figures(samples)
+
+
+def rtt_figures(samples: List[float]) -> Dict[str, Any]:
+    """The round trip's figures, from each round trip in seconds."""
+    samples = sorted(samples)
     return {
         "rtt_p50_us": statistics.median(samples) * 1e6,
         "rtt_p99_us": samples[int(len(samples) * 0.99)] * 1e6,

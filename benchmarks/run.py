@@ -8,8 +8,13 @@ fresh processes; the rounds alternate between the systems so that the
 machine's noise hits them alike; each figure is the median of the rounds,
 printed with its ratio to 0.0.1 and to the pyzmq proxy. Across hosts,
 two mpubsubd federated through a private nats-server stand beside nats-py
-used alone (``federation.py``; skipped without ``nats-server``). The tables
-go to ``benchmarks/results/latest.md`` and a chart to ``latest.png``. Under
+used alone (``federation.py``; skipped without ``nats-server``). On one host
+(``host.py``): this project's clients, threaded and asyncio, beside the
+brokers people run as system services, each with its usual client:
+nats-server and nats-py, mosquitto and paho-mqtt, dbus-daemon and
+dbus-fast (the latter two in the peers' virtualenv, hence not in a
+``--quick`` run before a full one made it). The tables go to
+``benchmarks/results/latest.md`` and a chart to ``latest.png``. Under
 attack (``churn.py``): another client's round trips while one churns its
 subscriptions beside 100,000 of them.
 """
@@ -18,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.util
 import json
 import os
 import platform
@@ -31,7 +37,17 @@ from typing import Any, Dict, List, Optional, Tuple
 
 HERE = Path(__file__).resolve().parent
 BASELINE_VENV = HERE.parent / ".bench-venv"
-PEERS = ["mpubsub==0.0.1", "pyzmq", "blinker", "pypubsub", "redis", "matplotlib"]
+PEERS_STAMP = BASELINE_VENV / ".installed"  # the PEERS it holds
+PEERS = [
+    "mpubsub==0.0.1",
+    "pyzmq",
+    "blinker",
+    "pypubsub",
+    "redis",
+    "matplotlib",
+    "paho-mqtt",
+    "dbus-fast",
+]
 RESULTS = HERE / "results"
 
 THIS, V001, ZMQ, REDIS = "mpubsub (this)", "mpubsub 0.0.1", "pyzmq proxy", "Redis pub/sub"
@@ -68,6 +84,11 @@ REMOTE: List[Remote] = [
         True,
     ),
 ]
+# On one host: the same scenarios through the brokers a sysadmin would run instead;
+# the threaded client's figures are those of REMOTE's rows, in the same round.
+AIO, AIO_UVLOOP = "asyncio mpubsub", "asyncio mpubsub, uvloop"
+NATS_HOST, MQTT, DBUS = "nats-py + nats-server", "paho-mqtt + mosquitto", "dbus-fast + dbus-daemon"
+ON_HOST = REMOTE[:4]
 # The cost of a policy: the same scenarios, clients as nobody, without and with 20 rules.
 NOBODY, POLICY = "this, clients as nobody", "the same, 20-rule policy"
 POLICIES = {NOBODY: ["--as-nobody"], POLICY: ["--as-nobody", "--policy"]}
@@ -88,13 +109,16 @@ ACROSS_HOSTS: List[Remote] = [
 def peers_python() -> Path:
     """The peers' interpreter, creating their virtualenv the first time."""
     python = BASELINE_VENV / "bin" / "python"
-    stamp = BASELINE_VENV / ".installed"
-    wanted = "\n".join(PEERS) + "\n"
-    if not stamp.exists() or stamp.read_text() != wanted:
+    if not peers_installed():
         venv.create(BASELINE_VENV, with_pip=True, clear=True)
         subprocess.run([str(python), "-m", "pip", "install", "--quiet", *PEERS], check=True)
-        stamp.write_text(wanted)
+        PEERS_STAMP.write_text("\n".join(PEERS) + "\n")
     return python
+
+
+def peers_installed() -> bool:
+    """Whether the peers' virtualenv holds every peer (a --quick run installs none)."""
+    return PEERS_STAMP.exists() and PEERS_STAMP.read_text() == "\n".join(PEERS) + "\n"
 
 
 def run_json(python: Path, script: str, *args: str) -> Dict[str, Any]:
@@ -145,6 +169,13 @@ class Bench:
             if shutil.which("redis-server"):
                 self.pythons[REDIS] = peers
                 self.remote[REDIS] = "redis"
+        self.host = {AIO: "aio", AIO_UVLOOP: "aio-uvloop", NATS_HOST: "nats"}
+        if not importlib.util.find_spec("uvloop"):
+            del self.host[AIO_UVLOOP]
+        self.pythons.update({system: this for system in self.host})
+        if peers_installed():  # MQTT's and D-Bus's clients are peers
+            self.host.update({MQTT: "mqtt", DBUS: "dbus"})
+            self.pythons.update({MQTT: peers_python(), DBUS: peers_python()})
         self.samples: Dict[Tuple[str, str], List[float]] = {}
 
     def add(self, system: str, key: str, value: float) -> None:
@@ -165,6 +196,7 @@ class Bench:
         for _ in range(self.rounds):
             self.measure_local()
             self.measure_scenarios(REMOTE, self.remote, "remote.py")
+            self.measure_scenarios(ON_HOST, self.host, "host.py")
             self.measure_policy()
             self.measure_scenarios(ACROSS_HOSTS, ACROSS, "federation.py")
         self.measure_scale()  # one round: a table of this project alone, not a comparison
@@ -260,13 +292,10 @@ class Bench:
         for title, args, key, unit, _higher in REMOTE:
             full = scenario("remote.py", args) + key
             for system in self.remote:
-                value = self.median(system, full)
-                lost = self.median(system, scenario("remote.py", args) + "lost")
-                shown = "stalled" if not value else f"{value:,.0f} {unit}"
-                if lost:
-                    shown += f" ({lost:,.0f} lost)"
+                value, shown = self.shown(system, scenario("remote.py", args), key, unit)
                 versus = [ratio(value, self.median(base, full)) for base in (V001, ZMQ)]
                 lines.append(f"| {title} | {system} | {shown} | {versus[0]} | {versus[1]} |")
+        lines += self.report_on_host()
         lines += ["", "## The cost of a policy (same run)", ""]
         lines += [
             "Clients as user nobody (root may do everything, whatever the policy), without"
@@ -330,6 +359,40 @@ class Bench:
             )
         return "\n".join(lines) + "\n"
 
+    def shown(self, system: str, prefix: str, key: str, unit: str) -> Tuple[Optional[float], str]:
+        """A figure, and how a table shows it: "stalled", or with what was lost."""
+        value = self.median(system, prefix + key)
+        lost = self.median(system, prefix + "lost")
+        shown = "stalled" if not value else f"{value:,.0f} {unit}"
+        if lost:
+            shown += f" ({lost:,.0f} lost)"
+        return value, shown
+
+    def on_host(self, system: str, args: List[str]) -> str:
+        """Where an on-one-host figure is filed: the threaded client's is remote.py's."""
+        return scenario("remote.py" if system == THIS else "host.py", args)
+
+    def report_on_host(self) -> List[str]:
+        lines = ["", "## On one host: the brokers a sysadmin would run instead (same run)", ""]
+        lines += [
+            "Each broker started privately for the run, with its usual Python client:"
+            " mpubsub's and dbus-daemon on a Unix socket, nats-server and mosquitto on"
+            " loopback TCP. The same message everywhere, a small dict: nats-py, paho-mqtt"
+            " (QoS 0) and dbus-fast carry bytes, so the application pickles it. The"
+            " threaded mpubsub's figures are the table above's.",
+            "",
+            "| scenario | system | figure | vs nats-py |",
+            "|---|---|---:|---:|",
+        ]
+        for title, args, key, unit, _higher in ON_HOST:
+            base = self.median(NATS_HOST, scenario("host.py", args) + key)
+            for system in [THIS, *self.host]:
+                if self.median(system, self.on_host(system, args) + key) is None:
+                    continue  # no such broker on this machine
+                value, shown = self.shown(system, self.on_host(system, args), key, unit)
+                lines.append(f"| {title} | {system} | {shown} | {ratio(value, base)} |")
+        return lines
+
     def chart(self, path: Path) -> None:
         """Bars per scenario, one colour per system (matplotlib, from the peers' venv)."""
         data: Dict[str, Any] = {
@@ -362,6 +425,17 @@ class Bench:
                         "bars": {s: self.median(s, full) for s in systems},
                     }
                 )
+        for title, args, key, unit, higher in ON_HOST:
+            data["panels"].append(
+                {
+                    "title": f"on one host: {title}",
+                    "unit": unit,
+                    "higher": higher,
+                    "bars": {
+                        s: self.median(s, self.on_host(s, args) + key) for s in [THIS, *self.host]
+                    },
+                }
+            )
         spec = RESULTS / "latest.json"
         spec.write_text(json.dumps(data, indent=1))
         subprocess.run(
