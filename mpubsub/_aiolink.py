@@ -23,7 +23,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from ._connect import Dialed, dial_async
 from ._inbox import MAX_INBOX
-from ._link import BATCH_LIMIT, BURST_WINDOW, LinkBase, State
+from ._link import BURST_WINDOW, LinkBase, State
 from ._text import reason
 from .errors import AuthenticationError, MPubSubError
 
@@ -32,6 +32,10 @@ logger = logging.getLogger("mpubsub.net")
 #: Bytes waiting for a broker that does not read, past which publish raises BufferError.
 MAX_UNSENT = 64 * 1024 * 1024
 
+# Batched bytes past which publish hands them to the socket itself, not at the
+# loop's next turn: a burst published in one turn keeps the broker busy while
+# it goes on (the threaded client's writer thread does that in parallel).
+_WRITE_AT = 64 * 1024
 _LOST = b""  # a request's answer when the connection broke first (no answer is empty)
 
 
@@ -272,7 +276,7 @@ class AioLink(LinkBase):
                 f"{outbox.size + outbox.batched_size} bytes wait for a broker that does not "
                 "read them: await flush() to let it catch up"
             )
-        if outbox.batch(frame) >= BATCH_LIMIT:
+        if outbox.batch(frame) >= _WRITE_AT:
             self.write_batch()
         elif not self._scheduled:
             assert self._loop is not None
