@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import gc
 import logging
+import multiprocessing.connection as mpc
 import os
 import pickle
 import signal
@@ -17,6 +18,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable, Coroutine, Dict, Iterator, List, Optional, Tuple
@@ -889,3 +891,474 @@ def test_a_pub_sub_connected_in_another_loop_says_so(broker: BrokerProcess) -> N
         run(ps.flush())
     with pytest.raises(RuntimeError, match=message):
         run(ps.disconnect())
+
+
+# --- what the mutation audit found untested ---------------------------------------------------
+
+
+async def subscribed_at_broker(ps: AioPubSub) -> List[int]:
+    """Each connection's subscriptions, as the broker counts them now (a live listing)."""
+    listed = await ps.broker_clients()
+    assert listed is not None
+    return sorted(client["subscriptions"] for client in listed)
+
+
+def test_broker_clients_and_statistics_answer(broker: BrokerProcess) -> None:
+    """broker_clients() lists each connection (a local client has the admin right), and
+    broker_statistics() gives the broker's figures."""
+
+    async def main() -> None:
+        async with (
+            AioPubSub.from_file(broker.credentials) as a,
+            AioPubSub.from_file(broker.credentials) as b,
+        ):
+            a.add_subscriber("t", collect([]), weak=False)
+            a.add_subscriber("u", collect([]), weak=False)
+            await a.flush()
+            assert await subscribed_at_broker(b) == [0, 2]
+            await until_figure(b, "subscriptions", 2)
+
+    run(main())
+
+
+def test_messages_without_topics_is_the_catch_all(broker: BrokerProcess) -> None:
+    """messages() with no topic gets every message, of any topic."""
+
+    async def main() -> None:
+        async with (
+            AioPubSub.from_file(broker.credentials) as sub,
+            AioPubSub.from_file(broker.credentials) as pub,
+        ):
+            async with sub.messages() as stream:
+                await sub.flush()
+                pub.publish("x", n=1)
+                pub.publish(("y", "z"), n=2)
+                got = [await asyncio.wait_for(stream.__anext__(), 10) for _ in range(2)]
+            assert [(topic, message["n"]) for topic, message in got] == [
+                (("x",), 1),
+                (("y", "z"), 2),
+            ]
+
+    run(main())
+
+
+def test_aclose_tells_the_broker_and_ends_a_waiting_consumer(broker: BrokerProcess) -> None:
+    """aclose() from another task: the consumer waiting in ``async for`` ends, what the
+    iterator held is dropped, and the broker learns of it with no flush() by its pub-sub."""
+
+    async def main() -> None:
+        async with (
+            AioPubSub.from_file(broker.credentials) as sub,
+            AioPubSub.from_file(broker.credentials) as pub,
+        ):
+            waiting = sub.messages("t")
+            holding = sub.messages("u")
+            await sub.flush()
+            got: List[int] = []
+
+            async def consume() -> None:
+                async for _, message in waiting:
+                    got.append(message["n"])
+
+            task = asyncio.ensure_future(consume())
+            pub.publish("t", n=1)
+            pub.publish("u", n=2)
+            await until(lambda: got == [1], "the consumer's message")  # and it waits again
+            await sub.flush()  # holding holds n=2
+            await waiting.aclose()
+            await asyncio.wait_for(task, 10)
+            await holding.aclose()
+            assert [m async for m in holding] == []
+            # Only pub asks: sub's UNSUBs went at aclose(), not at its next request.
+            await until_figure(pub, "subscriptions", 0)
+
+    run(main())
+
+
+def test_a_messages_that_cannot_subscribe_leaves_no_subscription(broker: BrokerProcess) -> None:
+    """messages() raising for a bad topic unsubscribes the good ones it had subscribed."""
+
+    async def main() -> None:
+        async with AioPubSub.from_file(broker.credentials) as sub:
+            with pytest.raises(TypeError):
+                sub.messages("good", ("bad", 3))  # type: ignore[arg-type]
+            assert await subscribed_at_broker(sub) == [0]
+
+    run(main())
+
+
+def test_messages_arriving_together_wake_the_consumer_without_errors(
+    broker: BrokerProcess, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Many messages read at once while a consumer waits: all given, no error logged."""
+
+    async def main() -> List[int]:
+        async with (
+            AioPubSub.from_file(broker.credentials) as sub,
+            AioPubSub.from_file(broker.credentials) as pub,
+        ):
+            got: List[int] = []
+
+            async def consume() -> None:
+                async for _, message in sub.messages("t"):
+                    got.append(message["n"])
+
+            task = asyncio.ensure_future(consume())
+            await subscriptions(sub, 1)
+            for n in range(200):
+                pub.publish("t", n=n)
+            await pub.flush()
+            await until(lambda: len(got) == 200, "the 200 messages")
+            task.cancel()
+            return got
+
+    with caplog.at_level(logging.ERROR, logger="mpubsub"):
+        assert run(main()) == list(range(200))
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+
+
+def test_a_consumer_that_falls_behind_again_is_warned_again(
+    broker: BrokerProcess, caplog: pytest.LogCaptureFixture
+) -> None:
+    """One WARNING each time a consumer falls behind, once it has caught up in between."""
+
+    async def main() -> None:
+        async with (
+            AioPubSub.from_file(broker.credentials) as sub,
+            AioPubSub.from_file(broker.credentials) as pub,
+        ):
+            stream = sub.messages("t", maxsize=2)
+            await sub.flush()
+            for burst in range(2):
+                for n in range(5):
+                    pub.publish("t", n=n)
+                await pub.flush()
+                await sub.flush()  # its PONG comes after the messages
+                assert stream.dropped == 3 * (burst + 1)
+                got = [(await stream.__anext__())[1]["n"] for _ in range(2)]
+                assert got == [3, 4]
+
+    with caplog.at_level(logging.WARNING, logger="mpubsub"):
+        run(main())
+    assert len([r for r in caplog.records if "behind" in r.getMessage()]) == 2
+
+
+def test_an_error_handler_that_raises_for_a_coroutine_subscriber_stops_nothing(
+    broker: BrokerProcess, caplog: pytest.LogCaptureFixture
+) -> None:
+    """on_error raising for an awaited subscriber's exception is logged; the subscribers
+    after it, and the messages after it, are delivered."""
+
+    def strict(topic: Tuple[str, ...], subscriber: Any, exc: Exception) -> None:
+        raise exc
+
+    async def main() -> None:
+        got: Received = []
+
+        async def broken(topic: Tuple[str, ...], n: int) -> None:
+            await asyncio.sleep(0)
+            if n == 1:
+                raise ValueError("subscriber broke on 1")
+
+        async with (
+            AioPubSub.from_file(broker.credentials, on_error=strict) as sub,
+            AioPubSub.from_file(broker.credentials) as pub,
+        ):
+            sub.add_subscriber("t", broken)
+            sub.add_subscriber("t", collect(got), weak=False)
+            await sub.flush()
+            for n in range(3):
+                pub.publish("t", n=n)
+            await pub.flush()
+            await until(lambda: len(got) == 3, "three messages")
+        assert numbers(got) == [0, 1, 2]
+
+    with caplog.at_level(logging.ERROR, logger="mpubsub"):
+        run(main())
+    handled = [r for r in caplog.records if "error handler raised" in r.getMessage()]
+    assert len(handled) == 1 and "subscriber broke on 1" in str(handled[0].exc_info)
+
+
+def test_a_subscriber_collected_while_an_earlier_one_is_awaited(broker: BrokerProcess) -> None:
+    """A weak subscriber collected while a coroutine before it is awaited is skipped:
+    the subscribers after it still get the message."""
+
+    class Holder:
+        def on(self, topic: Tuple[str, ...], n: int) -> None:
+            raise AssertionError("called after it was collected")
+
+    async def main() -> None:
+        got: Received = []
+        started = asyncio.Event()
+        release = asyncio.Event()
+
+        async def first(topic: Tuple[str, ...], n: int) -> None:
+            started.set()
+            await release.wait()
+
+        holder = Holder()
+        async with (
+            AioPubSub.from_file(broker.credentials) as sub,
+            AioPubSub.from_file(broker.credentials) as pub,
+        ):
+            sub.add_subscriber("t", first)
+            sub.add_subscriber("t", holder.on)
+            sub.add_subscriber("t", collect(got), weak=False)
+            await sub.flush()
+            pub.publish("t", n=1)
+            await asyncio.wait_for(started.wait(), 10)
+            del holder
+            gc.collect()
+            release.set()
+            await until(lambda: got, "the message past the collected subscriber")
+        assert numbers(got) == [1]
+
+    run(main())
+
+
+def test_a_plain_subscriber_may_return_a_value(
+    broker: BrokerProcess, caplog: pytest.LogCaptureFixture
+) -> None:
+    """What a plain subscriber returns, if not awaitable, is ignored (not awaited)."""
+
+    def answers(topic: Tuple[str, ...], n: int) -> Any:
+        return f"done {n}"
+
+    async def main() -> None:
+        got: Received = []
+        async with AioPubSub.from_file(broker.credentials) as ps:
+            ps.add_subscriber("t", answers)
+            ps.add_subscriber("t", collect(got), weak=False)
+            ps.publish("t", n=1)
+            await until(lambda: got, "the message")
+
+    with caplog.at_level(logging.ERROR, logger="mpubsub"):
+        run(main())
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+
+
+def test_a_local_publish_made_while_delivering_the_brokers_has_no_sender(
+    broker: BrokerProcess,
+) -> None:
+    """Published here from a plain subscriber of a broker's message, or from a task a
+    coroutine subscriber started (its context), a message has no sender."""
+
+    async def main() -> None:
+        seen: List[Tuple[int, Optional[mpubsub.Sender]]] = []
+        tasks = []
+
+        def record(topic: Tuple[str, ...], n: int) -> None:
+            seen.append((n, current_sender()))
+
+        async with (
+            AioPubSub.from_file(broker.credentials) as sub,
+            AioPubSub.from_file(broker.credentials) as pub,
+        ):
+
+            def plain(topic: Tuple[str, ...], n: int) -> None:
+                sub.publish("echo", n=n)
+
+            async def spawner(topic: Tuple[str, ...], n: int) -> None:
+                async def later() -> None:  # runs once the delivery is over
+                    sub.publish("echo", n=n + 1)
+
+                tasks.append(asyncio.ensure_future(later()))
+
+            sub.add_subscriber("echo", record)
+            sub.add_subscriber("t", plain)
+            sub.add_subscriber("t", spawner)
+            await sub.flush()
+            pub.publish("t", n=1)
+            await until(lambda: len(seen) == 2, "both local publishes")
+        assert seen == [(1, None), (2, None)]
+
+    run(main())
+
+
+def test_a_flush_under_way_when_the_broker_dies_is_answered_by_the_next(
+    broker_factory: Factory, tmp_path: Path
+) -> None:
+    """flush() waiting on a broker that is killed: it reconnects to the restarted one and
+    asks it again (True), rather than time out or answer False."""
+    address = str(tmp_path / "r.sock")
+    first = broker_factory(address, name="restart")
+
+    async def main() -> None:
+        async with AioPubSub.from_file(first.credentials, timeout=15.0) as pub:
+            os.kill(first.pid, signal.SIGSTOP)
+            flushing = asyncio.ensure_future(pub.flush())
+            await asyncio.sleep(0.1)
+            assert not flushing.done()
+            first.kill()
+            await until(lambda: not pub.connected, "the loss noticed")
+            assert not flushing.done()
+            broker_factory(address, "--overwrite", name="restart")
+            assert await flushing is True
+
+    run(main())
+
+
+def test_a_lone_publish_after_a_burst_goes_after_it(broker: BrokerProcess) -> None:
+    """A publish after a pause, in the turn of the loop where a burst is batched, goes
+    out after the burst: the publisher's order holds."""
+
+    async def main() -> None:
+        got: Received = []
+        async with (
+            AioPubSub.from_file(broker.credentials) as sub,
+            AioPubSub.from_file(broker.credentials) as pub,
+        ):
+            sub.add_subscriber("t", collect(got), weak=False)
+            await sub.flush()
+            for n in range(200):
+                pub.publish("t", n=n)
+            time.sleep(0.005)  # the loop blocked: no turn between the burst and the next
+            pub.publish("t", n=200)
+            assert await pub.flush()
+            await until(lambda: len(got) == 201, "the 201 messages")
+        assert numbers(got) == list(range(201))
+
+    run(main())
+
+
+def test_publish_raises_buffererror_for_a_broker_that_does_not_read(
+    broker_factory: Factory, tmp_path: Path
+) -> None:
+    """64 MiB waiting for a stopped broker: publish raises BufferError; once the broker
+    reads again, everything published before it arrives, in order."""
+    b = broker_factory(str(tmp_path / "b.sock"))
+
+    async def main() -> None:
+        got: List[int] = []
+        blob = b"x" * (1024 * 1024)
+        async with (
+            AioPubSub.from_file(b.credentials, timeout=30.0) as sub,
+            AioPubSub.from_file(b.credentials, timeout=30.0) as pub,
+        ):
+            sub.add_subscriber("t", lambda topic, n, blob: got.append(n), weak=False)
+            await sub.flush()
+            os.kill(b.pid, signal.SIGSTOP)
+            try:
+                sent = 0
+                with pytest.raises(BufferError, match="await flush"):
+                    for sent in range(200):
+                        pub.publish("t", n=sent, blob=blob)
+                        await asyncio.sleep(0)
+                assert 64 <= sent < 200
+            finally:
+                os.kill(b.pid, signal.SIGCONT)
+            assert await pub.flush() is True
+            await until(lambda: len(got) == sent, f"the {sent} messages", 30)
+        assert got == list(range(sent))
+
+    run(main())
+
+
+def test_a_broker_of_protocol_1_is_spoken_to_in_protocol_1(tmp_path: Path) -> None:
+    """dial_async as dial: a broker that refuses HELLO 2 is dialled again with HELLO 1."""
+    path = str(tmp_path / "old.sock")
+    listener = mpc.Listener(path, authkey=b"key")
+    hellos: List[int] = []
+
+    def serve() -> None:
+        while True:
+            try:
+                conn = listener.accept()
+            except OSError:
+                return
+            with conn, socket.socket(fileno=os.dup(conn.fileno())) as sock:
+                version = proto.hello_version(sock.recv(7))
+                hellos.append(version)
+                if version != 1:
+                    reason = f"unsupported protocol version {version}; this broker speaks 1"
+                    sock.sendall(proto.frame(proto.ERROR, reason.encode()))
+                    continue
+                sock.sendall(proto.frame(proto.WELCOME, proto.welcome_body(proto.Limits())))
+                while sock.recv(5) == proto.frame(proto.PING, b""):
+                    sock.sendall(proto.frame(proto.PONG, b""))
+
+    threading.Thread(target=serve, daemon=True).start()
+
+    async def main() -> None:
+        async with AioPubSub(path, b"key") as ps:
+            assert await ps.flush()
+
+    try:
+        run(main())
+        assert hellos == [2, 1]
+    finally:
+        listener.close()
+
+
+def test_a_broker_that_hangs_up_in_the_handshake_is_an_error_at_once(tmp_path: Path) -> None:
+    """connect() to a peer that closes during the handshake: ConnectionResetError, not
+    a wait for the timeout."""
+    path = str(tmp_path / "rude.sock")
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(path)
+    listener.listen(1)
+
+    def serve() -> None:
+        with listener:
+            listener.accept()[0].close()
+
+    peer = threading.Thread(target=serve)
+    peer.start()
+
+    async def main() -> None:
+        with pytest.raises(ConnectionResetError):  # not TimeoutError, 5 s later
+            await AioPubSub(path, b"key", timeout=5).connect()
+
+    run(main())
+    peer.join(10)
+
+
+def test_connect_twice_at_once_is_refused(broker: BrokerProcess) -> None:
+    """A second connect() while the first is under way: RuntimeError, one connection."""
+
+    async def main() -> None:
+        ps = AioPubSub.from_file(broker.credentials)
+        results = await asyncio.gather(ps.connect(), ps.connect(), return_exceptions=True)
+        try:
+            assert results[0] is None and isinstance(results[1], RuntimeError)
+            assert len(await ps.broker_clients() or []) == 1
+        finally:
+            await ps.disconnect()
+
+    run(main())
+
+
+def test_flush_sends_the_batched_publishes_before_its_ping(mpubsubd_access: Daemon) -> None:
+    """flush() asks after what was published before it, batched too: the broker's
+    refusal of a batched publish comes before its PONG, and flush() raises it."""
+
+    async def main() -> None:
+        async with AioPubSub.from_file(mpubsubd_access.credentials) as ps:
+            for n in range(10):
+                ps.publish("open", n=n)
+            ps.publish(("secret", "plans"), n=1)  # batched behind the others
+            with pytest.raises(PermissionError, match="publish on secret/plans"):
+                await ps.flush()
+
+    run(main())
+
+
+def test_every_burst_goes_out_with_no_flush(broker: BrokerProcess) -> None:
+    """Each burst of publishes is sent at the next turn of the loop, with no flush():
+    the second as the first."""
+
+    async def main() -> None:
+        got: Received = []
+        async with (
+            AioPubSub.from_file(broker.credentials) as sub,
+            AioPubSub.from_file(broker.credentials) as pub,
+        ):
+            sub.add_subscriber("t", collect(got), weak=False)
+            await sub.flush()
+            for burst in range(1, 4):
+                for n in range(5):
+                    pub.publish("t", n=n)
+                await until(lambda: len(got) == 5 * burst, f"burst {burst}")  # noqa: B023
+        assert numbers(got) == list(range(5)) * 3
+
+    run(main())
