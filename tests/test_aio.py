@@ -1362,3 +1362,53 @@ def test_every_burst_goes_out_with_no_flush(broker: BrokerProcess) -> None:
         assert numbers(got) == list(range(5)) * 3
 
     run(main())
+
+
+def test_a_lone_large_publish_arrives_whole(broker: BrokerProcess) -> None:
+    """A lone publish larger than the socket takes at once is sent at once in part,
+    the rest as the broker reads: it arrives whole, and the next one after it."""
+
+    async def main() -> None:
+        got: Received = []
+        async with (
+            AioPubSub.from_file(broker.credentials) as sub,
+            AioPubSub.from_file(broker.credentials) as pub,
+        ):
+            sub.add_subscriber("t", collect(got), weak=False)
+            await sub.flush()
+            blob = os.urandom(4 * MiB)
+            os.kill(broker.pid, signal.SIGSTOP)  # reads nothing: the socket fills
+            try:
+                pub.publish("t", n=1, blob=blob)  # lone: written by publish itself
+                assert pub._link.outbox.size > 0  # the socket took part of it
+            finally:
+                os.kill(broker.pid, signal.SIGCONT)
+            await pub.flush()
+            pub.publish("t", n=2, blob=b"")
+            await until(lambda: len(got) == 2, "both messages")
+        assert got[0][1]["blob"] == blob and numbers(got) == [1, 2]
+
+    run(main())
+
+
+def test_disconnect_drops_what_waits_for_an_absent_broker(
+    broker_factory: Factory, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Messages queued while the broker is away are dropped, with a WARNING, by
+    disconnect(): a later connection never sends them."""
+    b = broker_factory(str(tmp_path / "b.sock"))
+
+    async def main() -> None:
+        ps = AioPubSub.from_file(b.credentials, timeout=1.0)
+        await ps.connect()
+        b.kill()
+        await until(lambda: not ps.connected, "the loss noticed")
+        ps.publish("t", n=1)
+        await ps.disconnect()
+
+    with caplog.at_level(logging.WARNING, logger="mpubsub"):
+        run(main())
+    assert any(
+        r.getMessage() == "disconnected with 1 messages still waiting for the broker: dropped"
+        for r in caplog.records
+    ), [r.getMessage() for r in caplog.records]
