@@ -26,6 +26,7 @@ from typing import (
     AsyncIterator,
     Awaitable,
     Callable,
+    Coroutine,
     Deque,
     Dict,
     List,
@@ -307,12 +308,19 @@ class NetPubSub(Client):
         step = self._step(topic, message, refs, 0, failures)
         if step is not None:
             index, awaitable = step
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                if isinstance(awaitable, Coroutine):
+                    awaitable.close()  # never to be awaited: no warning that it was not
+                raise RuntimeError(
+                    "a coroutine subscriber needs a running event loop: publish from "
+                    "the loop's thread"
+                ) from None
             delivery = (self._size, sender, topic, message, refs, index, awaitable, failures)
             self._backlog.append(delivery)
             # In a context of its own: not the one of whoever published or read.
-            self._awaiting = contextvars.Context().run(
-                asyncio.get_running_loop().create_task, self._await_backlog()
-            )
+            self._awaiting = contextvars.Context().run(loop.create_task, self._await_backlog())
         elif failures:
             self._handle_failures(topic, message, failures)
 
@@ -425,7 +433,7 @@ class _Queue:
         self.bytes = 0
         self.dropped = 0
         self.behind = False  # dropping since it last caught up (warned once)
-        self.waiter: Optional[asyncio.Future[None]] = None
+        self.waiters: List[asyncio.Future[None]] = []  # of the tasks in __anext__
         self.closed = False
         self._pubsub = weakref.ref(pubsub)  # for the size of what it delivers
 
@@ -456,9 +464,9 @@ class _Queue:
         return topic, message, sender
 
     def wake(self) -> None:
-        waiter = self.waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        for waiter in self.waiters:
+            if not waiter.done():
+                waiter.set_result(None)
 
 
 class Messages(AsyncIterator[Tuple[Tuple[str, ...], Dict[str, Any]]]):
@@ -500,11 +508,12 @@ class Messages(AsyncIterator[Tuple[Tuple[str, ...], Dict[str, Any]]]):
         while not queue.items:
             if queue.closed:
                 raise StopAsyncIteration
-            queue.waiter = asyncio.get_running_loop().create_future()
+            waiter = asyncio.get_running_loop().create_future()
+            queue.waiters.append(waiter)
             try:
-                await queue.waiter
+                await waiter
             finally:
-                queue.waiter = None
+                queue.waiters.remove(waiter)
         topic, message, self.sender = queue.take()
         return topic, message
 

@@ -1412,3 +1412,49 @@ def test_disconnect_drops_what_waits_for_an_absent_broker(
         r.getMessage() == "disconnected with 1 messages still waiting for the broker: dropped"
         for r in caplog.records
     ), [r.getMessage() for r in caplog.records]
+
+
+def test_two_tasks_on_one_messages_iterator_share_it(broker: BrokerProcess) -> None:
+    """Two tasks iterating the same messages() both wait, and between them get every
+    message: neither is left waiting for one the other was woken for."""
+
+    async def main() -> None:
+        taken: List[Tuple[str, int]] = []
+        async with (
+            AioPubSub.from_file(broker.credentials) as sub,
+            AioPubSub.from_file(broker.credentials) as pub,
+            sub.messages("t") as stream,
+        ):
+
+            async def consume(name: str) -> None:
+                async for _, message in stream:
+                    taken.append((name, message["n"]))
+                    await asyncio.sleep(0.005)  # let the other take the next
+
+            tasks = [asyncio.ensure_future(consume(name)) for name in ("a", "b")]
+            await asyncio.sleep(0.01)  # both waiting
+            await sub.flush()
+            for n in range(10):
+                pub.publish("t", n=n)
+                await pub.flush()
+            await until(lambda: len(taken) == 10, "ten messages between the two")
+            for task in tasks:
+                task.cancel()
+        assert sorted(n for _, n in taken) == list(range(10))
+        assert {name for name, _ in taken} == {"a", "b"}
+
+    run(main())
+
+
+def test_a_coroutine_subscriber_outside_a_loop_is_a_clear_error() -> None:
+    """Published to outside a running loop, a coroutine subscriber is refused with a
+    RuntimeError that says why, and leaves no coroutine never awaited behind."""
+    ps = AioPubSub("/nowhere", b"key")
+
+    async def on_t(topic: Tuple[str, ...], n: int) -> None:
+        """Never runs."""
+
+    ps.add_subscriber("t", on_t)
+    with pytest.raises(RuntimeError, match=r"^a coroutine subscriber needs a running event loop"):
+        ps.publish("t", n=1)
+    gc.collect()  # a coroutine never awaited would warn here (an error in these tests)
