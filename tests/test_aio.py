@@ -1458,3 +1458,24 @@ def test_a_coroutine_subscriber_outside_a_loop_is_a_clear_error() -> None:
     with pytest.raises(RuntimeError, match=r"^a coroutine subscriber needs a running event loop"):
         ps.publish("t", n=1)
     gc.collect()  # a coroutine never awaited would warn here (an error in these tests)
+
+
+def test_disconnect_ends_a_flush_waiting_for_the_broker(
+    broker_factory: Factory, tmp_path: Path
+) -> None:
+    """A flush() waiting for a broker that does not come back ends, False, when
+    disconnect() is called: not at its timeout."""
+    b = broker_factory(str(tmp_path / "b.sock"))
+
+    async def main() -> None:
+        ps = AioPubSub.from_file(b.credentials, timeout=60.0)
+        await ps.connect()
+        b.kill()
+        await until(lambda: not ps.connected, "the loss noticed")
+        flushing = asyncio.ensure_future(ps.flush())
+        await asyncio.sleep(0.1)  # waiting for a reconnection
+        assert not flushing.done()
+        await ps.disconnect()
+        assert await asyncio.wait_for(flushing, 10) is False
+
+    run(main())
