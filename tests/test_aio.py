@@ -1479,3 +1479,78 @@ def test_disconnect_ends_a_flush_waiting_for_the_broker(
         assert await asyncio.wait_for(flushing, 10) is False
 
     run(main())
+
+
+# --- a hostile broker, as the asyncio client sees it (THREATS.md, attacker 5) ----------------
+
+
+def test_a_broker_that_never_completes_the_handshake(tmp_path: Path) -> None:
+    """connect() gives up at its timeout with TimeoutError, and leaves nothing behind."""
+    path = str(tmp_path / "mute.sock")
+    with socket.socket(socket.AF_UNIX) as mute:
+        mute.bind(path)
+        mute.listen()
+
+        async def main() -> None:
+            ps = AioPubSub(path, b"key", timeout=0.5)
+            with pytest.raises(TimeoutError, match="did not complete the handshake in time"):
+                await ps.connect()
+            assert not ps.connected
+            assert [t for t in asyncio.all_tasks() if t is not asyncio.current_task()] == []
+
+        run(main())
+
+
+def test_a_broker_that_sends_garbage_is_left_and_dialled_again(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An unknown frame type after WELCOME: one WARNING, the connection dropped and
+    made again with backoff, the loop free meanwhile."""
+
+    def garbage(sock: socket.socket) -> None:
+        sock.sendall(b"\x00\x00\x00\x01\xee!")
+
+    fake = FakeBroker(str(tmp_path / "bad.sock"), b"key", garbage)
+
+    async def main() -> None:
+        ps = AioPubSub(str(tmp_path / "bad.sock"), b"key")
+        await ps.connect()
+        ticks = 0
+        while fake.accepted < 3:  # the loop runs on: this coroutine keeps ticking
+            await asyncio.sleep(0.01)
+            ticks += 1
+            assert ticks < 1000, "no reconnection"
+        await ps.disconnect()
+
+    try:
+        with caplog.at_level(logging.WARNING, logger="mpubsub"):
+            run(main())
+    finally:
+        fake.close()
+    lost = [r.getMessage() for r in caplog.records if "lost the broker" in r.getMessage()]
+    assert lost and "protocol error: unknown frame type 238" in lost[0], lost
+
+
+def test_a_broker_that_never_reads_gets_buffer_error(tmp_path: Path) -> None:
+    """publish never blocks on a broker that reads nothing: past 64 MiB waiting, it
+    raises BufferError, and flush() times out instead of waiting for ever."""
+    released = threading.Event()
+    fake = FakeBroker(str(tmp_path / "deaf.sock"), b"key", lambda sock: released.wait(30))
+
+    async def main() -> None:
+        ps = AioPubSub(str(tmp_path / "deaf.sock"), b"key", timeout=0.5)
+        await ps.connect()
+        blob = b"x" * MiB
+        with pytest.raises(BufferError, match="wait for a broker that does not read them"):
+            for _ in range(100):
+                ps.publish("t", blob=blob)
+        with pytest.raises(TimeoutError):
+            await ps.flush()
+        released.set()
+        await ps.disconnect()
+
+    try:
+        run(main())
+    finally:
+        released.set()
+        fake.close()
