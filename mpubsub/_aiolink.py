@@ -70,6 +70,7 @@ class AioLink(LinkBase):
         self._emptied: Optional[asyncio.Event] = None  # set while nothing waits to be sent
         self._hurried: Optional[asyncio.Event] = None  # wakes the reconnecting task
         self._redialer: Optional[asyncio.Task[None]] = None
+        self._gone: Optional[asyncio.Event] = None  # set by disconnect()
 
     # --- open and close ------------------------------------------------------------
 
@@ -84,6 +85,7 @@ class AioLink(LinkBase):
             self._opening = False
         self._loop = loop
         self._up, self._emptied, self._hurried = asyncio.Event(), asyncio.Event(), asyncio.Event()
+        self._gone = asyncio.Event()
         self._emptied.set()
         self.state = State.CONNECTED
         self._install(dialed)
@@ -111,6 +113,16 @@ class AioLink(LinkBase):
         assert self._up is not None and self._hurried is not None
         self._up.set()  # a request waiting for a reconnection ends
         self._hurried.set()
+        assert self._gone is not None
+        self._gone.set()
+
+    async def wait_offline(self) -> None:
+        """Wait until disconnect() is called; RuntimeError if it is not connected."""
+        if self.state is State.OFFLINE:
+            raise RuntimeError("Not connected")
+        self._check_loop()
+        assert self._gone is not None
+        await self._gone.wait()
 
     def abandon(self) -> None:
         """Its pub-sub was collected while connected: close, and stop reconnecting."""

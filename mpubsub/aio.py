@@ -102,8 +102,9 @@ class NetPubSub(Client):
     ``flush()``, ``broker_statistics()``, ``broker_clients()``. The broker's
     messages are delivered by the event loop as they come, with no poll().
 
-    ``publish`` never waits: what is published in one turn of the loop goes
-    to the broker together at the next. While the broker is away, up to
+    ``publish`` never waits: a lone publish is sent at once, publishes close
+    together are sent together (each 64 KiB, and at the loop's next turn).
+    While the broker is away, up to
     *max_queued* messages wait for it (past that the oldest go, with one
     WARNING per outage); while it does not read, BufferError once 64 MiB
     wait (``await flush()`` lets it catch up).
@@ -158,6 +159,14 @@ class NetPubSub(Client):
         Messages still waiting for a coroutine subscriber are delivered still.
         """
         await self._link.disconnect()
+
+    async def wait_forever(self) -> None:
+        """Wait until ``disconnect()`` is called (by a subscriber, or another task).
+
+        Messages are delivered meanwhile, as they always are. RuntimeError if
+        the pub-sub is not connected to begin with.
+        """
+        await self._link.wait_offline()
 
     async def __aenter__(self) -> NetPubSub:
         if self._link.state is State.OFFLINE:

@@ -1554,3 +1554,30 @@ def test_a_broker_that_never_reads_gets_buffer_error(tmp_path: Path) -> None:
     finally:
         released.set()
         fake.close()
+
+
+def test_wait_forever_until_a_subscriber_disconnects(broker: BrokerProcess) -> None:
+    """await wait_forever() delivers until a subscriber calls disconnect(), then
+    returns; RuntimeError when not connected, as the threaded client's."""
+
+    async def main() -> None:
+        got: Received = []
+        async with AioPubSub.from_file(broker.credentials) as pub:
+            sub = AioPubSub.from_file(broker.credentials)
+            with pytest.raises(RuntimeError, match=r"^Not connected$"):
+                await sub.wait_forever()
+            await sub.connect()
+
+            async def on_t(topic: Tuple[str, ...], n: int) -> None:
+                got.append((topic, {"n": n}))
+                if n == 2:
+                    await sub.disconnect()
+
+            sub.add_subscriber("t", on_t)
+            await sub.flush()
+            for n in range(3):
+                pub.publish("t", n=n)
+            await asyncio.wait_for(sub.wait_forever(), 10)
+        assert numbers(got) == [0, 1, 2] and not sub.connected
+
+    run(main())
