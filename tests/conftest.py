@@ -375,6 +375,37 @@ class FakeBroker:
         self.listener.close()
 
 
+class OldBroker:
+    """A broker of protocol 1 (mpubsubd before senders and refusals): it refuses
+    HELLO 2 as such a broker does, welcomes HELLO 1 and answers PINGs. ``hellos``
+    lists the versions it was said HELLO with."""
+
+    def __init__(self, path: str, authkey: bytes) -> None:
+        self.listener = Listener(path, authkey=authkey)
+        self.hellos: List[int] = []
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn = self.listener.accept()
+            except OSError:
+                return
+            with conn, socket.socket(fileno=os.dup(conn.fileno())) as sock:
+                version = proto.hello_version(sock.recv(7))
+                self.hellos.append(version)
+                if version != 1:
+                    reason = f"unsupported protocol version {version}; this broker speaks 1"
+                    sock.sendall(proto.frame(proto.ERROR, reason.encode()))
+                    continue
+                sock.sendall(proto.frame(proto.WELCOME, proto.welcome_body(proto.Limits())))
+                while sock.recv(5) == proto.frame(proto.PING, b""):
+                    sock.sendall(proto.frame(proto.PONG, b""))
+
+    def close(self) -> None:
+        self.listener.close()
+
+
 HELPERS = Path(__file__).resolve().parent / "helpers"
 
 

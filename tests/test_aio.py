@@ -10,7 +10,6 @@ import asyncio
 import contextlib
 import gc
 import logging
-import multiprocessing.connection as mpc
 import os
 import pickle
 import signal
@@ -32,7 +31,7 @@ from mpubsub import AuthenticationError, NetPubSub, current_sender
 from mpubsub import _protocol as proto
 from mpubsub.aio import NetPubSub as AioPubSub
 
-from .conftest import BrokerProcess, FakeBroker, wait_for
+from .conftest import BrokerProcess, FakeBroker, OldBroker, wait_for
 from .processes import free_port
 from .test_daemon import Daemon
 
@@ -1256,38 +1255,17 @@ def test_publish_raises_buffererror_for_a_broker_that_does_not_read(
 
 def test_a_broker_of_protocol_1_is_spoken_to_in_protocol_1(tmp_path: Path) -> None:
     """dial_async as dial: a broker that refuses HELLO 2 is dialled again with HELLO 1."""
-    path = str(tmp_path / "old.sock")
-    listener = mpc.Listener(path, authkey=b"key")
-    hellos: List[int] = []
-
-    def serve() -> None:
-        while True:
-            try:
-                conn = listener.accept()
-            except OSError:
-                return
-            with conn, socket.socket(fileno=os.dup(conn.fileno())) as sock:
-                version = proto.hello_version(sock.recv(7))
-                hellos.append(version)
-                if version != 1:
-                    reason = f"unsupported protocol version {version}; this broker speaks 1"
-                    sock.sendall(proto.frame(proto.ERROR, reason.encode()))
-                    continue
-                sock.sendall(proto.frame(proto.WELCOME, proto.welcome_body(proto.Limits())))
-                while sock.recv(5) == proto.frame(proto.PING, b""):
-                    sock.sendall(proto.frame(proto.PONG, b""))
-
-    threading.Thread(target=serve, daemon=True).start()
+    old = OldBroker(str(tmp_path / "old.sock"), b"key")
 
     async def main() -> None:
-        async with AioPubSub(path, b"key") as ps:
+        async with AioPubSub(str(tmp_path / "old.sock"), b"key") as ps:
             assert await ps.flush()
 
     try:
         run(main())
-        assert hellos == [2, 1]
+        assert old.hellos == [2, 1]
     finally:
-        listener.close()
+        old.close()
 
 
 def test_a_broker_that_hangs_up_in_the_handshake_is_an_error_at_once(tmp_path: Path) -> None:

@@ -5,14 +5,12 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import multiprocessing.connection as mpc
 import os
 import pickle
 import pwd
 import resource
 import selectors
 import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -30,7 +28,7 @@ from mpubsub import _protocol as proto
 from mpubsub._credentials import write_credentials
 from mpubsub.errors import MPubSubError
 
-from .conftest import BrokerProcess, FakeBroker, connected, subscribed, wait_for
+from .conftest import BrokerProcess, FakeBroker, OldBroker, connected, subscribed, wait_for
 
 Received = List[Tuple[Tuple[str, ...], Dict[str, Any]]]
 
@@ -958,34 +956,12 @@ def test_a_nested_poll_names_the_senders_of_what_it_delivers(
 def test_a_broker_of_protocol_1_is_spoken_to_in_protocol_1(tmp_path: Path) -> None:
     """A broker that refuses HELLO 2 (mpubsubd before senders) is dialled again with
     HELLO 1: an upgraded application keeps working with the host's older broker."""
-    path = str(tmp_path / "old.sock")
-    listener = mpc.Listener(path, authkey=b"key")
-    hellos: List[int] = []
-
-    def serve() -> None:
-        while True:
-            try:
-                conn = listener.accept()
-            except OSError:
-                return
-            with conn, socket.socket(fileno=os.dup(conn.fileno())) as sock:
-                version = proto.hello_version(sock.recv(7))
-                hellos.append(version)
-                if version != 1:
-                    reason = f"unsupported protocol version {version}; this broker speaks 1"
-                    sock.sendall(proto.frame(proto.ERROR, reason.encode()))
-                    continue
-                sock.sendall(proto.frame(proto.WELCOME, proto.welcome_body(proto.Limits())))
-                while sock.recv(5) == proto.frame(proto.PING, b""):
-                    sock.sendall(proto.frame(proto.PONG, b""))
-
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    pubsub = NetPubSub(path, b"key", timeout=5)
+    old = OldBroker(str(tmp_path / "old.sock"), b"key")
+    pubsub = NetPubSub(str(tmp_path / "old.sock"), b"key", timeout=5)
     try:
         pubsub.connect()
         assert pubsub.flush()
-        assert hellos == [2, 1]
+        assert old.hellos == [2, 1]
     finally:
         pubsub.disconnect()
-        listener.close()
+        old.close()
