@@ -58,6 +58,10 @@ class Client(PubSub):
         # senders it named lately: the broker names one again only on a change.
         self._sender: Optional[Sender] = None
         self._senders: Memo[bytes, Sender] = Memo(sender_of, weigh=lambda k, v: 2 * len(k) + 300)
+        self._set_up()
+
+    def _set_up(self) -> None:
+        """What the subclass holds beside the link (called at the end of __init__)."""
 
     @classmethod
     def from_file(cls: Type[_C], path: Union[str, os.PathLike[str]], **kwargs: Any) -> _C:

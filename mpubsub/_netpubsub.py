@@ -18,7 +18,7 @@ from . import _protocol as proto
 from ._client import DEFAULT_MAX_QUEUED, Client
 from ._identity import set_sender
 from ._link import Link, State, wait
-from ._pubsub import ErrorHandler, PubSub
+from ._pubsub import PubSub
 from ._remote import LOCAL_SUFFIX, is_local
 from ._requests import Requests
 from ._topics import as_topic
@@ -61,18 +61,7 @@ class NetPubSub(Client):
 
     _link: Link
 
-    def __init__(
-        self,
-        address: Any,
-        authkey: Optional[bytes] = None,
-        *,
-        timeout: float = 5.0,
-        max_queued: int = DEFAULT_MAX_QUEUED,
-        on_error: Optional[ErrorHandler] = None,
-    ) -> None:
-        super().__init__(
-            address, authkey, timeout=timeout, max_queued=max_queued, on_error=on_error
-        )
+    def _set_up(self) -> None:
         self._requests = Requests(self._link)
         self._delivering = threading.Lock()  # held by the thread in poll() or wait_forever()
         self._poller: Optional[int] = None  # that thread

@@ -44,7 +44,7 @@ from ._client import DEFAULT_MAX_QUEUED, Client
 from ._identity import Sender, awaited_sender, current_sender, set_sender
 from ._inbox import MAX_INBOX
 from ._link import State
-from ._pubsub import ErrorHandler, PubSub, _Ref
+from ._pubsub import PubSub, _Ref
 from ._remote import LOCAL_SUFFIX, is_local
 from ._topics import as_topic
 from ._types import Subscriber, Topic
@@ -118,18 +118,7 @@ class NetPubSub(Client):
 
     _link: AioLink
 
-    def __init__(
-        self,
-        address: Any,
-        authkey: Optional[bytes] = None,
-        *,
-        timeout: float = 5.0,
-        max_queued: int = DEFAULT_MAX_QUEUED,
-        on_error: Optional[ErrorHandler] = None,
-    ) -> None:
-        super().__init__(
-            address, authkey, timeout=timeout, max_queued=max_queued, on_error=on_error
-        )
+    def _set_up(self) -> None:
         # Messages behind a coroutine subscriber, in order, and the task awaiting them.
         self._backlog: Deque[_Delivery] = collections.deque()
         self._backlog_bytes = 0  # of the broker's messages in it
