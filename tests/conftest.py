@@ -28,6 +28,7 @@ from mpubsub._handshake import ServerHandshake
 from mpubsub._identity import Identity
 from mpubsub._policy import Access
 from mpubsub._session import Session
+from mpubsub.errors import MPubSubError
 from mpubsub.typing import Topic
 
 from . import needs
@@ -339,9 +340,10 @@ def library() -> Iterator[Path]:
 class FakeBroker:
     """A broker that authenticates clients as multiprocessing does, then misbehaves.
 
-    Each connection's HELLO is read, then *behave(sock)* runs (in the fake's
-    own thread; the default WELCOME is sent first unless *welcome* is
-    False), then the connection is closed. ``accepted`` counts connections.
+    Each connection's HELLO is read (its version kept in ``hellos``), then
+    *behave(sock)* runs (in the fake's own thread; the default WELCOME is
+    sent first unless *welcome* is False), then the connection is closed.
+    ``accepted`` counts connections.
     """
 
     def __init__(
@@ -354,6 +356,7 @@ class FakeBroker:
         self.listener = Listener(path, authkey=authkey)
         self.behave, self.welcome = behave, welcome
         self.accepted = 0
+        self.hellos: List[int] = []
         self.thread = threading.Thread(target=self._serve, daemon=True)
         self.thread.start()
 
@@ -365,8 +368,8 @@ class FakeBroker:
                 return
             with conn, socket.socket(fileno=os.dup(conn.fileno())) as sock:
                 self.accepted += 1
-                with contextlib.suppress(OSError):
-                    sock.recv(7)  # HELLO
+                with contextlib.suppress(OSError, MPubSubError):
+                    self.hellos.append(proto.hello_version(sock.recv(7)))
                     if self.welcome:
                         sock.sendall(proto.frame(proto.WELCOME, proto.welcome_body(proto.Limits())))
                     self.behave(sock)
@@ -375,35 +378,22 @@ class FakeBroker:
         self.listener.close()
 
 
-class OldBroker:
+def old_broker(path: str, authkey: bytes) -> FakeBroker:
     """A broker of protocol 1 (mpubsubd before senders and refusals): it refuses
-    HELLO 2 as such a broker does, welcomes HELLO 1 and answers PINGs. ``hellos``
-    lists the versions it was said HELLO with."""
+    HELLO 2 as such a broker does, welcomes HELLO 1 and answers PINGs."""
 
-    def __init__(self, path: str, authkey: bytes) -> None:
-        self.listener = Listener(path, authkey=authkey)
-        self.hellos: List[int] = []
-        threading.Thread(target=self._serve, daemon=True).start()
+    def behave(sock: socket.socket) -> None:
+        version = fake.hellos[-1]
+        if version != 1:
+            reason = f"unsupported protocol version {version}; this broker speaks 1"
+            sock.sendall(proto.frame(proto.ERROR, reason.encode()))
+            return
+        sock.sendall(proto.frame(proto.WELCOME, proto.welcome_body(proto.Limits())))
+        while sock.recv(5) == proto.frame(proto.PING, b""):
+            sock.sendall(proto.frame(proto.PONG, b""))
 
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn = self.listener.accept()
-            except OSError:
-                return
-            with conn, socket.socket(fileno=os.dup(conn.fileno())) as sock:
-                version = proto.hello_version(sock.recv(7))
-                self.hellos.append(version)
-                if version != 1:
-                    reason = f"unsupported protocol version {version}; this broker speaks 1"
-                    sock.sendall(proto.frame(proto.ERROR, reason.encode()))
-                    continue
-                sock.sendall(proto.frame(proto.WELCOME, proto.welcome_body(proto.Limits())))
-                while sock.recv(5) == proto.frame(proto.PING, b""):
-                    sock.sendall(proto.frame(proto.PONG, b""))
-
-    def close(self) -> None:
-        self.listener.close()
+    fake = FakeBroker(path, authkey, behave, welcome=False)
+    return fake
 
 
 HELPERS = Path(__file__).resolve().parent / "helpers"

@@ -31,7 +31,7 @@ from mpubsub import AuthenticationError, NetPubSub, current_sender
 from mpubsub import _protocol as proto
 from mpubsub.aio import NetPubSub as AioPubSub
 
-from .conftest import BrokerProcess, FakeBroker, OldBroker, wait_for
+from .conftest import BrokerProcess, FakeBroker, old_broker, wait_for
 from .processes import free_port
 from .test_daemon import Daemon
 
@@ -1255,7 +1255,7 @@ def test_publish_raises_buffererror_for_a_broker_that_does_not_read(
 
 def test_a_broker_of_protocol_1_is_spoken_to_in_protocol_1(tmp_path: Path) -> None:
     """dial_async as dial: a broker that refuses HELLO 2 is dialled again with HELLO 1."""
-    old = OldBroker(str(tmp_path / "old.sock"), b"key")
+    old = old_broker(str(tmp_path / "old.sock"), b"key")
 
     async def main() -> None:
         async with AioPubSub(str(tmp_path / "old.sock"), b"key") as ps:

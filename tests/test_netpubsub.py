@@ -28,7 +28,7 @@ from mpubsub import _protocol as proto
 from mpubsub._credentials import write_credentials
 from mpubsub.errors import MPubSubError
 
-from .conftest import BrokerProcess, FakeBroker, OldBroker, connected, subscribed, wait_for
+from .conftest import BrokerProcess, FakeBroker, connected, old_broker, subscribed, wait_for
 
 Received = List[Tuple[Tuple[str, ...], Dict[str, Any]]]
 
@@ -956,7 +956,7 @@ def test_a_nested_poll_names_the_senders_of_what_it_delivers(
 def test_a_broker_of_protocol_1_is_spoken_to_in_protocol_1(tmp_path: Path) -> None:
     """A broker that refuses HELLO 2 (mpubsubd before senders) is dialled again with
     HELLO 1: an upgraded application keeps working with the host's older broker."""
-    old = OldBroker(str(tmp_path / "old.sock"), b"key")
+    old = old_broker(str(tmp_path / "old.sock"), b"key")
     pubsub = NetPubSub(str(tmp_path / "old.sock"), b"key", timeout=5)
     try:
         pubsub.connect()
