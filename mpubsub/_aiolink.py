@@ -19,13 +19,13 @@ import logging
 import socket
 import time
 import weakref
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 from ._connect import Dialed, dial_async
 from ._inbox import MAX_INBOX
-from ._link import BURST_WINDOW, LinkBase, State
+from ._link import BURST_WINDOW, DIAL_ERRORS, LinkBase, State
+from ._outbox import Chunk
 from ._text import reason
-from .errors import AuthenticationError, MPubSubError
 
 logger = logging.getLogger("mpubsub.net")
 
@@ -43,22 +43,12 @@ class AioLink(LinkBase):
     """One asyncio client's connection to its broker, made again whenever it is lost.
 
     *on_connected(limits_changed)* is called each time a connection is
-    made; *on_frames(frames)* with the messages of each read (both held
-    weakly, as methods of the pub-sub).
+    made; what ``deliver_to`` names, with the messages of each read (both
+    held weakly, as methods of the pub-sub).
     """
 
-    def __init__(
-        self,
-        address: Any,
-        authkey: Optional[bytes],
-        timeout: float,
-        max_queued: int,
-        on_connected: Callable[[bool], None],
-        *,
-        on_frames: Callable[[List[bytes]], None],
-    ) -> None:
-        super().__init__(address, authkey, timeout, max_queued, on_connected)
-        self._on_frames = weakref.WeakMethod(on_frames)
+    def _set_up(self) -> None:
+        self._on_frames: Optional[weakref.WeakMethod[Callable[[List[bytes]], None]]] = None
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._opening = False  # connect() is under way
         self._scheduled = False  # a turn of the loop will send the batch
@@ -71,6 +61,10 @@ class AioLink(LinkBase):
         self._hurried: Optional[asyncio.Event] = None  # wakes the reconnecting task
         self._redialer: Optional[asyncio.Task[None]] = None
         self._gone: Optional[asyncio.Event] = None  # set by disconnect()
+
+    def deliver_to(self, on_frames: Callable[[List[bytes]], None]) -> None:
+        """Hand the messages of each read to *on_frames*, a method held weakly."""
+        self._on_frames = weakref.WeakMethod(on_frames)
 
     # --- open and close ------------------------------------------------------------
 
@@ -97,13 +91,7 @@ class AioLink(LinkBase):
         await self.drain(self.timeout)
         if self.offline:  # another task disconnected meanwhile
             return
-        unsent = self.outbox.unwritten() + self.outbox.take_batch()
-        if unsent:
-            logger.warning(
-                "disconnected with %d messages the broker did not read in %s s: dropped",
-                len(unsent),
-                self.timeout,
-            )
+        self.drop_unsent("disconnected")
         self.state = State.OFFLINE
         self.redial.drop_all()
         self._close()
@@ -208,8 +196,7 @@ class AioLink(LinkBase):
                 self._redialer = contextvars.Context().run(
                     self._loop.create_task, self._reconnect()
                 )
-        for frame in self.outbox.unwritten() + self.outbox.take_batch():
-            self.redial.keep(frame)
+        self._keep_unsent()
         self._emptied.set()
 
     def hurry(self) -> bool:
@@ -236,13 +223,12 @@ class AioLink(LinkBase):
                     dialed = await dial_async(
                         self.address, self.authkey, self.credentials, self.timeout
                     )
-                except (OSError, MPubSubError, AuthenticationError, ValueError) as exc:
+                except Exception as exc:
                     # A wrong key too: a restarted broker listens before it writes
                     # its new key to the credentials file, read again next time.
-                    self.redial.failed(exc)
-                    continue
-                except Exception as exc:  # whatever it is, the next attempt may do better
-                    logger.warning("reconnection failed: %s", reason(exc))
+                    # Whatever it is, the next attempt may do better.
+                    if not isinstance(exc, DIAL_ERRORS):
+                        logger.warning("reconnection failed: %s", reason(exc))
                     self.redial.failed(exc)
                     continue
                 finally:
@@ -273,15 +259,16 @@ class AioLink(LinkBase):
         Kept for the next connection while reconnecting; BufferError while
         more than MAX_UNSENT bytes wait for a broker that does not read.
         """
-        if self.sock is None:
-            self.redial.keep(frame)
+        sock = self.sock
+        if sock is None:
+            self._keep(frame)
             return
         outbox = self.outbox
         now = time.monotonic()
         burst = now - self._last_send < BURST_WINDOW
         self._last_send = now
         if not (burst or outbox.batched or outbox):  # a lone publish: at once
-            self._send_now(frame)
+            self._send_now(sock, frame)
             return
         if outbox.size + outbox.batched_size > MAX_UNSENT:
             raise BufferError(
@@ -295,40 +282,20 @@ class AioLink(LinkBase):
             self._scheduled = True
             self._loop.call_soon(self.write_batch)
 
-    def _send_now(self, frame: bytes) -> None:
-        sock = self.sock
-        assert sock is not None
-        try:
-            sent = sock.send(frame)
-        except (BlockingIOError, InterruptedError):
-            sent = 0
-        except OSError as exc:
-            self._lost(reason(exc))
-            self.redial.keep(frame)
-            return
-        if sent != len(frame):
-            self.outbox.add(((frame,), (frame,), len(frame)), sent)
-            self._push()
-
     def write_batch(self) -> None:
         """Send the batched publishes."""
         self._scheduled = False
         self._hand_over(self.outbox.take_batch())
-
-    def _hand_over(self, frames: List[bytes]) -> None:
-        if frames:
-            data = b"".join(frames)
-            self._queue_out(((data,), frames, len(data)))
 
     def write(self, *parts: bytes) -> None:
         """Send *parts*, frames other than PUB, after everything published before."""
         self.write_batch()
         self._queue_out((parts, (), sum(map(len, parts))))
 
-    def _queue_out(self, chunk: Tuple[Tuple[bytes, ...], Any, int]) -> None:
+    def _queue_out(self, chunk: Chunk, sent: int = 0) -> None:
         if self.sock is None:
             return  # lost: the pub-sub sends its subscriptions again on reconnection
-        self.outbox.add(chunk)
+        self.outbox.add(chunk, sent)
         self._push()
 
     def _push(self) -> None:
@@ -396,7 +363,7 @@ class AioLink(LinkBase):
             try:
                 reply = await asyncio.wait_for(answer, max(0.0, deadline - time.monotonic()))
             except asyncio.TimeoutError:
-                if self.inbox.full or self._paused:
+                if self._paused:  # the pub-sub is too far behind to read it
                     raise TimeoutError(
                         "the broker's answer is behind more messages than the subscribers "
                         f"have taken ({MAX_INBOX} bytes)"
@@ -420,7 +387,7 @@ class AioLink(LinkBase):
             if reply is not None and not answer.done():
                 answer.set_result(reply)
         frames = self.inbox.messages()
-        if frames:
+        if frames and self._on_frames is not None:
             on_frames = self._on_frames()
             if on_frames is not None:
                 on_frames(frames)

@@ -17,7 +17,7 @@ from typing import Any, Callable, Dict, List, Optional, Set, Tuple, Type, TypeVa
 
 from . import _protocol as proto
 from ._credentials import read_credentials
-from ._identity import Sender, sender_of, set_sender
+from ._identity import Sender, awaited_sender, sender_of, set_sender
 from ._inbox import describe_refusal
 from ._memo import Memo
 from ._pubsub import ErrorHandler, PubSub
@@ -193,13 +193,20 @@ class Client(PubSub):
 
     def _publish_here(self, topic: Tuple[str, ...], message: Dict[str, Any]) -> None:
         """Deliver to the local subscribers, with no sender: the message is not the
-        broker's, even inside a delivery of one that is."""
+        broker's, even inside a delivery of one that is (a thread's, or a coroutine
+        subscriber's context)."""
         previous = set_sender(None)
+        token = awaited_sender.set(None)
         try:
-            PubSub.publish(self, topic, **message)
+            self._deliver_here(topic, message)
         finally:
+            awaited_sender.reset(token)
             if previous is not None:
                 set_sender(previous)
+
+    def _deliver_here(self, topic: Tuple[str, ...], message: Dict[str, Any]) -> None:
+        """Call the local subscribers of a publish made here."""
+        PubSub.publish(self, topic, **message)
 
     def _raise_refusals(self) -> None:
         """PermissionError for what the broker refused since the last call, if anything."""

@@ -50,6 +50,10 @@ BURST_WINDOW = 0.0001
 BATCH_LIMIT = 1024 * 1024
 
 
+#: What a failed reconnection attempt may raise: it is tried again, backing off.
+DIAL_ERRORS = (OSError, MPubSubError, AuthenticationError, ValueError)
+
+
 class State(enum.Enum):
     """Where a link stands with its broker."""
 
@@ -89,6 +93,10 @@ class LinkBase:
         self.authkey = b""
         self.credentials: Optional[Union[str, os.PathLike[str]]] = None
         self.set_broker(address, authkey)
+        self._set_up()
+
+    def _set_up(self) -> None:
+        """What the subclass holds besides (called at the end of __init__)."""
 
     @property
     def offline(self) -> bool:
@@ -118,6 +126,60 @@ class LinkBase:
             on_connected(limits_changed)
         logger.debug("connected to broker at %s", self.address)
 
+    # --- what both send, keep and drop --------------------------------------------
+
+    def _send_now(self, sock: socket.socket, frame: bytes) -> None:
+        """Send a lone PUB *frame* itself; what the socket does not take waits."""
+        try:
+            sent = sock.send(frame)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError as exc:
+            self._lost(reason(exc))
+            self._keep(frame)
+            return
+        if sent != len(frame):
+            self._queue_out(((frame,), (frame,), len(frame)), sent)
+
+    def _hand_over(self, frames: List[bytes]) -> None:
+        """Send PUB *frames* after everything before them."""
+        if frames:
+            data = b"".join(frames)
+            self._queue_out(((data,), frames, len(data)))
+
+    def _queue_out(self, chunk: Chunk, sent: int = 0) -> None:
+        """Send *chunk* after what waits (*sent*: bytes of it gone already)."""
+        raise NotImplementedError
+
+    def _lost(self, why: str) -> None:
+        """The connection broke under us: carry on locally and reconnect."""
+        raise NotImplementedError
+
+    def _keep(self, frame: bytes) -> None:
+        """Keep a PUB frame for the next connection, while reconnecting."""
+        if self.state is State.RECONNECTING:
+            self.redial.keep(frame)
+
+    def _keep_unsent(self) -> None:
+        """Keep the PUB frames not wholly sent on a lost connection, and those batched."""
+        for frame in self.outbox.unwritten() + self.outbox.take_batch():
+            self._keep(frame)
+
+    def drop_unsent(self, doing: str) -> None:
+        """Drop what the broker did not read in time, with a WARNING (the threaded link: lock held).
+
+        Publishes batched meanwhile go too: kept, they would reach the
+        next connection's broker first, whichever it is.
+        """
+        unsent = self.outbox.unwritten() + self.outbox.take_batch()
+        if unsent:
+            logger.warning(
+                "%s with %d messages the broker did not read in %s s: dropped",
+                doing,
+                len(unsent),
+                self.timeout,
+            )
+
 
 class Link(LinkBase):
     """One client's connection to its broker, made again whenever it is lost.
@@ -127,15 +189,7 @@ class Link(LinkBase):
     held weakly. Everything here runs under ``lock`` but the waits.
     """
 
-    def __init__(
-        self,
-        address: Any,
-        authkey: Optional[bytes],
-        timeout: float,
-        max_queued: int,
-        on_connected: Callable[[bool], None],
-    ) -> None:
-        super().__init__(address, authkey, timeout, max_queued, on_connected)
+    def _set_up(self) -> None:
         self.publish_timeout: Optional[float] = None  # backpressure's (the CLI sets one)
         self._kick = threading.Event()
         self._writer: Optional[threading.Thread] = None
@@ -176,21 +230,6 @@ class Link(LinkBase):
             self.write_batch()
         self.drain(0, timeout)
 
-    def drop_unsent(self, doing: str) -> None:
-        """Drop what the broker did not read in time, with a WARNING (lock held).
-
-        Publishes batched meanwhile go too: kept, they would reach the
-        next connection's broker first, whichever it is.
-        """
-        unsent = self.outbox.unwritten() + self.outbox.take_batch()
-        if unsent:
-            logger.warning(
-                "%s with %d messages the broker did not read in %s s: dropped",
-                doing,
-                len(unsent),
-                self.timeout,
-            )
-
     def _install(self, dialed: Dialed) -> None:
         """Start using a new connection (called with the lock held)."""
         changed = self._adopt(dialed)
@@ -230,13 +269,7 @@ class Link(LinkBase):
             self.state = State.RECONNECTING
             self.redial.lost()
             self.start_writer()  # it reconnects, so that publish never waits for it
-        for frame in self.outbox.unwritten() + self.outbox.take_batch():
-            self._keep(frame)
-
-    def _keep(self, frame: bytes) -> None:
-        """Keep a PUB frame for the next connection, while reconnecting."""
-        if self.state is State.RECONNECTING:
-            self.redial.keep(frame)
+        self._keep_unsent()
 
     def _reconnect(self) -> bool:
         """One reconnection attempt if one is due; True if connected.
@@ -252,7 +285,7 @@ class Link(LinkBase):
             self.redial.dialing = True
         try:
             dialed = dial(self.address, self.authkey, self.credentials, self.timeout)
-        except (OSError, MPubSubError, AuthenticationError, ValueError) as exc:
+        except DIAL_ERRORS as exc:
             # A wrong key too: a restarted broker listens before it writes
             # its new key to the credentials file, read again next time.
             with self.lock:
@@ -295,16 +328,7 @@ class Link(LinkBase):
             self._last_send = now
             if burst or self.outbox.batched or self.outbox:
                 return self._batch(frame)
-            try:
-                sent = sock.send(frame)
-            except (BlockingIOError, InterruptedError):
-                sent = 0
-            except OSError as exc:
-                self._lost(reason(exc))
-                self._keep(frame)
-                return None
-            if sent != len(frame):
-                self._queue_out(((frame,), (frame,), len(frame)), sent)
+            self._send_now(sock, frame)
             return None
 
     def _batch(self, frame: bytes) -> Optional[int]:
@@ -333,12 +357,6 @@ class Link(LinkBase):
     def write_batch(self) -> None:
         """Send the batched publishes (called with the lock held)."""
         self._hand_over(self.outbox.take_batch())
-
-    def _hand_over(self, frames: List[bytes]) -> None:
-        """Send PUB *frames* after everything before them (with the lock held)."""
-        if frames:
-            data = b"".join(frames)
-            self._queue_out(((data,), frames, len(data)))
 
     def write(self, *parts: bytes) -> None:
         """Send *parts*, frames other than PUB, after everything before them (lock held)."""

@@ -30,10 +30,10 @@ from typing import (
     Deque,
     Dict,
     List,
+    NamedTuple,
     Optional,
     Sequence,
     Tuple,
-    Union,
     cast,
 )
 
@@ -73,20 +73,22 @@ _PING = proto.frame(proto.PING, b"")
 _STATS = proto.frame(proto.STATS, b"")
 _CLIENTS = proto.frame(proto.CLIENTS, b"")
 
-# A message whose coroutine subscribers are still to be awaited: its frame's
-# size (0: a local publish), sender, topic, message, its subscriptions (None:
-# not yet looked up), the index of the subscriber being awaited and what it
-# returned (-1, None: none yet), and the exceptions its subscribers raised so far.
-_Delivery = Tuple[
-    int,
-    Optional[Sender],
-    Tuple[str, ...],
-    Dict[str, Any],
-    Optional[Tuple[_Ref, ...]],
-    int,
-    Optional[Awaitable[Any]],
-    List[Tuple[Subscriber, Exception]],
-]
+
+class _Delivery(NamedTuple):
+    """A message whose subscribers are still to be called, or awaited, in order."""
+
+    size: int  # its frame's bytes (0: a local publish)
+    sender: Optional[Sender]
+    topic: Tuple[str, ...]
+    message: Dict[str, Any]
+    # Where its delivery stands, once it has begun: its subscriptions, the one
+    # awaited and what it returned, what the ones before it raised.
+    refs: Optional[Tuple[_Ref, ...]] = None
+    at: int = -1  # the index in refs of the subscriber awaited
+    awaitable: Optional[Awaitable[Any]] = None
+    failures: Optional[List[Tuple[Subscriber, Exception]]] = None
+
+
 #: A subscriber here: a plain function, or an ``async def`` (its coroutine is awaited).
 AnySubscriber = Callable[..., Optional[Awaitable[Any]]]
 # What _step found: the index of a subscriber, and the awaitable it returned.
@@ -130,9 +132,9 @@ class NetPubSub(Client):
     def _new_link(
         self, address: Any, authkey: Optional[bytes], timeout: float, max_queued: int
     ) -> AioLink:
-        return AioLink(
-            address, authkey, timeout, max_queued, self._connected, on_frames=self._received
-        )
+        link = AioLink(address, authkey, timeout, max_queued, self._connected)
+        link.deliver_to(self._received)
+        return link
 
     # --- connection ----------------------------------------------------------
 
@@ -192,22 +194,14 @@ class NetPubSub(Client):
         if link.state is not State.OFFLINE and not is_local(topic):
             link.send(proto.pub_frame(*self._pub_parts(topic, message)))
         if self._awaiting is not None:  # behind a coroutine subscriber: after it
-            self._backlog.append((0, None, topic, message, None, -1, None, []))
+            self._backlog.append(_Delivery(0, None, topic, message))
         elif _identity.busy or awaited_sender.get() is not None:
-            self._deliver_here(topic, message)
+            self._publish_here(topic, message)  # inside a delivery: with no sender
         else:
             self._offer(None, topic, message)
 
     def _deliver_here(self, topic: Tuple[str, ...], message: Dict[str, Any]) -> None:
-        """Deliver a local publish inside a delivery of the broker's: with no sender."""
-        previous = set_sender(None)
-        token = awaited_sender.set(None)
-        try:
-            self._offer(None, topic, message)
-        finally:
-            awaited_sender.reset(token)
-            if previous is not None:
-                set_sender(previous)
+        self._offer(None, topic, message)
 
     async def flush(self) -> bool:
         """Send what waits for the broker and wait until the broker has handled it.
@@ -278,17 +272,7 @@ class NetPubSub(Client):
                         except Exception:  # on_error's: the other messages go on
                             logger.exception("the error handler raised for a message on %r", topic)
                     else:
-                        delivery: _Delivery = (
-                            len(frame),
-                            sender,
-                            topic,
-                            message,
-                            None,
-                            -1,
-                            None,
-                            [],
-                        )
-                        self._backlog.append(delivery)
+                        self._backlog.append(_Delivery(len(frame), sender, topic, message))
                         self._backlog_bytes += len(frame) + _HELD
         finally:
             self._size = 0
@@ -315,8 +299,8 @@ class NetPubSub(Client):
                     "a coroutine subscriber needs a running event loop: publish from "
                     "the loop's thread"
                 ) from None
-            delivery = (self._size, sender, topic, message, refs, index, awaitable, failures)
-            self._backlog.append(delivery)
+            begun = _Delivery(self._size, sender, topic, message, refs, index, awaitable, failures)
+            self._backlog.append(begun)
             # In a context of its own: not the one of whoever published or read.
             self._awaiting = contextvars.Context().run(loop.create_task, self._await_backlog())
         elif failures:
@@ -349,46 +333,47 @@ class NetPubSub(Client):
         backlog = self._backlog
         try:
             while backlog:
-                size, sender, topic, message, refs, index, awaitable, failures = backlog.popleft()
-                self._size = size
-                token = awaited_sender.set(sender)
+                delivery = backlog.popleft()
+                self._size = delivery.size
+                token = awaited_sender.set(delivery.sender)
                 try:
-                    if refs is None:
-                        refs = self._routes[topic]
-                        step = self._step(topic, message, refs, 0, failures)
-                    else:
-                        assert awaitable is not None
-                        step = index, awaitable
-                    while step is not None:
-                        index, awaitable = step
-                        try:
-                            await awaitable
-                        except Exception as exc:
-                            subscriber = refs[index]()
-                            failures.append((subscriber or _gone, exc))
-                        except asyncio.CancelledError as exc:
-                            if _cancelling():  # this task is: the loop is closing
-                                raise
-                            # The subscriber's own (it awaited what another task
-                            # cancelled): a failure like any other, not the end.
-                            subscriber = refs[index]()
-                            failure = RuntimeError("the subscriber was cancelled")
-                            failure.__cause__ = exc
-                            failures.append((subscriber or _gone, failure))
-                        step = self._step(topic, message, refs, index + 1, failures)
-                    if failures:
-                        self._report(topic, message, failures)
+                    await self._deliver(delivery)
                 finally:
                     awaited_sender.reset(token)
                     self._size = 0
-                if self._backlog_bytes and not backlog:
-                    self._backlog_bytes = 0
-                    self._link.pause_reading(False)
         finally:
             self._awaiting = None
             self._backlog_bytes = 0
-            if self._link.sock is not None:
-                self._link.pause_reading(False)
+            self._link.pause_reading(False)
+
+    async def _deliver(self, delivery: _Delivery) -> None:
+        """Call or await the subscribers of one message, from where its delivery stands."""
+        topic, message = delivery.topic, delivery.message
+        failures = delivery.failures if delivery.failures is not None else []
+        refs = delivery.refs
+        if refs is None:
+            refs = self._routes[topic]
+            step = self._step(topic, message, refs, 0, failures)
+        else:
+            assert delivery.awaitable is not None
+            step = delivery.at, delivery.awaitable
+        while step is not None:
+            index, awaitable = step
+            try:
+                await awaitable
+            except asyncio.CancelledError as exc:
+                if _cancelling():  # this task is: the loop is closing
+                    raise
+                # The subscriber's own (it awaited what another task cancelled):
+                # a failure like any other, not the end.
+                failure = RuntimeError("the subscriber was cancelled")
+                failure.__cause__ = exc
+                failures.append((refs[index]() or _gone, failure))
+            except Exception as exc:
+                failures.append((refs[index]() or _gone, exc))
+            step = self._step(topic, message, refs, index + 1, failures)
+        if failures:
+            self._report(topic, message, failures)
 
     def _report(
         self,
@@ -461,6 +446,13 @@ class _Queue:
             self.behind = False
         return topic, message, sender
 
+    def close(self) -> None:
+        """No more: what it holds goes, and its consumers end."""
+        self.closed = True
+        self.items.clear()
+        self.bytes = 0
+        self.wake()
+
     def wake(self) -> None:
         for waiter in self.waiters:
             if not waiter.done():
@@ -527,14 +519,9 @@ class Messages(AsyncIterator[Tuple[Tuple[str, ...], Dict[str, Any]]]):
 
 
 def _unsubscribe(
-    ref: weakref.ReferenceType[NetPubSub],
-    topics: Union[Sequence[Tuple[str, ...]], Tuple[Tuple[str, ...], ...]],
-    queue: _Queue,
+    ref: weakref.ReferenceType[NetPubSub], topics: Sequence[Tuple[str, ...]], queue: _Queue
 ) -> None:
-    queue.closed = True
-    queue.items.clear()
-    queue.bytes = 0
-    queue.wake()
+    queue.close()
     pubsub = ref()
     if pubsub is not None:
         for topic in topics:
