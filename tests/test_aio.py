@@ -78,6 +78,16 @@ async def subscriptions(ps: AioPubSub, expected: int) -> None:
     await until_figure(ps, "subscriptions", expected)
 
 
+@contextlib.asynccontextmanager
+async def two(credentials: Path, **options: Any) -> AsyncIterator[Tuple[AioPubSub, AioPubSub]]:
+    """Two asyncio pub-subs of the broker of *credentials*, connected: (sub, pub)."""
+    async with (
+        AioPubSub.from_file(credentials, **options) as sub,
+        AioPubSub.from_file(credentials, **options) as pub,
+    ):
+        yield sub, pub
+
+
 def collect(got: Received) -> Callable[..., None]:
     def fn(topic: Tuple[str, ...], **message: Any) -> None:
         got.append((topic, message))
@@ -107,10 +117,7 @@ def test_from_file_publish_flush_and_subscribers_plain_and_async(
             awaited.append((topic, message))
 
         fn = collect(plain)
-        async with (
-            AioPubSub.from_file(broker.credentials) as sub,
-            AioPubSub.from_file(broker.credentials) as pub,
-        ):
+        async with two(broker.credentials) as (sub, pub):
             assert sub.connected and pub.connected
             sub.add_subscriber("sensor", fn)
             sub.add_subscriber("sensor", slow)
@@ -172,10 +179,7 @@ def test_coroutine_subscribers_are_awaited_in_order(broker: BrokerProcess, loop:
         async def third(topic: Tuple[str, ...], n: int) -> None:
             calls.append(("third", n))
 
-        async with (
-            AioPubSub.from_file(broker.credentials) as sub,
-            AioPubSub.from_file(broker.credentials) as pub,
-        ):
+        async with two(broker.credentials) as (sub, pub):
             for fn in (first, second, third):
                 sub.add_subscriber("t", fn)
             await sub.flush()
@@ -211,10 +215,7 @@ def test_a_coroutine_subscriber_that_raises_is_logged_and_others_go_on(
             if n == 1:
                 raise ValueError("subscriber broke on 1")
 
-        async with (
-            AioPubSub.from_file(broker.credentials) as sub,
-            AioPubSub.from_file(broker.credentials) as pub,
-        ):
+        async with two(broker.credentials) as (sub, pub):
             sub.add_subscriber("t", broken)
             sub.add_subscriber("t", collect(got), weak=False)
             await sub.flush()
@@ -249,10 +250,7 @@ def test_a_coroutine_subscriber_cancelled_from_elsewhere_stops_nothing(
                 shared.cancel()
                 await shared
 
-        async with (
-            AioPubSub.from_file(broker.credentials) as sub,
-            AioPubSub.from_file(broker.credentials) as pub,
-        ):
+        async with two(broker.credentials) as (sub, pub):
             sub.add_subscriber("t", waits)
             sub.add_subscriber("t", collect(got), weak=False)
             await sub.flush()
@@ -279,10 +277,7 @@ def test_the_backlog_counts_what_small_messages_cost(broker: BrokerProcess) -> N
         async def waits(topic: Tuple[str, ...]) -> None:
             await held.wait()
 
-        async with (
-            AioPubSub.from_file(broker.credentials) as sub,
-            AioPubSub.from_file(broker.credentials) as pub,
-        ):
+        async with two(broker.credentials) as (sub, pub):
             sub.add_subscriber("t", waits)
             await sub.flush()
             for n in range(600_000):  # 16-byte frames: 9.6 MB of them
@@ -409,10 +404,7 @@ def test_current_sender_in_plain_and_coroutine_subscribers(broker: BrokerProcess
             await asyncio.sleep(0.001)
             seen.append(("awaited", current_sender()))
 
-        async with (
-            AioPubSub.from_file(broker.credentials) as sub,
-            AioPubSub.from_file(broker.credentials) as pub,
-        ):
+        async with two(broker.credentials) as (sub, pub):
             sub.add_subscriber("t", plain)
             sub.add_subscriber("t", awaited)
             await sub.flush()
@@ -464,10 +456,7 @@ def test_messages_iterates_and_ends_cleanly_by_break(broker: BrokerProcess, loop
     unsubscribes it at the broker."""
 
     async def main() -> None:
-        async with (
-            AioPubSub.from_file(broker.credentials) as sub,
-            AioPubSub.from_file(broker.credentials) as pub,
-        ):
+        async with two(broker.credentials) as (sub, pub):
             stream = sub.messages("sensor", "alarm")
             await subscriptions(sub, 2)
             pub.publish(("sensor", "a"), n=0)
@@ -497,10 +486,7 @@ def test_messages_drops_the_oldest_for_a_slow_consumer(
     """Past maxsize the oldest messages go, counted, with one WARNING."""
 
     async def main() -> None:
-        async with (
-            AioPubSub.from_file(broker.credentials) as sub,
-            AioPubSub.from_file(broker.credentials) as pub,
-        ):
+        async with two(broker.credentials) as (sub, pub):
             async with sub.messages("t", maxsize=10) as stream:
                 await sub.flush()
                 for n in range(100):
@@ -530,10 +516,7 @@ def test_cancelling_messages_leaves_the_pub_sub_usable(broker: BrokerProcess, lo
     pub-sub goes on delivering to a new one."""
 
     async def main() -> None:
-        async with (
-            AioPubSub.from_file(broker.credentials) as sub,
-            AioPubSub.from_file(broker.credentials) as pub,
-        ):
+        async with two(broker.credentials) as (sub, pub):
 
             async def consume(into: List[int]) -> None:
                 async for _, message in sub.messages("t"):
@@ -576,10 +559,7 @@ def test_cancelling_flush_leaves_the_pub_sub_usable(
 
     async def main() -> None:
         got: Received = []
-        async with (
-            AioPubSub.from_file(b.credentials) as sub,
-            AioPubSub.from_file(b.credentials) as pub,
-        ):
+        async with two(b.credentials) as (sub, pub):
             sub.add_subscriber("t", collect(got), weak=False)
             await sub.flush()
             os.kill(b.pid, signal.SIGSTOP)
@@ -611,10 +591,7 @@ def test_reconnects_after_the_broker_is_killed(
 
     async def main() -> None:
         got: Received = []
-        async with (
-            AioPubSub.from_file(first.credentials, timeout=1.0) as sub,
-            AioPubSub.from_file(first.credentials, timeout=1.0) as pub,
-        ):
+        async with two(first.credentials, timeout=1.0) as (sub, pub):
             sub.add_subscriber("t", collect(got), weak=False)
             await sub.flush()
             pub.publish("t", n=0)
@@ -735,10 +712,7 @@ def test_comes_back_when_mpubsubd_is_killed_and_started_again(mpubsubd_access: D
     async def main() -> None:
         got: Received = []
         credentials = mpubsubd_access.credentials
-        async with (
-            AioPubSub.from_file(credentials, timeout=1.0) as sub,
-            AioPubSub.from_file(credentials, timeout=1.0) as pub,
-        ):
+        async with two(credentials, timeout=1.0) as (sub, pub):
             sub.add_subscriber("t", collect(got), weak=False)
             await sub.flush()
             key = credentials.read_bytes()
@@ -803,8 +777,7 @@ def test_messages_holds_no_more_than_max_bytes(
 
     async def main() -> None:
         async with (
-            AioPubSub.from_file(broker.credentials) as sub,
-            AioPubSub.from_file(broker.credentials) as pub,
+            two(broker.credentials) as (sub, pub),
             sub.messages("big", max_bytes=MiB) as big,
         ):
             await sub.flush()
@@ -863,10 +836,7 @@ def test_the_loop_reads_in_a_context_of_its_own(broker: BrokerProcess, tmp_path:
             await there.connect()  # inside a delivery: its context names the sender
             held.append(there)
 
-        async with (
-            AioPubSub.from_file(broker.credentials) as sub,
-            AioPubSub.from_file(broker.credentials) as pub,
-        ):
+        async with two(broker.credentials) as (sub, pub):
             sub.add_subscriber("go", connect_there)
             await sub.flush()
             pub.publish("go", n=0)
@@ -924,10 +894,7 @@ def test_messages_without_topics_is_the_catch_all(broker: BrokerProcess) -> None
     """messages() with no topic gets every message, of any topic."""
 
     async def main() -> None:
-        async with (
-            AioPubSub.from_file(broker.credentials) as sub,
-            AioPubSub.from_file(broker.credentials) as pub,
-        ):
+        async with two(broker.credentials) as (sub, pub):
             async with sub.messages() as stream:
                 await sub.flush()
                 pub.publish("x", n=1)
@@ -946,10 +913,7 @@ def test_aclose_tells_the_broker_and_ends_a_waiting_consumer(broker: BrokerProce
     iterator held is dropped, and the broker learns of it with no flush() by its pub-sub."""
 
     async def main() -> None:
-        async with (
-            AioPubSub.from_file(broker.credentials) as sub,
-            AioPubSub.from_file(broker.credentials) as pub,
-        ):
+        async with two(broker.credentials) as (sub, pub):
             waiting = sub.messages("t")
             holding = sub.messages("u")
             await sub.flush()
@@ -992,10 +956,7 @@ def test_messages_arriving_together_wake_the_consumer_without_errors(
     """Many messages read at once while a consumer waits: all given, no error logged."""
 
     async def main() -> List[int]:
-        async with (
-            AioPubSub.from_file(broker.credentials) as sub,
-            AioPubSub.from_file(broker.credentials) as pub,
-        ):
+        async with two(broker.credentials) as (sub, pub):
             got: List[int] = []
 
             async def consume() -> None:
@@ -1022,10 +983,7 @@ def test_a_consumer_that_falls_behind_again_is_warned_again(
     """One WARNING each time a consumer falls behind, once it has caught up in between."""
 
     async def main() -> None:
-        async with (
-            AioPubSub.from_file(broker.credentials) as sub,
-            AioPubSub.from_file(broker.credentials) as pub,
-        ):
+        async with two(broker.credentials) as (sub, pub):
             stream = sub.messages("t", maxsize=2)
             await sub.flush()
             for burst in range(2):
@@ -1096,10 +1054,7 @@ def test_a_subscriber_collected_while_an_earlier_one_is_awaited(broker: BrokerPr
             await release.wait()
 
         holder = Holder()
-        async with (
-            AioPubSub.from_file(broker.credentials) as sub,
-            AioPubSub.from_file(broker.credentials) as pub,
-        ):
+        async with two(broker.credentials) as (sub, pub):
             sub.add_subscriber("t", first)
             sub.add_subscriber("t", holder.on)
             sub.add_subscriber("t", collect(got), weak=False)
@@ -1149,10 +1104,7 @@ def test_a_local_publish_made_while_delivering_the_brokers_has_no_sender(
         def record(topic: Tuple[str, ...], n: int) -> None:
             seen.append((n, current_sender()))
 
-        async with (
-            AioPubSub.from_file(broker.credentials) as sub,
-            AioPubSub.from_file(broker.credentials) as pub,
-        ):
+        async with two(broker.credentials) as (sub, pub):
 
             def plain(topic: Tuple[str, ...], n: int) -> None:
                 sub.publish("echo", n=n)
@@ -1203,10 +1155,7 @@ def test_a_lone_publish_after_a_burst_goes_after_it(broker: BrokerProcess) -> No
 
     async def main() -> None:
         got: Received = []
-        async with (
-            AioPubSub.from_file(broker.credentials) as sub,
-            AioPubSub.from_file(broker.credentials) as pub,
-        ):
+        async with two(broker.credentials) as (sub, pub):
             sub.add_subscriber("t", collect(got), weak=False)
             await sub.flush()
             for n in range(200):
@@ -1230,10 +1179,7 @@ def test_publish_raises_buffererror_for_a_broker_that_does_not_read(
     async def main() -> None:
         got: List[int] = []
         blob = b"x" * (1024 * 1024)
-        async with (
-            AioPubSub.from_file(b.credentials, timeout=30.0) as sub,
-            AioPubSub.from_file(b.credentials, timeout=30.0) as pub,
-        ):
+        async with two(b.credentials, timeout=30.0) as (sub, pub):
             sub.add_subscriber("t", lambda topic, n, blob: got.append(n), weak=False)
             await sub.flush()
             os.kill(b.pid, signal.SIGSTOP)
@@ -1327,10 +1273,7 @@ def test_every_burst_goes_out_with_no_flush(broker: BrokerProcess) -> None:
 
     async def main() -> None:
         got: Received = []
-        async with (
-            AioPubSub.from_file(broker.credentials) as sub,
-            AioPubSub.from_file(broker.credentials) as pub,
-        ):
+        async with two(broker.credentials) as (sub, pub):
             sub.add_subscriber("t", collect(got), weak=False)
             await sub.flush()
             for burst in range(1, 4):
@@ -1348,10 +1291,7 @@ def test_a_lone_large_publish_arrives_whole(broker: BrokerProcess) -> None:
 
     async def main() -> None:
         got: Received = []
-        async with (
-            AioPubSub.from_file(broker.credentials) as sub,
-            AioPubSub.from_file(broker.credentials) as pub,
-        ):
+        async with two(broker.credentials) as (sub, pub):
             sub.add_subscriber("t", collect(got), weak=False)
             await sub.flush()
             blob = os.urandom(4 * MiB)
@@ -1399,8 +1339,7 @@ def test_two_tasks_on_one_messages_iterator_share_it(broker: BrokerProcess) -> N
     async def main() -> None:
         taken: List[Tuple[str, int]] = []
         async with (
-            AioPubSub.from_file(broker.credentials) as sub,
-            AioPubSub.from_file(broker.credentials) as pub,
+            two(broker.credentials) as (sub, pub),
             sub.messages("t") as stream,
         ):
 
